@@ -1,0 +1,151 @@
+"""``medfm shard SOURCE... --out DIR`` and ``medfm shard inspect DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from data_shards.records import ReadOptions
+from data_shards.windows import parse_window
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "shard",
+        help="write medical images (DICOM, NIfTI, PNG/JPEG/TIFF, npz) as WebDataset shards; `shard inspect DIR` to look",
+        description=(
+            "Write WebDataset tar shards + manifest.json from SOURCEs: files, folders (walked recursively), "
+            "medmnist:FILE.npz, imagefolder:DIR, csv:FILE, or sample: (real images shipped in the pydicom and "
+            "nibabel wheels). `medfm shard inspect DIR` prints the manifest summary and writes sample grids."
+        ),
+    )
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="inputs, or `inspect DIR`")
+    parser.add_argument("--out", type=Path, help="output folder for shards and manifest.json")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="reader processes (default: all cores)"
+    )
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
+    parser.add_argument("--max-count", type=int, default=2000, help="samples per shard (default 2000)")
+    parser.add_argument("--max-mb", type=float, default=256.0, help="MB per shard (default 256)")
+    parser.add_argument(
+        "--dedup",
+        choices=("none", "exact", "near"),
+        default="exact",
+        help="drop exact duplicates (content hash), or exact + near duplicates (perceptual hash)",
+    )
+    parser.add_argument(
+        "--near-threshold",
+        type=int,
+        default=4,
+        help="max differing bits (of 64) between perceptual hashes of near-duplicates (default 4)",
+    )
+    parser.add_argument(
+        "--window",
+        action="append",
+        dest="windows",
+        metavar="NAME",
+        help="intensity window, repeat to stack channels: header (default), auto, lung, mediastinum, "
+        "soft_tissue, abdomen, liver, brain, subdural, stroke, bone, or CENTER/WIDTH in HU (write --window=-600/1500)",
+    )
+    parser.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"))
+    parser.add_argument("--nifti-axis", choices=("axial", "coronal", "sagittal"), default="axial")
+    parser.add_argument("--nifti-stride", type=int, default=1, help="keep every Nth slice of a volume")
+    parser.add_argument("--nifti-intensity", choices=("auto", "ct", "mr"), default="auto")
+    parser.add_argument(
+        "--min-foreground",
+        type=float,
+        default=0.02,
+        help="skip volume slices with less than this fraction of non-background pixels",
+    )
+    parser.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most N px")
+    parser.add_argument(
+        "--hash-paths",
+        action="store_true",
+        help="store a salted hash of source paths (salt from $MEDFM_PATH_SALT) instead of the paths",
+    )
+    parser.add_argument("--per-modality", type=int, default=16, help="inspect: samples per modality grid")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.sources[0] == "inspect":
+        if len(args.sources) != 2:
+            print("usage: medfm shard inspect DIR", file=sys.stderr)
+            return 2
+        return inspect_command(Path(args.sources[1]), args.per_modality)
+    if args.out is None:
+        print("medfm shard: --out DIR is required", file=sys.stderr)
+        return 2
+    return shard_command(args)
+
+
+def shard_command(args: argparse.Namespace) -> int:
+    from data_shards.discover import plan_sources
+    from data_shards.writer import ShardConfig, ShardError, ShardWriter
+
+    try:
+        windows = tuple(args.windows or ["header"])
+        for window in windows:
+            parse_window(window)
+        read = ReadOptions(
+            windows=windows,
+            percentiles=tuple(args.percentiles),
+            nifti_axis=args.nifti_axis,
+            nifti_stride=args.nifti_stride,
+            nifti_intensity=args.nifti_intensity,
+            min_foreground=args.min_foreground,
+            max_side=args.max_side,
+        )
+        config = ShardConfig(
+            max_count=args.max_count,
+            max_bytes=int(args.max_mb * 1024**2),
+            dedup=args.dedup,
+            near_threshold=args.near_threshold,
+            hash_paths=args.hash_paths,
+            path_salt=os.environ.get("MEDFM_PATH_SALT", "") if args.hash_paths else "",
+            read=read,
+        )
+        plan = plan_sources(args.sources)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"medfm shard: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing",
+        file=sys.stderr,
+    )
+    command = "medfm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers)
+    try:
+        writer.prepare(resume=args.resume, overwrite=args.overwrite)
+        manifest = writer.run()
+    except ShardError as error:
+        print(f"medfm shard: {error}", file=sys.stderr)
+        return 1
+    from data_shards.inspect import summary_text
+
+    print(summary_text(manifest))
+    print(f"wrote {args.out / 'manifest.json'}")
+    return 0
+
+
+def inspect_command(shard_dir: Path, per_modality: int) -> int:
+    from data_shards.inspect import summary_text, write_grids
+
+    manifest_path = shard_dir / "manifest.json"
+    if not manifest_path.is_file():
+        print(f"medfm shard inspect: {manifest_path} not found (not a finished shard set)", file=sys.stderr)
+        return 1
+    manifest = json.loads(manifest_path.read_text())
+    print(summary_text(manifest))
+    for entry in manifest["skipped"][:20]:
+        print(f"  skipped {entry['source']}: {entry['reason']}")
+    if len(manifest["skipped"]) > 20:
+        print(f"  ... {len(manifest['skipped']) - 20} more in manifest.json")
+    for path in write_grids(shard_dir, shard_dir / "inspect", per_modality=per_modality):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,417 @@
+"""DICOM readers: one file (single- or multi-frame), a series of single-frame files read as a volume,
+and the grouping of a folder's files into those units.
+
+The intensity pipeline follows DICOM PS3.4 Annex N.2 (Grayscale Transformations): stored values ->
+Modality LUT (PS3.3 C.11.1, rescale to HU for CT) -> VOI LUT or window (PS3.3 C.11.2) -> [0, 1], with
+MONOCHROME1 inverted last so that every image has bright bone. pydicom does the decoding and the LUTs;
+this module only picks the parameters (including the Enhanced multi-frame functional groups, PS3.3
+C.7.6.16, which pydicom's LUT functions do not read) and maps errors to :class:`SkipInput` reasons.
+
+Only an allowlist of header fields reaches ``Image2D.meta``: patient identifiers never leave this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+from .records import Image2D, ReadOptions, SkipInput, relative_source
+from .windows import (
+    NAMED_WINDOWS,
+    apply_window,
+    foreground_fraction,
+    parse_window,
+    percentile_scale,
+    to_pixels,
+    window_label,
+)
+
+CODECS_HINT = 'pip install "medfm[codecs]"'
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# pixel_array returns these as RGB: pydicom converts YBR_FULL(_422), the JPEG 2000 decoders YBR_ICT/RCT.
+_COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Header attributes of the Modality LUT, VOI LUT and pixel measures modules copied into a frame's view.
+_FRAME_ATTRIBUTES = (
+    "PhotometricInterpretation", "BitsStored", "ModalityLUTSequence", "RescaleSlope", "RescaleIntercept",
+    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelSpacing", "ImagerPixelSpacing",
+    "SliceThickness",
+)  # fmt: skip
+# Enhanced multi-frame functional group macros (PS3.3 C.7.6.16.2) and the attributes each carries.
+_FUNCTIONAL_GROUPS = {
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+# Percentile scaling of a volume uses a strided sample of this many evenly spaced frames, so that all
+# slices share one mapping (per-slice percentiles would stretch the noise of empty slices to full range).
+_SAMPLE_FRAMES, _SAMPLE_STRIDE = 16, 4
+
+# Loads one frame: (dataset holding it, frame index in that dataset).
+FrameLoader = Callable[[], tuple[Dataset, int]]
+
+
+def is_dicom(path: Path) -> bool:
+    """True for a ``.dcm``/``.dicom`` suffix or the "DICM" magic at byte 128 (PS3.10 7.1); reads 4 bytes."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM file: one :class:`Image2D` per frame (``meta["frame"]`` for multi-frame files)."""
+
+    path: Path
+    source: str
+    label: int | tuple[int, ...] | None = None
+
+    def read(self, options: ReadOptions) -> Iterator[Image2D]:
+        _check_windows(options.windows)
+        ds = _read_dataset(self.path)
+        num_frames = int(ds.get("NumberOfFrames") or 1)
+        loaders = [lambda i=i: (ds, i) for i in range(num_frames)]
+        names = [f"frame {i}" for i in range(num_frames)] if num_frames > 1 else [""]
+        label = list(self.label) if isinstance(self.label, tuple) else self.label
+        for index, image in _read_frames(loaders, names, self.source, options):
+            if num_frames > 1:
+                image.meta["frame"] = index
+            image.label = label
+            yield image
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """Single-frame files of one series, sorted along the slice normal: one :class:`Image2D` per slice.
+
+    Near-empty slices are dropped; a slice that cannot be read makes the whole unit a :class:`SkipInput`
+    naming that file (a volume with a hole is not a volume).
+    """
+
+    paths: tuple[Path, ...]
+    source: str
+
+    def read(self, options: ReadOptions) -> Iterator[Image2D]:
+        _check_windows(options.windows)
+        loaders = [lambda p=p: (_read_dataset(p), 0) for p in self.paths]
+        names = [path.name for path in self.paths]
+        for index, image in _read_frames(loaders, names, self.source, options):
+            image.meta.update(slice_index=index, num_slices=len(self.paths))
+            yield image
+
+
+def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
+    """Group files into units from their headers alone (pixels are not read).
+
+    Single-frame files that share SeriesInstanceUID, Rows/Columns and ImageOrientationPatient and have an
+    ImagePositionPatient form one :class:`DicomSeries` when there are 2 or more of them. A series whose
+    files disagree in size or orientation (a localizer inside it) is split into one stack per
+    size/orientation rather than failed. Slices are sorted by position along the normal (row x column
+    direction cosines, PS3.3 C.7.6.2.1.1), then InstanceNumber, then path. Several stacks in one folder
+    get sources "folder#1", "folder#2", ... in path order. Everything else is a :class:`DicomFile`.
+
+    Returns (units sorted by source, [(source, reason)] for files that are not parsable DICOM).
+    """
+    units: list[DicomFile | DicomSeries] = []
+    skipped: list[tuple[str, str]] = []
+    stacks: dict[tuple, list[tuple[float, int, Path]]] = defaultdict(list)
+    for path in sorted(paths):
+        try:
+            ds = _read_dataset(path, stop_before_pixels=True)
+        except SkipInput as skip:
+            skipped.append((relative_source(path, root), skip.reason))
+            continue
+        key, position, instance = _stack_key(ds)
+        if key is None:
+            units.append(DicomFile(path, relative_source(path, root)))
+        else:
+            stacks[key].append((position, instance, path))
+    series: dict[str, list[tuple[Path, ...]]] = defaultdict(list)
+    for members in stacks.values():
+        if len(members) == 1:
+            units.append(DicomFile(members[0][2], relative_source(members[0][2], root)))
+            continue
+        ordered = tuple(path for *_, path in sorted(members, key=lambda m: (m[0], m[1], str(m[2]))))
+        folder = Path(os.path.commonpath([path.parent for path in ordered]))
+        series[relative_source(folder, root)].append(ordered)
+    for folder, stacks_in_folder in series.items():
+        stacks_in_folder.sort(key=lambda ordered: str(min(ordered)))
+        for number, ordered in enumerate(stacks_in_folder, start=1):
+            units.append(DicomSeries(ordered, folder if len(stacks_in_folder) == 1 else f"{folder}#{number}"))
+    units.sort(key=lambda unit: unit.source)
+    return units, skipped
+
+
+def _stack_key(ds: Dataset) -> tuple[tuple | None, float, int]:
+    """(series/size/orientation key, position along the slice normal, InstanceNumber); key None if the
+    file is not a stackable slice (multi-frame, no series UID, no or malformed geometry)."""
+    try:
+        if int(ds.get("NumberOfFrames") or 1) != 1 or not ds.get("SeriesInstanceUID"):
+            return None, 0.0, 0
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        rows, columns, instance = int(ds.Rows), int(ds.Columns), int(ds.get("InstanceNumber") or 0)
+    except (AttributeError, TypeError, ValueError):
+        return None, 0.0, 0
+    if orientation.shape != (6,) or position.shape != (3,):
+        return None, 0.0, 0
+    normal = np.cross(orientation[:3], orientation[3:])
+    key = (str(ds.SeriesInstanceUID), rows, columns, tuple(np.round(orientation, 3).tolist()))
+    return key, float(position @ normal), instance
+
+
+def _check_windows(windows: Sequence[str]) -> None:
+    """Fail fast (ValueError, not SkipInput) on a misspelled window: it is a configuration error."""
+    if not windows:
+        raise ValueError("ReadOptions.windows is empty: give at least one window")
+    for name in windows:
+        parse_window(name)
+
+
+def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """pydicom.dcmread with every failure turned into a SkipInput reason."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise SkipInput("not a DICOM file (no 'DICM' marker at byte 128, PS3.10 7.1)") from None
+    except OSError as err:
+        raise SkipInput(f"unreadable file: {err.strerror or err}") from None
+    except Exception as err:  # corrupt bytes reach pydicom's parser, which can raise almost anything
+        raise SkipInput(f"unreadable DICOM header ({type(err).__name__}: {err})") from None
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Prefix SkipInput reasons raised inside with the frame or slice they concern."""
+    try:
+        yield
+    except SkipInput as skip:
+        raise SkipInput(f"{where}: {skip.reason}" if where else skip.reason) from None
+
+
+def _read_frames(
+    loaders: Sequence[FrameLoader], names: Sequence[str], source: str, options: ReadOptions
+) -> Iterator[tuple[int, Image2D]]:
+    """Yield (frame index, image) for every frame kept; near-empty frames of a volume are dropped."""
+    is_volume = len(loaders) > 1
+    volume_window: tuple[float, float] | None = None
+
+    def percentile_window(values: np.ndarray) -> tuple[float, float]:
+        nonlocal volume_window
+        if not is_volume:
+            return _percentile_window(values, options.percentiles)
+        if volume_window is None:
+            picks = np.unique(np.linspace(0, len(loaders) - 1, min(len(loaders), _SAMPLE_FRAMES)).round())
+            sample = []
+            for pick in picks.astype(int):
+                with _naming(names[pick]):
+                    values = _modality_values(*loaders[pick]())
+                sample.append(values[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].ravel())
+            volume_window = _percentile_window(np.concatenate(sample), options.percentiles)
+        return volume_window
+
+    kept = 0
+    for index, loader in enumerate(loaders):
+        with _naming(names[index]):
+            ds, frame = loader()
+            header = _frame_header(ds, frame)
+            if str(header.get("PhotometricInterpretation", "")) in _GRAYSCALE:
+                values = _modality_values(ds, frame, header)
+                unit, window = _map_intensity(values, header, options, percentile_window)
+                bits = 16 if int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8) > 8 else 8
+            else:
+                unit, window, bits = _color_unit(ds, frame), None, 8
+        if is_volume and foreground_fraction(unit) < options.min_foreground:
+            continue
+        pixels = to_pixels(unit, bits, options.max_side)
+        meta = _meta(ds, header, source, unit.shape[:2], pixels.shape[:2])
+        meta["bits"] = bits
+        if window is not None:
+            meta["window"] = window
+        kept += 1
+        yield index, Image2D(pixels=pixels, meta=meta)
+    if kept == 0:
+        raise SkipInput(f"all {len(loaders)} frames are near-empty (foreground < {options.min_foreground:g})")
+
+
+def _frame_header(ds: Dataset, frame: int) -> Dataset:
+    """The Modality LUT / VOI LUT / pixel measures attributes that apply to ``frame``.
+
+    Top-level attributes first, then the Shared Functional Groups, then the frame's Per-Frame Functional
+    Groups: a later source overrides an earlier one (PS3.3 C.7.6.16).
+    """
+    header = Dataset()
+    header.file_meta = ds.file_meta  # pydicom reads OW LUT data with the file's byte order
+    for keyword in _FRAME_ATTRIBUTES:
+        if keyword in ds:
+            header[keyword] = ds[keyword]
+    groups = list(ds.get("SharedFunctionalGroupsSequence") or [])[:1]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if frame < len(per_frame):
+        pass
+    for group in groups:
+        for sequence, keywords in _FUNCTIONAL_GROUPS.items():
+            for item in list(group.get(sequence) or [])[:1]:
+                for keyword in keywords:
+                    if keyword in item:
+                        header[keyword] = item[keyword]
+    return header
+
+
+def _decode(ds: Dataset, frame: int) -> np.ndarray:
+    """Stored pixel values of one frame, (H, W) or (H, W, 3); decoding failures become SkipInput."""
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
+        # pydicom stops silently where a file is cut short: mid-header it keeps the elements read so far,
+        # inside encapsulated pixel data it drops the whole dataset (with a warning).
+        if len(ds) == 0 or "Rows" in ds:
+            raise SkipInput("truncated DICOM: the header describes an image but the file has no Pixel Data")
+        sop_class = ds.get("SOPClassUID")
+        kind = f" ({sop_class.name})" if sop_class else ""
+        raise SkipInput(f"DICOM without pixel data (e.g. a structured report){kind}")
+    if photometric not in _GRAYSCALE + _COLOR:
+        raise SkipInput(f"unsupported photometric interpretation {photometric!r}")
+    try:
+        return pixel_array(ds, index=frame)
+    except Exception as err:  # the decoder plugins raise their own exception types
+        raise SkipInput(_decode_failure(ds, err)) from None
+
+
+def _decode_failure(ds: Dataset, err: Exception) -> str:
+    """Reason for a pixel-data decoding failure; names the transfer syntax when it is compressed.
+
+    pydicom raises RuntimeError both when no plugin for the syntax is installed and when every installed
+    plugin failed (e.g. Pillow on 12-bit JPEG); the decoder's own availability tells the two apart.
+    """
+    detail = " ".join(line.strip() for line in str(err).splitlines()) or type(err).__name__
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_compressed:
+        return f"cannot decode pixel data (truncated or corrupt file?): {detail}"
+    named = f"{syntax.name} ({syntax})"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"pixel data in {named} cannot be decoded: pydicom has no decoder for this transfer syntax"
+    if not decoder.is_available:
+        return f"no decoder installed for {named} pixel data: {CODECS_HINT}"
+    if any(missing.startswith("pylibjpeg") for missing in decoder.missing_dependencies):
+        return f"installed decoders failed on {named} pixel data ({detail}); try {CODECS_HINT}"
+    return f"cannot decode {named} pixel data (truncated or corrupt file?): {detail}"
+
+
+def _modality_values(ds: Dataset, frame: int, header: Dataset | None = None) -> np.ndarray:
+    """Modality LUT output of one frame as float32 (H, W): HU for CT (PS3.3 C.11.1)."""
+    header = _frame_header(ds, frame) if header is None else header
+    return np.asarray(apply_modality_lut(_decode(ds, frame), header), dtype=np.float32)
+
+
+def _percentile_window(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """(center, width) of the window spanning two percentiles of ``values`` (see percentile_scale)."""
+    _, (low, high) = percentile_scale(values, *percentiles)
+    return (low + high) / 2, high - low
+
+
+def _map_intensity(
+    values: np.ndarray,
+    header: Dataset,
+    options: ReadOptions,
+    percentile_window: Callable[[np.ndarray], tuple[float, float]],
+) -> tuple[np.ndarray, str]:
+    """Map modality values to [0, 1], one channel per window: (H, W) or (H, W, C) float32 and its label."""
+    channels, labels = [], []
+    for name in options.windows:
+        window = parse_window(name)
+        if name == "header" and header.get("VOILUTSequence"):
+            channels.append(_apply_voi_lut_sequence(values, header))
+            labels.append("header(voi-lut)")
+            continue
+        if name == "header" and (header_window := _header_window(header)) is not None:
+            center, width, function = header_window
+            channels.append(apply_window(values, center, width, function))
+            labels.append(window_label("header", center, width))
+        elif window is None:  # "auto", or "header" without a VOI in the file
+            # LINEAR_EXACT over [lo, hi] is exactly (x - lo) / (hi - lo), clipped: percentile scaling.
+            center, width = percentile_window(values)
+            channels.append(apply_window(values, center, width, "LINEAR_EXACT"))
+            labels.append("p{:g}-{:g}".format(*options.percentiles))
+        else:
+            channels.append(apply_window(values, *window))
+            labels.append(window_label(name if name in NAMED_WINDOWS else "window", *window))
+    unit = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+    if header.PhotometricInterpretation == "MONOCHROME1":  # inverted after the VOI, PS3.3 C.7.6.3.1.2
+        unit = 1.0 - unit
+    return unit, "+".join(labels)
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, header: Dataset) -> np.ndarray:
+    """First VOI LUT of the VOI LUT Sequence (PS3.3 C.11.2.1.1), normalised by the LUT's output range."""
+    count, first, _ = (int(v) for v in header.VOILUTSequence[0].LUTDescriptor)
+    count = count or 65536
+    inputs = np.clip(np.rint(values), first, first + count - 1).astype(np.int64)
+    table = apply_voi_lut(np.arange(first, first + count), header).astype(np.float32)
+    low, high = float(table.min()), float(table.max())
+    mapped = apply_voi_lut(inputs, header).astype(np.float32)
+    return np.clip((mapped - low) / max(high - low, 1.0), 0.0, 1.0)
+
+
+def _color_unit(ds: Dataset, frame: int) -> np.ndarray:
+    """RGB in [0, 1], (H, W, 3): pydicom already converted YBR to RGB; palettes go through their LUT."""
+    rgb = _decode(ds, frame)
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = apply_color_lut(rgb, ds)
+        return rgb.astype(np.float32) / np.iinfo(rgb.dtype).max
+    return rgb.astype(np.float32) / float(2 ** int(ds.get("BitsStored") or 8) - 1)
+
+
+def _header_window(header: Dataset) -> tuple[float, float, str] | None:
+    """The first (center, width, VOI LUT Function) of the header (PS3.3 C.11.2.1.2); None if absent
+    or malformed, so that "header" falls back to percentile scaling instead of failing the file."""
+    try:
+        center, width = (
+            float(v[0] if isinstance(v, MultiValue) else v) for v in (header.WindowCenter, header.WindowWidth)
+        )
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return (center, width, str(header.get("VOILUTFunction") or "LINEAR")) if width > 0 else None
+
+
+def _meta(
+    ds: Dataset, header: Dataset, source: str, size: tuple[int, ...], stored_size: tuple[int, ...]
+) -> dict[str, Any]:
+    """The allowlisted header fields (records.ALLOWED_META_KEYS); pixel spacing follows any resize."""
+    meta: dict[str, Any] = {
+        "modality": str(ds.get("Modality") or "OT"),
+        "photometric": str(ds.PhotometricInterpretation),
+        "source": source,
+        "orig_size": [int(size[0]), int(size[1])],
+    }
+    if body_part := str(ds.get("BodyPartExamined") or "").strip():
+        meta["body_part"] = body_part.upper()
+    if view_position := str(ds.get("ViewPosition") or "").strip():
+        meta["view_position"] = view_position
+    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+    if spacing is not None and len(spacing) == 2:
+        meta["pixel_spacing"] = [
+            float(spacing[0]) * size[0] / stored_size[0],
+            float(spacing[1]) * size[1] / stored_size[1],
+        ]
+    if header.get("SliceThickness") not in (None, ""):
+        meta["slice_thickness"] = float(header.SliceThickness)
+    return meta

@@ -1,0 +1,114 @@
+"""Turn ``medfm shard`` SOURCE arguments into an ordered list of input units.
+
+A SOURCE is a file, a folder (walked recursively, files typed by content/suffix, DICOM files grouped into
+series), ``medmnist:FILE.npz``, ``imagefolder:DIR`` (labels from class folders), ``csv:FILE`` (paths and
+labels), or ``sample:`` (real images shipped inside the pydicom and nibabel wheels, for demos).
+The order is deterministic (sorted paths), so the same inputs always give the same shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_shards.dicom import group_dicom_files, is_dicom
+from data_shards.images import IMAGE_SUFFIXES, ImageFile, csv_units, imagefolder_units, npz_units
+from data_shards.nifti import NiftiFile, is_nifti
+from data_shards.records import InputUnit, relative_source
+
+
+@dataclass
+class Plan:
+    """What the writer will read: ``units[i]`` came from the SOURCE argument ``origins[i]``."""
+
+    units: list[InputUnit] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
+
+    def add(self, units: list, origin: str) -> None:
+        self.units.extend(units)
+        self.origins.extend([origin] * len(units))
+
+
+def sample_files() -> list[Path]:
+    """Real CT, MR, JPEG 2000 CT, ultrasound and NIfTI images that ship inside the pydicom and nibabel wheels."""
+    import nibabel
+    import pydicom
+
+    dicom_dir = Path(pydicom.__file__).parent / "data" / "test_files"
+    nifti_dir = Path(nibabel.__file__).parent / "tests" / "data"
+    names = [dicom_dir / n for n in ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "examples_ybr_color.dcm")]
+    names += [nifti_dir / n for n in ("anatomical.nii", "example4d.nii.gz")]
+    missing = [str(p) for p in names if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"embedded sample images missing from the installed wheels: {missing}")
+    return names
+
+
+def plan_sources(sources: list[str]) -> Plan:
+    """Expand SOURCE arguments into units. Raises FileNotFoundError / ValueError naming a bad SOURCE."""
+    plan = Plan()
+    for source in sources:
+        kind, sep, rest = source.partition(":")
+        if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
+            if kind == "sample":
+                files = sample_files()
+                plan_files(plan, files, root=files[0].parent.parent, origin="sample")
+                continue
+            path = _existing(Path(rest).expanduser(), source)
+            if kind == "medmnist":
+                plan.add(npz_units(path, path.parent), source)
+            elif kind == "imagefolder":
+                plan.add(imagefolder_units(path), source)
+            else:
+                plan.add(csv_units(path), source)
+            continue
+        path = _existing(Path(source).expanduser(), source)
+        if path.is_dir():
+            plan_folder(plan, path, origin=source)
+        else:
+            plan_files(plan, [path], root=path.parent, origin=source)
+    return plan
+
+
+def _existing(path: Path, source: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"SOURCE {source!r}: {path} does not exist")
+    return path
+
+
+def plan_folder(plan: Plan, folder: Path, origin: str) -> None:
+    """Walk ``folder``; sources are named relative to its parent so that they start with the folder's name."""
+    files: list[Path] = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs.sort()
+        visible = [n for n in names if not n.startswith(".")]
+        if not visible and not subdirs:
+            plan.skipped.append((relative_source(Path(directory), folder.parent) + "/", "empty folder"))
+        files.extend(Path(directory) / n for n in sorted(visible))
+    plan_files(plan, files, root=folder.parent, origin=origin)
+
+
+def plan_files(plan: Plan, files: list[Path], root: Path, origin: str) -> None:
+    dicom_files: list[Path] = []
+    units: list[InputUnit] = []
+    for path in files:
+        name = path.name.lower()
+        if is_nifti(path):
+            units.append(NiftiFile(path, relative_source(path, root)))
+        elif name.endswith(IMAGE_SUFFIXES):
+            units.append(ImageFile(path, relative_source(path, root)))
+        elif name.endswith(".npz"):
+            units.extend(npz_units(path, root))
+        elif is_dicom(path):
+            dicom_files.append(path)
+        else:
+            plan.skipped.append(
+                (relative_source(path, root), f"not a supported image file ({path.suffix or 'no suffix'})")
+            )
+    dicom_units, dicom_skipped = group_dicom_files(dicom_files, root)
+    plan.skipped.extend(dicom_skipped)
+    units.extend(dicom_units)
+    units.sort(key=lambda unit: unit.source)
+    plan.add(units, origin)

@@ -1,0 +1,345 @@
+"""Readers for 2D image sources: image files, MedMNIST-style ``.npz`` arrays, ImageFolder trees and CSVs.
+
+- :class:`ImageFile`: one PNG / JPEG / TIFF / BMP (8- or 16-bit, gray or colour) -> one :class:`Image2D`.
+- :class:`NpzChunk`: rows ``[start, stop)`` of one split of a MedMNIST ``.npz``; :func:`npz_units` plans them.
+- :func:`imagefolder_units`: a torchvision ``ImageFolder`` tree (optionally with split folders) -> ImageFiles.
+- :func:`csv_units`: a CSV of paths and labels -> ImageFile / DicomFile / NiftiFile units.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_shards.records import Image2D, ReadOptions, SkipInput, relative_source
+from data_shards.windows import to_pixels
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NPZ_SPLITS = ("train", "val", "test")
+# Split folder names an ImageFolder tree may use, normalised to train / val / test.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+CSV_PATH_COLUMNS = ("path", "image", "file")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _as_record_label(label: int | tuple[int, ...] | None) -> int | list[int] | None:
+    return list(label) if isinstance(label, tuple) else label
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One 2D image file read with Pillow; label / class_name / split come from its folder or CSV."""
+
+    path: Path
+    source: str
+    label: int | tuple[int, ...] | None = None
+    class_name: str | None = None
+    split: str | None = None
+
+    def read(self, options: ReadOptions) -> Iterator[Image2D]:
+        """Yield exactly one image (the first frame of a multi-frame TIFF).
+
+        pixels: (H, W) uint16 for 16-bit / 32-bit gray sources, stretched to the full range between the
+        image's own min and max (window "minmax"); (H, W) uint8 for 8-bit gray, unchanged (window "none");
+        (H, W, 3) uint8 for colour, or (H, W) uint8 when all three channels are equal (gray stored as RGB,
+        common for MRI JPEGs). EXIF orientation is applied. Raises SkipInput for a missing, truncated or
+        non-image file.
+        """
+        try:
+            with Image.open(self.path) as image:
+                image.load()  # decode now: a truncated file fails here (LOAD_TRUNCATED_IMAGES stays False)
+                unit, bits, window, photometric = _image_to_unit(ImageOps.exif_transpose(image))
+        except FileNotFoundError as exc:
+            raise SkipInput(f"file not found: {self.path}") from exc
+        except UnidentifiedImageError as exc:
+            raise SkipInput(f"not an image file Pillow can identify: {self.path.name}") from exc
+        except Image.DecompressionBombError as exc:
+            raise SkipInput(f"image too large: {exc}") from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports broken data with all three
+            raise SkipInput(f"cannot decode image (truncated or corrupt?): {exc}") from exc
+        pixels = to_pixels(unit, bits, options.max_side)
+        meta = {
+            "modality": "OT",
+            "photometric": photometric,
+            "window": window,
+            "bits": bits,
+            "source": self.source,
+            "orig_size": [int(unit.shape[0]), int(unit.shape[1])],
+        }
+        if self.split is not None:
+            meta["split"] = self.split
+        if self.class_name is not None:
+            meta["class_name"] = self.class_name
+        yield Image2D(pixels=pixels, meta=meta, label=_as_record_label(self.label))
+
+
+def _image_to_unit(image: Image.Image) -> tuple[np.ndarray, int, str, str]:
+    """Decoded Pillow image -> ([0, 1] float32 (H, W) or (H, W, 3), bits, window, photometric)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        return unit.astype(np.float32), 16, "minmax", "MONOCHROME2"
+    if image.mode in ("1", "L", "LA", "La"):
+        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return gray, 8, "none", "MONOCHROME2"
+    rgb = np.asarray(image.convert("RGB"))  # P, RGBA, CMYK, YCbCr, ... (alpha is dropped)
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return rgb[..., 0].astype(np.float32) / 255.0, 8, "none", "MONOCHROME2"
+    return rgb.astype(np.float32) / 255.0, 8, "none", "RGB"
+
+
+@dataclass(frozen=True)
+class NpzChunk:
+    """Rows ``[start, stop)`` of ``{split}_images`` / ``{split}_labels`` in a MedMNIST-style ``.npz``.
+
+    ``{split}_images``: (N, H, W) or (N, H, W, 3) uint8; ``{split}_labels``: (N,) or (N, 1) class indices,
+    or (N, K) 0/1 multi-label. Only the chunk's rows are read from the archive, not the whole array.
+    """
+
+    path: Path
+    source: str
+    split: str
+    start: int
+    stop: int
+
+    def read(self, options: ReadOptions) -> Iterator[Image2D]:
+        """Yield one image per row: (H, W) or (H, W, 3) uint8 (bits 8), label int or list of 0/1 ints."""
+        images_key, labels_key = f"{self.split}_images", f"{self.split}_labels"
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                images = _read_npy_rows(archive, images_key, self.start, self.stop)
+                labels = _read_npy_rows(archive, labels_key, self.start, self.stop)
+        except FileNotFoundError as exc:
+            raise SkipInput(f"file not found: {self.path}") from exc
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise SkipInput(f"cannot read npz: {exc}") from exc
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+            raise SkipInput(
+                f"{images_key}: expected (N, H, W) or (N, H, W, 3) uint8, got {images.dtype} {images.shape}"
+            )
+        if labels.shape[0] != images.shape[0] or labels.ndim > 2:
+            raise SkipInput(f"{labels_key}: shape {labels.shape} does not match {images_key} {images.shape}")
+        multi_label = labels.ndim == 2 and labels.shape[1] > 1
+        photometric = "RGB" if images.ndim == 4 else "MONOCHROME2"
+        for offset, (pixels, label) in enumerate(zip(images, labels.reshape(len(labels), -1), strict=True)):
+            meta = {
+                "modality": "OT",
+                "photometric": photometric,
+                "bits": 8,
+                "source": self.source,
+                "split": self.split,
+                "index": self.start + offset,
+                "orig_size": [int(pixels.shape[0]), int(pixels.shape[1])],
+            }
+            if options.max_side is not None:
+                pixels = to_pixels(pixels.astype(np.float32) / 255.0, 8, options.max_side)
+            record_label = [int(v) for v in label] if multi_label else int(label[0])
+            yield Image2D(pixels=np.array(pixels), meta=meta, label=record_label)
+
+
+def _npy_header(member: io.BufferedIOBase) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an ``.npy`` stream, leaving it at the first data byte."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _member(archive: zipfile.ZipFile, key: str) -> str:
+    name = f"{key}.npy"
+    if name not in archive.namelist():
+        keys = sorted(n.removesuffix(".npy") for n in archive.namelist())
+        raise SkipInput(f"missing key {key!r} (keys: {keys})")
+    return name
+
+
+def _read_npy_rows(archive: zipfile.ZipFile, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the C-ordered array ``key`` in an npz, seeking past the rows before them."""
+    with archive.open(_member(archive, key)) as member:
+        shape, fortran_order, dtype = _npy_header(member)
+        if dtype.hasobject or (fortran_order and len(shape) > 1):
+            raise ValueError(f"{key}: object or Fortran-ordered arrays are not supported")
+        if not shape or stop > shape[0]:
+            raise ValueError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        member.seek(start * row_bytes, io.SEEK_CUR)  # a deflated member decompresses forward, never whole
+        data = member.read((stop - start) * row_bytes)
+    if len(data) != (stop - start) * row_bytes:
+        raise ValueError(f"{key}: truncated data")
+    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+
+
+def npz_units(path: Path, root: Path, chunk_size: int = 2048) -> list[NpzChunk]:
+    """Chunks of at most ``chunk_size`` rows for every split present (train, val, test order).
+
+    Only the ``.npy`` headers are read. Raises ValueError when the file is not an npz or has no
+    ``{split}_images`` key.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    source = relative_source(path, root)
+    units = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for split in NPZ_SPLITS:
+                if f"{split}_images.npy" not in names:
+                    continue
+                with archive.open(f"{split}_images.npy") as member:
+                    shape, _, _ = _npy_header(member)
+                units += [
+                    NpzChunk(path, source, split, start, min(start + chunk_size, shape[0]))
+                    for start in range(0, shape[0], chunk_size)
+                ]
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path}: not an npz (zip) file") from exc
+    if not any(f"{split}_images.npy" in names for split in NPZ_SPLITS):
+        raise ValueError(f"{path}: no train_images / val_images / test_images key (keys: {sorted(names)})")
+    return units
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def imagefolder_units(folder: Path) -> list[ImageFile]:
+    """ImageFiles of a torchvision ImageFolder tree: ``folder/{class}/...`` or ``folder/{split}/{class}/...``.
+
+    The split layout is used when every first-level folder is a split name (train, training, val, valid,
+    validation, test, testing; any case), normalised to train / val / test. The class index is the position
+    of the class name in the sorted union of class names over all splits, so it is the same in every split.
+    Files are found recursively below each class folder (as torchvision does), in train, val, test order,
+    then sorted by class folder and path. Hidden files and folders (``.*``) are ignored; ``source`` is the
+    path relative to ``folder``.
+    Raises ValueError when there is no class folder.
+    """
+    first_level = _subfolders(folder)
+    if first_level and all(p.name.lower() in SPLIT_FOLDERS for p in first_level):
+        groups = [(SPLIT_FOLDERS[p.name.lower()], c) for p in first_level for c in _subfolders(p)]
+        groups.sort(key=lambda group: NPZ_SPLITS.index(group[0]))  # train, val, test; stable within a split
+    else:
+        groups = [(None, c) for c in first_level]
+    if not groups:
+        raise ValueError(f"{folder}: no class folders (expected {folder}/CLASS/*.jpg or {folder}/SPLIT/CLASS/...)")
+    class_names = sorted({class_dir.name for _, class_dir in groups})
+    units = []
+    for split, class_dir in groups:
+        files = sorted(p for p in class_dir.rglob("*") if _is_image(p) and not _hidden_below(p, class_dir))
+        units += [
+            ImageFile(
+                path=p,
+                source=relative_source(p, folder),
+                label=class_names.index(class_dir.name),
+                class_name=class_dir.name,
+                split=split,
+            )
+            for p in files
+        ]
+    return units
+
+
+def _hidden_below(path: Path, top: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
+def csv_units(csv_path: Path) -> list:
+    """Units (ImageFile / DicomFile / NiftiFile by file type) for the rows of a CSV with a header.
+
+    The path column is ``path``, ``image`` or ``file`` (first found, any case); paths are relative to the
+    CSV's folder or absolute. Other columns are labels: none -> unlabeled; one -> single-label, integers kept
+    as they are, anything else mapped to its index among the sorted unique values (and kept as class_name
+    for images); several -> a multi-label tuple of 0/1 in column order. Rows whose file is missing are kept
+    (their reader raises SkipInput). Files are typed by suffix: image suffixes -> ImageFile, .nii/.nii.gz ->
+    NiftiFile, anything else -> DicomFile (DICOM files often have no suffix; that reader rejects non-DICOM).
+    Raises ValueError naming the column and line for an empty or non-0/1 label.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        path_column = next((c for c in columns if c.strip().lower() in CSV_PATH_COLUMNS), None)
+        if path_column is None:
+            raise ValueError(f"{csv_path}: no path column (one of {CSV_PATH_COLUMNS}) in header {columns}")
+        label_columns = [c for c in columns if c != path_column]
+        rows = [(reader.line_num, row) for row in reader]
+
+    for line, row in rows:
+        for column in label_columns:
+            if not (row.get(column) or "").strip():
+                raise ValueError(f"{csv_path}:{line}: empty value in label column {column!r}")
+
+    labels: list = [None] * len(rows)
+    class_names: list = [None] * len(rows)
+    if len(label_columns) == 1:
+        column = label_columns[0]
+        values = [row[column].strip() for _, row in rows]
+        if all(_is_int(v) for v in values):
+            labels = [int(v) for v in values]
+        else:
+            names = sorted(set(values))
+            labels = [names.index(v) for v in values]
+            class_names = values
+    elif len(label_columns) > 1:
+        labels = [tuple(_binary(row[c], c, csv_path, line) for c in label_columns) for line, row in rows]
+
+    base = csv_path.parent
+    units = []
+    for (_, row), label, class_name in zip(rows, labels, class_names, strict=True):
+        path = Path(row[path_column].strip())
+        path = path if path.is_absolute() else base / path
+        units.append(_unit_for(path, relative_source(path, base), label, class_name))
+    return units
+
+
+def _unit_for(path: Path, source: str, label, class_name: str | None):
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageFile(path=path, source=source, label=label, class_name=class_name)
+    # Lazy imports: the volume readers pull in nibabel / pydicom only when a CSV lists such files.
+    from data_shards.nifti import NiftiFile, is_nifti
+
+    if is_nifti(path):
+        return NiftiFile(path=path, source=source, label=label)
+    from data_shards.dicom import DicomFile
+
+    return DicomFile(path=path, source=source, label=label)
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _binary(value: str, column: str, csv_path: Path, line: int) -> int:
+    """A multi-label cell: 0 or 1 (also written 0.0 / 1.0, as pandas does for float columns)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number not in (0.0, 1.0):
+        raise ValueError(f"{csv_path}:{line}: column {column!r} has {value!r}; multi-label values must be 0 or 1")
+    return int(number)

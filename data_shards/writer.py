@@ -1,0 +1,426 @@
+"""``medfm shard``: read inputs in parallel, drop duplicates, write WebDataset tar shards and a manifest.
+
+Guarantees:
+- Deterministic: units are read in planned order and written by one process, so the same inputs and
+  options give byte-identical shards (tar mtimes are fixed).
+- Atomic and resumable: a shard is written as ``NAME.tar.tmp`` and renamed when complete; after each
+  rename a line is appended to ``.progress.jsonl`` with the position of the next record and the dedup
+  state. ``--resume`` continues from the last complete shard; the result equals an uninterrupted run.
+- Private: only allowlisted metadata keys (``records.ALLOWED_META_KEYS``) reach a shard or the manifest.
+- Bad input never stops the run: each skipped input is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_shards.codec import content_hash, encode_pixels, hamming, perceptual_hash
+from data_shards.discover import Plan
+from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput
+
+MANIFEST = "manifest.json"
+JOURNAL = ".progress.jsonl"
+FORMAT = "medfm-shards/1"
+DEDUP_MODES = ("none", "exact", "near")
+
+
+class ShardError(Exception):
+    """A problem with the output folder or the run as a whole (not with a single input)."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Options of one ``medfm shard`` run; saved in the manifest and checked on ``--resume``."""
+
+    max_count: int = 2000  # samples per shard
+    max_bytes: int = 256 * 1024**2  # bytes per shard (a single larger sample gets a shard of its own)
+    dedup: str = "exact"  # none | exact (content hash) | near (exact + perceptual hash)
+    near_threshold: int = 4  # max Hamming distance (of 64 bits) between perceptual hashes of near-duplicates
+    hash_paths: bool = False  # store a salted hash of each source path instead of the path itself
+    path_salt: str = ""
+    read: ReadOptions = field(default_factory=ReadOptions)
+
+    def __post_init__(self) -> None:
+        if self.dedup not in DEDUP_MODES:
+            raise ValueError(f"dedup must be one of {DEDUP_MODES}, got {self.dedup!r}")
+        if self.max_count < 1 or self.max_bytes < 1:
+            raise ValueError("max_count and max_bytes must be positive")
+
+
+@dataclass
+class EncodedSample:
+    extension: str
+    data: bytes
+    meta: dict[str, Any]
+    label: Any
+    sha256: str
+    phash: int | None
+
+
+@dataclass
+class UnitResult:
+    index: int
+    samples: list[EncodedSample]
+    skip_reason: str | None = None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_unit(index: int, unit: InputUnit, config: ShardConfig, skip_records: int = 0) -> UnitResult:
+    """Read and encode one unit (runs in a worker process). Never raises for a bad input."""
+    samples: list[EncodedSample] = []
+    try:
+        for position, image in enumerate(unit.read(config.read)):
+            if position < skip_records:
+                continue
+            extension, data = encode_pixels(image.pixels)
+            meta = {k: _jsonable(v) for k, v in image.meta.items() if k in ALLOWED_META_KEYS}
+            if config.hash_paths and "source" in meta:
+                meta["source"] = hash_path(meta["source"], config.path_salt)
+            near = perceptual_hash(image.pixels) if config.dedup == "near" else None
+            samples.append(
+                EncodedSample(extension, data, meta, _jsonable(image.label), content_hash(image.pixels), near)
+            )
+    except SkipInput as skip:
+        return UnitResult(index, [], skip.reason)
+    except Exception as error:  # an unexpected failure on one input must not end a long run
+        return UnitResult(index, [], f"unexpected error while reading: {type(error).__name__}: {error}")
+    if not samples and skip_records == 0:
+        return UnitResult(index, [], "no image left (all slices near-empty)")
+    return UnitResult(index, samples)
+
+
+def hash_path(path: str, salt: str) -> str:
+    return "sha256:" + hashlib.sha256((salt + path).encode()).hexdigest()[:24]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class _State:
+    """Everything needed to continue a run after the last complete shard."""
+
+    shards: list[dict] = field(default_factory=list)
+    next_unit: int = 0
+    next_record: int = 0
+    seen: set[str] = field(default_factory=set)
+    near_last: int | None = None  # perceptual hash of the last kept image of the current unit
+    counters: Counter = field(default_factory=Counter)
+    by_modality: Counter = field(default_factory=Counter)
+    by_source: Counter = field(default_factory=Counter)
+    by_split: Counter = field(default_factory=Counter)
+    classes: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Writes one shard set. Use :meth:`run`; see the module docstring for the guarantees."""
+
+    def __init__(self, out: Path, plan: Plan, config: ShardConfig, command: str, workers: int = 1):
+        self.out = Path(out)
+        self.plan = plan
+        self.config = config
+        self.command = command
+        self.workers = max(0, workers)
+        self.fingerprint = self._fingerprint()
+        self.state = _State()
+        self._tar: wds.TarWriter | None = None
+        self._handle = None
+        self._shard_count = 0
+        self._shard_hashes: list[str] = []
+        self._pending_skips: list[dict] = []
+
+    def _fingerprint(self) -> str:
+        payload = {
+            "config": asdict(self.config),
+            "units": [f"{type(u).__name__}:{u.source}:{getattr(u, 'start', '')}" for u in self.plan.units],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    # -- output folder state ---------------------------------------------------------------------------
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Check the output folder: never overwrite silently; load the journal on ``--resume``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        journal = self.out / JOURNAL
+        existing = [p for p in self.out.iterdir() if p.name != JOURNAL]
+        if overwrite:
+            for path in self.out.glob("shard-*.tar*"):
+                path.unlink()
+            for name in (MANIFEST, JOURNAL):
+                (self.out / name).unlink(missing_ok=True)
+            return
+        if (self.out / MANIFEST).exists():
+            raise ShardError(
+                f"{self.out} already holds a complete shard set ({MANIFEST}); pass --overwrite to replace it"
+            )
+        if journal.exists():
+            if not resume:
+                raise ShardError(
+                    f"{self.out} holds an interrupted run; pass --resume to finish it or --overwrite to restart"
+                )
+            self._load_journal(journal)
+            return
+        if existing:
+            raise ShardError(
+                f"{self.out} is not empty and holds no shard set; choose an empty folder or pass --overwrite"
+            )
+
+    def _load_journal(self, journal: Path) -> None:
+        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        header = lines[0] if lines else {}
+        if header.get("fingerprint") != self.fingerprint:
+            raise ShardError(
+                f"{self.out}: the interrupted run used other inputs or options; rerun the same command, or --overwrite"
+            )
+        for path in self.out.glob("shard-*.tar.tmp"):
+            path.unlink()  # the shard that was being written when the run died
+        state = self.state
+        for entry in lines[1:]:
+            shard = entry["shard"]
+            if not (self.out / shard["name"]).exists():
+                raise ShardError(f"{self.out}: {shard['name']} is listed in {JOURNAL} but missing; use --overwrite")
+            state.shards.append(shard)
+            state.seen.update(entry["hashes"])
+            state.skipped.extend(entry["skipped"])
+            state.next_unit, state.next_record = entry["next"]
+            state.near_last = entry["near_last"]
+            for name in ("counters", "by_modality", "by_source", "by_split"):
+                setattr(state, name, Counter(entry[name]))
+            state.classes = entry["classes"]
+        # Shards after the last journal line may exist if the process died between rename and journal write.
+        for path in self.out.glob("shard-*.tar"):
+            if path.name not in {s["name"] for s in state.shards}:
+                path.unlink()
+        self._shard_count = len(state.shards)
+
+    def _start_journal(self) -> None:
+        journal = self.out / JOURNAL
+        if not journal.exists():
+            with open(journal, "w") as handle:
+                handle.write(json.dumps({"format": FORMAT, "fingerprint": self.fingerprint}) + "\n")
+
+    # -- shard files ---------------------------------------------------------------------------------
+    def _shard_name(self) -> str:
+        return f"shard-{self._shard_count:06d}.tar"
+
+    def _open_shard(self) -> None:
+        # Kept open across samples and closed in _close_shard (fsync + rename), hence no context manager.
+        self._handle = open(self.out / (self._shard_name() + ".tmp"), "wb")  # noqa: SIM115
+        self._tar = wds.TarWriter(self._handle, mtime=0.0, user="medfm", group="medfm")
+        self._shard_hashes = []
+
+    def _close_shard(self, next_unit: int, next_record: int) -> None:
+        assert self._tar is not None and self._handle is not None
+        self._tar.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        name = self._shard_name()
+        tmp, final = self.out / (name + ".tmp"), self.out / name
+        shard = {
+            "name": name,
+            "count": len(self._shard_hashes),
+            "bytes": tmp.stat().st_size,
+            "sha256": _file_sha256(tmp),
+        }
+        os.replace(tmp, final)
+        state = self.state
+        state.shards.append(shard)
+        entry = {
+            "shard": shard,
+            "next": [next_unit, next_record],
+            "near_last": state.near_last,
+            "hashes": self._shard_hashes,
+            "skipped": self._pending_skips,
+            "counters": state.counters,
+            "by_modality": state.by_modality,
+            "by_source": state.by_source,
+            "by_split": state.by_split,
+            "classes": state.classes,
+        }
+        with open(self.out / JOURNAL, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        state.skipped.extend(self._pending_skips)
+        self._pending_skips = []
+        self._shard_count += 1
+        self._tar = self._handle = None
+
+    # -- main loop -----------------------------------------------------------------------------------
+    def _results(self) -> Iterator[UnitResult]:
+        """Unit results in plan order, read by a pool of workers with a bounded number in flight."""
+        start = self.state.next_unit
+        jobs = [
+            (i, self.plan.units[i], self.config, self.state.next_record if i == start else 0)
+            for i in range(start, len(self.plan.units))
+        ]
+        if self.workers <= 1:
+            for job in jobs:
+                yield read_unit(*job)
+            return
+        window = self.workers * 4
+        with ProcessPoolExecutor(max_workers=self.workers) as pool:
+            futures = [pool.submit(read_unit, *job) for job in jobs[:window]]
+            for position in range(len(jobs)):
+                result = futures[position].result()
+                futures[position] = None  # free the finished result
+                if position + window < len(jobs):
+                    futures.append(pool.submit(read_unit, *jobs[position + window]))
+                yield result
+
+    def _is_duplicate(self, sample: EncodedSample) -> str | None:
+        if self.config.dedup == "none":
+            return None
+        if sample.sha256 in self.state.seen:
+            return "duplicates_exact"
+        if (
+            sample.phash is not None
+            and self.state.near_last is not None
+            and hamming(sample.phash, self.state.near_last) <= self.config.near_threshold
+        ):
+            return "duplicates_near"
+        return None
+
+    def run(self) -> dict:
+        """Write all remaining shards and the manifest; return the manifest."""
+        self._start_journal()
+        state = self.state
+        started = time.perf_counter()
+        written = 0
+        progress = tqdm(
+            total=len(self.plan.units),
+            initial=state.next_unit,
+            unit="input",
+            desc="shard",
+            file=sys.stderr,
+            disable=None,
+            dynamic_ncols=True,
+        )
+        for result in self._results():
+            unit_index = result.index
+            origin = self.plan.origins[unit_index]
+            first_record = state.next_record if unit_index == state.next_unit else 0
+            if first_record == 0:
+                state.near_last = None
+            if result.skip_reason is not None:
+                state.counters["inputs_skipped"] += 1
+                self._pending_skips.append(
+                    {"source": self._shown(self.plan.units[unit_index].source), "reason": result.skip_reason}
+                )
+            elif first_record == 0:
+                state.counters["inputs_read"] += 1
+            for offset, sample in enumerate(result.samples):
+                record_index = first_record + offset
+                duplicate = self._is_duplicate(sample)
+                if duplicate:
+                    state.counters[duplicate] += 1
+                    continue
+                if self._tar is not None and (
+                    len(self._shard_hashes) >= self.config.max_count
+                    or self._handle.tell() + len(sample.data) + 3072 > self.config.max_bytes
+                ):
+                    self._close_shard(unit_index, record_index)
+                if self._tar is None:
+                    self._open_shard()
+                self._write_sample(sample, origin)
+                written += 1
+            state.next_unit, state.next_record = unit_index + 1, 0
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(images=state.counters["samples"], img_s=f"{written / max(elapsed, 1e-9):.0f}")
+        progress.close()
+        if self._tar is not None:
+            self._close_shard(len(self.plan.units), 0)
+        manifest = self._manifest()
+        if manifest["totals"]["samples"] == 0:
+            raise ShardError(
+                f"no readable image in the inputs ({len(manifest['skipped'])} skipped; see the reasons above)"
+            )
+        _write_json_atomic(self.out / MANIFEST, manifest)
+        (self.out / JOURNAL).unlink()
+        return manifest
+
+    def _shown(self, source: str) -> str:
+        return hash_path(source, self.config.path_salt) if self.config.hash_paths else source
+
+    def _write_sample(self, sample: EncodedSample, origin: str) -> None:
+        state = self.state
+        key = f"{state.counters['samples']:09d}"
+        record = {**sample.meta, "label": sample.label, "sha256": sample.sha256}
+        assert self._tar is not None
+        self._tar.write({"__key__": key, sample.extension: sample.data, "json": json.dumps(record).encode()})
+        self._shard_hashes.append(sample.sha256)
+        state.seen.add(sample.sha256)
+        state.near_last = sample.phash
+        state.counters["samples"] += 1
+        state.counters["labeled"] += sample.label is not None
+        state.by_modality[sample.meta.get("modality", "OT")] += 1
+        state.by_source[origin] += 1
+        if "split" in sample.meta:
+            state.by_split[sample.meta["split"]] += 1
+        if sample.meta.get("class_name") is not None and isinstance(sample.label, int):
+            state.classes[str(sample.label)] = sample.meta["class_name"]
+
+    def _manifest(self) -> dict:
+        state = self.state
+        planned = [{"source": self._shown(s), "reason": r} for s, r in self.plan.skipped]
+        return {
+            "format": FORMAT,
+            "command": self.command,
+            "config": asdict(self.config) | {"path_salt": "<hidden>" if self.config.path_salt else ""},
+            "sources": sorted(set(self.plan.origins)),
+            "totals": {
+                "samples": state.counters["samples"],
+                "shards": len(state.shards),
+                "bytes": sum(s["bytes"] for s in state.shards),
+                "labeled": state.counters["labeled"],
+                "inputs_planned": len(self.plan.units),
+                "inputs_read": state.counters["inputs_read"],
+                "inputs_skipped": state.counters["inputs_skipped"] + len(planned),
+                "duplicates_exact": state.counters["duplicates_exact"],
+                "duplicates_near": state.counters["duplicates_near"],
+                "by_modality": dict(sorted(state.by_modality.items())),
+                "by_source": dict(sorted(state.by_source.items())),
+                "by_split": dict(sorted(state.by_split.items())),
+            },
+            "classes": dict(sorted(state.classes.items(), key=lambda kv: int(kv[0]))),
+            "shards": state.shards,
+            "skipped": planned + state.skipped + self._pending_skips,
+        }

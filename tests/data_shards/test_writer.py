@@ -1,0 +1,279 @@
+"""`medfm shard`: manifest, privacy, determinism, atomic resume, refusal to overwrite, bad inputs, dedup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from medfm_cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shard(*args: str) -> int:
+    return main(["shard", *[str(a) for a in args], "--workers", "1"])
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def tar_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def test_mixed_real_inputs_give_shards_and_manifest(shared_data: Path, tmp_path: Path):
+    inputs = tmp_path / "archive"
+    (inputs / "dicom").mkdir(parents=True)
+    for name in ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "emri_small.dcm"):
+        shutil.copy(shared_data / "dicom" / "single" / name, inputs / "dicom" / name)
+    shutil.copytree(shared_data / "dicom" / "series" / "vs_seg_001_t1_mprage", inputs / "series")
+    shutil.copy(shared_data / "nifti" / "anatomical.nii", inputs / "anatomical.nii")
+    out = tmp_path / "shards"
+    assert shard(inputs, "--out", out, "--max-count", "16") == 0
+    manifest = manifest_of(out)
+    totals = manifest["totals"]
+    assert totals["by_modality"].keys() >= {"CT", "MR", "US"}
+    assert totals["inputs_skipped"] == 0 and manifest["skipped"] == []
+    assert totals["samples"] == sum(s["count"] for s in manifest["shards"])
+    assert all(s["count"] <= 16 for s in manifest["shards"])
+    for entry in manifest["shards"]:
+        path = out / entry["name"]
+        assert path.stat().st_size == entry["bytes"]
+        assert len(tar_members(path)) == 2 * entry["count"]  # image + json per sample
+    assert "medfm shard" in manifest["command"] and manifest["config"]["dedup"] == "exact"
+    assert not list(out.glob("*.tmp")) and not (out / ".progress.jsonl").exists()
+    # the 32-slice series comes out as slices with their index in the sorted volume
+    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+        records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert {"modality", "source", "sha256", "bits", "window"} <= records[0].keys()
+
+
+def test_npz_labels_and_splits_travel_with_samples(shared_data: Path, tmp_path: Path):
+    out = tmp_path / "breast"
+    assert shard(f"medmnist:{shared_data / 'medmnist' / 'breastmnist.npz'}", "--out", out, "--dedup", "none") == 0
+    totals = manifest_of(out)["totals"]
+    assert totals["by_split"] == {"test": 156, "train": 546, "val": 78}
+    assert totals["labeled"] == totals["samples"] == 780
+
+
+def test_no_patient_identifier_reaches_any_output_byte(shared_data: Path, tmp_path: Path, capfd):
+    planted = {
+        "PatientName": "Doe^Jane",
+        "PatientID": "MRN-8675309",
+        "PatientBirthDate": "19230417",
+        "OtherPatientIDs": "ALT-554433",
+        "InstitutionName": "Saint Nowhere Hospital",
+        "ReferringPhysicianName": "House^Gregory",
+        "AccessionNumber": "ACC77123",
+        "StudyID": "STUDY-4242",
+    }
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i, name in enumerate(("CT_small.dcm", "MR_small.dcm", "nih_chestxray14_DX_nofinding.dcm")):
+        ds = pydicom.dcmread(shared_data / "dicom" / "single" / name)
+        for keyword, value in planted.items():
+            setattr(ds, keyword, value)
+        ds.save_as(inputs / f"image{i}.dcm")
+    # a DICOM without pixel data and the same identifiers: it ends in the manifest's skipped list
+    ds = pydicom.dcmread(inputs / "image0.dcm")
+    del ds.PixelData
+    ds.save_as(inputs / "nopixels.dcm")
+    out = tmp_path / "out"
+    assert shard(inputs, "--out", out) == 0
+    assert main(["shard", "inspect", str(out)]) == 0
+    captured = capfd.readouterr()
+    needles = [v.encode() for v in planted.values()] + [b"Doe", b"Jane", b"8675309", b"Nowhere", b"Gregory"]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".tar" for p in files) and any(p.suffix == ".png" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for needle in needles:
+            assert needle not in data, f"{needle!r} leaked into {path.name}"
+    for needle in needles:
+        assert needle.decode() not in captured.out + captured.err
+
+
+def test_output_is_deterministic_across_worker_counts(shared_data: Path, tmp_path: Path):
+    source = shared_data / "dicom" / "series" / "vs_seg_001_t1_mprage"
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert (
+        main(
+            [
+                "shard",
+                str(source),
+                "--out",
+                str(first),
+                "--workers",
+                "1",
+                "--max-count",
+                "7",
+                "--max-side",
+                "96",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "shard",
+                str(source),
+                "--out",
+                str(second),
+                "--workers",
+                "2",
+                "--max-count",
+                "7",
+                "--max-side",
+                "96",
+            ]
+        )
+        == 0
+    )
+    assert [s["sha256"] for s in manifest_of(first)["shards"]] == [s["sha256"] for s in manifest_of(second)["shards"]]
+
+
+def test_existing_output_is_never_overwritten_silently(shared_data: Path, tmp_path: Path, capsys):
+    source = shared_data / "dicom" / "single" / "CT_small.dcm"
+    out = tmp_path / "out"
+    assert shard(source, "--out", out) == 0
+    before = (out / "shard-000000.tar").read_bytes()
+    assert shard(source, "--out", out) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "shard-000000.tar").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert shard(source, "--out", other) == 1
+    assert (other / "notes.txt").read_text() == "mine"
+    assert shard(source, "--out", out, "--overwrite") == 0
+
+
+def test_killed_run_resumes_to_the_same_shards(shared_data: Path, tmp_path: Path):
+    npz = f"medmnist:{shared_data / 'medmnist' / 'pneumoniamnist.npz'}"
+    common = [npz, "--max-count", "150", "--workers", "1", "--dedup", "exact"]
+    reference = tmp_path / "reference"
+    assert main(["shard", *common, "--out", str(reference)]) == 0
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "medfm_cli", "shard", *common, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / ".progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 4:  # header + 3 shards
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    # without --resume the partial output is refused, with it the run completes
+    assert main(["shard", *common, "--out", str(out)]) == 1
+    assert main(["shard", *common, "--out", str(out), "--resume"]) == 0
+    got, want = manifest_of(out), manifest_of(reference)
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
+    assert got["totals"] == want["totals"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_bad_inputs_are_listed_and_do_not_stop_the_run(shared_data: Path, tmp_path: Path):
+    inputs = tmp_path / "inputs"
+    (inputs / "empty").mkdir(parents=True)
+    good = shared_data / "dicom" / "single" / "CT_small.dcm"
+    shutil.copy(good, inputs / "good.dcm")
+    (inputs / "truncated.dcm").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (inputs / "notes.txt").write_text("not an image")
+    (inputs / "fake.dcm").write_text("not a dicom")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    ds.save_as(inputs / "nopixels.dcm")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), inputs / "nan.nii.gz")
+    out = tmp_path / "out"
+    assert shard(inputs, "--out", out) == 0
+    manifest = manifest_of(out)
+    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(reasons) == {
+        "inputs/empty/",
+        "inputs/truncated.dcm",
+        "inputs/notes.txt",
+        "inputs/fake.dcm",
+        "inputs/broken.png",
+        "inputs/nopixels.dcm",
+        "inputs/nan.nii.gz",
+    }, reasons
+    assert "empty folder" in reasons["inputs/empty/"]
+    assert "pixel data" in reasons["inputs/nopixels.dcm"].lower()
+    assert "nan" in reasons["inputs/nan.nii.gz"].lower()
+    assert manifest["totals"]["samples"] == 1 and manifest["totals"]["inputs_skipped"] == 7
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copy(inputs / "fake.dcm", only_bad / "fake.dcm")
+    assert shard(only_bad, "--out", tmp_path / "nothing") == 1
+
+
+def test_duplicates_are_dropped_and_counted(shared_data: Path, tmp_path: Path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for copy in ("a.dcm", "b.dcm"):
+        shutil.copy(shared_data / "dicom" / "single" / "CT_small.dcm", inputs / copy)
+    shutil.copytree(shared_data / "dicom" / "series" / "vs_seg_001_t1_mprage", inputs / "series")
+    exact, near = tmp_path / "exact", tmp_path / "near"
+    assert shard(inputs, "--out", exact, "--max-side", "128") == 0
+    assert shard(inputs, "--out", near, "--max-side", "128", "--dedup", "near", "--near-threshold", "10") == 0
+    exact_totals, near_totals = manifest_of(exact)["totals"], manifest_of(near)["totals"]
+    assert exact_totals["duplicates_exact"] == 1
+    assert near_totals["duplicates_near"] > 0
+    assert near_totals["samples"] == exact_totals["samples"] - near_totals["duplicates_near"]
+
+
+def test_shards_respect_the_byte_bound(shared_data: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    source = shared_data / "dicom" / "series" / "vs_seg_001_t1_mprage"
+    assert shard(source, "--out", out, "--max-mb", "1.0") == 0
+    shards = manifest_of(out)["shards"]
+    assert len(shards) > 3
+    assert all(s["bytes"] <= 1024**2 for s in shards)
+
+
+def test_inspect_writes_a_grid_per_modality(shared_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert shard(shared_data / "dicom" / "single", "--out", out, "--max-side", "128") == 0
+    assert main(["shard", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "by modality" in text
+    grids = sorted(p.name for p in (out / "inspect").glob("grid_*.png"))
+    assert {"grid_CT.png", "grid_MR.png", "grid_DX.png", "grid_US.png"} <= set(grids)
+
+
+def test_missing_source_is_a_clear_error(tmp_path: Path, capsys):
+    assert shard(tmp_path / "does-not-exist", "--out", tmp_path / "out") == 2
+    assert "does-not-exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window", ["lung", "-600/1500"])
+def test_named_window_is_recorded(shared_data: Path, tmp_path: Path, window: str):
+    out = tmp_path / "out"
+    # `--window=` form: argparse would read a bare negative CENTER as an option
+    assert shard(shared_data / "dicom" / "single" / "CT_small.dcm", "--out", out, f"--window={window}") == 0
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        record = json.loads(tar.extractfile(member).read())
+    assert "-600/1500" in record["window"]
+    assert record["bits"] == 16
+    assert os.path.getsize(out / "shard-000000.tar") > 0
