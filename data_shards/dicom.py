@@ -13,7 +13,7 @@ Only an allowlist of header fields reaches ``Image2D.meta``: patient identifiers
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +60,7 @@ _FUNCTIONAL_GROUPS = {
 _SAMPLE_FRAMES, _SAMPLE_STRIDE = 16, 4
 
 # Loads one frame: (dataset holding it, frame index in that dataset).
-FrameLoader = Callable[[], tuple[Dataset, int]]
+_FrameLoader = Callable[[], tuple[Dataset, int]]
 
 
 def is_dicom(path: Path) -> bool:
@@ -77,7 +77,11 @@ def is_dicom(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class DicomFile:
-    """One DICOM file: one :class:`Image2D` per frame (``meta["frame"]`` for multi-frame files)."""
+    """One DICOM file: one :class:`Image2D` per frame (``meta["frame"]`` for multi-frame files).
+
+    Pixels: grayscale (H, W), or (H, W, C) for C > 1 windows, uint16 when BitsStored > 8 else uint8;
+    colour (H, W, 3) uint8. H, W are the stored size, shrunk to ``options.max_side`` when given.
+    """
 
     path: Path
     source: str
@@ -125,13 +129,16 @@ def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | D
     files disagree in size or orientation (a localizer inside it) is split into one stack per
     size/orientation rather than failed. Slices are sorted by position along the normal (row x column
     direction cosines, PS3.3 C.7.6.2.1.1), then InstanceNumber, then path. Several stacks in one folder
-    get sources "folder#1", "folder#2", ... in path order. Everything else is a :class:`DicomFile`.
+    get sources "folder#1", "folder#2", ... in path order. Copies of one instance (same SOPInstanceUID)
+    are not slices of a volume: each is read as its own :class:`DicomFile` (the writer's dedup drops the
+    duplicate images). Everything else is a :class:`DicomFile`.
 
     Returns (units sorted by source, [(source, reason)] for files that are not parsable DICOM).
     """
     units: list[DicomFile | DicomSeries] = []
     skipped: list[tuple[str, str]] = []
-    stacks: dict[tuple, list[tuple[float, int, Path]]] = defaultdict(list)
+    # Members sort by (position, InstanceNumber, path); the SOPInstanceUID (last) tells copies apart.
+    stacks: dict[tuple, list[tuple[float, int, str, Path, str]]] = defaultdict(list)
     for path in sorted(paths):
         try:
             ds = _read_dataset(path, stop_before_pixels=True)
@@ -142,15 +149,17 @@ def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | D
         if key is None:
             units.append(DicomFile(path, relative_source(path, root)))
         else:
-            stacks[key].append((position, instance, path))
+            stacks[key].append((position, instance, str(path), path, str(ds.get("SOPInstanceUID") or path)))
     series: dict[str, list[tuple[Path, ...]]] = defaultdict(list)
     for members in stacks.values():
-        if len(members) == 1:
-            units.append(DicomFile(members[0][2], relative_source(members[0][2], root)))
-            continue
-        ordered = tuple(path for *_, path in sorted(members, key=lambda m: (m[0], m[1], str(m[2]))))
-        folder = Path(os.path.commonpath([path.parent for path in ordered]))
-        series[relative_source(folder, root)].append(ordered)
+        copies = Counter(uid for *_, uid in members)
+        slices = sorted(member for member in members if copies[member[4]] == 1)
+        in_series = {member[3] for member in slices} if len(slices) >= 2 else set()
+        units.extend(DicomFile(m[3], relative_source(m[3], root)) for m in members if m[3] not in in_series)
+        if in_series:
+            ordered = tuple(member[3] for member in slices)
+            folder = Path(os.path.commonpath([path.parent for path in ordered]))
+            series[relative_source(folder, root)].append(ordered)
     for folder, stacks_in_folder in series.items():
         stacks_in_folder.sort(key=lambda ordered: str(min(ordered)))
         for number, ordered in enumerate(stacks_in_folder, start=1):
@@ -194,7 +203,8 @@ def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Dataset:
     except OSError as err:
         raise SkipInput(f"unreadable file: {err.strerror or err}") from None
     except Exception as err:  # corrupt bytes reach pydicom's parser, which can raise almost anything
-        raise SkipInput(f"unreadable DICOM header ({type(err).__name__}: {err})") from None
+        # The message is left out: a parser error can quote a header value, i.e. patient data.
+        raise SkipInput(f"unreadable DICOM header ({type(err).__name__})") from None
 
 
 @contextmanager
@@ -207,7 +217,7 @@ def _naming(where: str) -> Iterator[None]:
 
 
 def _read_frames(
-    loaders: Sequence[FrameLoader], names: Sequence[str], source: str, options: ReadOptions
+    loaders: Sequence[_FrameLoader], names: Sequence[str], source: str, options: ReadOptions
 ) -> Iterator[tuple[int, Image2D]]:
     """Yield (frame index, image) for every frame kept; near-empty frames of a volume are dropped."""
     is_volume = len(loaders) > 1
@@ -222,8 +232,8 @@ def _read_frames(
             sample = []
             for pick in picks.astype(int):
                 with _naming(names[pick]):
-                    values = _modality_values(*loaders[pick]())
-                sample.append(values[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].ravel())
+                    frame_values = _modality_values(*loaders[pick]())
+                sample.append(frame_values[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].ravel())
             volume_window = _percentile_window(np.concatenate(sample), options.percentiles)
         return volume_window
 
@@ -265,7 +275,7 @@ def _frame_header(ds: Dataset, frame: int) -> Dataset:
     groups = list(ds.get("SharedFunctionalGroupsSequence") or [])[:1]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if frame < len(per_frame):
-        pass
+        groups.append(per_frame[frame])
     for group in groups:
         for sequence, keywords in _FUNCTIONAL_GROUPS.items():
             for item in list(group.get(sequence) or [])[:1]:

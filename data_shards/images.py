@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_shards.records import Image2D, ReadOptions, SkipInput, relative_source
+from data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, relative_source
 from data_shards.windows import to_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -93,6 +93,11 @@ def _image_to_unit(image: Image.Image) -> tuple[np.ndarray, int, str, str]:
     """Decoded Pillow image -> ([0, 1] float32 (H, W) or (H, W, 3), bits, window, photometric)."""
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(values)  # only float ("F") TIFFs can hold NaN / inf
+        if not finite.all():
+            if not finite.any():
+                raise SkipInput("all pixels are NaN (or infinite)")
+            values[~finite] = values[finite].min()
         lo, hi = float(values.min()), float(values.max())
         unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
         return unit.astype(np.float32), 16, "minmax", "MONOCHROME2"
@@ -244,7 +249,7 @@ def imagefolder_units(folder: Path) -> list[ImageFile]:
         groups = [(None, c) for c in first_level]
     if not groups:
         raise ValueError(f"{folder}: no class folders (expected {folder}/CLASS/*.jpg or {folder}/SPLIT/CLASS/...)")
-    class_names = sorted({class_dir.name for _, class_dir in groups})
+    class_index = {name: i for i, name in enumerate(sorted({class_dir.name for _, class_dir in groups}))}
     units = []
     for split, class_dir in groups:
         files = sorted(p for p in class_dir.rglob("*") if _is_image(p) and not _hidden_below(p, class_dir))
@@ -252,7 +257,7 @@ def imagefolder_units(folder: Path) -> list[ImageFile]:
             ImageFile(
                 path=p,
                 source=relative_source(p, folder),
-                label=class_names.index(class_dir.name),
+                label=class_index[class_dir.name],
                 class_name=class_dir.name,
                 split=split,
             )
@@ -265,7 +270,7 @@ def _hidden_below(path: Path, top: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(top).parts)
 
 
-def csv_units(csv_path: Path) -> list:
+def csv_units(csv_path: Path) -> list[InputUnit]:
     """Units (ImageFile / DicomFile / NiftiFile by file type) for the rows of a CSV with a header.
 
     The path column is ``path``, ``image`` or ``file`` (first found, any case); paths are relative to the
@@ -274,7 +279,7 @@ def csv_units(csv_path: Path) -> list:
     for images); several -> a multi-label tuple of 0/1 in column order. Rows whose file is missing are kept
     (their reader raises SkipInput). Files are typed by suffix: image suffixes -> ImageFile, .nii/.nii.gz ->
     NiftiFile, anything else -> DicomFile (DICOM files often have no suffix; that reader rejects non-DICOM).
-    Raises ValueError naming the column and line for an empty or non-0/1 label.
+    Raises ValueError naming the line and column for an empty path or label, or a non-0/1 multi-label value.
     """
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         reader = csv.DictReader(handle)
@@ -286,6 +291,8 @@ def csv_units(csv_path: Path) -> list:
         rows = [(reader.line_num, row) for row in reader]
 
     for line, row in rows:
+        if not (row.get(path_column) or "").strip():
+            raise ValueError(f"{csv_path}:{line}: empty path in column {path_column!r}")
         for column in label_columns:
             if not (row.get(column) or "").strip():
                 raise ValueError(f"{csv_path}:{line}: empty value in label column {column!r}")
@@ -298,8 +305,8 @@ def csv_units(csv_path: Path) -> list:
         if all(_is_int(v) for v in values):
             labels = [int(v) for v in values]
         else:
-            names = sorted(set(values))
-            labels = [names.index(v) for v in values]
+            index = {name: i for i, name in enumerate(sorted(set(values)))}
+            labels = [index[v] for v in values]
             class_names = values
     elif len(label_columns) > 1:
         labels = [tuple(_binary(row[c], c, csv_path, line) for c in label_columns) for line, row in rows]
@@ -313,7 +320,7 @@ def csv_units(csv_path: Path) -> list:
     return units
 
 
-def _unit_for(path: Path, source: str, label, class_name: str | None):
+def _unit_for(path: Path, source: str, label: int | tuple[int, ...] | None, class_name: str | None) -> InputUnit:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFile(path=path, source=source, label=label, class_name=class_name)
     # Lazy imports: the volume readers pull in nibabel / pydicom only when a CSV lists such files.

@@ -92,7 +92,12 @@ class ShardStream(IterableDataset):
         self.with_meta = with_meta
         # DataLoader workers are separate processes without the process group: resolve the rank here, in
         # the process that owns the group, when the caller did not pass it (launchers also set RANK).
-        if rank is None and world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            rank is None
+            and world_size is None
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self._rank, self._world = rank, world_size
         self.samples_per_epoch = samples_per_epoch
