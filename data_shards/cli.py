@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-count", type=int, default=2000, help="samples per shard (default 2000)")
     parser.add_argument("--max-mb", type=float, default=256.0, help="MB per shard (default 256)")
     parser.add_argument(
+        "--codec",
+        choices=("npy", "png"),
+        default="npy",
+        help="lossless image storage: npy (raw, fastest to read; default) or png (smaller, ~30x slower to decode)",
+    )
+    parser.add_argument(
         "--dedup",
         choices=("none", "exact", "near"),
         default="exact",
@@ -104,6 +110,7 @@ def shard_command(args: argparse.Namespace) -> int:
         config = ShardConfig(
             max_count=args.max_count,
             max_bytes=int(args.max_mb * 1024**2),
+            codec=args.codec,
             dedup=args.dedup,
             near_threshold=args.near_threshold,
             hash_paths=args.hash_paths,

@@ -15,15 +15,24 @@ from scipy.fft import dctn
 
 # zlib level 3 writes ~3x faster than the default 6 for a few % larger medical PNGs; decoding speed is the same.
 PNG_COMPRESS_LEVEL = 3
+CODECS = ("npy", "png")
 
 
-def encode_pixels(pixels: np.ndarray) -> tuple[str, bytes]:
-    """(H, W) or (H, W, C) uint8/uint16 -> (extension, bytes) without loss."""
+def encode_pixels(pixels: np.ndarray, codec: str = "npy") -> tuple[str, bytes]:
+    """(H, W) or (H, W, C) uint8/uint16 -> (extension, bytes) without loss.
+
+    ``npy`` (default) stores raw pixels: decoding is a copy, ~30x faster than PNG for a 256 px 16-bit image,
+    which is what keeps the training reader above 1,000 images/s per core. ``png`` is smaller (about 2-3x
+    on 8-bit images and CT with air around the body, ~10 % on noisy 16-bit MR) and holds 8/16-bit gray and
+    8-bit RGB; other channel layouts fall back to ``npy``.
+    """
     if pixels.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"stored pixels must be uint8 or uint16, got {pixels.dtype}")
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     png_ok = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8)
     buffer = io.BytesIO()
-    if png_ok:
+    if codec == "png" and png_ok:
         Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return "png", buffer.getvalue()
     np.save(buffer, np.ascontiguousarray(pixels), allow_pickle=False)

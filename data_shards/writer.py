@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_shards.codec import content_hash, encode_pixels, hamming, perceptual_hash
+from data_shards.codec import CODECS, content_hash, encode_pixels, hamming, perceptual_hash
 from data_shards.discover import Plan
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput
 
@@ -48,6 +48,7 @@ class ShardConfig:
 
     max_count: int = 2000  # samples per shard
     max_bytes: int = 256 * 1024**2  # bytes per shard (a single larger sample gets a shard of its own)
+    codec: str = "npy"  # npy (raw, fastest to read) | png (smaller); both lossless, see codec.encode_pixels
     dedup: str = "exact"  # none | exact (content hash) | near (exact + perceptual hash)
     near_threshold: int = 4  # max Hamming distance (of 64 bits) between perceptual hashes of near-duplicates
     hash_paths: bool = False  # store a salted hash of each source path instead of the path itself
@@ -55,6 +56,8 @@ class ShardConfig:
     read: ReadOptions = field(default_factory=ReadOptions)
 
     def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.dedup not in DEDUP_MODES:
             raise ValueError(f"dedup must be one of {DEDUP_MODES}, got {self.dedup!r}")
         if self.max_count < 1 or self.max_bytes < 1:
@@ -93,7 +96,7 @@ def read_unit(index: int, unit: InputUnit, config: ShardConfig, skip_records: in
         for position, image in enumerate(unit.read(config.read)):
             if position < skip_records:
                 continue
-            extension, data = encode_pixels(image.pixels)
+            extension, data = encode_pixels(image.pixels, config.codec)
             meta = {k: _jsonable(v) for k, v in image.meta.items() if k in ALLOWED_META_KEYS}
             if config.hash_paths and "source" in meta:
                 meta["source"] = hash_path(meta["source"], config.path_salt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -55,12 +56,15 @@ def test_samples_decode_to_float_tensors_with_labels(shared_data: Path, tmp_path
     assert parse_spec(f"shards:{out}").kind == "shards"
 
 
-def test_sixteen_bit_precision_survives_sharding(tmp_path: Path):
+@pytest.mark.parametrize("codec", ["npy", "png"])
+def test_sixteen_bit_precision_survives_sharding(tmp_path: Path, codec: str):
     gradient = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
     (tmp_path / "in").mkdir()
     Image.fromarray(gradient).save(tmp_path / "in" / "gradient16.png")
     out = tmp_path / "out"
-    assert main(["shard", str(tmp_path / "in"), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["shard", str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--codec", codec]) == 0
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert any(name.endswith(f".{codec}") for name in tar.getnames())
     image = next(iter(ShardStream(out, resampled=False)))["image"][0]
     levels = torch.round(image * 65535).to(torch.int64)
     assert levels.unique().numel() == 64 * 64  # far more than the 256 levels of 8 bits
