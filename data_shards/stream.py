@@ -82,7 +82,9 @@ class ShardStream(IterableDataset):
         totals = manifest["totals"]
         self.total_samples = totals["by_split"].get(split, 0) if split else totals["samples"]
         if split and self.total_samples == 0:
-            raise ValueError(f"{shard_dir}: no sample with split {split!r} (splits: {sorted(totals['by_split'])})")
+            known = sorted(totals["by_split"])
+            hint = f"splits: {known}" if known else "this shard set has no splits: read it whole (split None, data.split=null)"
+            raise ValueError(f"{shard_dir}: no sample with split {split!r} ({hint})")
         self.transform = transform
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer

@@ -1,0 +1,33 @@
+"""``medfm pretrain --config FILE [key=value ...]``: the subcommand (the ``medfm`` console command adds it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="YAML recipe (overrides of pretrain/config.py's schema)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides on top, e.g. optim.base_lr=1e-4"
+    )
+    return parser
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised pretraining (MAE, DINO, SimCLR, MoCo v3) of a timm backbone",
+        description=(
+            "Train a backbone with a self-supervised objective. Re-running the same command on the same "
+            "train.run_dir resumes from its last checkpoint. Launch on several processes with `accelerate launch`."
+        ),
+    )
+    configure(parser)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.main import pretrain
+
+    return pretrain(args.config, args.overrides)

@@ -1,0 +1,329 @@
+"""The one pretraining config schema: defaults live here, YAML recipes hold overrides, CLI ``key=value`` on top.
+
+``load_config(path, overrides)`` merges defaults <- YAML <- dotlist and fails before anything is built when a key
+is unknown, a value has the wrong type or a required value is missing; the error names the key.
+``derive(cfg, world_size, dataset_size)`` fills the ``derived`` section (global batch, scaled lr, step counts):
+every number computed from others is computed there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be trained: unknown key, wrong type, missing or inconsistent value."""
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class DataConfig:
+    spec: str = MISSING  # dataset spec: shards:DIR, medmnist:FILE.npz, imagefolder:DIR, csv:FILE
+    split: str | None = "train"  # None: every sample (e.g. unlabeled shards without a split)
+    in_chans: int = 1  # images are converted to this many channels (gray <-> RGB) before augmentation
+    img_size: int = 224  # side of the (global) training crops
+    samples_per_epoch: int | None = None  # None: the dataset's size (for streams: the shard set's total)
+    num_workers: int = 4
+    shuffle_buffer: int = 1000  # streamed shards only
+
+
+@dataclass
+class AugmentConfig:
+    """Medical defaults: geometric + intensity augmentations, no colour jitter, solarization or grayscale."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5  # probability; set 0 where laterality matters (e.g. chest X-ray)
+    vflip: float = 0.0
+    intensity_prob: float = 0.8
+    brightness: float = 0.2  # additive shift drawn from [-b, b] (images in [0, 1])
+    contrast: float = 0.2  # factor drawn from [1 - c, 1 + c], around the image mean
+    gamma: float = 0.2  # exponent drawn log-uniformly from [1 / (1 + g), 1 + g]
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    mean: list[float] = field(default_factory=lambda: [0.5])  # one value per channel, or one for all
+    std: list[float] = field(default_factory=lambda: [0.5])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch16_224"  # any timm model name
+    drop_path_rate: float = 0.0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. {patch_size: 8}
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+
+@dataclass
+class DINOConfig:
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_output_dim: int = 65536
+    head_batch_norm: bool = False
+    norm_last_layer: bool = True
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crop_size: int = 96  # ViTs: a multiple of the patch size; global crops use augment.crop_scale
+    num_local_crops: int = 8
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine schedule from this to 1.0 over training
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class SimCLRConfig:
+    hidden_dim: int = 2048
+    output_dim: int = 128
+    num_layers: int = 2
+    temperature: float = 0.1
+
+
+@dataclass
+class MoCoConfig:
+    hidden_dim: int = 4096
+    output_dim: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.99  # cosine schedule from this to 1.0 over training
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # for a global batch of 256; scaled linearly (derived.lr)
+    min_lr: float = 0.0  # absolute, end of the cosine decay
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value; None: constant
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float = 0.0  # max global grad norm; 0: no clipping (the norm is still logged)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 100.0
+    warmup_epochs: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = MISSING
+    batch_size: int = 64  # per process and micro-step
+    grad_accum: int = 1
+    precision: Precision = Precision.no
+    seed: int = 0
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 2  # step-XXXXXXX.pt files kept besides last.pt
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 20
+    figure_every_steps: int = 1000  # method figures (MAE reconstructions); 0: off
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class KNNConfig:
+    """Online weighted-kNN accuracy of the exported backbone on a small labeled set (DINO's health signal)."""
+
+    spec: str | None = None  # an indexable labeled dataset, e.g. medmnist:FILE.npz; None: off
+    bank_split: str = "train"  # the neighbours
+    query_split: str = "val"  # the images classified
+    every_steps: int = 0  # 0: off
+    max_samples: int = 5000  # per split, evenly spaced
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class DerivedConfig:
+    """Computed by ``derive``; setting any of these in a YAML file or on the command line is an error."""
+
+    world_size: int | None = None
+    global_batch: int | None = None
+    lr: float | None = None
+    samples_per_epoch: int | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    warmup_steps: int | None = None
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "mae"  # a key of pretrain.methods.METHODS
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+
+def _known_keys(dotted: str) -> list[str]:
+    """Keys beside ``dotted`` in the schema (for 'did you mean' hints)."""
+    parent = dotted.rpartition(".")[0]
+    node = OmegaConf.structured(PretrainConfig)
+    node = OmegaConf.select(node, parent) if parent else node
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
+
+
+def _config_error(source: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    hint = ""
+    if "not in" in message:
+        close = difflib.get_close_matches(key.split(".")[-1], _known_keys(key), n=1)
+        hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
+    return ConfigError(f"{source}: config key {key!r}: {message}{hint}")
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``["optim.base_lr=1e-3", ...]`` -> a DictConfig; an item without ``=`` is an error naming it."""
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"command line: {item!r} is not a key=value override")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise _config_error("command line", err) from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file (overrides only) <- CLI dotlist. Raises ``ConfigError`` naming the key."""
+    cfg = OmegaConf.structured(PretrainConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except OmegaConfBaseException as err:
+            raise _config_error(str(path), err) from err
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+    layers.append(("command line", parse_overrides(list(overrides))))
+    for source, layer in layers:
+        if "derived" in layer:
+            raise ConfigError(
+                f"{source}: config key 'derived' is computed, not set (to resume a run, re-run its original "
+                "command; to reuse a saved run config.yaml as a recipe, delete its derived section)"
+            )
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _config_error(source, err) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} is required (missing: {', '.join(missing)})")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema's types cannot express; each message names the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
+
+    from pretrain.methods import METHODS  # late import: methods import torch/timm/lightly
+
+    need(cfg.method in METHODS, "method", f"must be one of {sorted(METHODS)}")
+    for key in ("train.batch_size", "train.grad_accum", "data.img_size", "data.in_chans", "checkpoint.every_steps"):
+        need(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.checkpoint.keep >= 0, "checkpoint.keep", "must be >= 0")
+    need(cfg.schedule.epochs > 0, "schedule.epochs", "must be > 0")
+    need(0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]")
+    need(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
+    need(cfg.knn.every_steps == 0 or cfg.knn.spec is not None, "knn.spec", "is needed when knn.every_steps > 0")
+    need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    for key in (
+        "augment.crop_scale",
+        "augment.crop_ratio",
+        "augment.blur_sigma",
+        "optim.betas",
+        "dino.local_crop_scale",
+    ):
+        value = list(OmegaConf.select(cfg, key))
+        need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")
+    for key in ("augment.mean", "augment.std"):
+        need(len(OmegaConf.select(cfg, key)) in (1, cfg.data.in_chans), key, "needs 1 or data.in_chans values")
+
+
+def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
+    """Fill ``cfg.derived``: the only place numbers are computed from other numbers.
+
+    global_batch = batch_size x world_size x grad_accum; lr = base_lr x global_batch / 256 (linear scaling,
+    Goyal et al. 2017, as in MAE and DINO); an epoch is ``samples_per_epoch`` samples (default: the dataset
+    size) rounded down to whole optimizer steps; every schedule is indexed by the optimizer step.
+    """
+    global_batch = cfg.train.batch_size * world_size * cfg.train.grad_accum
+    samples = cfg.data.samples_per_epoch or dataset_size
+    steps_per_epoch = samples // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config key 'train.batch_size': global batch {global_batch} (batch_size {cfg.train.batch_size} x "
+            f"{world_size} processes x grad_accum {cfg.train.grad_accum}) exceeds the {samples} samples per epoch"
+        )
+    total_steps = max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
+    derived = {
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "lr": cfg.optim.base_lr * global_batch / 256,
+        "samples_per_epoch": samples,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": min(total_steps, round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+    }
+    cfg.derived = OmegaConf.merge(cfg.derived, derived)
+    return cfg
+
+
+def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
+    """A duration given in (fractional) epochs, as optimizer steps; needs ``derive`` first."""
+    return round(epochs * cfg.derived.steps_per_epoch)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain-python copy (enums as strings): what checkpoints store."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config (derived values included) as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))

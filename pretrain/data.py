@@ -1,0 +1,198 @@
+"""From a dataset spec to batches of augmented views, in an order that a resumed run reproduces exactly.
+
+Every sample's augmentation is drawn from torch's generator seeded by a per-sample seed: (seed, epoch,
+position in the epoch) for indexable datasets, (seed, epoch, rank, worker, count) for streams. The batches of
+an epoch are therefore a function of (config, epoch) alone (for indexable datasets, also independent of the
+number of loader workers) and not of where a run was interrupted: resuming mid-epoch skips the consumed
+batches (indexable datasets: without loading them; streams: read and dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from data_shards.specs import open_dataset
+from data_shards.stream import distributed_rank_world, match_channels
+
+ViewsTransform = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 63-bit seed from a tuple of ints / strings (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def open_source(
+    spec: str, split: str | None, *, seed: int, samples_per_epoch: int | None, shuffle_buffer: int
+) -> Dataset:
+    """The dataset named by ``spec`` yielding ``{"image": (C, H, W) float in [0, 1], "label", "key"}``."""
+    return open_dataset(
+        spec, split, None, seed=seed, samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer
+    )
+
+
+class EpochSampler(Sampler):
+    """This rank's ``(index, sample_seed)`` pairs of one epoch, from ``start`` on.
+
+    An epoch is ``samples_per_rank x world_size`` positions of a seeded random order over the dataset
+    (permutations concatenated when an epoch is longer than the dataset); rank r takes positions r, r + W, ...
+    """
+
+    def __init__(self, dataset_size: int, samples_per_rank: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.dataset_size, self.samples_per_rank = dataset_size, samples_per_rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.samples_per_rank - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        total = self.samples_per_rank * self.world_size
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, "order"))
+        repeats = math.ceil(total / self.dataset_size)
+        order = torch.cat([torch.randperm(self.dataset_size, generator=generator) for _ in range(repeats)])
+        for position in range(self.rank + self.start * self.world_size, total, self.world_size):
+            yield int(order[position]), sample_seed(self.seed, self.epoch, position)
+
+
+class SeededViews(Dataset):
+    """Indexable dataset + views transform; ``dataset[(index, seed)]`` -> ``{"views", "label", "key"}``."""
+
+    def __init__(self, dataset: Dataset, transform: ViewsTransform, in_chans: int):
+        self.dataset, self.transform, self.in_chans = dataset, transform, in_chans
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, seed = item
+        return _views(self.dataset[index], self.transform, self.in_chans, seed)
+
+
+class StreamViews(IterableDataset):
+    """Stream (``set_epoch``-able, deterministic per (seed, epoch, rank, worker)) + views transform."""
+
+    def __init__(self, stream: IterableDataset, transform: ViewsTransform, in_chans: int, seed: int):
+        self.stream, self.transform, self.in_chans, self.seed = stream, transform, in_chans, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rank, _ = distributed_rank_world()
+        for count, sample in enumerate(self.stream):
+            seed = sample_seed(self.seed, self.epoch, rank, worker, count)
+            yield _views(sample, self.transform, self.in_chans, seed)
+
+
+def _views(sample: dict[str, Any], transform: ViewsTransform, in_chans: int, seed: int) -> dict[str, Any]:
+    image = match_channels(sample["image"], in_chans)
+    # fork_rng: the per-sample seed must not disturb the caller's generator (the training loop's masks).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = transform(image)
+    return {"views": views, "label": sample["label"], "key": sample["key"]}
+
+
+class EpochLoader:
+    """``loader.epoch(e, skip)`` yields this rank's ``batches_per_epoch - skip`` batches of epoch ``e``.
+
+    Each batch: ``{"views": [(B, C, H, W), ...], "label": (B,) or (B, K), "key": [str] * B}``.
+    Not passed through ``accelerator.prepare``: sharding across ranks happens here, deterministically.
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        transform: ViewsTransform,
+        *,
+        batch_size: int,
+        batches_per_epoch: int,
+        in_chans: int,
+        seed: int,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ):
+        self.batches_per_epoch = batches_per_epoch
+        self.streaming = isinstance(source, IterableDataset)
+        common = {
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "drop_last": True,
+            "pin_memory": pin_memory,
+            # A private generator: creating an iterator must not consume the global RNG, whose state is part
+            # of the checkpoint (a resumed run creates its iterator at a different point than the original).
+            "generator": torch.Generator(),
+        }
+        if self.streaming:
+            self.dataset = StreamViews(source, transform, in_chans, seed)
+            self.sampler = None
+            self.loader = DataLoader(self.dataset, **common)
+        else:
+            self.dataset = SeededViews(source, transform, in_chans)
+            self.sampler = EpochSampler(len(source), batches_per_epoch * batch_size, seed, rank, world_size)
+            self.loader = DataLoader(self.dataset, sampler=self.sampler, persistent_workers=num_workers > 0, **common)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        if self.streaming:
+            self.dataset.set_epoch(epoch)
+            # Streams cannot seek: consumed batches are read again and dropped.
+            return islice(iter(self.loader), skip, self.batches_per_epoch)
+        self.sampler.set_epoch(epoch, start=skip * self.loader.batch_size)
+        return iter(self.loader)
+
+
+def build_loader(
+    spec: str,
+    split: str | None,
+    transform: ViewsTransform,
+    *,
+    batch_size: int,
+    batches_per_epoch: int,
+    in_chans: int,
+    seed: int,
+    num_workers: int,
+    shuffle_buffer: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> EpochLoader:
+    """Open ``spec`` for training; streams are asked for whole batches per DataLoader worker."""
+    workers = max(1, num_workers)
+    per_rank = math.ceil(batches_per_epoch / workers) * workers * batch_size  # used by streams only
+    source = open_source(spec, split, seed=seed, samples_per_epoch=per_rank, shuffle_buffer=shuffle_buffer)
+    return EpochLoader(
+        source,
+        transform,
+        batch_size=batch_size,
+        batches_per_epoch=batches_per_epoch,
+        in_chans=in_chans,
+        seed=seed,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
+
+
+def dataset_size(spec: str, split: str | None, world_size: int = 1) -> int:
+    """Samples in one pass over ``spec`` (streams: their per-rank share x world size)."""
+    source = open_source(spec, split, seed=0, samples_per_epoch=None, shuffle_buffer=1)
+    return len(source) * (world_size if isinstance(source, IterableDataset) else 1)

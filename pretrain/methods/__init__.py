@@ -1,0 +1,11 @@
+"""The pretraining objectives, by config name. Adding one: a file here, a line below, a config section, a test."""
+
+from pretrain.methods.base import SSLMethod
+from pretrain.methods.dino import DINO
+from pretrain.methods.mae import MAE
+from pretrain.methods.moco import MoCo
+from pretrain.methods.simclr import SimCLR
+
+METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "dino": DINO, "simclr": SimCLR, "moco": MoCo}
+
+__all__ = ["DINO", "MAE", "METHODS", "MoCo", "SSLMethod", "SimCLR"]

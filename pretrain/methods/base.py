@@ -1,0 +1,92 @@
+"""The interface every SSL method implements, and the two config adapters the methods share.
+
+The engine only calls what ``SSLMethod`` declares, so a new method is one file + one line in ``METHODS``:
+
+- ``forward(views, step) -> {"loss": scalar, "embeddings": (B, D) detached, other 0-dim tensors to log}``
+- ``before_optimizer_step(step)``: edit gradients after clipping (DINO freezes its last layer).
+- ``update_momentum(step)``: EMA teacher / momentum encoder update after the optimizer step.
+- ``export_backbone()``: the module to release (teacher, momentum encoder or encoder).
+- ``figures(views)``: pictures to log, ``{name: (3, H, W) in [0, 1]}``.
+- ``from_config(cfg)`` / ``build_transform(cfg)``: the only places a method reads the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pretrain.backbones import build_backbone
+from pretrain.transforms import MedicalAugment, RandomIntensity
+
+
+class SSLMethod(nn.Module):
+    """Base class of the pretraining objectives (see the module docstring for the contract)."""
+
+    def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
+        """views: list of (B, C, H, W) batches (one per augmented view); step: optimizer step (for schedules)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after gradient clipping, before ``optimizer.step()``."""
+
+    @torch.no_grad()
+    def update_momentum(self, step: int) -> None:
+        """Called after each successful optimizer step."""
+
+    def export_backbone(self) -> nn.Module:
+        """The timm backbone to release after pretraining."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def figures(self, views: list[Tensor]) -> dict[str, Tensor]:
+        """Pictures for the run directory: ``{name: (3, H, W) float in [0, 1]}``; none by default."""
+        return {}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> SSLMethod:
+        """Build from a config on which ``pretrain.config.derive`` has run (schedules need total steps)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_transform(cfg: DictConfig) -> Callable[[Tensor], list[Tensor]]:
+        """image (C, H, W) in [0, 1] -> list of views, the input of ``forward``."""
+        raise NotImplementedError
+
+
+def at_step(schedule: Sequence[float] | np.ndarray, step: int) -> float:
+    """``schedule[step]``, holding the last value past the end (a run extended by a few steps)."""
+    return float(schedule[min(step, len(schedule) - 1)])
+
+
+def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.Module:
+    return build_backbone(
+        cfg.model.backbone,
+        cfg.data.img_size,
+        cfg.data.in_chans,
+        dynamic_img_size=dynamic_img_size,
+        drop_path_rate=cfg.model.drop_path_rate,
+        **cfg.model.backbone_kwargs,
+    )
+
+
+def augment_from_config(
+    cfg: DictConfig, size: int | None = None, scale: Sequence[float] | None = None
+) -> MedicalAugment:
+    """One view's augmentation from ``cfg.augment``; ``size`` / ``scale`` default to the global crop."""
+    aug = cfg.augment
+    return MedicalAugment(
+        size=size or cfg.data.img_size,
+        scale=tuple(scale if scale is not None else aug.crop_scale),
+        ratio=tuple(aug.crop_ratio),
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        intensity=RandomIntensity(aug.brightness, aug.contrast, aug.gamma, p=aug.intensity_prob),
+        blur_prob=aug.blur_prob,
+        blur_sigma=tuple(aug.blur_sigma),
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+    )

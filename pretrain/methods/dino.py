@@ -1,0 +1,140 @@
+"""DINO: self-distillation with no labels (Caron et al., "Emerging Properties in Self-Supervised Vision
+Transformers", 2021), after facebookresearch/dino and lightly's example.
+
+Student and teacher share the architecture; the teacher is an EMA of the student with a cosine momentum
+schedule to 1.0 and sees only the global crops; the student sees all crops. lightly's ``DINOProjectionHead``
+and ``DINOLoss`` (centering, teacher temperature given per step). Works with any timm backbone: ViTs are built
+with ``dynamic_img_size`` so the local crops reuse the interpolated position embedding.
+Deviation: no solarization in the views (meaningless on gray-level images).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pretrain.backbones import is_vit, pooled_features
+from pretrain.config import ConfigError, epochs_to_steps
+from pretrain.methods.base import SSLMethod, at_step, augment_from_config, backbone_from_config
+from pretrain.schedules import cosine_schedule, linear_warmup_schedule
+from pretrain.transforms import MultiView, multi_crop
+
+NUM_GLOBAL_CROPS = 2
+
+
+class DINO(SSLMethod):
+    """DINO student/teacher.
+
+    Args:
+        backbone: any timm model without classifier (``num_features`` wide pooled output).
+        momentum_schedule: teacher EMA momentum per optimizer step.
+        teacher_temp_schedule: teacher softmax temperature per optimizer step.
+        freeze_last_layer_steps: the head's last layer gets no update for this many first steps.
+        head_*: ``DINOProjectionHead`` sizes; ``head_batch_norm`` is an option for CNNs.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        momentum_schedule: Sequence[float] | np.ndarray,
+        teacher_temp_schedule: Sequence[float] | np.ndarray,
+        freeze_last_layer_steps: int = 0,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        head_output_dim: int = 65536,
+        head_batch_norm: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        head_args = (backbone.num_features, head_hidden_dim, head_bottleneck_dim, head_output_dim, head_batch_norm)
+        self.student_backbone = backbone
+        self.student_head = DINOProjectionHead(*head_args, norm_last_layer=norm_last_layer)
+        # The teacher starts as an exact copy of the student (DINO main_dino.py: load_state_dict).
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = DINOProjectionHead(*head_args, norm_last_layer=norm_last_layer)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(
+            output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum
+        )
+        self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
+        self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+
+    def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
+        """views: 2 global (B, C, H, W) then N local (B, C, h, w) -> loss over all (teacher, student) pairs
+        of different views (lightly's ``DINOLoss``), embeddings: teacher features of the first global view."""
+        batch_size = views[0].shape[0]
+        global_views = torch.cat(views[:NUM_GLOBAL_CROPS])
+        with torch.no_grad():
+            teacher_features = pooled_features(self.teacher_backbone, global_views)
+            teacher_out = self.teacher_head(teacher_features).chunk(NUM_GLOBAL_CROPS)
+        features = [pooled_features(self.student_backbone, global_views)]
+        if len(views) > NUM_GLOBAL_CROPS:
+            features.append(pooled_features(self.student_backbone, torch.cat(views[NUM_GLOBAL_CROPS:])))
+        student_out = self.student_head(torch.cat(features)).chunk(len(views))
+        teacher_temp = at_step(self.teacher_temp_schedule, step)
+        loss = self.criterion(list(teacher_out), list(student_out), teacher_temp=teacher_temp)
+        return {
+            "loss": loss,
+            "embeddings": teacher_features[:batch_size].detach(),
+            "teacher_temp": torch.tensor(teacher_temp),
+        }
+
+    def before_optimizer_step(self, step: int) -> None:
+        # DINO's cancel_gradients_last_layer: grad None -> AdamW leaves the layer untouched (no decay either).
+        if step < self.freeze_last_layer_steps:
+            for param in self.student_head.last_layer.parameters():
+                param.grad = None
+
+    @torch.no_grad()
+    def update_momentum(self, step: int) -> None:
+        momentum = at_step(self.momentum_schedule, step)
+        update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+
+    def export_backbone(self) -> nn.Module:
+        return self.teacher_backbone
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> DINO:
+        d, total = cfg.dino, cfg.derived.total_steps
+        backbone = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
+        if is_vit(backbone) and d.num_local_crops > 0:
+            patch = backbone.patch_embed.patch_size[0]
+            if d.local_crop_size % patch:
+                raise ConfigError(
+                    f"config key 'dino.local_crop_size': {d.local_crop_size} is not a multiple of the patch size {patch}"
+                )
+        return cls(
+            backbone,
+            momentum_schedule=cosine_schedule(d.momentum_teacher, 1.0, total),
+            teacher_temp_schedule=linear_warmup_schedule(
+                d.warmup_teacher_temp, d.teacher_temp, total, epochs_to_steps(cfg, d.warmup_teacher_temp_epochs)
+            ),
+            freeze_last_layer_steps=epochs_to_steps(cfg, d.freeze_last_layer_epochs),
+            head_hidden_dim=d.head_hidden_dim,
+            head_bottleneck_dim=d.head_bottleneck_dim,
+            head_output_dim=d.head_output_dim,
+            head_batch_norm=d.head_batch_norm,
+            norm_last_layer=d.norm_last_layer,
+            student_temp=d.student_temp,
+            center_momentum=d.center_momentum,
+        )
+
+    @staticmethod
+    def build_transform(cfg: DictConfig) -> MultiView:
+        global_view = augment_from_config(cfg)
+        local_view = augment_from_config(cfg, size=cfg.dino.local_crop_size, scale=cfg.dino.local_crop_scale)
+        return multi_crop([global_view] * NUM_GLOBAL_CROPS, local_view, cfg.dino.num_local_crops)

@@ -1,0 +1,108 @@
+"""MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers", 2021).
+
+Query encoder = backbone + 3-layer projection + 2-layer prediction MLP; key encoder = EMA of backbone +
+projection (cosine momentum schedule to 1.0); symmetric InfoNCE with keys gathered from all processes, scaled
+by 2 tau as in the reference code. Heads are lightly's ``MoCoProjectionHead`` (BN on every layer) and
+``BYOLPredictionHead``. Deviations from the paper: the projector's last BN keeps its affine parameters, and the
+ViT patch projection is not frozen (the paper's stability trick).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils import dist
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pretrain.backbones import pooled_features
+from pretrain.methods.base import SSLMethod, at_step, augment_from_config, backbone_from_config
+from pretrain.schedules import cosine_schedule
+from pretrain.transforms import MultiView
+
+
+class MoCoV3Loss(nn.Module):
+    """InfoNCE of queries against all keys of the global batch: ``2 tau * CE(q k_all^T / tau, own index)``.
+
+    Keys carry no gradient, so gathering them with lightly's autograd-aware ``dist.gather`` is exact.
+    """
+
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        """query (B, D), key (B, D) -> scalar loss."""
+        query = F.normalize(query, dim=1)
+        key = F.normalize(key, dim=1)
+        keys = torch.cat(dist.gather(key)) if dist.world_size() > 1 else key
+        logits = query @ keys.T / self.temperature
+        labels = torch.arange(query.shape[0], device=query.device) + dist.rank() * query.shape[0]
+        return F.cross_entropy(logits, labels) * 2 * self.temperature
+
+
+class MoCo(SSLMethod):
+    """MoCo v3. Args: backbone (any timm model), momentum per optimizer step, MLP sizes, temperature."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        momentum_schedule: Sequence[float] | np.ndarray,
+        hidden_dim: int = 4096,
+        output_dim: int = 256,
+        temperature: float = 0.2,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = MoCoProjectionHead(
+            backbone.num_features, hidden_dim, output_dim, num_layers=3, batch_norm=True
+        )
+        self.prediction_head = BYOLPredictionHead(output_dim, hidden_dim, output_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = MoCoV3Loss(temperature)
+        self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
+
+    def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
+        """views: two (B, C, H, W) -> symmetric loss ctr(q1, k2) + ctr(q2, k1); embeddings: (B, D) of view 1."""
+        batch_size = views[0].shape[0]
+        images = torch.cat(views[:2])
+        features = pooled_features(self.backbone, images)
+        q1, q2 = self.prediction_head(self.projection_head(features)).chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.projection_head_momentum(pooled_features(self.backbone_momentum, images)).chunk(2)
+        loss = self.criterion(q1, k2) + self.criterion(q2, k1)
+        return {"loss": loss, "embeddings": features[:batch_size].detach()}
+
+    @torch.no_grad()
+    def update_momentum(self, step: int) -> None:
+        momentum = at_step(self.momentum_schedule, step)
+        update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+
+    def export_backbone(self) -> nn.Module:
+        return self.backbone_momentum
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> MoCo:
+        m = cfg.moco
+        return cls(
+            backbone_from_config(cfg),
+            momentum_schedule=cosine_schedule(m.momentum, 1.0, cfg.derived.total_steps),
+            hidden_dim=m.hidden_dim,
+            output_dim=m.output_dim,
+            temperature=m.temperature,
+        )
+
+    @staticmethod
+    def build_transform(cfg: DictConfig) -> MultiView:
+        view = augment_from_config(cfg)
+        return MultiView([view, view])

@@ -1,0 +1,45 @@
+"""timm backbones by name, native 1-channel input, public interface only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.backbones import build_backbone, is_vit, pooled_features
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "width"),
+    [
+        ("vit_tiny_patch16_224", {"patch_size": 8, "depth": 2}, 32, 192),
+        ("resnet18", {}, 32, 512),
+    ],
+)
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_pooled_features(name, kwargs, size, width, in_chans):
+    backbone = build_backbone(name, img_size=size, in_chans=in_chans, **kwargs)
+    assert backbone.num_features == width
+    out = pooled_features(backbone, torch.rand(2, in_chans, size, size))
+    assert out.shape == (2, width)
+    out.sum().backward()
+
+
+def test_one_channel_stem_is_native():
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=32, in_chans=1, patch_size=8, depth=1)
+    assert backbone.patch_embed.proj.in_channels == 1 and is_vit(backbone)
+    assert not is_vit(build_backbone("resnet18", img_size=32, in_chans=1))
+
+
+def test_dynamic_img_size_vit_takes_smaller_crops():
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, dynamic_img_size=True)
+    assert pooled_features(backbone, torch.rand(2, 1, 16, 16)).shape == (2, 192)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        build_backbone("vit_does_not_exist", img_size=32)
+
+
+def test_bad_timm_kwarg_is_not_swallowed():
+    with pytest.raises(TypeError, match="not_an_arg"):
+        build_backbone("resnet18", img_size=32, not_an_arg=1)

@@ -1,0 +1,191 @@
+"""Each objective: its loss against the reference it wraps, shapes, one backward, EMA / freeze hooks, and a
+loss that decreases over a few optimizer steps on a fixed batch of real PneumoniaMNIST images."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, NTXentLoss
+from torch import nn
+
+from data_shards.specs import MedMNISTDataset
+from pretrain.backbones import build_backbone, pooled_features
+from pretrain.methods import DINO, MAE, METHODS, MoCo, SimCLR
+from pretrain.methods.moco import MoCoV3Loss
+
+
+def vit(**kwargs) -> nn.Module:
+    return build_backbone("vit_tiny_patch16_224", img_size=28, in_chans=1, patch_size=7, depth=2, **kwargs)
+
+
+def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn.Module:
+    backbone = backbone or vit(dynamic_img_size=method == "dino")
+    if method == "mae":
+        return MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    if method == "dino":
+        return DINO(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
+    if method == "simclr":
+        return SimCLR(backbone, hidden_dim=64, output_dim=32)
+    return MoCo(backbone, [0.99] * steps, hidden_dim=64, output_dim=32)
+
+
+def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
+    global_views = [torch.randn(batch, 1, 28, 28) for _ in range(1 if method == "mae" else 2)]
+    return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method == "dino" else [])
+
+
+def test_registry_is_the_four_methods():
+    assert set(METHODS) == {"mae", "dino", "simclr", "moco"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_forward_backward_and_export(method):
+    torch.manual_seed(0)
+    model = tiny(method)
+    out = model(views_for(method), step=0)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert out["embeddings"].shape == (8, 192) and not out["embeddings"].requires_grad
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"trainable parameters without gradient (DDP would fail): {no_grad}"
+    exported = model.export_backbone()
+    assert pooled_features(exported, torch.randn(2, 1, 28, 28)).shape == (2, 192)
+
+
+def test_mae_rejects_a_cnn_clearly():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        MAE(build_backbone("resnet18", img_size=28))
+
+
+def test_mae_loss_is_mse_on_normalised_masked_patches():
+    torch.manual_seed(0)
+    model = tiny("mae")
+    images = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(1)
+    loss = model([images], step=0)["loss"]
+    torch.manual_seed(1)
+    idx_keep, idx_mask = model.random_mask(4, images.device)
+    assert idx_keep.shape == (4, 1 + 4) and idx_mask.shape == (4, 12)  # 16 patches, ratio 0.75, + class token
+    assert (idx_keep[:, 0] == 0).all()
+    prediction, _ = model.reconstruct(images, idx_keep, idx_mask)
+    patches = images.unfold(2, 7, 7).unfold(3, 7, 7).reshape(4, 16, 49)  # (B, 4x4 grid, 7*7), C = 1
+    target = patches.gather(1, (idx_mask - 1)[..., None].expand(-1, -1, 49))
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(loss, ((prediction - target) ** 2).mean(), atol=1e-6)
+
+
+def test_mae_figure_grid():
+    grid = tiny("mae").figures([torch.randn(3, 1, 28, 28)])["mae_reconstruction"]
+    assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
+
+
+def test_dino_loss_matches_lightly():
+    torch.manual_seed(0)
+    model = tiny("dino")
+    model.teacher_temp_schedule = np.array([0.04, 0.05, 0.06])
+    views = views_for("dino")
+    reference = DINOLoss(output_dim=128, student_temp=0.1, center_momentum=0.9)
+    reference.center.copy_(torch.randn_like(reference.center))
+    model.criterion.center.copy_(reference.center)
+    loss = model(views, step=2)["loss"]
+    with torch.no_grad():
+        teacher = [model.teacher_head(pooled_features(model.teacher_backbone, v)) for v in views[:2]]
+    student = [model.student_head(pooled_features(model.student_backbone, v)) for v in views]
+    expected = reference(teacher, student, teacher_temp=0.06)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(model.criterion.center, reference.center, atol=1e-6)  # center updated the same way
+
+
+def test_dino_works_with_a_cnn():
+    model = tiny("dino", backbone=build_backbone("resnet18", img_size=28))
+    out = model(views_for("dino"), step=0)
+    assert out["embeddings"].shape == (8, 512) and torch.isfinite(out["loss"])
+
+
+def test_dino_teacher_starts_equal_and_follows_the_ema():
+    torch.manual_seed(0)
+    model = tiny("dino")
+    model.momentum_schedule = np.array([0.5])
+    for s, t in zip(model.student_head.parameters(), model.teacher_head.parameters(), strict=True):
+        assert torch.equal(s, t)
+    teacher_before = copy.deepcopy(model.teacher_backbone.state_dict())
+    with torch.no_grad():
+        for p in model.student_backbone.parameters():
+            p.add_(1.0)
+    model.update_momentum(step=0)
+    for name, t in model.teacher_backbone.named_parameters():
+        s = dict(model.student_backbone.named_parameters())[name]
+        assert torch.allclose(t, 0.5 * teacher_before[name] + 0.5 * s)
+    assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
+
+
+def test_dino_last_layer_is_frozen_for_the_first_steps():
+    model = DINO(vit(dynamic_img_size=True), [0.99] * 4, [0.04] * 4, 2, 64, 32, 128)
+    for step, frozen in [(0, True), (1, True), (2, False)]:
+        model.zero_grad()
+        model(views_for("dino"), step=step)["loss"].backward()
+        model.before_optimizer_step(step)
+        assert (model.student_head.last_layer.weight_v.grad is None) == frozen
+        assert model.student_head.layers[0].weight.grad is not None
+
+
+def test_simclr_loss_matches_lightly_ntxent():
+    torch.manual_seed(0)
+    model = tiny("simclr")
+    views = views_for("simclr")
+    loss = model(views, step=0)["loss"]
+    z0, z1 = model.projection_head(pooled_features(model.backbone, torch.cat(views))).chunk(2)
+    assert torch.allclose(loss, NTXentLoss(temperature=0.1)(z0, z1), atol=1e-6)
+
+
+def test_moco_v3_loss_matches_a_naive_reference():
+    torch.manual_seed(0)
+    q, k, tau = torch.randn(6, 16), torch.randn(6, 16), 0.2
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    terms = [-torch.log_softmax(torch.stack([qn[i] @ kn[j] / tau for j in range(6)]), 0)[i] for i in range(6)]
+    assert torch.allclose(MoCoV3Loss(tau)(q, k), 2 * tau * torch.stack(terms).mean(), atol=1e-6)
+
+
+def test_moco_is_symmetric_and_momentum_encoder_moves():
+    torch.manual_seed(0)
+    model = tiny("moco")
+    model.momentum_schedule = np.array([0.0])
+    views = views_for("moco")
+    loss = model(views, step=0)["loss"]
+    swapped = model(views[::-1], step=0)["loss"]
+    assert torch.allclose(loss, swapped, atol=1e-5)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.1)
+    model.update_momentum(step=0)  # momentum 0: the key encoder becomes the query encoder
+    for p, m in zip(model.backbone.parameters(), model.backbone_momentum.parameters(), strict=True):
+        assert torch.equal(p, m)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
+    """12 AdamW steps on one batch of real images with fixed views: the loss must go down."""
+    dataset = MedMNISTDataset(pneumonia)
+    images = torch.stack([dataset[i]["image"] for i in range(16)]) * 2 - 1
+    views = [images, images.flip(-1)][: 1 if method == "mae" else 2]
+    if method == "dino":
+        views += [F.interpolate(images[..., :14, :14], size=14), F.interpolate(images[..., 14:, 14:], size=14)]
+    torch.manual_seed(0)
+    model = tiny(method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(12):
+        torch.manual_seed(step if method != "mae" else 0)  # MAE: the same mask every step
+        loss = model(views, step=step)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        model.before_optimizer_step(step)
+        optimizer.step()
+        model.update_momentum(step)
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses

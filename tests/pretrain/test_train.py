@@ -1,0 +1,182 @@
+"""End to end through ``pretrain()``: every objective on real PneumoniaMNIST, checkpoints and automatic resume,
+non-finite losses skipped then stopped, collapse metrics, and SIGKILL -> resume -> same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medfm_cli import main as medfm
+from pretrain import checkpoint as ckpt
+from pretrain.main import pretrain
+from pretrain.methods import METHODS, SimCLR
+from pretrain.monitor import effective_rank, embedding_std
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_objective_trains_checkpoints_and_resumes(method, tiny, tmp_path):
+    run = tmp_path / method
+    assert pretrain(None, tiny(method, run)) == 0
+    logged = [r for r in records(run) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8] and all(math.isfinite(r["loss"]) for r in logged)
+    assert all(r["effective_rank"] >= 1 and r["embedding_std"] > 0 for r in logged)
+    assert {"step-0000004.pt", "step-0000008.pt", "last.pt", "config.yaml", "backbone.safetensors"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert ckpt.load_checkpoint(run / "last.pt")["step"] == 8
+    # The same command with a longer schedule continues from the last checkpoint.
+    assert pretrain(None, tiny(method, run, **{"schedule.epochs": 1.5})) == 0
+    resumed = [r for r in records(run) if r.get("event") == "resume"]
+    assert resumed and resumed[-1]["step"] == 8
+    assert ckpt.load_checkpoint(run / "last.pt")["step"] == 12
+    assert load_file(run / "backbone.safetensors")  # released weights written
+
+
+def test_mae_writes_pictures_tensorboard_and_knn(tiny, tmp_path, pneumonia):
+    extra = {"logging.figure_every_steps": 4, "logging.tensorboard": True, "knn.spec": f"medmnist:{pneumonia}",
+             "knn.every_steps": 4, "knn.max_samples": 64}  # fmt: skip
+    overrides = tiny("mae", tmp_path, **extra)
+    assert (
+        medfm(["pretrain", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"), *overrides]) == 0
+    )
+    assert [r["step"] for r in records(tmp_path) if "knn_acc" in r] == [4, 8]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "mae_reconstruction-step0000004.png",
+        "mae_reconstruction-step0000008.png",
+    ]
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_config_error_exits_before_training(tiny, tmp_path, capsys):
+    assert pretrain(None, [*tiny("simclr", tmp_path), "optim.lr=1"]) == 2
+    assert "'optim.lr'" in capsys.readouterr().err
+    cnn = [o for o in tiny("mae", tmp_path) if "backbone_kwargs" not in o] + ["model.backbone=resnet18"]
+    assert pretrain(None, cnn) == 2
+    assert "'model.backbone': MAE needs a timm VisionTransformer" in capsys.readouterr().err
+    assert not (tmp_path / "last.pt").exists()
+
+
+class NaNAt(SimCLR):
+    """SimCLR whose loss is NaN at the steps in ``bad``; records the weights each step starts from."""
+
+    bad: ClassVar[set[int]] = set()
+    weights_at: ClassVar[dict[int, dict[str, torch.Tensor]]] = {}
+    momentum_steps: ClassVar[list[int]] = []
+
+    def forward(self, views, step):
+        self.weights_at[step] = {k: v.clone() for k, v in self.backbone.named_parameters()}
+        out = super().forward(views, step)
+        if step in self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def update_momentum(self, step):
+        self.momentum_steps.append(step)
+
+
+def test_a_non_finite_step_is_skipped(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "simclr", NaNAt)
+    monkeypatch.setattr(NaNAt, "bad", {5})
+    monkeypatch.setattr(NaNAt, "weights_at", {})
+    monkeypatch.setattr(NaNAt, "momentum_steps", [])
+    assert pretrain(None, tiny("simclr", tmp_path)) == 0
+    skipped = [r for r in records(tmp_path) if r.get("event") == "nonfinite_step_skipped"]
+    assert [r["step"] for r in skipped] == [5]
+    assert NaNAt.momentum_steps == [0, 1, 2, 3, 4, 6, 7]  # no EMA update on the skipped step
+    before, after = NaNAt.weights_at[5], NaNAt.weights_at[6]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 5 moved no weight
+    assert not all(torch.equal(NaNAt.weights_at[4][k], before[k]) for k in before)  # step 4 did
+
+
+def test_non_finite_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(METHODS, "simclr", NaNAt)
+    monkeypatch.setattr(NaNAt, "bad", set(range(5, 100)))
+    code = pretrain(None, tiny("simclr", tmp_path, **{"train.max_nonfinite_steps": 3}))
+    assert code == 1
+    assert "3 non-finite optimizer steps in a row" in capsys.readouterr().err
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 4  # the checkpoint before the NaNs
+    assert not (tmp_path / "step-0000008.pt").exists()
+
+
+def test_collapse_metrics_on_collapsed_and_healthy_embeddings():
+    collapsed = torch.ones(64, 32) * torch.randn(1, 32)
+    assert embedding_std(collapsed) == pytest.approx(0.0, abs=1e-6)
+    assert effective_rank(collapsed) == pytest.approx(1.0, abs=1e-3)
+    healthy = torch.randn(64, 32)
+    assert embedding_std(healthy) == pytest.approx(1 / math.sqrt(32), rel=0.2)
+    assert effective_rank(healthy) > 20
+
+
+def run_command(run_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"),
+            *overrides]  # fmt: skip
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
+    """Tolerance atol 1e-6 (bitwise equal on this CPU: same ops in the same order; the slack is for BLAS builds
+    whose reductions depend on thread timing).
+
+    64 samples per epoch, batch 4 x grad_accum 2 -> 8 steps per epoch, 3 epochs, 2 loader workers, drop path
+    on (the RNG state matters); a checkpoint every 4 steps; the run is killed as soon as step 4's checkpoint
+    exists (mid-epoch), then the same command resumes it."""
+    extra = {
+        "schedule.epochs": 3,
+        "schedule.warmup_epochs": 1,
+        "checkpoint.every_steps": 4,
+        "model.drop_path_rate": 0.1,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "data.num_workers": 2,
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    process = subprocess.Popen(run_command(killed, tiny("mae", killed, **extra)), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (killed / "step-0000004.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = ckpt.load_checkpoint(killed / "last.pt")["step"]
+    assert 4 <= killed_at < 24, "the run finished before it could be killed"
+    for run_dir in (killed, reference):
+        done = subprocess.run(run_command(run_dir, tiny("mae", run_dir, **extra)), cwd=REPO, env=env,
+                              capture_output=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    resumed = [r for r in records(killed) if r.get("event") == "resume"]
+    assert [r["step"] for r in resumed] == [killed_at]
+    final_killed = ckpt.load_checkpoint(killed / "last.pt")
+    print(
+        "DBG",
+        max(
+            float((final_killed["model"][k] - v).abs().max())
+            for k, v in ckpt.load_checkpoint(reference / "last.pt")["model"].items()
+        ),
+    )
+    final_reference = ckpt.load_checkpoint(reference / "last.pt")
+    assert final_killed["step"] == final_reference["step"] == 24
+    for key, value in final_reference["model"].items():
+        assert torch.allclose(final_killed["model"][key], value, atol=1e-6, rtol=0), key
+    losses = {r["step"]: r["loss"] for r in records(reference) if "loss" in r}
+    assert all(
+        abs(r["loss"] - losses[r["step"]]) < 1e-5 for r in records(killed) if "loss" in r and r["step"] > killed_at
+    )
