@@ -23,6 +23,7 @@ from torch import nn
 
 from pretrain.data import EpochLoader
 from pretrain.monitor import Monitor, effective_rank, embedding_std
+from pretrain.preemption import Preempted, StopRequest
 from pretrain.schedules import cosine_schedule
 
 
@@ -69,10 +70,13 @@ def train(
     save: Callable[[int], None],
     start_step: int,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    stop: StopRequest | None = None,
 ) -> int:
     """Train from ``start_step`` to ``cfg.derived.total_steps``; returns the final step.
 
     ``evaluate(exported_backbone) -> metrics`` runs on the main process every ``cfg.knn.every_steps``.
+    ``stop``: when any process has received a stop signal, every process finishes the current optimizer
+    step, the checkpoint of that step is saved and :class:`Preempted` is raised.
     """
     method = accelerator.unwrap_model(model)
     total, per_epoch, accum = cfg.derived.total_steps, cfg.derived.steps_per_epoch, cfg.train.grad_accum
@@ -98,7 +102,11 @@ def train(
                     group["lr"] = float(schedules.lr[step])  # python floats: checkpoints load weights_only
                     group["weight_decay"] = float(schedules.weight_decay[step]) * group["wd_scale"]
                 grad_norm = accelerator.clip_grad_norm_(params, clip)
-                ok = bool(accelerator.reduce(finite.float(), "sum") == accelerator.num_processes)
+                # One collective per step carries both flags, so every rank takes the same decisions.
+                stop_flag = float(stop is not None and stop.requested)
+                flags = accelerator.reduce(torch.stack([finite.float(), finite.new_tensor(stop_flag).float()]), "sum")
+                ok = bool(flags[0] == accelerator.num_processes)
+                stop_now = bool(flags[1] > 0)
                 # fp16: overflowing gradients are routine and the grad scaler skips those steps itself.
                 ok = ok and (math.isfinite(float(grad_norm)) or accelerator.scaler is not None)
                 if ok:
@@ -139,8 +147,11 @@ def train(
                 every = cfg.knn.every_steps
                 if evaluate is not None and every and step % every == 0 and accelerator.is_main_process:
                     monitor.log(step, evaluate(method.export_backbone()))
-                if (step % cfg.checkpoint.every_steps == 0 or step == total) and bad_in_row == 0:
+                if (step % cfg.checkpoint.every_steps == 0 or step == total or stop_now) and bad_in_row == 0:
                     save(step)
+                if stop_now:
+                    received = stop.received if stop is not None and stop.received else None
+                    raise Preempted(step, received.name if received else "stop signal (another rank)")
                 window.start += time.perf_counter() - hooks_start  # img/s counts training time only
             if step >= total:
                 break

@@ -32,6 +32,7 @@ from pretrain.engine import Schedules, TrainingDiverged, build_optimizer, train
 from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
 from pretrain.monitor import Monitor
+from pretrain.preemption import EXIT_REQUEUE, Preempted, StopRequest
 
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:
@@ -71,22 +72,29 @@ def pretrain(config: str | Path | None, overrides: list[str]) -> int:
         monitor.message(f"warning: {note}")
 
     try:
-        step = train(
-            cfg=cfg,
-            accelerator=accelerator,
-            model=model,
-            optimizer=optimizer,
-            loader=loader,
-            schedules=Schedules.from_config(cfg),
-            monitor=monitor,
-            save=saver(cfg, accelerator, model, optimizer, run_dir),
-            start_step=start_step,
-            evaluate=evaluate,
-        )
+        with StopRequest() as stop:
+            step = train(
+                cfg=cfg,
+                accelerator=accelerator,
+                model=model,
+                optimizer=optimizer,
+                loader=loader,
+                schedules=Schedules.from_config(cfg),
+                monitor=monitor,
+                save=saver(cfg, accelerator, model, optimizer, run_dir),
+                start_step=start_step,
+                evaluate=evaluate,
+                stop=stop,
+            )
     except TrainingDiverged as err:
         monitor.message(f"medfm pretrain: {err}", event="diverged", message=str(err))
         monitor.close()
         return 1
+    except Preempted as err:
+        monitor.message(f"medfm pretrain: {err}", event="preempted", step=err.step, signal=err.signal_name)
+        monitor.close()
+        accelerator.end_training()
+        return EXIT_REQUEUE
     if accelerator.is_main_process:
         export(cfg, accelerator.unwrap_model(model), run_dir, step)
     weights = run_dir / "backbone.safetensors"
