@@ -35,14 +35,17 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Shard the embedded sample images (CT, MR, JPEG 2000 CT, ultrasound, 3D/4D NIfTI) and inspect them."""
+    """Shard the embedded sample images (CT, MR, JPEG 2000 CT, ultrasound, 3D/4D NIfTI), inspect them, pretrain
+    a tiny MAE on the shards (resuming if the run directory already has a checkpoint)."""
     from pathlib import Path
 
     out = Path(args.out)
-    shards = out / "shards"
+    shards, run = out / "shards", out / "pretrain"
+    recipe = Path(__file__).resolve().parent / "configs" / "pretrain" / "demo_mae_sample.yaml"
     steps = [
         ["shard", "sample:", "--out", str(shards), "--overwrite", "--dedup", "near"],
         ["shard", "inspect", str(shards)],
+        ["pretrain", "--config", str(recipe), f"data.spec=shards:{shards}", f"train.run_dir={run}"],
     ]
     for step in steps:
         print(f"$ medfm {' '.join(step)}", flush=True)
