@@ -29,6 +29,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Backend(str, Enum):
+    ddp = "ddp"  # Accelerate's DistributedDataParallel (gloo on CPU, NCCL on GPUs); also a single process
+    deepspeed = "deepspeed"  # DeepSpeed ZeRO through Accelerate's DeepSpeed plugin
+
+
 @dataclass
 class DataConfig:
     spec: str = MISSING  # dataset spec: shards:DIR, medmnist:FILE.npz, imagefolder:DIR, csv:FILE
@@ -136,6 +141,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """How processes train together (``pretrain/distributed.py``); the launcher sets how many there are."""
+
+    backend: Backend = Backend.ddp
+    zero_stage: int | None = None  # deepspeed: 1, 2 or 3; None: the deepspeed_config file's stage, else 2
+    deepspeed_config: str | None = None  # deepspeed: a JSON such as configs/deepspeed/zero3.json; None: generated
+    # Rendezvous and every collective: a rank that died or never started ends the run with an error after this.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 2  # step-XXXXXXX.pt files kept besides last.pt
@@ -188,6 +204,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
@@ -272,6 +289,15 @@ def validate(cfg: DictConfig) -> None:
     need(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
     need(cfg.knn.every_steps == 0 or cfg.knn.spec is not None, "knn.spec", "is needed when knn.every_steps > 0")
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    need(cfg.dist.zero_stage in (None, 1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
+    if cfg.dist.backend == Backend.deepspeed:
+        # fp16 under DeepSpeed skips overflowing steps through its own loss scaler, which the engine's
+        # non-finite-step accounting would count as divergence; bf16 needs no scaler.
+        need(cfg.train.precision != Precision.fp16, "train.precision", "must be no or bf16 with dist.backend=deepspeed")
+    else:
+        for key in ("dist.zero_stage", "dist.deepspeed_config"):
+            need(OmegaConf.select(cfg, key) is None, key, "is only used with dist.backend=deepspeed")
     for key in (
         "augment.crop_scale",
         "augment.crop_ratio",

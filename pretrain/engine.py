@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
 
+from pretrain import distributed
 from pretrain.data import EpochLoader
 from pretrain.monitor import Monitor, effective_rank, embedding_std
 from pretrain.preemption import Preempted, StopRequest
@@ -87,10 +88,14 @@ def train(
     while step < total:
         epoch, done = divmod(step, per_epoch)
         finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-        for batch in loader.epoch(epoch, skip=done * accum):
+        for micro, batch in enumerate(loader.epoch(epoch, skip=done * accum)):
             views = [v.to(accelerator.device, non_blocking=True) for v in batch["views"]]
+            if micro % accum == 0:  # before the step's first backward: DeepSpeed steps inside the last one
+                for group in optimizer.param_groups:
+                    group["lr"] = float(schedules.lr[step])  # python floats: checkpoints load weights_only
+                    group["weight_decay"] = float(schedules.weight_decay[step]) * group["wd_scale"]
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with distributed.autocast(accelerator, cfg):
                     out = model(views, step)
                 loss = out["loss"]
                 finite &= torch.isfinite(loss.detach())
@@ -98,25 +103,26 @@ def train(
                 accelerator.backward(loss)
                 if not accelerator.sync_gradients:
                     continue
-                for group in optimizer.param_groups:
-                    group["lr"] = float(schedules.lr[step])  # python floats: checkpoints load weights_only
-                    group["weight_decay"] = float(schedules.weight_decay[step]) * group["wd_scale"]
-                grad_norm = accelerator.clip_grad_norm_(params, clip)
+                # DDP: the norm before clipping. DeepSpeed: it has clipped and stepped inside backward (or skipped a
+                # non-finite step itself, norm inf); this is the norm it measured.
+                norm = accelerator.clip_grad_norm_(params, clip)
+                grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed measured no norm
                 # One collective per step carries both flags, so every rank takes the same decisions.
                 stop_flag = float(stop is not None and stop.requested)
                 flags = accelerator.reduce(torch.stack([finite.float(), finite.new_tensor(stop_flag).float()]), "sum")
                 ok = bool(flags[0] == accelerator.num_processes)
                 stop_now = bool(flags[1] > 0)
                 # fp16: overflowing gradients are routine and the grad scaler skips those steps itself.
-                ok = ok and (math.isfinite(float(grad_norm)) or accelerator.scaler is not None)
+                ok = ok and (norm is None or math.isfinite(grad_norm) or accelerator.scaler is not None)
                 if ok:
-                    method.before_optimizer_step(step)
+                    method.before_optimizer_step(step)  # no effect under DeepSpeed, which has stepped already
                 else:  # every gradient None: AdamW moves no parameter and no moment (an fp16 scaler still updates)
                     optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ok:
-                    method.update_momentum(step)
+                    with distributed.gathered_parameters(accelerator, model):  # ZeRO-3: whole student
+                        method.update_momentum(step)
                     bad_in_row = 0
                 else:
                     bad_in_row += 1
@@ -134,7 +140,7 @@ def train(
                 step += 1
                 finite.fill_(True)
                 window.steps += 1
-                window.grad_norm = float(grad_norm)
+                window.grad_norm = grad_norm
                 monitor.advance()
                 if step % cfg.logging.every_steps == 0 or step == total:
                     _log(cfg, accelerator, monitor, window, out, step, schedules)

@@ -3,6 +3,14 @@
 The run directory (``train.run_dir``) receives ``config.yaml`` (resolved, with derived values), checkpoints
 (``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, ``tensorboard/``, ``figures/`` and, at the end,
 ``backbone.safetensors``. Running the same command again resumes from ``last.pt``.
+
+Several processes: launch the same command with ``accelerate launch --multi_gpu --num_processes N
+[--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
+per process (``slurm/pretrain.sbatch``). ``dist.backend=deepspeed`` (``dist.zero_stage`` 1-3 or
+``dist.deepspeed_config``) trains with DeepSpeed ZeRO; its checkpoints are directories (``step-XXXXXXX/``, ``last``
+-> the newest), resumed on the same number of processes, consolidated by ``pretrain.distributed.consolidate_deepspeed``.
+Exit codes: 0 done, 1 diverged, 2 bad config, 3 distributed failure (a peer died or hung, or the rendezvous did not
+complete within ``dist.timeout_s``), 75 checkpointed on a stop signal (requeue).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as dist
 from pretrain.cli import configure
 from pretrain.config import ConfigError, derive, load_config, save_config, to_dict
 from pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
@@ -39,19 +48,32 @@ def pretrain(config: str | Path | None, overrides: list[str]) -> int:
     """Run (or resume) one pretraining run; returns the process exit code (2: bad config, 1: diverged)."""
     try:
         cfg = load_config(config, overrides)
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=cfg.train.precision.value,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-        )
+        accelerator = dist.make_accelerator(cfg)
         loader, model, evaluate = build(cfg, accelerator)
     except ConfigError as err:
         print(f"medfm pretrain: {err}", file=sys.stderr)
         return 2
+    except dist.DistributedFailure as err:
+        print(f"medfm pretrain: {err}", file=sys.stderr)
+        return dist.EXIT_DISTRIBUTED
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, start_step, resumed_from, notes = resume(cfg, accelerator, model, optimizer, run_dir)
+    try:
+        with dist.as_collective_failure(cfg):
+            model, optimizer, start_step, resumed_from, notes = resume(cfg, accelerator, model, optimizer, run_dir)
+    except ConfigError as err:
+        print(f"medfm pretrain: {err}", file=sys.stderr)
+        dist.shutdown(accelerator)
+        return 2
+    except dist.DistributedFailure as err:
+        print(f"medfm pretrain: {err}", file=sys.stderr)
+        dist.shutdown(accelerator, failed=True)
+        return dist.EXIT_DISTRIBUTED
+    if dist.zero_stage(accelerator) == 3 and (evaluate is not None or cfg.logging.figure_every_steps):
+        # Figures and the kNN monitor run a model on the main process only; ZeRO-3 needs every rank for that.
+        evaluate, cfg.logging.figure_every_steps = None, 0
+        notes.append("ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")
 
     monitor = Monitor(
         run_dir,
@@ -72,7 +94,7 @@ def pretrain(config: str | Path | None, overrides: list[str]) -> int:
         monitor.message(f"warning: {note}")
 
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, dist.as_collective_failure(cfg):
             step = train(
                 cfg=cfg,
                 accelerator=accelerator,
@@ -89,18 +111,33 @@ def pretrain(config: str | Path | None, overrides: list[str]) -> int:
     except TrainingDiverged as err:
         monitor.message(f"medfm pretrain: {err}", event="diverged", message=str(err))
         monitor.close()
+        dist.shutdown(accelerator)
         return 1
     except Preempted as err:
         monitor.message(f"medfm pretrain: {err}", event="preempted", step=err.step, signal=err.signal_name)
         monitor.close()
         accelerator.end_training()
+        dist.shutdown(accelerator)
         return EXIT_REQUEUE
+    except dist.DistributedFailure as err:
+        print(f"medfm pretrain: {err}", file=sys.stderr)
+        monitor.message(f"medfm pretrain: {err}", event="distributed_failure", message=str(err))
+        monitor.close()
+        dist.shutdown(accelerator, failed=True)
+        return dist.EXIT_DISTRIBUTED
     if accelerator.is_main_process:
-        export(cfg, accelerator.unwrap_model(model), run_dir, step)
+        if dist.uses_deepspeed(accelerator):
+            # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state.
+            method = METHODS[cfg.method].from_config(cfg)
+            method.load_state_dict(dist.consolidate_deepspeed(run_dir)["model"])
+        else:
+            method = accelerator.unwrap_model(model)
+        export(cfg, method, run_dir, step)
     weights = run_dir / "backbone.safetensors"
     monitor.message(f"done at step {step}; backbone weights: {weights}", event="done", step=step)
     monitor.close()
     accelerator.end_training()
+    dist.shutdown(accelerator)
     return 0
 
 
@@ -138,6 +175,8 @@ def resume(
 
     Returns (model, optimizer, start step, checkpoint path or None, warnings about config changes)."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    if dist.uses_deepspeed(accelerator):
+        return resume_deepspeed(cfg, accelerator, model, optimizer, run_dir)
     path = ckpt.find_resume(run_dir)
     state = ckpt.load_checkpoint(path) if path is not None else None
     if state is not None:
@@ -156,30 +195,62 @@ def resume(
     return model, optimizer, state["step"], path, notes
 
 
+def resume_deepspeed(
+    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
+) -> tuple[nn.Module, torch.optim.Optimizer, int, Path | None, list[str]]:
+    """``resume`` for DeepSpeed: the EMA modules stay outside the engine; the engine loads its own partitions."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    engine, optimizer = dist.prepare_deepspeed(accelerator, cfg, model, optimizer)
+    path = dist.find_deepspeed_resume(run_dir)
+    if path is None:
+        seed_process(cfg.train.seed, rank, 0)
+        return engine, optimizer, 0, None, []
+    meta = dist.load_deepspeed(engine, accelerator.unwrap_model(engine), path, world)
+    ckpt.restore_rng(meta["rng"][rank])
+    return engine, optimizer, meta["step"], path, config_changes(meta["config"], to_dict(cfg))
+
+
+def gather_rng() -> list[dict[str, Any]]:
+    """Every process's RNG states, on every process (a collective)."""
+    # As bytes: all_gather_object cannot carry tensor storages on this torch.
+    buffer = io.BytesIO()
+    torch.save(ckpt.capture_rng(), buffer)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buffer.getvalue()])]
+
+
 def saver(
     cfg: DictConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
 ) -> Callable[[int], None]:
-    """``save(step)``: every process sends its RNG states (a collective), the main process writes."""
+    """``save(step)``: every process sends its RNG states (a collective), the main process writes.
+
+    DeepSpeed: every process writes its partitions into one directory per checkpoint (``step-XXXXXXX/``, the
+    ``last`` symlink), see ``pretrain.distributed.save_deepspeed``."""
+    per_epoch = cfg.derived.steps_per_epoch
+
+    def position(step: int) -> dict[str, int]:
+        return {"epoch": step // per_epoch, "batches_done": (step % per_epoch) * cfg.train.grad_accum}
+
+    def save_deepspeed(step: int) -> None:
+        method = accelerator.unwrap_model(model)
+        meta = {"step": step, "data": position(step), "rng": gather_rng(), "config": to_dict(cfg),
+                "momentum": dist.momentum_state(method)}  # fmt: skip
+        dist.save_deepspeed(accelerator, model, run_dir, meta, step, keep=cfg.checkpoint.keep)
 
     def save(step: int) -> None:
-        # As bytes: all_gather_object cannot carry tensor storages on this torch.
-        buffer = io.BytesIO()
-        torch.save(ckpt.capture_rng(), buffer)
-        rng = [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buffer.getvalue()])]
+        rng = gather_rng()
         if accelerator.is_main_process:
-            per_epoch = cfg.derived.steps_per_epoch
             state = {
                 "model": accelerator.unwrap_model(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
-                "data": {"epoch": step // per_epoch, "batches_done": (step % per_epoch) * cfg.train.grad_accum},
+                "data": position(step),
                 "rng": rng,
                 "config": to_dict(cfg),
             }
             ckpt.save_checkpoint(run_dir, state, keep=cfg.checkpoint.keep)
         accelerator.wait_for_everyone()
 
-    return save
+    return save_deepspeed if dist.uses_deepspeed(accelerator) else save
 
 
 def knn_monitor(cfg: DictConfig, device: torch.device) -> KNNMonitor:

@@ -5,6 +5,8 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
 - ``forward(views, step) -> {"loss": scalar, "embeddings": (B, D) detached, other 0-dim tensors to log}``
 - ``before_optimizer_step(step)``: edit gradients after clipping (DINO freezes its last layer).
 - ``update_momentum(step)``: EMA teacher / momentum encoder update after the optimizer step.
+- ``momentum_modules``: attribute names of the EMA submodules (not trained by the optimizer); DeepSpeed runs keep
+  them outside the engine (``pretrain.distributed.keep_momentum_outside_engine``).
 - ``export_backbone()``: the module to release (teacher, momentum encoder or encoder).
 - ``figures(views)``: pictures to log, ``{name: (3, H, W) in [0, 1]}``.
 - ``from_config(cfg)`` / ``build_transform(cfg)``: the only places a method reads the config.
@@ -25,6 +27,8 @@ from pretrain.transforms import MedicalAugment, RandomIntensity
 
 class SSLMethod(nn.Module):
     """Base class of the pretraining objectives (see the module docstring for the contract)."""
+
+    momentum_modules: tuple[str, ...] = ()
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: list of (B, C, H, W) batches (one per augmented view); step: optimizer step (for schedules)."""

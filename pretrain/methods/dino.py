@@ -41,6 +41,8 @@ class DINO(SSLMethod):
         head_*: ``DINOProjectionHead`` sizes; ``head_batch_norm`` is an option for CNNs.
     """
 
+    momentum_modules = ("teacher_backbone", "teacher_head")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -71,11 +73,22 @@ class DINO(SSLMethod):
         self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
         self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
         self.freeze_last_layer_steps = freeze_last_layer_steps
+        # DeepSpeed steps inside backward, before before_optimizer_step could drop the gradients: a hook zeroes
+        # them instead while frozen (AdamW then moves nothing but weight decay, which the weight-normalised last
+        # layer is invariant to when norm_last_layer; DDP still drops them, exactly as DINO).
+        self._last_layer_frozen = False
+        for param in self.student_head.last_layer.parameters():
+            if param.requires_grad:
+                param.register_hook(self._zero_if_frozen)
+
+    def _zero_if_frozen(self, grad: Tensor) -> Tensor:
+        return torch.zeros_like(grad) if self._last_layer_frozen else grad
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: 2 global (B, C, H, W) then N local (B, C, h, w) -> loss over all (teacher, student) pairs
         of different views (lightly's ``DINOLoss``), embeddings: teacher features of the first global view."""
         batch_size = views[0].shape[0]
+        self._last_layer_frozen = step < self.freeze_last_layer_steps
         global_views = torch.cat(views[:NUM_GLOBAL_CROPS])
         with torch.no_grad():
             teacher_features = pooled_features(self.teacher_backbone, global_views)

@@ -50,6 +50,8 @@ class MoCoV3Loss(nn.Module):
 class MoCo(SSLMethod):
     """MoCo v3. Args: backbone (any timm model), momentum per optimizer step, MLP sizes, temperature."""
 
+    momentum_modules = ("backbone_momentum", "projection_head_momentum")
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -1,0 +1,441 @@
+"""Distributed and precision setup: the one place that knows about process groups, timeouts and DeepSpeed.
+
+- ``make_accelerator(cfg)``: the run's ``Accelerator``: DDP (gloo on CPU, NCCL on GPUs) or DeepSpeed ZeRO 1/2/3
+  through Accelerate's DeepSpeed plugin (``dist.backend``), with ``dist.timeout_s`` on the rendezvous and on every
+  collective. A rendezvous that does not complete raises :class:`DistributedFailure` after the timeout.
+- ``collective_failure(err)``: tells a dead / hung peer apart from other errors, so that the run ends with a
+  clear message and :data:`EXIT_DISTRIBUTED` rather than a traceback deep in gloo or a hang.
+- DeepSpeed specifics (the engine owns parameters, optimizer state and checkpoints):
+  ``keep_momentum_outside_engine`` (the EMA teacher / momentum encoder stays an fp32, unsharded module beside the
+  engine), ``gathered_parameters`` (full student parameters for the EMA update under ZeRO-3),
+  ``save_deepspeed`` / ``load_deepspeed`` (one directory per checkpoint, renamed into place, ``last`` symlink),
+  ``consolidate_deepspeed`` (one fp32 state dict in the ``last.pt`` format, via ``zero_to_fp32``).
+- ``shutdown(accelerator)``: barrier + ``destroy_process_group`` (a 2-process ZeRO-3 run aborted at exit without).
+
+Accelerate 1.15 with DeepSpeed on CPU: with ``Accelerator(cpu=True)`` accelerate never takes its DeepSpeed path,
+and with ``cpu=False`` it picks no process-group backend when there is no GPU, so it counts one process while
+DeepSpeed counts all of them (batch-size check ``16 != 16 * 1 * 2``). The workaround: ``cpu=False`` and
+``InitProcessGroupKwargs(backend="gloo")``, a public setting that accelerate passes to DeepSpeed's
+``init_distributed``; launches are the usual ``accelerate launch`` / ``torchrun`` / one Slurm task per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
+from omegaconf import DictConfig
+from torch import nn
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import Backend, ConfigError, Precision
+
+# A distributed failure (peer died, hung, or never joined): not a config error (2), not divergence (1).
+EXIT_DISTRIBUTED = 3
+DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
+META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
+LAST_DIR = "last"  # symlink to the newest DeepSpeed checkpoint directory
+
+
+class DistributedFailure(RuntimeError):
+    """A rendezvous that did not complete, or a peer that died or stopped answering."""
+
+
+def _launched() -> bool:
+    """A launcher (accelerate launch, torchrun, Slurm tasks) set up this process as one of a group."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """The Accelerator for ``cfg.dist`` / ``cfg.train``; raises DistributedFailure when the rendezvous fails."""
+    cuda = torch.cuda.is_available()
+    deepspeed = cfg.dist.backend == Backend.deepspeed
+    if deepspeed and not _launched() and not torch_dist.is_initialized():
+        # Plain `python -m pretrain.main` with DeepSpeed: a process group of one, as a launcher would set up.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init: dict[str, Any] = {"timeout": timedelta(seconds=cfg.dist.timeout_s)}
+    if not cuda and _launched():
+        init["backend"] = "gloo"  # see the module docstring: accelerate picks none for DeepSpeed on CPU
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg)) if deepspeed else None
+    try:
+        accelerator = Accelerator(
+            # DeepSpeed: accelerate only takes its DeepSpeed path with cpu=False (the device is still the CPU).
+            cpu=not cuda and not deepspeed,
+            mixed_precision=cfg.train.precision.value,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            deepspeed_plugin=plugin,
+            kwargs_handlers=[InitProcessGroupKwargs(**init)],
+        )
+    except (torch_dist.DistError, RuntimeError) as err:
+        if not collective_failure(err) and not isinstance(err, torch_dist.DistError):
+            raise
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DistributedFailure(
+            f"rendezvous of {os.environ.get('WORLD_SIZE', '?')} processes at {where} did not complete within "
+            f"dist.timeout_s={cfg.dist.timeout_s:g} s (rank {os.environ.get('RANK', '?')}): a process or machine "
+            f"did not start or cannot reach the master address. Cause: {_first_line(err)}"
+        ) from err
+    if _launched() and accelerator.num_processes != int(os.environ.get("WORLD_SIZE", accelerator.num_processes)):
+        raise DistributedFailure(  # STACK.md: the silent trap of independent, unsynchronised copies
+            f"launched as one of {os.environ['WORLD_SIZE']} processes but the Accelerator counts "
+            f"{accelerator.num_processes}: the processes would train independently"
+        )
+    return accelerator
+
+
+def collective_failure(err: BaseException) -> bool:
+    """True for errors raised by a collective whose peer died, hung past the timeout or never joined."""
+    if isinstance(err, torch_dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed")
+    )
+
+
+def failure_message(err: BaseException, cfg: DictConfig, step: int | None = None) -> str:
+    at = f" at step {step}" if step is not None else ""
+    return (
+        f"a collective failed{at}: another process died, was killed or stopped answering for more than "
+        f"dist.timeout_s={cfg.dist.timeout_s:g} s (see its log for the first error). Relaunching resumes from "
+        f"the last checkpoint in {cfg.train.run_dir}. Cause: {_first_line(err)}"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def shutdown(accelerator: Accelerator, failed: bool = False) -> None:
+    """End of a run: every process reaches the barrier, then the process group is destroyed.
+
+    After a collective failure the barrier would fail (or wait for a dead peer): destroy only."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        if not failed:
+            accelerator.wait_for_everyone()
+        torch_dist.destroy_process_group()
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------------------------
+
+# What the files in configs/deepspeed/ hold; "auto" values are filled from the run's config by deepspeed_config.
+_ZERO = {
+    1: {"stage": 1, "overlap_comm": False, "contiguous_gradients": True},
+    2: {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+    3: {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "stage3_max_live_parameters": 1000000000,
+        "stage3_max_reuse_distance": 1000000000,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    },
+}
+
+
+def default_deepspeed_config(stage: int) -> dict[str, Any]:
+    """The DeepSpeed config of ``configs/deepspeed/zero{stage}.json`` (batch sizes, clipping, bf16: "auto")."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": dict(_ZERO[stage]),
+        "steps_per_print": 1000000000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for a run: ``dist.deepspeed_config`` (or the default of ``dist.zero_stage``) with
+    its "auto" values taken from ``train`` and ``optim``: micro batch = train.batch_size, accumulation =
+    train.grad_accum, clipping = optim.clip_grad, bf16 = train.precision. Any other "auto" is an error."""
+    d = cfg.dist
+    if d.deepspeed_config is not None:
+        try:
+            ds = json.loads(Path(d.deepspeed_config).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config key 'dist.deepspeed_config': cannot read {d.deepspeed_config}: {err}") from err
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if d.zero_stage is not None and d.zero_stage != stage:
+            raise ConfigError(
+                f"config key 'dist.zero_stage': {d.zero_stage} contradicts zero_optimization.stage={stage} in "
+                f"{d.deepspeed_config} (set one of them)"
+            )
+        if stage not in (1, 2, 3):
+            raise ConfigError(f"config key 'dist.deepspeed_config': {d.deepspeed_config} needs ZeRO stage 1, 2 or 3")
+    else:
+        ds = default_deepspeed_config(d.zero_stage or 2)
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": float(cfg.optim.clip_grad),
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(
+                f"config key 'dist.deepspeed_config': {key}={ds[key]!r} in {d.deepspeed_config} differs from the "
+                f'run\'s {value!r}; set it to "auto"'
+            )
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]  # DeepSpeed computes micro batch x accumulation x processes
+    bf16 = cfg.train.precision == Precision.bf16
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW (param groups with wd_scale)
+    autos = [key for key, value in _flatten(ds).items() if value == "auto"]
+    if autos:
+        raise ConfigError(f"config key 'dist.deepspeed_config': no value known for {', '.join(autos)} (\"auto\")")
+    return ds
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run; 0 otherwise."""
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def autocast(accelerator: Accelerator, cfg: DictConfig):
+    """The forward's precision context. DeepSpeed bf16 holds the engine's parameters in bf16 and does not cast
+    inputs (accelerate's autocast is then a no-op): torch autocast casts the fp32 images and runs the fp32 EMA
+    modules in bf16 too."""
+    if uses_deepspeed(accelerator) and cfg.train.precision == Precision.bf16:
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
+    return accelerator.autocast()
+
+
+def keep_momentum_outside_engine(method: nn.Module, device: torch.device) -> dict[str, nn.Module]:
+    """Unregister the method's EMA modules (``method.momentum_modules``) so that DeepSpeed neither shards, casts
+    to bf16 nor checkpoints them; they stay plain fp32 modules, reachable under the same attribute names.
+
+    Why: under ZeRO-3 each rank holds a shard of every engine parameter (an EMA update of ``.data`` silently
+    changes nothing), and a bf16 teacher cannot follow an EMA with momentum ~0.996 (updates below bf16's
+    resolution round away). Returns ``{name: module}``; their states travel in our checkpoint part (``medfm.pt``).
+    """
+    outside = {}
+    for name in method.momentum_modules:
+        module = getattr(method, name)
+        delattr(method, name)  # out of method._modules: not in parameters(), state_dict() or the engine
+        object.__setattr__(method, name, module.to(device))  # still method.<name> for forward and export
+        outside[name] = module
+    return outside
+
+
+def prepare_deepspeed(
+    accelerator: Accelerator, cfg: DictConfig, method: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Any, Any]:
+    """``accelerator.prepare`` for DeepSpeed: EMA modules kept outside the engine; under ZeRO-3 + bf16 the floating
+    buffers cast to bf16 (ZeRO-1/2 cast the whole module, ZeRO-3 only the parameters it partitions: a BatchNorm
+    with bf16 weights and fp32 running statistics does not run); parameters read outside their module's forward
+    registered. Returns (engine, optimizer)."""
+    keep_momentum_outside_engine(method, accelerator.device)
+    stage3 = zero_stage(accelerator) == 3
+    if stage3 and cfg.train.precision == Precision.bf16:
+        for buffer in method.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(torch.bfloat16)
+    engine, optimizer = accelerator.prepare(method, optimizer)
+    if stage3:
+        register_external_parameters(accelerator.unwrap_model(engine))
+    return engine, optimizer
+
+
+def momentum_state(method: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: getattr(method, name).state_dict() for name in method.momentum_modules}
+
+
+def gathered_parameters(accelerator: Accelerator, model: nn.Module):
+    """Context in which ``model``'s parameters are whole on every rank (read-only): ZeRO-3 only."""
+    if zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def register_external_parameters(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when that module's forward is called. Parameters read elsewhere
+    (a timm ViT's ``pos_embed`` / ``cls_token``, read in ``forward_features`` that the methods call directly;
+    weight-norm's ``weight_g`` / ``weight_v``, read by a forward pre-hook) are declared as used by the root
+    module, so they are gathered for its whole forward. They are small (embeddings, tokens, one head layer)."""
+    import deepspeed
+
+    for module in model.modules():
+        if module is model:
+            continue
+        if next(module.children(), None) is not None or module._forward_pre_hooks:
+            for param in module.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(model, param)
+
+
+def _rank0_then_all(accelerator: Accelerator, fn) -> None:
+    if accelerator.is_main_process:
+        fn()
+    accelerator.wait_for_everyone()
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:07d}"
+
+
+def save_deepspeed(
+    accelerator: Accelerator, engine: Any, run_dir: Path, meta: dict[str, Any] | None, step: int, keep: int
+) -> Path:
+    """Collective: every rank writes its ZeRO partitions into ``.step-XXXXXXX.tmp/``, rank 0 adds ``medfm.pt``
+    (``meta``: step, data, rng, config, EMA modules), renames the folder to ``step-XXXXXXX`` and points the
+    ``last`` symlink at it (both atomic), then deletes all but the ``keep`` newest. A crash at any point leaves
+    the previous ``last`` intact. Assumes a run directory shared by all ranks (as on a cluster file system)."""
+    run_dir = Path(run_dir)
+    final, tmp = step_dir(run_dir, step), run_dir / f".step-{step:07d}.tmp"
+    _rank0_then_all(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.atomic_save({**meta, "version": ckpt.VERSION}, tmp / META)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link = run_dir / f".{LAST_DIR}.tmp"
+        link.unlink(missing_ok=True)
+        os.symlink(final.name, link)
+        os.replace(link, run_dir / LAST_DIR)
+        done = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
+        for old in done[: -keep or None] if keep else done[:-1]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def find_deepspeed_resume(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory ``last`` points at, else the newest complete ``step-*`` directory, else None."""
+    run_dir = Path(run_dir)
+    last = run_dir / LAST_DIR
+    if (last / META).is_file():
+        return last.resolve()
+    done = sorted(p for p in run_dir.glob("step-*") if (p / META).is_file())
+    return done[-1] if done else None
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    meta = torch.load(Path(path) / META, map_location="cpu", weights_only=True)
+    if meta.get("version") != ckpt.VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')} (this code reads {ckpt.VERSION})")
+    return meta
+
+
+def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) -> dict[str, Any]:
+    """Collective: load the ZeRO partitions of ``path`` into the engine (same number of processes as when saved)
+    and the EMA modules into ``method``; returns the checkpoint's ``medfm.pt`` (step, data, rng, config)."""
+    meta = load_meta(path)
+    saved = len(meta["rng"])
+    if saved != world_size:
+        raise ConfigError(
+            f"{path}: a DeepSpeed checkpoint resumes on the number of processes that saved it ({saved}, now "
+            f"{world_size}); consolidate it (pretrain.distributed.consolidate_deepspeed) to start a new run"
+        )
+    loaded, _ = engine.load_checkpoint(
+        str(path), tag=DEEPSPEED_TAG, load_module_strict=True, load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )  # fmt: skip
+    if loaded is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
+    for name, state in meta["momentum"].items():
+        getattr(method, name).load_state_dict(state)
+    return meta
+
+
+def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
+    """One DeepSpeed checkpoint as one checkpoint in the ``last.pt`` format, on the CPU, in fp32.
+
+    ``path``: a run directory (its newest DeepSpeed checkpoint) or a ``step-XXXXXXX`` directory. ``model`` is
+    the method's full state dict (the keys of a DDP run's ``last.pt``): the engine's parameters and buffers
+    rebuilt from the ZeRO partitions by DeepSpeed's ``zero_to_fp32`` (stages 1-3), plus the EMA modules.
+    ``step``, ``data``, ``config`` and ``rng`` as saved; no optimizer state (``optimizer`` is None).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    if not (path / META).is_file():
+        found = find_deepspeed_resume(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
+        path = found
+    meta = load_meta(path)
+    engine_state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    # ZeRO-1 checkpoints do not list frozen parameters for zero_to_fp32 (stages 2-3 do); ZeRO-1 does not partition
+    # parameters, so the module state saved beside the partitions holds them whole (in the engine's dtype).
+    # DeepSpeed's own file: read as zero_to_fp32 reads it.
+    states = sorted((path / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
+    module = torch.load(states[0], map_location="cpu", weights_only=False)
+    for key, value in module["module"].items():
+        if key not in engine_state and value.numel() > 0:
+            engine_state[key] = value
+    model = {k: v.float() if v.is_floating_point() else v for k, v in engine_state.items()}
+    for name, state in meta["momentum"].items():
+        model.update({f"{name}.{key}": value for key, value in state.items()})
+    return {
+        "model": model,
+        "optimizer": None,
+        "step": meta["step"],
+        "data": meta["data"],
+        "rng": meta["rng"],
+        "config": meta["config"],
+        "version": ckpt.VERSION,
+    }
+
+
+@contextmanager
+def as_collective_failure(cfg: DictConfig) -> Iterator[None]:
+    """Re-raise a failed collective as DistributedFailure with a message that says what happened."""
+    try:
+        yield
+    except (torch_dist.DistError, RuntimeError) as err:
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and collective_failure(err):
+            raise DistributedFailure(failure_message(err, cfg)) from err
+        raise
