@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # (module providing add_parser) in the order shown by --help.
-SUBCOMMAND_MODULES = ("data_shards.cli", "pretrain.cli", "pretrain.slurm")
+SUBCOMMAND_MODULES = ("data_shards.cli", "pretrain.cli", "downstream.cli", "pretrain.slurm")
 
 
 def build_parser() -> argparse.ArgumentParser:

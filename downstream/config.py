@@ -1,0 +1,220 @@
+"""Typed configs of the downstream runs (``medfm eval``, ``medfm finetune``): defaults live here, YAML files in
+``configs/downstream/`` hold overrides, CLI ``key=value`` on top. Unknown keys, wrong types and missing values fail
+with a message naming the key; the resolved config is saved in the output directory (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.config import ConfigError, parse_overrides
+
+PROTOCOLS = ("knn", "linear")
+INITS = ("release", "random")
+METRICS = ("auc", "acc", "balanced_acc", "f1")
+
+
+@dataclass
+class BackboneConfig:
+    path: str = MISSING  # release folder, pretraining run directory, or weights file
+    architecture: str | None = None  # timm name, only for a bare weights file without config.json
+    # release: the pretrained weights; random: the same architecture untrained (baseline, same recipe).
+    # Each init is evaluated and written to OUT_DIR/<init>/.
+    inits: list[str] = field(default_factory=lambda: ["release"])
+    img_size: int | None = None  # None: the release's size (ViT position embeddings are resampled otherwise)
+    in_chans: int | None = None  # None: the release's channels
+
+
+@dataclass
+class DataConfig:
+    spec: str = MISSING  # medmnist:FILE.npz, imagefolder:DIR, csv:FILE, shards:DIR
+    val_fraction: float = 0.1  # carved from train (stratified) where the source has no val split
+    test_fraction: float = 0.2  # sources without any split
+    split_seed: int = 0
+    batch_size: int = 256  # feature extraction and evaluation batches
+    num_workers: int = 0
+
+
+@dataclass
+class KNNConfig:
+    k: int = 20  # DINO: 20
+    temperature: float = 0.07  # DINO: 0.07
+
+
+@dataclass
+class LinearConfig:
+    weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    class_weights: bool = False
+    max_iter: int = 200
+
+
+@dataclass
+class EfficiencyConfig:
+    """Label budgets for the training split; empty lists: train on all labels only."""
+
+    fractions: list[float] = field(default_factory=list)  # e.g. [0.01, 0.1, 1.0]
+    per_class: list[int] = field(default_factory=list)  # e.g. [5, 25]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class RobustnessConfig:
+    corruptions: list[str] = field(default_factory=list)  # gaussian_noise, gaussian_blur, contrast, jpeg
+    severities: list[int] = field(default_factory=lambda: [3])
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = MISSING
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
+    selection_metric: str = "auc"  # val metric choosing the linear probe's weight decay
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    cache_dir: str | None = None  # frozen-feature cache; None: OUT_DIR/feature_cache
+    plots: bool = True
+    seed: int = 0  # random-init baselines are reproducible
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation (pretrain.transforms.MedicalAugment); mild by default."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    hflip: float = 0.0  # set > 0 only where laterality does not matter
+    vflip: float = 0.0
+    intensity_prob: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20.0
+    batch_size: int = 64
+    lr: float = 5e-4  # peak, for a batch of 256 (scaled linearly, as in MAE's fine-tuning)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # layer-wise lr decay (1.0: off); MAE on chest X-ray: 0.55
+    drop_path: float = 0.1
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+    freeze_blocks: int = 0  # freeze the stem + the first K blocks / stages; -1: everything but the head
+    clip_grad: float = 0.0
+    eval_every_epochs: float = 1.0
+    precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    seed: int = 0
+    max_steps: int | None = None  # cap on optimizer steps (smoke tests)
+
+
+@dataclass
+class FinetuneConfig:
+    out_dir: str = MISSING
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=256))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    selection_metric: str = "auc"  # val metric choosing the best checkpoint
+    efficiency: EfficiencyConfig = field(default_factory=lambda: EfficiencyConfig(seeds=[0]))
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    plots: bool = True
+
+
+def _error(schema: type, source: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    hint = ""
+    if "not in" in message:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.structured(schema)
+        node = OmegaConf.select(node, parent) if parent else node
+        known = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+        hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
+    return ConfigError(f"{source}: config key {key!r}: {message}{hint}")
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML overrides <- CLI dotlist; raises ``ConfigError`` naming the key."""
+    cfg = OmegaConf.structured(schema)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except OmegaConfBaseException as err:
+            raise _error(schema, str(path), err) from err
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+    layers.append(("command line", parse_overrides(list(overrides))))
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _error(schema, source, err) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} is required (missing: {', '.join(missing)})")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the types cannot express; each message names the key."""
+    from downstream.robustness import CORRUPTIONS, SEVERITIES
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
+
+    inits = list(cfg.backbone.inits)
+    need(len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS), "backbone.inits", f"must be distinct values of {INITS}")  # fmt: skip
+    need(cfg.selection_metric in METRICS, "selection_metric", f"must be one of {METRICS}")
+    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    need(
+        0 <= cfg.data.test_fraction < 1 - cfg.data.val_fraction,
+        "data.test_fraction",
+        "must be in [0, 1 - val_fraction)",
+    )
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(all(0 < f <= 1 for f in cfg.efficiency.fractions), "efficiency.fractions", "must be in (0, 1]")
+    need(all(n >= 1 for n in cfg.efficiency.per_class), "efficiency.per_class", "must be >= 1")
+    need(len(cfg.efficiency.seeds) >= 1, "efficiency.seeds", "needs at least one seed")
+    need(all(c in CORRUPTIONS for c in cfg.robustness.corruptions), "robustness.corruptions", f"must be in {sorted(CORRUPTIONS)}")  # fmt: skip
+    need(all(s in SEVERITIES for s in cfg.robustness.severities), "robustness.severities", f"must be in {SEVERITIES}")
+    if "protocols" in cfg:
+        need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
+        need(cfg.knn.k >= 1, "knn.k", "must be >= 1")
+        need(cfg.knn.temperature > 0, "knn.temperature", "must be > 0")
+        need(len(cfg.linear.weight_decays) > 0, "linear.weight_decays", "needs at least one value")
+    if "train" in cfg:
+        t = cfg.train
+        need(t.epochs > 0, "train.epochs", "must be > 0")
+        need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
+        need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+        need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
+        need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
+        need(t.precision in ("no", "bf16", "fp16"), "train.precision", "must be no, bf16 or fp16")
+        need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
+        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
+        crop = list(cfg.augment.crop_scale)
+        need(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "augment.crop_scale", "must be [low, high] in (0, 1]")
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))

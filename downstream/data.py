@@ -1,0 +1,296 @@
+"""Labeled splits of a dataset spec, the task they define, and the deterministic eval transform.
+
+``open_split(spec, split)`` gives a dataset of ``{"image", "label", "key"}`` for train / val / test:
+
+- ``medmnist:FILE.npz``: the file's own splits.
+- ``imagefolder:DIR``: ``DIR/{train,val,test}/CLASS/*`` folders; a missing ``val`` is carved out of ``train``
+  (stratified ``val_fraction``), a tree without split folders is split by ``val_fraction`` / ``test_fraction``.
+- ``csv:FILE``: a ``split`` column (train / val / test) when present, otherwise split by fractions like a flat
+  image folder. One label column -> single-label, several 0/1 columns -> multi-label.
+- ``shards:DIR``: samples whose metadata split matches, one exact pass (``resampled=False``).
+
+Splits made by fractions are stratified and depend only on (labels, seed): every protocol sees the same ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from data_shards.images import csv_units, imagefolder_units
+from data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMN = "split"
+_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the labels ask for. binary / multiclass: int labels in [0, C); multilabel: (K,) 0/1 floats."""
+
+    kind: str  # "binary" | "multiclass" | "multilabel"
+    class_names: tuple[str, ...]
+
+    @property
+    def num_outputs(self) -> int:
+        """Classifier width: C logits (softmax; 2 for binary, as in MedMNIST) or K logits (sigmoid)."""
+        return len(self.class_names)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == "multilabel"
+
+
+class EvalTransform(nn.Module):
+    """Deterministic eval input: optional corruption in [0, 1] -> resize to ``size`` -> normalise.
+
+    Its ``repr`` names every parameter: it is part of the feature-cache key.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        corruption: Callable[[Tensor], Tensor] | None = None,
+    ):
+        super().__init__()
+        self.size, self.mean, self.std, self.corruption = size, list(mean), list(std), corruption
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(C, H, W) float in [0, 1] -> (C, size, size), normalised."""
+        if self.corruption is not None:
+            image = self.corruption(image)
+        if tuple(image.shape[-2:]) != (self.size, self.size):
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        channels = image.shape[0]
+        mean = torch.tensor(self.mean * channels if len(self.mean) == 1 else self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std * channels if len(self.std) == 1 else self.std).view(-1, 1, 1)
+        return (image - mean) / std
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, mean={self.mean}, std={self.std}, corruption={self.corruption!r}"
+
+
+def stratified_split(labels: Sequence[Any], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Index arrays, one per fraction (the rest goes to the last group), stratified by label (the first
+    positive label for multi-label rows); at least one sample per non-empty group and class where possible."""
+    keys = [_strata(label) for label in labels]
+    rng = np.random.default_rng(seed)
+    groups: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for key in sorted(set(keys), key=str):
+        members = np.array([i for i, k in enumerate(keys) if k == key])
+        members = members[rng.permutation(len(members))]
+        start = 0
+        for group, fraction in enumerate(fractions):
+            count = round(fraction * len(members))
+            if fraction > 0 and count == 0 and len(members) - start > 1:
+                count = 1
+            groups[group].extend(members[start : start + count].tolist())
+            start += count
+        groups[-1].extend(members[start:].tolist())
+    return [np.array(sorted(g), dtype=np.int64) for g in groups]
+
+
+def _strata(label: Any) -> Any:
+    if isinstance(label, (tuple, list, np.ndarray, Tensor)):
+        values = list(np.asarray(label).reshape(-1))
+        return int(np.argmax(values)) if any(values) else -1
+    return label
+
+
+def _unit_label(unit: Any) -> Any:
+    return -1 if unit.label is None else unit.label
+
+
+def _csv_units_with_split(path: Path) -> tuple[list, list[str | None]]:
+    """``csv_units`` plus the ``split`` column, which csv_units would read as a label column.
+
+    Bridge until data_shards reads a split column itself: the CSV is rewritten without it (absolute paths)
+    into a temporary file, so labels are indexed over all rows exactly as csv_units does.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    split_column = next((c for c in columns if c.strip().lower() == SPLIT_COLUMN), None)
+    if split_column is None:
+        return csv_units(path), [None] * len(rows)
+    splits = []
+    for line, row in enumerate(rows, start=2):
+        value = (row[split_column] or "").strip().lower()
+        value = _SPLIT_ALIASES.get(value, value)
+        if value not in SPLITS:
+            raise ValueError(
+                f"{path}:{line}: column {split_column!r} has {row[split_column]!r}; expected train/val/test"
+            )
+        splits.append(value)
+    kept = [c for c in columns if c != split_column]
+    path_column = next((c for c in kept if c.strip().lower() in ("path", "image", "file")), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        rewritten = Path(tmp) / path.name
+        with open(rewritten, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=kept)
+            writer.writeheader()
+            for row in rows:
+                out = {c: row[c] for c in kept}
+                if path_column is not None and out[path_column] and not Path(out[path_column].strip()).is_absolute():
+                    out[path_column] = str((path.parent / out[path_column].strip()).resolve())
+                writer.writerow(out)
+        units = csv_units(rewritten)
+    units = [_with_source(u, path.parent) for u in units]
+    return units, splits
+
+
+def _with_source(unit: Any, base: Path) -> Any:
+    """Restore the CSV-relative ``source`` (the rewritten CSV had absolute paths)."""
+    if not dataclasses.is_dataclass(unit) or not hasattr(unit, "path"):
+        return unit
+    try:
+        source = Path(unit.path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return unit
+    return dataclasses.replace(unit, source=source)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    units: list
+    indices: dict[str, np.ndarray]  # split -> indices into units
+    origin: str  # how the splits were made (for the results JSON)
+
+
+def plan_unit_splits(spec: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> SplitPlan:
+    """train / val / test indices over the units of an ``imagefolder:`` or ``csv:`` spec."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "imagefolder":
+        units = imagefolder_units(parsed.path)
+        given = [u.split for u in units]
+    elif parsed.kind == "csv":
+        units, given = _csv_units_with_split(parsed.path)
+    else:
+        raise ValueError(f"{spec}: split planning is for imagefolder: and csv: specs")
+    labels = [_unit_label(u) for u in units]
+    present = {s for s in given if s is not None}
+    if not present:
+        train, val, test = stratified_split(labels, [1 - val_fraction - test_fraction, val_fraction], seed)
+        return SplitPlan(units, {"train": train, "val": val, "test": test}, f"stratified {val_fraction}/{test_fraction} (seed {seed})")  # fmt: skip
+    indices = {s: np.array([i for i, g in enumerate(given) if g == s], dtype=np.int64) for s in SPLITS}
+    origin = "given"
+    if not len(indices["val"]) and len(indices["train"]):
+        train_labels = [labels[i] for i in indices["train"]]
+        keep, val = stratified_split(train_labels, [1 - val_fraction], seed)
+        indices["val"], indices["train"] = indices["train"][val], indices["train"][keep]
+        origin = f"given; val = stratified {val_fraction} of train (seed {seed})"
+    return SplitPlan(units, indices, origin)
+
+
+def open_split(
+    spec: str,
+    split: str,
+    transform: Callable | None = None,
+    *,
+    channels: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """One labeled split of a spec (see the module docstring); unlabeled samples are dropped."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    kind = parse_spec(spec).kind
+    if kind == "shards":
+        return open_dataset(spec, split, transform, channels=channels, resampled=False, shuffle_buffer=0)
+    if kind == "medmnist":
+        dataset = MedMNISTDataset(parse_spec(spec).path, split, transform, channels)
+        labels = dataset.labels
+        if labels is None:
+            raise ValueError(f"{spec}: no {split}_labels array")
+        labeled = np.flatnonzero(labels.reshape(len(labels), -1).min(axis=1) >= 0)
+        return dataset if len(labeled) == len(dataset) else Subset(dataset, labeled.tolist())
+    plan = plan_unit_splits(spec, val_fraction, test_fraction, seed)
+    units = [plan.units[i] for i in plan.indices[split] if _unit_label(plan.units[i]) != -1]
+    if not units:
+        raise ValueError(f"dataset {spec!r}: the {split!r} split has no labeled sample")
+    return UnitImageDataset(units, transform, channels)
+
+
+def split_labels(dataset: Dataset) -> list[Any] | None:
+    """Labels without decoding images, where the dataset allows it (None for streams)."""
+    if isinstance(dataset, Subset):
+        inner = split_labels(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, MedMNISTDataset):
+        labels = dataset.labels.reshape(len(dataset.labels), -1)
+        return [int(row[0]) if row.shape[0] == 1 else tuple(int(v) for v in row) for row in labels]
+    if isinstance(dataset, UnitImageDataset):
+        return [_unit_label(u) for u in dataset.units]
+    if isinstance(dataset, IterableDataset):
+        return None
+    return [dataset[i]["label"] for i in range(len(dataset))]
+
+
+def infer_task(labels: Sequence[Any], class_names: Sequence[str] | None = None) -> Task:
+    """binary / multiclass from int labels (classes 0..max), multilabel from 0/1 vectors."""
+    first = labels[0]
+    if isinstance(first, (tuple, list, np.ndarray, Tensor)) and len(np.asarray(first).reshape(-1)) > 1:
+        width = len(np.asarray(first).reshape(-1))
+        names = tuple(class_names) if class_names and len(class_names) == width else tuple(str(i) for i in range(width))
+        return Task("multilabel", names)
+    count = max(int(np.asarray(v).reshape(-1)[0]) for v in labels) + 1
+    if class_names and len(class_names) >= count:
+        names = tuple(class_names)
+    else:
+        names = tuple(str(i) for i in range(max(count, 2)))
+    return Task("binary" if len(names) == 2 else "multiclass", names)
+
+
+def class_names_of(spec: str) -> list[str] | None:
+    """Class names a spec records: image-folder class folders, CSV label columns / values, manifest classes."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "imagefolder":
+        units = imagefolder_units(parsed.path)
+        names = {u.label: u.class_name for u in units}
+        return [names[i] for i in sorted(names)]
+    if parsed.kind == "csv":
+        with open(parsed.path, newline="", encoding="utf-8-sig") as handle:
+            columns = next(csv.reader(handle), [])
+        labels = [c for c in columns if c.strip().lower() not in ("path", "image", "file", SPLIT_COLUMN)]
+        if len(labels) > 1:
+            return labels
+        units, _ = _csv_units_with_split(parsed.path)
+        names = {u.label: getattr(u, "class_name", None) for u in units}
+        if all(names.values()):
+            return [names[i] for i in sorted(names)]
+    if parsed.kind == "shards":
+        import json
+
+        classes = json.loads((parsed.path / "manifest.json").read_text()).get("classes", {})
+        if classes:
+            return [classes[k] for k in sorted(classes, key=int)]
+    return None
+
+
+def dataset_fingerprint(spec: str) -> str:
+    """Identity of a spec's content for cache keys: path plus size and mtime of its files."""
+    path = parse_spec(spec).path.resolve()
+    digest = hashlib.blake2b(str(path).encode(), digest_size=16)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = os.stat(file)
+        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()

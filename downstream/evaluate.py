@@ -1,0 +1,259 @@
+"""``medfm eval``: kNN and linear probe on frozen features (computed once, cached), with label efficiency and
+robustness to corrupted test copies. ``run_eval(cfg)`` wires; the protocols are functions of ``Features``.
+
+Output: ``OUT_DIR/config.yaml``, ``OUT_DIR/<init>/<protocol>/results.{json,md}`` + ``roc.png``, ``confusion.png``
+(single-label), ``embedding.png`` for each init (``release``, ``random``) and protocol (``knn``, ``linear``), and
+``OUT_DIR/summary.md`` with one row per (init, protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from downstream.config import save_config, to_dict
+from downstream.data import EvalTransform, Task, class_names_of, dataset_fingerprint, infer_task, open_split
+from downstream.efficiency import budget_name, budgets, label_subset, mean_std
+from downstream.features import FeatureCache, Features, extract_features, state_checksum
+from downstream.knn import knn_scores
+from downstream.linear import select_linear_probe
+from downstream.load import Release, load_backbone, read_release
+from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
+from downstream.report import write_plots, write_results
+from downstream.robustness import Corruption
+
+Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
+
+
+@dataclass
+class FrozenSetup:
+    """A loaded backbone and everything the feature cache keys on."""
+
+    model: nn.Module
+    description: dict[str, Any]  # source, architecture, init, checksum (results JSON "backbone")
+    transform: EvalTransform
+    cache: FeatureCache
+    spec: str
+    fingerprint: str
+    data: DictConfig
+    device: torch.device
+
+    def features(self, split: str, corruption: Corruption | None = None) -> Features:
+        """Features of one split (optionally corrupted), from the cache when the same inputs were seen."""
+        transform = EvalTransform(self.transform.size, self.transform.mean, self.transform.std, corruption)
+        parts = {
+            "backbone": self.description["checksum"],
+            "dataset": self.fingerprint,
+            "spec": self.spec,
+            "split": split,
+            "transform": repr(transform),
+            "splitting": (self.data.val_fraction, self.data.test_fraction, self.data.split_seed),
+            "channels": self.transform_channels,
+        }
+
+        def compute() -> Features:
+            dataset = open_split(
+                self.spec,
+                split,
+                transform,
+                channels=self.transform_channels,
+                val_fraction=self.data.val_fraction,
+                test_fraction=self.data.test_fraction,
+                seed=self.data.split_seed,
+            )
+            return extract_features(
+                self.model,
+                dataset,
+                batch_size=self.data.batch_size,
+                num_workers=self.data.num_workers,
+                device=self.device,
+            )
+
+        return self.cache.get_or_compute(parts, compute)
+
+    @property
+    def transform_channels(self) -> int:
+        return int(self.model.pretrained_cfg["input_size"][0])
+
+
+def frozen_setup(cfg: DictConfig, release: Release, init: str) -> FrozenSetup:
+    """Load the backbone (strictly) for feature extraction and set up the cache."""
+    torch.manual_seed(cfg.seed)  # random-init baselines are reproducible
+    model = load_backbone(release, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans, init=init).eval()
+    input_cfg = model.pretrained_cfg
+    description = {
+        "source": str(cfg.backbone.path),
+        "architecture": release.architecture,
+        "model_args": release.model_args,
+        "init": init,
+        "objective": release.info.get("objective"),
+        "pretrain_steps": release.info.get("steps"),
+        "input_size": input_cfg["input_size"],
+        "checksum": state_checksum(model.state_dict(), release.architecture),
+    }
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else Path(cfg.out_dir) / "feature_cache"
+    return FrozenSetup(
+        model=model,
+        description=description,
+        transform=EvalTransform(input_cfg["input_size"][-1], input_cfg["mean"], input_cfg["std"]),
+        cache=FeatureCache(cache_dir),
+        spec=cfg.data.spec,
+        fingerprint=dataset_fingerprint(cfg.data.spec),
+        data=cfg.data,
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+
+
+def task_of(spec: str, splits: dict[str, Features]) -> Task:
+    """Binary / multiclass / multilabel from the labels of all splits, with the spec's class names."""
+    labels = torch.cat([f.labels for f in splits.values()])
+    names = class_names_of(spec)
+    if labels.ndim == 2:
+        return infer_task([labels[0]] if len(labels) else [], names)
+    return infer_task([int(labels.max())], names)
+
+
+def fit_protocol(protocol: str, train: Features, val: Features, task: Task, cfg: DictConfig) -> tuple[Scorer, dict]:
+    """A scorer fitted on ``train`` (selection on ``val`` for the linear probe) and the settings it used."""
+    if protocol == "knn":
+        k, temperature = cfg.knn.k, cfg.knn.temperature
+
+        def scorer(features: Tensor) -> Tensor:
+            return knn_scores(train.features, train.labels, features, task.num_outputs, k=k, temperature=temperature)
+
+        return scorer, {"k": k, "temperature": temperature}
+    if protocol == "linear":
+        selection = select_linear_probe(
+            (train.features, train.labels),
+            (val.features, val.labels),
+            task,
+            grid=list(cfg.linear.weight_decays),
+            metric=cfg.selection_metric,
+            class_weights=cfg.linear.class_weights,
+            max_iter=cfg.linear.max_iter,
+        )
+        settings = {
+            "weight_decay": selection.weight_decay,
+            f"val_{cfg.selection_metric}_by_weight_decay": selection.grid,
+            "class_weights": cfg.linear.class_weights,
+        }
+        return selection.probe.scores, settings
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def _metrics(task: Task, features: Features, scorer: Scorer) -> tuple[dict[str, Any], np.ndarray]:
+    scores = scorer(features.features).numpy()
+    return classification_metrics(task, features.labels.numpy(), scores), scores
+
+
+def label_efficiency(protocol: str, splits: dict[str, Features], task: Task, cfg: DictConfig) -> list[dict[str, Any]]:
+    """Each label budget x seed: fit on a stratified train subset, test metrics; mean +- std over seeds."""
+    rows = []
+    for budget in budgets(cfg.efficiency.fractions, cfg.efficiency.per_class):
+        runs, sizes = [], []
+        for seed in cfg.efficiency.seeds:
+            subset = splits["train"].subset(label_subset(splits["train"].labels, seed=seed, **budget))
+            scorer, _ = fit_protocol(protocol, subset, splits["val"], task, cfg)
+            runs.append(summary(_metrics(task, splits["test"], scorer)[0]))
+            sizes.append(len(subset))
+        rows.append(
+            {
+                "budget": budget_name(**budget),
+                **budget,
+                "n_train": int(np.median(sizes)),
+                "seeds": list(cfg.efficiency.seeds),
+                "runs": runs,
+                "test": mean_std(runs),
+            }
+        )
+    return rows
+
+
+def robustness(
+    setup: FrozenSetup, scorer: Scorer, task: Task, clean: dict[str, Any], cfg: DictConfig
+) -> list[dict[str, Any]]:
+    """Test metrics on corrupted copies of the test split, and the drop from the clean test metrics."""
+    rows = []
+    for name in cfg.robustness.corruptions:
+        for severity in cfg.robustness.severities:
+            corrupted = setup.features("test", Corruption(name, severity)).labeled()
+            metrics = summary(_metrics(task, corrupted, scorer)[0])
+            drop = {k: clean[k] - metrics[k] for k in SUMMARY_KEYS if k in metrics}
+            rows.append({"corruption": name, "severity": severity, "test": metrics, "drop": drop})
+    return rows
+
+
+def run_eval(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every configured init x protocol; returns ``{init: {protocol: result}}``, written under ``cfg.out_dir``."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    release = read_release(cfg.backbone.path, cfg.backbone.architecture)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    cache = {"hits": 0, "misses": 0}
+    for init in cfg.backbone.inits:
+        setup = frozen_setup(cfg, release, init)
+        results[init] = evaluate_frozen(setup, cfg, out_dir / init)
+        cache = {k: cache[k] + getattr(setup.cache, k) for k in cache}
+    (out_dir / "summary.md").write_text(summary_table(results))
+    (out_dir / "run.json").write_text(json.dumps({"config": to_dict(cfg), "cache": cache}, indent=2))
+    return results
+
+
+def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The protocols on one backbone's features: ``{protocol: result}``, each written to ``out_dir/<protocol>``."""
+    splits = {split: setup.features(split).labeled() for split in ("train", "val", "test")}
+    task = task_of(cfg.data.spec, splits)
+    results = {}
+    for protocol in cfg.protocols:
+        scorer, settings = fit_protocol(protocol, splits["train"], splits["val"], task, cfg)
+        val, _ = _metrics(task, splits["val"], scorer)
+        test, test_scores = _metrics(task, splits["test"], scorer)
+        result: dict[str, Any] = {
+            "protocol": protocol,
+            "dataset": cfg.data.spec,
+            "backbone": setup.description,
+            "task": {"kind": task.kind, "class_names": list(task.class_names)},
+            "n": {split: len(f) for split, f in splits.items()},
+            "settings": settings,
+            "val": val,
+            "test": test,
+            "summary": summary(test),
+        }
+        if cfg.efficiency.fractions or cfg.efficiency.per_class:
+            result["label_efficiency"] = label_efficiency(protocol, splits, task, cfg)
+        if cfg.robustness.corruptions:
+            result["robustness"] = robustness(setup, scorer, task, summary(test), cfg)
+        write_results(out_dir / protocol, result)
+        if cfg.plots:
+            embedding = (splits["test"].features.numpy(), splits["test"].labels.numpy())
+            title = f"{protocol} ({setup.description['init']}) - {Path(cfg.data.spec.partition(':')[2]).name}"
+            labels = splits["test"].labels.numpy()
+            write_plots(out_dir / protocol, task, labels, test_scores, test.get("confusion"), embedding, title)
+        results[protocol] = result
+    return results
+
+
+def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One Markdown row per (init, protocol) with the test metrics."""
+    lines = [
+        "| init | protocol | dataset | " + " | ".join(SUMMARY_KEYS) + " |",
+        "|---|---|---|" + "---|" * len(SUMMARY_KEYS),
+    ]
+    for init, protocols in results.items():
+        for protocol, result in protocols.items():
+            cells = [_cell(result["summary"].get(k)) for k in SUMMARY_KEYS]
+            lines.append(f"| {init} | {protocol} | `{result['dataset']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"

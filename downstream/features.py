@@ -1,0 +1,134 @@
+"""Frozen features, computed once per (backbone, dataset, split, transform) and cached as safetensors.
+
+The cache key hashes the backbone's weights checksum, the dataset spec's content fingerprint, the split, the
+transform's ``repr`` and anything else the caller passes (e.g. a corruption); a changed input recomputes. Cached
+files hold tensors only (``features`` (N, D) float32, ``labels`` (N,) int64 or (N, K) float32) plus the sample
+keys as JSON metadata: nothing is unpickled when reading them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.backbones import pooled_features
+
+
+@dataclass(frozen=True)
+class Features:
+    """Pooled features of one split: ``features`` (N, D) float32, ``labels`` (N,) int64 or (N, K) float32."""
+
+    features: Tensor
+    labels: Tensor
+    keys: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def labeled(self) -> Features:
+        """Without unlabeled samples (label -1; shard sets may mix labeled and unlabeled images)."""
+        if self.labels.ndim == 2:
+            return self
+        keep = torch.nonzero(self.labels >= 0).flatten()
+        return self if len(keep) == len(self) else self.subset(keep)
+
+    def subset(self, indices: Tensor) -> Features:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Features(self.features[index], self.labels[index], tuple(self.keys[i] for i in index.tolist()))
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack images; labels as int64 (N,) or float32 (N, K) for multi-label; keys as a list."""
+    labels = [b["label"] for b in batch]
+    if isinstance(labels[0], Tensor) and labels[0].ndim == 1:
+        label_tensor = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in labels])
+    else:
+        label_tensor = torch.tensor([int(v) for v in labels], dtype=torch.long)
+    return {"image": torch.stack([b["image"] for b in batch]), "label": label_tensor, "key": [b["key"] for b in batch]}
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> Features:
+    """(N, D) pooled pre-logits features of a dataset of ``{"image", "label", "key"}``, in dataset order."""
+    was_training = backbone.training
+    backbone.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    features, labels, keys = [], [], []
+    for batch in loader:
+        features.append(pooled_features(backbone, batch["image"].to(device)).float().cpu())
+        labels.append(batch["label"])
+        keys.extend(str(k) for k in batch["key"])
+    backbone.train(was_training)
+    if not features:
+        raise ValueError("the dataset is empty: no features to extract")
+    return Features(torch.cat(features), torch.cat(labels), tuple(keys))
+
+
+def state_checksum(state: dict[str, Tensor], salt: str = "") -> str:
+    digest = hashlib.blake2b(salt.encode(), digest_size=16)
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(**parts: object) -> str:
+    """A stable hash of named parts (checksums, spec fingerprint, split, transform repr, ...)."""
+    text = json.dumps({k: str(v) for k, v in sorted(parts.items())}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class FeatureCache:
+    """``root/<key>.safetensors`` files of Features; ``root=None`` disables caching."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root is not None else None
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path | None:
+        return self.root / f"{key}.safetensors" if self.root is not None else None
+
+    def get_or_compute(self, parts: dict[str, object], compute: Callable[[], Features]) -> Features:
+        key = cache_key(**parts)
+        path = self.path(key)
+        if path is not None and path.is_file():
+            self.hits += 1
+            return read_features(path)
+        self.misses += 1
+        features = compute()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_features(features, path, {k: str(v) for k, v in parts.items()})
+        return features
+
+
+def write_features(features: Features, path: Path, description: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    metadata = {"keys": json.dumps(list(features.keys)), "description": json.dumps(description)}
+    save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(tmp), metadata)
+    os.replace(tmp, path)
+
+
+def read_features(path: Path) -> Features:
+    with safe_open(str(path), framework="pt") as handle:
+        keys = tuple(json.loads(handle.metadata()["keys"]))
+        return Features(handle.get_tensor("features"), handle.get_tensor("labels"), keys)

@@ -1,0 +1,202 @@
+"""Results as ``results.json`` + ``results.md`` and PNGs (ROC curves, confusion matrix, 2D PCA embedding).
+
+The JSON is the contract other tools read (``medfm export`` puts ``summary`` into the model card):
+``{"protocol", "dataset", "backbone", "task", "settings", "val", "test", "summary", ["label_efficiency"],
+["robustness"]}``; NaN (an undefined AUC) is written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+from downstream.data import Task
+from downstream.metrics import SUMMARY_KEYS, binary_auc
+
+MAX_EMBEDDING_POINTS = 5000
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN / inf -> None, numpy scalars -> python, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _pm(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats and stats.get("mean") is not None else "-"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A readable summary: headline metrics, per-class table, label efficiency and robustness tables."""
+    lines = [
+        f"# {result['protocol']} on `{result['dataset']}`",
+        "",
+        f"Backbone `{result['backbone'].get('source')}` ({result['backbone'].get('architecture')}, init "
+        f"{result['backbone'].get('init')}); task {result['task']['kind']} with classes "
+        f"{', '.join(result['task']['class_names'])}.",
+        "",
+        "| split | n | " + " | ".join(SUMMARY_KEYS) + " |",
+        "|---|---|" + "---|" * len(SUMMARY_KEYS),
+    ]
+    for split in ("val", "test"):
+        metrics = result.get(split)
+        if metrics:
+            lines.append(
+                f"| {split} | {metrics['n']} | " + " | ".join(_fmt(metrics.get(k)) for k in SUMMARY_KEYS) + " |"
+            )
+    test = result.get("test", {})
+    if test.get("per_class"):
+        columns = [c for c in ("support", "precision", "recall", "f1", "auc", "acc") if c in test["per_class"][0]]
+        lines += [
+            "",
+            "Per class (test):",
+            "",
+            "| class | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        lines += [
+            f"| {row['class']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in test["per_class"]
+        ]
+    efficiency = result.get("label_efficiency")
+    if efficiency:
+        lines += ["", "Label efficiency (test, mean ± std over seeds):", "", "| labels | n train | seeds | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|---|" + "---|" * len(SUMMARY_KEYS)]  # fmt: skip
+        for row in efficiency:
+            stats = row["test"]
+            lines.append(f"| {row['budget']} | {row['n_train']} | {len(row['seeds'])} | " + " | ".join(_pm(stats.get(k, {})) for k in SUMMARY_KEYS) + " |")  # fmt: skip
+    robustness = result.get("robustness")
+    if robustness:
+        lines += ["", "Robustness (test; drop = clean - corrupted):", "", "| corruption | severity | auc | acc | auc drop | acc drop |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in robustness:
+            lines.append(f"| {row['corruption']} | {row['severity']} | {_fmt(row['test']['auc'])} | {_fmt(row['test']['acc'])} | {_fmt(row['drop']['auc'])} | {_fmt(row['drop']['acc'])} |")  # fmt: skip
+    settings = result.get("settings")
+    if settings:
+        lines += ["", "Settings: `" + json.dumps(_clean(settings)) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, result: dict[str, Any]) -> Path:
+    """``results.json`` and ``results.md`` in ``out_dir``; returns the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(result, out_dir / "results.json")
+    (out_dir / "results.md").write_text(markdown(_clean(result)))
+    return out_dir / "results.json"
+
+
+def plot_roc(task: Task, y_true: np.ndarray, scores: np.ndarray, path: Path, title: str = "") -> None:
+    """One ROC curve per class (one-vs-rest) or per label; binary: the positive class only."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    classes = [1] if task.kind == "binary" else range(task.num_outputs)
+    for c in classes:
+        truth = y_true[:, c] if task.multilabel else (y_true == c)
+        if truth.min() == truth.max():
+            continue  # undefined without both outcomes
+        fpr, tpr, _ = roc_curve(truth.astype(int), scores[:, c])
+        ax.plot(fpr, tpr, label=f"{task.class_names[c]} (AUC {binary_auc(truth, scores[:, c]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(task: Task, confusion: list[list[int]], path: Path, title: str = "") -> None:
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(matrix) + 2.5, 1.2 * len(matrix) + 2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        ax.text(j, i, str(value), ha="center", va="center", color=color)
+    ticks = range(len(matrix))
+    ax.set_xticks(ticks, task.class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, task.class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pca_2d(features: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, 2): projection on the two leading principal components."""
+    # torch rather than numpy: torch's thread setting applies (an oversubscribed BLAS is 100x slower here).
+    centered = torch.from_numpy(features - features.mean(axis=0, keepdims=True))
+    _, eigenvectors = torch.linalg.eigh(centered.T @ centered)  # ascending eigenvalues: the last two lead
+    return (centered @ eigenvectors[:, -2:].flip(1)).numpy()
+
+
+def plot_embedding(task: Task, features: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:
+    """2D PCA of frozen features coloured by label (multi-label: by the first positive label)."""
+    rng = np.random.default_rng(0)
+    if len(features) > MAX_EMBEDDING_POINTS:
+        keep = np.sort(rng.choice(len(features), MAX_EMBEDDING_POINTS, replace=False))
+        features, labels = features[keep], labels[keep]
+    points = pca_2d(features.astype(np.float64))
+    if task.multilabel:
+        colour = np.where(labels.any(axis=1), labels.argmax(axis=1), -1)
+        names = {-1: "none", **dict(enumerate(task.class_names))}
+    else:
+        colour, names = labels.astype(int), dict(enumerate(task.class_names))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for value in np.unique(colour):
+        mask = colour == value
+        ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=names.get(int(value), str(value)))
+    ax.set(xlabel="PC 1", ylabel="PC 2", title=title or "frozen features (PCA)")
+    ax.legend(markerscale=3, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(
+    out_dir: Path,
+    task: Task,
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    confusion: list[list[int]] | None,
+    embedding: tuple[np.ndarray, np.ndarray] | None = None,
+    title: str = "",
+) -> list[Path]:
+    """roc.png, confusion.png (single-label), embedding.png (when features are given)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "roc.png"]
+    plot_roc(task, y_true, scores, written[0], title)
+    if confusion is not None:
+        written.append(out_dir / "confusion.png")
+        plot_confusion(task, confusion, written[-1], title)
+    if embedding is not None:
+        written.append(out_dir / "embedding.png")
+        plot_embedding(task, *embedding, written[-1], title)
+    return written

@@ -1,0 +1,111 @@
+"""Fine-tuning recipe: layer-wise lr decay groups, frozen blocks, a few real steps, best-on-val, multi-label BCE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from downstream.config import FinetuneConfig, load_config
+from downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
+from downstream.load import load_backbone
+from pretrain.backbones import build_backbone
+
+
+def test_layer_wise_lr_decay_scales_by_depth(tiny_release: Path):
+    model = load_backbone(tiny_release, num_classes=2)  # 2 blocks: stem 0, blocks 1-2, head 3
+    scales = {}
+    for group in optimizer_groups(model, weight_decay=0.05, layer_decay=0.5):
+        for param in group["params"]:
+            scales[next(n for n, p in model.named_parameters() if p is param)] = (group["lr_scale"], group["weight_decay"])  # fmt: skip
+    assert scales["patch_embed.proj.weight"] == (0.5**3, 0.05)
+    assert scales["pos_embed"][0] == 0.5**3
+    assert scales["blocks.0.attn.qkv.weight"] == (0.5**2, 0.05)
+    assert scales["blocks.1.mlp.fc1.weight"] == (0.5, 0.05)
+    assert scales["blocks.1.mlp.fc1.bias"] == (0.5, 0.0)  # no decay on 1-D parameters
+    assert scales["head.weight"] == (1.0, 0.05)
+
+
+def test_freezing_the_first_blocks_and_stages():
+    vit = build_backbone("vit_tiny_patch16_224", 28, 1, patch_size=7, depth=3)
+    vit.reset_classifier(2)
+    frozen = freeze_blocks(vit, 1)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= set(frozen)
+    assert not any(n.startswith(("blocks.1.", "blocks.2.", "head.", "norm.")) for n in frozen)
+    assert all(p.requires_grad == (n not in frozen) for n, p in vit.named_parameters())
+    freeze_blocks(vit, -1)  # everything but the classifier
+    assert {n for n, p in vit.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+
+    resnet = build_backbone("resnet18", 32, 1)
+    resnet.reset_classifier(2)
+    frozen = freeze_blocks(resnet, 2)
+    assert {n.split(".")[0] for n in frozen} == {"conv1", "bn1", "layer1", "layer2"}
+    resnet.train()
+    freeze_norm_statistics(resnet)
+    assert not resnet.layer2[0].bn1.training and resnet.layer3[0].bn1.training
+    before = resnet.layer1[0].bn1.running_mean.clone()
+    resnet(torch.rand(4, 1, 32, 32))
+    assert torch.equal(resnet.layer1[0].bn1.running_mean, before)  # frozen stage: statistics kept
+
+
+def finetune(release: Path, spec: str, out_dir: Path, *overrides: str) -> dict:
+    base = [f"out_dir={out_dir}", f"backbone.path={release}", f"data.spec={spec}", "train.batch_size=16"]
+    return run_finetune(load_config(FinetuneConfig, None, [*base, *overrides]))
+
+
+def test_a_few_steps_on_pneumoniamnist_with_llrd_keep_the_best_val_checkpoint(tiny_release, medmnist, tmp_path):
+    out = tmp_path / "ft"
+    steps = ("train.max_steps=6", "train.eval_every_epochs=0.001", "train.warmup_epochs=0.002", "train.freeze_blocks=1")
+    results = finetune(tiny_release, f"medmnist:{medmnist('pneumoniamnist')}", out, *steps, "train.layer_decay=0.65",
+                       "train.label_smoothing=0.1", "train.class_weights=true", "robustness.corruptions=[gaussian_blur]")  # fmt: skip
+    result = results["release"]
+    assert result["task"]["kind"] == "binary" and result["settings"]["total_steps"] == 6
+    history = [json.loads(line) for line in (out / "release" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[0]["lr"] < history[1]["lr"] and history[-1]["lr"] == pytest.approx(1e-6)  # warm-up, cosine
+    best = max(history, key=lambda h: (h["val_auc"], -h["step"]))
+    assert result["settings"]["best_step"] == best["step"] and result["val"]["auc"] == pytest.approx(best["val_auc"])
+    assert result["test"]["n"] == 624 and result["robustness"][0]["corruption"] == "gaussian_blur"
+    assert all((out / "release" / f).is_file() for f in ("results.json", "results.md", "roc.png", "confusion.png"))
+    # the best checkpoint is a plain timm classifier state dict
+    config = json.loads((tiny_release / "config.json").read_text())
+    model = timm.create_model(config["architecture"], num_classes=2, **config["model_args"])
+    model.load_state_dict(load_file(str(out / "release" / "best.safetensors")))
+    assert "| release | `medmnist:" in (out / "summary.md").read_text()
+
+
+def test_frozen_blocks_do_not_move_and_random_init_uses_the_same_recipe(tiny_release, medmnist, tmp_path):
+    spec = f"medmnist:{medmnist('breastmnist')}"
+    results = finetune(tiny_release, spec, tmp_path / "ft", "train.max_steps=3", "train.freeze_blocks=1",
+                       "backbone.inits=[release,random]", "plots=false")  # fmt: skip
+    released = load_backbone(tiny_release)
+    tuned = load_file(str(tmp_path / "ft" / "release" / "best.safetensors"))
+    assert torch.equal(tuned["blocks.0.attn.qkv.weight"], released.state_dict()["blocks.0.attn.qkv.weight"])
+    assert torch.equal(tuned["patch_embed.proj.weight"], released.state_dict()["patch_embed.proj.weight"])
+    assert not torch.equal(tuned["blocks.1.attn.qkv.weight"], released.state_dict()["blocks.1.attn.qkv.weight"])
+    assert results["release"]["settings"]["recipe"] == results["random"]["settings"]["recipe"]
+    assert results["random"]["backbone"]["init"] == "random"
+
+
+def test_multilabel_finetuning_uses_bce_and_per_label_auc(tiny_release, shapes_csv, tmp_path):
+    csv = shapes_csv(tmp_path / "shapes")
+    results = finetune(tiny_release, f"csv:{csv}", tmp_path / "ft", "train.epochs=2", "train.class_weights=true",
+                       "train.lr=1e-2", "train.layer_decay=1.0")  # fmt: skip
+    result = results["release"]
+    assert result["task"] == {"kind": "multilabel", "class_names": ["square", "bar", "dot"]}
+    assert [row["class"] for row in result["test"]["per_class"]] == ["square", "bar", "dot"]
+    assert result["test"]["n"] == 25 and "exact_match" in result["test"]
+    assert result["summary"]["auc"] > 0.6  # 10 steps on bright shapes
+    assert not (tmp_path / "ft" / "release" / "confusion.png").exists()
+
+
+def test_label_budgets_over_seeds(tiny_release, medmnist, tmp_path):
+    results = finetune(tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "ft", "train.max_steps=2",
+                       "efficiency.per_class=[5]", "efficiency.seeds=[0,1]", "plots=false")  # fmt: skip
+    (row,) = results["release"]["label_efficiency"]
+    assert row["budget"] == "5/class" and row["n_train"] == 10 and len(row["runs"]) == 2
+    assert row["test"]["auc"]["n"] == 2
