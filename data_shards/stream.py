@@ -83,7 +83,11 @@ class ShardStream(IterableDataset):
         self.total_samples = totals["by_split"].get(split, 0) if split else totals["samples"]
         if split and self.total_samples == 0:
             known = sorted(totals["by_split"])
-            hint = f"splits: {known}" if known else "this shard set has no splits: read it whole (split None, data.split=null)"
+            hint = (
+                f"splits: {known}"
+                if known
+                else "this shard set has no splits: read it whole (split None, data.split=null)"
+            )
             raise ValueError(f"{shard_dir}: no sample with split {split!r} ({hint})")
         self.transform = transform
         self.resampled = resampled
