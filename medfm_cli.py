@@ -36,7 +36,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Shard the embedded sample images (CT, MR, JPEG 2000 CT, ultrasound, 3D/4D NIfTI), inspect them, pretrain
-    a tiny MAE on the shards (resuming if the run directory already has a checkpoint)."""
+    a tiny MAE on the shards (resuming if the run directory already has a checkpoint) and release its encoder."""
     from pathlib import Path
 
     out = Path(args.out)
@@ -46,6 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ["shard", "sample:", "--out", str(shards), "--overwrite", "--dedup", "near"],
         ["shard", "inspect", str(shards)],
         ["pretrain", "--config", str(recipe), f"data.spec=shards:{shards}", f"train.run_dir={run}"],
+        ["export", str(run), "--out", str(out / "release"), "--overwrite"],
     ]
     for step in steps:
         print(f"$ medfm {' '.join(step)}", flush=True)
