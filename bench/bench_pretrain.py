@@ -4,8 +4,8 @@ For each objective, the same model, batch, precision and optimizer run (a) throu
 (Accelerate, schedules, non-finite guard, collapse metrics and JSON logging every ``--log-every`` steps) and
 (b) through a bare loop (forward, backward, clip, AdamW step, EMA update), alternating in one process so
 that both see the same machine load. The batch is made once from real PneumoniaMNIST images with the
-method's own augmentation, so data loading is excluded from both. Peak memory: the largest RSS increase
-during the timed steps (CPU; a sampling thread) or torch.cuda.max_memory_allocated (GPU).
+method's own augmentation, so data loading is excluded from both. Peak memory: the largest resident set of
+the process during the timed steps (CPU; a sampling thread) or torch.cuda.max_memory_allocated (GPU).
 
     python bench/bench_pretrain.py                       # CPU recipes at 28 px
     python bench/bench_pretrain.py --steps 50 --precision bf16 --json bench/results/pretrain_cpu.json
@@ -42,7 +42,10 @@ RECIPES = {
 
 
 class PeakRSS:
-    """Largest resident-set increase (bytes) while active, sampled every millisecond from /proc."""
+    """Largest resident set (bytes) of this process while active, sampled every millisecond from /proc.
+
+    Absolute, not an increase: after the warm-up block the allocator reuses freed memory, so a step adds
+    little to the resident set; both paths run in one process with both models resident."""
 
     def __init__(self) -> None:
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -60,7 +63,7 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while self.running:
-            self.peak = max(self.peak, self._rss() - self.base)
+            self.peak = max(self.peak, self._rss())
             time.sleep(0.001)
 
     def __exit__(self, *exc: object) -> None:
