@@ -5,15 +5,13 @@ with a message naming the key; the resolved config is saved in the output direct
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError, parse_overrides
+from pretrain.config import ConfigError, load_structured
 
 PROTOCOLS = ("knn", "linear")
 INITS = ("release", "random")
@@ -131,40 +129,9 @@ class FinetuneConfig:
     plots: bool = True
 
 
-def _error(schema: type, source: str, err: OmegaConfBaseException) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    message = str(getattr(err, "msg", None) or err).splitlines()[0]
-    hint = ""
-    if "not in" in message:
-        parent = key.rpartition(".")[0]
-        node = OmegaConf.structured(schema)
-        node = OmegaConf.select(node, parent) if parent else node
-        known = [str(k) for k in node] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-        hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
-    return ConfigError(f"{source}: config key {key!r}: {message}{hint}")
-
-
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- YAML overrides <- CLI dotlist; raises ``ConfigError`` naming the key."""
-    cfg = OmegaConf.structured(schema)
-    layers: list[tuple[str, Any]] = []
-    if path is not None:
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except OmegaConfBaseException as err:
-            raise _error(schema, str(path), err) from err
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
-    layers.append(("command line", parse_overrides(list(overrides))))
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise _error(schema, source, err) from err
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"config key {missing[0]!r} is required (missing: {', '.join(missing)})")
+    cfg = load_structured(schema, path, overrides)
     validate(cfg)
     return cfg
 

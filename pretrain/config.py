@@ -211,25 +211,26 @@ class PretrainConfig:
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
-def _known_keys(dotted: str) -> list[str]:
-    """Keys beside ``dotted`` in the schema (for 'did you mean' hints)."""
+def _known_keys(schema: type, dotted: str) -> list[str]:
+    """Keys beside ``dotted`` in ``schema`` (for 'did you mean' hints)."""
     parent = dotted.rpartition(".")[0]
-    node = OmegaConf.structured(PretrainConfig)
+    node = OmegaConf.structured(schema)
     node = OmegaConf.select(node, parent) if parent else node
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
-def _config_error(source: str, err: OmegaConfBaseException) -> ConfigError:
+def config_error(schema: type, source: str, err: OmegaConfBaseException) -> ConfigError:
+    """An OmegaConf error as a one-line ConfigError naming the key, with a 'did you mean' hint."""
     key = getattr(err, "full_key", None) or "?"
     message = str(getattr(err, "msg", None) or err).splitlines()[0]
     hint = ""
     if "not in" in message:
-        close = difflib.get_close_matches(key.split(".")[-1], _known_keys(key), n=1)
+        close = difflib.get_close_matches(key.split(".")[-1], _known_keys(schema, key), n=1)
         hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
     return ConfigError(f"{source}: config key {key!r}: {message}{hint}")
 
 
-def parse_overrides(overrides: list[str]) -> DictConfig:
+def parse_overrides(overrides: list[str], schema: type | None = None) -> DictConfig:
     """``["optim.base_lr=1e-3", ...]`` -> a DictConfig; an item without ``=`` is an error naming it."""
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -238,34 +239,47 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
-        raise _config_error("command line", err) from err
+        raise config_error(schema or PretrainConfig, "command line", err) from err
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file (overrides only) <- CLI dotlist. Raises ``ConfigError`` naming the key."""
-    cfg = OmegaConf.structured(PretrainConfig)
+def load_structured(
+    schema: type, path: str | Path | None = None, overrides: list[str] = (), computed: tuple[str, ...] = ()
+) -> DictConfig:
+    """Schema defaults <- YAML file (overrides only) <- CLI dotlist, for any dataclass schema.
+
+    Unknown keys, wrong types and missing required values raise ``ConfigError`` naming the key; setting one
+    of the ``computed`` sections is an error too. Shared by the pretraining and downstream configs.
+    """
+    cfg = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
         try:
             layers.append((str(path), OmegaConf.load(path)))
         except OmegaConfBaseException as err:
-            raise _config_error(str(path), err) from err
+            raise config_error(schema, str(path), err) from err
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from err
-    layers.append(("command line", parse_overrides(list(overrides))))
+    layers.append(("command line", parse_overrides(list(overrides), schema)))
     for source, layer in layers:
-        if "derived" in layer:
-            raise ConfigError(
-                f"{source}: config key 'derived' is computed, not set (to resume a run, re-run its original "
-                "command; to reuse a saved run config.yaml as a recipe, delete its derived section)"
-            )
+        for section in computed:
+            if section in layer:
+                raise ConfigError(
+                    f"{source}: config key {section!r} is computed, not set (to resume a run, re-run its original "
+                    f"command; to reuse a saved run config.yaml as a recipe, delete its {section} section)"
+                )
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _config_error(source, err) from err
+            raise config_error(schema, source, err) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config key {missing[0]!r} is required (missing: {', '.join(missing)})")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file (overrides only) <- CLI dotlist. Raises ``ConfigError`` naming the key."""
+    cfg = load_structured(PretrainConfig, path, overrides, computed=("derived",))
     validate(cfg)
     return cfg
 
