@@ -23,12 +23,12 @@ from downstream.config import save_config, to_dict
 from downstream.data import EvalTransform, Task, class_names_of, dataset_fingerprint, infer_task, open_split
 from downstream.efficiency import budget_name, budgets, label_subset, mean_std
 from downstream.features import FeatureCache, Features, extract_features, state_checksum
-from downstream.knn import knn_scores
 from downstream.linear import select_linear_probe
 from downstream.load import Release, load_backbone, read_release
 from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption
+from pretrain.knn import knn_scores
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
 

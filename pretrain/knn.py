@@ -50,6 +50,37 @@ def extract_features(
 
 
 @torch.no_grad()
+def knn_scores(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """train (M, D) with labels (M,) int64 or (M, K) float, test (N, D) -> scores (N, C), rows summing to 1
+    for single-label, each in [0, 1] for multi-label."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k = min(k, len(train_features))
+    train = F.normalize(train_features.float(), dim=1)
+    multilabel = train_labels.ndim == 2
+    targets = train_labels.float() if multilabel else F.one_hot(train_labels.long(), num_classes).float()
+    scores = []
+    for start in range(0, len(test_features), chunk_size):
+        test = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
+        similarity, index = (test @ train.T).topk(k, dim=1)  # (B, k)
+        weights = (similarity / temperature).exp()  # DINO: distances.div_(T).exp_()
+        votes = (weights.unsqueeze(-1) * targets[index]).sum(dim=1)  # (B, C)
+        scores.append(votes / weights.sum(dim=1, keepdim=True))
+    return torch.cat(scores)
+
+
+@torch.no_grad()
 def knn_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
@@ -58,12 +89,10 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
 ) -> float:
-    """Accuracy of weighted kNN classification of ``features`` (M, D) against the bank (N, D); both L2-normalised."""
+    """Accuracy of weighted kNN classification of ``features`` (M, D) against the bank (N, D)."""
     num_classes = int(max(train_labels.max(), labels.max())) + 1
-    similarity, index = (features @ train_features.T).topk(min(k, len(train_features)), dim=1)
-    votes = torch.zeros(len(features), num_classes)
-    votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-    return float((votes.argmax(dim=1) == labels).float().mean())
+    scores = knn_scores(train_features, train_labels, features, num_classes, k=k, temperature=temperature)
+    return float((scores.argmax(dim=1) == labels).float().mean())
 
 
 class KNNMonitor:

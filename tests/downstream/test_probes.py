@@ -9,9 +9,9 @@ from sklearn.linear_model import LogisticRegression
 
 from downstream.data import Task, stratified_split
 from downstream.efficiency import label_subset, mean_std
-from downstream.knn import knn_scores
 from downstream.linear import class_weight_tensor, fit_linear_probe, select_linear_probe
 from downstream.robustness import CORRUPTIONS, SEVERITIES, Corruption
+from pretrain.knn import knn_scores
 
 
 def dino_knn_reference(train, train_labels, test, num_classes, k, t):
