@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # (module providing add_parser) in the order shown by --help.
 SUBCOMMAND_MODULES = ("data_shards.cli", "pretrain.cli", "downstream.cli", "pretrain.slurm")
@@ -60,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(args.handler(args) or 0)
+    return int(resolve_handler(args.handler)(args) or 0)
+
+
+def resolve_handler(handler: str | Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's handler; ``"module:function"`` names a heavy module, imported only once it is chosen."""
+    if isinstance(handler, str):
+        module, _, name = handler.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return handler
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+from data_shards.codec import match_channels, pixels_to_tensor
 from data_shards.dicom import DicomFile
 from data_shards.records import ReadOptions
-from data_shards.specs import pixels_to_tensor
-from data_shards.stream import ShardStream, match_channels
+from data_shards.stream import ShardStream
 from medfm_cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[1]

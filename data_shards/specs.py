@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
+from data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
 from data_shards.records import ReadOptions, SkipInput
+from data_shards.stream import ShardStream
 
 SPEC_KINDS = ("shards", "medmnist", "imagefolder", "csv")
-UNLABELED = -1
 
 
 @dataclass(frozen=True)
@@ -46,44 +46,6 @@ def parse_spec(spec: str) -> DatasetSpec:
     if not path.exists():
         raise FileNotFoundError(f"dataset spec {spec!r}: {path} does not exist")
     return DatasetSpec(kind, path)
-
-
-def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 / uint16 (H, W) or (H, W, C) array -> float32 tensor (C, H, W) in [0, 1]."""
-    scale = 1.0 / (65535.0 if pixels.dtype == np.uint16 else 255.0)
-    array = pixels if pixels.ndim == 3 else pixels[:, :, None]
-    # uint16 has no torch equivalent on every version: widen to int32 before the float conversion.
-    if array.dtype == np.uint16:
-        array = array.astype(np.int32)
-    chw = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    # A contiguous (C, H, W) result: resizes on a permuted (channels-last) view run several times slower.
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
-
-
-def label_value(label: Any) -> int | torch.Tensor:
-    """Normalise a stored label: None -> -1, int -> int, sequence of 0/1 -> float tensor."""
-    if label is None:
-        return UNLABELED
-    if isinstance(label, (list, tuple, np.ndarray)):
-        values = list(np.asarray(label).reshape(-1))
-        if len(values) == 1:
-            return int(values[0])
-        return torch.tensor(values, dtype=torch.float32)
-    return int(label)
-
-
-def match_channels(image: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """(C, H, W) -> (channels, H, W): RGB to gray by luma weights (ITU-R BT.601), gray to RGB by repeat."""
-    if channels is None or image.shape[0] == channels:
-        return image
-    if channels == 1:
-        if image.shape[0] == 3:
-            weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
-            return (image * weights).sum(0, keepdim=True)
-        return image.mean(0, keepdim=True)
-    if image.shape[0] == 1:
-        return image.expand(channels, -1, -1).contiguous()
-    raise ValueError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
 
 
 class MedMNISTDataset(Dataset):
@@ -162,8 +124,6 @@ def open_dataset(
     """
     parsed = parse_spec(spec)
     if parsed.kind == "shards":
-        from data_shards.stream import ShardStream
-
         return ShardStream(
             parsed.path,
             transform,

@@ -24,8 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_shards.codec import decode_pixels
-from data_shards.specs import label_value, match_channels, pixels_to_tensor
+from data_shards.codec import decode_pixels, label_value, match_channels, pixels_to_tensor
 
 IMAGE_EXTENSIONS = ("png", "npy")
 

@@ -71,20 +71,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _run(command: str, body: Callable[[], None]) -> int:
     """Run a handler body; known failures become one clear line on stderr and an exit code."""
-    from downstream.finetune import TrainingDiverged
-    from downstream.load import LoadError
-    from pretrain.config import ConfigError
-    from pretrain.export import ExportError
+    from pretrain.errors import run_command
 
-    try:
-        body()
-    except ConfigError as err:
-        print(f"medfm {command}: {err}", file=sys.stderr)
-        return 2
-    except (LoadError, ExportError, TrainingDiverged, FileNotFoundError, ValueError) as err:
-        print(f"medfm {command}: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(command, body)
 
 
 def run_export(args: argparse.Namespace) -> int:

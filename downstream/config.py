@@ -11,7 +11,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pretrain.config import ConfigError, load_structured
+from pretrain.config import load_structured
+from pretrain.errors import ConfigError
 
 PROTOCOLS = ("knn", "linear")
 INITS = ("release", "random")

@@ -38,12 +38,9 @@ from downstream.load import Release, load_backbone, read_release
 from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption
+from pretrain.errors import TrainingDiverged
 from pretrain.schedules import cosine_schedule
 from pretrain.transforms import MedicalAugment, RandomIntensity
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 def freeze_blocks(model: nn.Module, blocks: int) -> list[str]:

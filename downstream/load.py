@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import build_backbone
+from pretrain.errors import ReleaseError
 from pretrain.export import CONFIG_NAME, WEIGHTS_NAME, ExportError, data_summary, load_run, release_config
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -35,7 +36,7 @@ RUN_CONFIG = "config.yaml"  # what marks a pretraining run directory
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-class LoadError(RuntimeError):
+class LoadError(ReleaseError):
     """Weights that cannot be loaded as asked: unknown source, refused pickle, or keys that do not match."""
 
 

@@ -1,4 +1,9 @@
-"""One checkpoint contract, written atomically, resumed automatically; released weights as safetensors.
+"""One checkpoint contract, written atomically, resumed automatically, behind one store with two backends.
+
+``checkpoint_store(accelerator, run_dir, keep)`` gives a :class:`TorchStore` (one ``.pt`` file per checkpoint) or,
+under DeepSpeed, a :class:`DeepSpeedStore` (one directory per checkpoint: the engine's ZeRO partitions plus our
+part); both answer ``latest()``, ``save(step, meta)``, ``load(path) -> meta`` and ``prune()``. ``meta`` is what
+the loop adds to the weights (step, data position, RNG states, config, anything else plain).
 
 A checkpoint is a dict of tensors and plain Python values (loadable with ``weights_only=True``):
 ``{"model", "optimizer", "step", "data": {"epoch", "batches_done"}, "rng": [per-rank states],
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pretrain.errors import ConfigError
+
 VERSION = 1
 LAST = "last.pt"
+DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
+META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
+LAST_DIR = "last"  # symlink to the newest DeepSpeed checkpoint directory
 
 
 def step_path(run_dir: Path, step: int) -> Path:
@@ -92,9 +103,14 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     path = step_path(run_dir, state["step"])
     atomic_save({**state, "version": VERSION}, path)
     _atomic_link(path, run_dir / LAST)
-    for old in sorted(run_dir.glob("step-*.pt"))[: -keep or None]:
-        old.unlink(missing_ok=True)
+    prune_steps(run_dir, keep)
     return path
+
+
+def prune_steps(run_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``step-*.pt`` files (``last.pt`` stays)."""
+    for old in sorted(Path(run_dir).glob("step-*.pt"))[: -keep or None]:
+        old.unlink(missing_ok=True)
 
 
 def find_resume(run_dir: str | Path) -> Path | None:
@@ -121,3 +137,216 @@ def export_backbone(backbone: nn.Module, path: str | Path, metadata: dict[str, s
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+# --- DeepSpeed checkpoint directories ------------------------------------------------------------------------
+
+
+def _rank0_then_all(accelerator: Any, fn: Callable[[], object]) -> None:
+    if accelerator.is_main_process:
+        fn()
+    accelerator.wait_for_everyone()
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:07d}"
+
+
+def save_deepspeed(
+    accelerator: Any, engine: Any, run_dir: Path, meta: dict[str, Any] | None, step: int, keep: int
+) -> Path:
+    """Collective: every rank writes its ZeRO partitions into ``.step-XXXXXXX.tmp/``, rank 0 adds ``medfm.pt``
+    (``meta``: step, data, rng, config, EMA modules), renames the folder to ``step-XXXXXXX`` and points the
+    ``last`` symlink at it (both atomic), then deletes all but the ``keep`` newest. A crash at any point leaves
+    the previous ``last`` intact. Assumes a run directory shared by all ranks (as on a cluster file system)."""
+    run_dir = Path(run_dir)
+    final, tmp = step_dir(run_dir, step), run_dir / f".step-{step:07d}.tmp"
+    _rank0_then_all(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_save({**meta, "version": VERSION}, tmp / META)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link = run_dir / f".{LAST_DIR}.tmp"
+        link.unlink(missing_ok=True)
+        os.symlink(final.name, link)
+        os.replace(link, run_dir / LAST_DIR)
+        prune_step_dirs(run_dir, keep, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_step_dirs(run_dir: Path, keep: int, newest: Path) -> None:
+    """Delete all but the ``keep`` newest ``step-*`` directories (at least ``newest``, which ``last`` points at)."""
+    done = sorted(p for p in Path(run_dir).glob("step-*") if p.is_dir())
+    for old in done[: -keep or None] if keep else done[:-1]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def find_deepspeed_resume(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory ``last`` points at, else the newest complete ``step-*`` directory, else None."""
+    run_dir = Path(run_dir)
+    last = run_dir / LAST_DIR
+    if (last / META).is_file():
+        return last.resolve()
+    done = sorted(p for p in run_dir.glob("step-*") if (p / META).is_file())
+    return done[-1] if done else None
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    meta = torch.load(Path(path) / META, map_location="cpu", weights_only=True)
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')} (this code reads {VERSION})")
+    return meta
+
+
+def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) -> dict[str, Any]:
+    """Collective: load the ZeRO partitions of ``path`` into the engine (same number of processes as when saved)
+    and the EMA modules into ``method``; returns the checkpoint's ``medfm.pt`` (step, data, rng, config)."""
+    meta = load_meta(path)
+    saved = len(meta["rng"])
+    if saved != world_size:
+        raise ConfigError(
+            f"{path}: a DeepSpeed checkpoint resumes on the number of processes that saved it ({saved}, now "
+            f"{world_size}); consolidate it (pretrain.checkpoint.consolidate_deepspeed) to start a new run"
+        )
+    loaded, _ = engine.load_checkpoint(
+        str(path), tag=DEEPSPEED_TAG, load_module_strict=True, load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )  # fmt: skip
+    if loaded is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
+    for name, state in meta["momentum"].items():
+        getattr(method, name).load_state_dict(state)
+    return meta
+
+
+def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
+    """One DeepSpeed checkpoint as one checkpoint in the ``last.pt`` format, on the CPU, in fp32.
+
+    ``path``: a run directory (its newest DeepSpeed checkpoint) or a ``step-XXXXXXX`` directory. ``model`` is
+    the method's full state dict (the keys of a DDP run's ``last.pt``): the engine's parameters and buffers
+    rebuilt from the ZeRO partitions by DeepSpeed's ``zero_to_fp32`` (stages 1-3), plus the EMA modules.
+    ``step``, ``data``, ``config`` and ``rng`` as saved; no optimizer state (``optimizer`` is None).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    if not (path / META).is_file():
+        found = find_deepspeed_resume(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
+        path = found
+    meta = load_meta(path)
+    engine_state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    # ZeRO-1 checkpoints do not list frozen parameters for zero_to_fp32 (stages 2-3 do); ZeRO-1 does not partition
+    # parameters, so the module state saved beside the partitions holds them whole (in the engine's dtype).
+    # DeepSpeed's own file: read as zero_to_fp32 reads it.
+    states = sorted((path / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
+    module = torch.load(states[0], map_location="cpu", weights_only=False)
+    for key, value in module["module"].items():
+        if key not in engine_state and value.numel() > 0:
+            engine_state[key] = value
+    model = {k: v.float() if v.is_floating_point() else v for k, v in engine_state.items()}
+    for name, state in meta["momentum"].items():
+        model.update({f"{name}.{key}": value for key, value in state.items()})
+    return {
+        "model": model,
+        "optimizer": None,
+        "step": meta["step"],
+        "data": meta["data"],
+        "rng": meta["rng"],
+        "config": meta["config"],
+        "version": VERSION,
+    }
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+
+
+class TorchStore:
+    """Checkpoints of a DDP / single-process run: ``step-XXXXXXX.pt`` files and ``last.pt`` (see the module doc).
+
+    ``save`` and ``load`` are collectives: every process calls them; the main process writes."""
+
+    def __init__(self, accelerator: Any, run_dir: Path, keep: int, model: nn.Module, optimizer: Any):
+        self.accelerator, self.run_dir, self.keep = accelerator, Path(run_dir), keep
+        self.model, self.optimizer = model, optimizer
+
+    def latest(self) -> Path | None:
+        return find_resume(self.run_dir)
+
+    def save(self, step: int, meta: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            state = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
+                     "optimizer": self.optimizer.state_dict(), **_scaler_state(self.accelerator), **meta}  # fmt: skip
+            save_checkpoint(self.run_dir, {**state, "step": step}, keep=self.keep)
+        self.accelerator.wait_for_everyone()
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = load_checkpoint(path)
+        # strict: a different architecture fails here, by key; every process loads the same weights
+        self.accelerator.unwrap_model(self.model).load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))  # after prepare: moments on the parameters' device
+        _load_scaler(self.accelerator, state.pop("scaler", None))
+        return state
+
+    def prune(self) -> None:
+        prune_steps(self.run_dir, self.keep)
+
+
+class DeepSpeedStore:
+    """Checkpoints of a DeepSpeed run: one directory per checkpoint (``save_deepspeed``); the EMA modules, kept
+    outside the engine, travel in our part. Resumes on the number of processes that saved it."""
+
+    def __init__(self, accelerator: Any, run_dir: Path, keep: int, engine: Any, momentum: Callable[[], nn.Module]):
+        self.accelerator, self.run_dir, self.keep, self.engine = accelerator, Path(run_dir), keep, engine
+        self.method = momentum  # the unwrapped method, holding the EMA modules as plain attributes
+
+    def latest(self) -> Path | None:
+        return find_deepspeed_resume(self.run_dir)
+
+    def save(self, step: int, meta: dict[str, Any]) -> None:
+        method = self.method()
+        momentum = {name: getattr(method, name).state_dict() for name in method.momentum_modules}
+        save_deepspeed(self.accelerator, self.engine, self.run_dir, {**meta, "step": step, "momentum": momentum},
+                       step, keep=self.keep)  # fmt: skip
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return load_deepspeed(self.engine, self.method(), path, self.accelerator.num_processes)
+
+    def prune(self) -> None:
+        newest = self.latest()
+        if newest is not None:
+            prune_step_dirs(self.run_dir, self.keep, newest)
+
+
+def checkpoint_store(accelerator: Any, run_dir: Path, keep: int, model: Any, optimizer: Any,
+                     deepspeed: bool) -> TorchStore | DeepSpeedStore:  # fmt: skip
+    """The store of a run (``model`` / ``optimizer`` as returned by ``accelerator.prepare``)."""
+    if deepspeed:
+        return DeepSpeedStore(accelerator, run_dir, keep, model, lambda: accelerator.unwrap_model(model))
+    return TorchStore(accelerator, run_dir, keep, model, optimizer)
+
+
+def _scaler_state(accelerator: Any) -> dict[str, Any]:
+    """fp16's GradScaler (loss scale, growth tracker): without it a resumed run restarts the loss scale."""
+    scaler = getattr(accelerator, "scaler", None)
+    return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+
+def _load_scaler(accelerator: Any, state: dict[str, Any] | None) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state:
+        scaler.load_state_dict(state)

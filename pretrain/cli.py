@@ -23,11 +23,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     configure(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler="pretrain.main:run")  # imported by the medfm command once chosen
     return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    from pretrain.main import pretrain
-
-    return pretrain(args.config, args.overrides)

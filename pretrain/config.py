@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config that cannot be trained: unknown key, wrong type, missing or inconsistent value."""
+from pretrain.errors import ConfigError
+from pretrain.methods import METHODS
 
 
 class Precision(str, Enum):
@@ -68,50 +67,6 @@ class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name
     drop_path_rate: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. {patch_size: 8}
-
-
-@dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-
-
-@dataclass
-class DINOConfig:
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_output_dim: int = 65536
-    head_batch_norm: bool = False
-    norm_last_layer: bool = True
-    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
-    local_crop_size: int = 96  # ViTs: a multiple of the patch size; global crops use augment.crop_scale
-    num_local_crops: int = 8
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04  # reached after the warm-up
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996  # cosine schedule from this to 1.0 over training
-    freeze_last_layer_epochs: float = 1.0
-
-
-@dataclass
-class SimCLRConfig:
-    hidden_dim: int = 2048
-    output_dim: int = 128
-    num_layers: int = 2
-    temperature: float = 0.1
-
-
-@dataclass
-class MoCoConfig:
-    hidden_dim: int = 4096
-    output_dim: int = 256
-    temperature: float = 0.2
-    momentum: float = 0.99  # cosine schedule from this to 1.0 over training
 
 
 @dataclass
@@ -192,15 +147,10 @@ class DerivedConfig:
 
 
 @dataclass
-class PretrainConfig:
-    method: str = "mae"  # a key of pretrain.methods.METHODS
+class _RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,6 +159,21 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+
+def _schema() -> type:
+    """The schema: ``method``, the run sections, then one section per method, declared beside its code
+    (``SSLMethod.Config``, named by its ``METHODS`` key): adding a method edits no line here."""
+    run = [(f.name, type(f.default_factory()), field(default_factory=f.default_factory)) for f in fields(_RunConfig)]
+    methods = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in METHODS.items()]
+    method = ("method", str, field(default="mae"))  # a key of pretrain.methods.METHODS
+    sections = [method, *run[:3], *methods, *run[3:]]  # data, augment, model; methods; optim ... derived
+    schema = make_dataclass("PretrainConfig", sections)
+    schema.__module__ = __name__
+    return schema
+
+
+PretrainConfig = _schema()
 
 
 def _known_keys(schema: type, dotted: str) -> list[str]:
@@ -291,8 +256,6 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
 
-    from pretrain.methods import METHODS  # late import: methods import torch/timm/lightly
-
     need(cfg.method in METHODS, "method", f"must be one of {sorted(METHODS)}")
     for key in ("train.batch_size", "train.grad_accum", "data.img_size", "data.in_chans", "checkpoint.every_steps"):
         need(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
@@ -300,7 +263,6 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.checkpoint.keep >= 0, "checkpoint.keep", "must be >= 0")
     need(cfg.schedule.epochs > 0, "schedule.epochs", "must be > 0")
     need(0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]")
-    need(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
     need(cfg.knn.every_steps == 0 or cfg.knn.spec is not None, "knn.spec", "is needed when knn.every_steps > 0")
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
@@ -317,12 +279,13 @@ def validate(cfg: DictConfig) -> None:
         "augment.crop_ratio",
         "augment.blur_sigma",
         "optim.betas",
-        "dino.local_crop_scale",
     ):
         value = list(OmegaConf.select(cfg, key))
         need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")
     for key in ("augment.mean", "augment.std"):
         need(len(OmegaConf.select(cfg, key)) in (1, cfg.data.in_chans), key, "needs 1 or data.in_chans values")
+    for name, method in METHODS.items():
+        method.check_config(cfg[name], lambda ok, key, what, name=name: need(ok, f"{name}.{key}", what))
 
 
 def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
@@ -352,11 +315,6 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     }
     cfg.derived = OmegaConf.merge(cfg.derived, derived)
     return cfg
-
-
-def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
-    """A duration given in (fractional) epochs, as optimizer steps; needs ``derive`` first."""
-    return round(epochs * cfg.derived.steps_per_epoch)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

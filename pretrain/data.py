@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from data_shards.codec import match_channels
 from data_shards.specs import open_dataset
-from data_shards.stream import distributed_rank_world, match_channels
 
 ViewsTransform = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -83,8 +83,10 @@ class SeededViews(Dataset):
 class StreamViews(IterableDataset):
     """Stream (``set_epoch``-able, deterministic per (seed, epoch, rank, worker)) + views transform."""
 
-    def __init__(self, stream: IterableDataset, transform: ViewsTransform, in_chans: int, seed: int):
-        self.stream, self.transform, self.in_chans, self.seed = stream, transform, in_chans, seed
+    def __init__(self, stream: IterableDataset, transform: ViewsTransform, in_chans: int, seed: int, rank: int):
+        # The rank is given, not read from the environment inside a worker: without a launcher's RANK every
+        # process would read 0 and two ranks would draw the same augmentations.
+        self.stream, self.transform, self.in_chans, self.seed, self.rank = stream, transform, in_chans, seed, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,9 +96,8 @@ class StreamViews(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        rank, _ = distributed_rank_world()
         for count, sample in enumerate(self.stream):
-            seed = sample_seed(self.seed, self.epoch, rank, worker, count)
+            seed = sample_seed(self.seed, self.epoch, self.rank, worker, count)
             yield _views(sample, self.transform, self.in_chans, seed)
 
 
@@ -142,7 +143,7 @@ class EpochLoader:
             "generator": torch.Generator(),
         }
         if self.streaming:
-            self.dataset = StreamViews(source, transform, in_chans, seed)
+            self.dataset = StreamViews(source, transform, in_chans, seed, rank)
             self.sampler = None
             self.loader = DataLoader(self.dataset, **common)
         else:

@@ -5,11 +5,9 @@
   collective. A rendezvous that does not complete raises :class:`DistributedFailure` after the timeout.
 - ``collective_failure(err)``: tells a dead / hung peer apart from other errors, so that the run ends with a
   clear message and :data:`EXIT_DISTRIBUTED` rather than a traceback deep in gloo or a hang.
-- DeepSpeed specifics (the engine owns parameters, optimizer state and checkpoints):
-  ``keep_momentum_outside_engine`` (the EMA teacher / momentum encoder stays an fp32, unsharded module beside the
-  engine), ``gathered_parameters`` (full student parameters for the EMA update under ZeRO-3),
-  ``save_deepspeed`` / ``load_deepspeed`` (one directory per checkpoint, renamed into place, ``last`` symlink),
-  ``consolidate_deepspeed`` (one fp32 state dict in the ``last.pt`` format, via ``zero_to_fp32``).
+- DeepSpeed setup (the engine owns parameters and optimizer state): ``keep_momentum_outside_engine`` (the EMA
+  teacher / momentum encoder stays an fp32, unsharded module beside the engine), ``gathered_parameters`` (full
+  student parameters for the EMA update under ZeRO-3). Its checkpoints are ``pretrain.checkpoint``'s business.
 - ``shutdown(accelerator)``: barrier + ``destroy_process_group`` (a 2-process ZeRO-3 run aborted at exit without).
 
 Accelerate 1.15 with DeepSpeed on CPU: with ``Accelerator(cpu=True)`` accelerate never takes its DeepSpeed path,
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -38,18 +35,13 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupK
 from omegaconf import DictConfig
 from torch import nn
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import Backend, ConfigError, Precision
+from pretrain.config import Backend, Precision
+from pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
 
-# A distributed failure (peer died, hung, or never joined): not a config error (2), not divergence (1).
-EXIT_DISTRIBUTED = 3
+__all__ = ["EXIT_DISTRIBUTED", "DistributedFailure", "make_accelerator", "shutdown"]
 DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
 META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
 LAST_DIR = "last"  # symlink to the newest DeepSpeed checkpoint directory
-
-
-class DistributedFailure(RuntimeError):
-    """A rendezvous that did not complete, or a peer that died or stopped answering."""
 
 
 def _launched() -> bool:
@@ -277,10 +269,6 @@ def prepare_deepspeed(
     return engine, optimizer
 
 
-def momentum_state(method: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: getattr(method, name).state_dict() for name in method.momentum_modules}
-
-
 def gathered_parameters(accelerator: Accelerator, model: nn.Module):
     """Context in which ``model``'s parameters are whole on every rank (read-only): ZeRO-3 only."""
     if zero_stage(accelerator) != 3:
@@ -303,131 +291,6 @@ def register_external_parameters(model: nn.Module) -> None:
         if next(module.children(), None) is not None or module._forward_pre_hooks:
             for param in module.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(model, param)
-
-
-def _rank0_then_all(accelerator: Accelerator, fn) -> None:
-    if accelerator.is_main_process:
-        fn()
-    accelerator.wait_for_everyone()
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"step-{step:07d}"
-
-
-def save_deepspeed(
-    accelerator: Accelerator, engine: Any, run_dir: Path, meta: dict[str, Any] | None, step: int, keep: int
-) -> Path:
-    """Collective: every rank writes its ZeRO partitions into ``.step-XXXXXXX.tmp/``, rank 0 adds ``medfm.pt``
-    (``meta``: step, data, rng, config, EMA modules), renames the folder to ``step-XXXXXXX`` and points the
-    ``last`` symlink at it (both atomic), then deletes all but the ``keep`` newest. A crash at any point leaves
-    the previous ``last`` intact. Assumes a run directory shared by all ranks (as on a cluster file system)."""
-    run_dir = Path(run_dir)
-    final, tmp = step_dir(run_dir, step), run_dir / f".step-{step:07d}.tmp"
-    _rank0_then_all(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.atomic_save({**meta, "version": ckpt.VERSION}, tmp / META)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        link = run_dir / f".{LAST_DIR}.tmp"
-        link.unlink(missing_ok=True)
-        os.symlink(final.name, link)
-        os.replace(link, run_dir / LAST_DIR)
-        done = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
-        for old in done[: -keep or None] if keep else done[:-1]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def find_deepspeed_resume(run_dir: str | Path) -> Path | None:
-    """The checkpoint directory ``last`` points at, else the newest complete ``step-*`` directory, else None."""
-    run_dir = Path(run_dir)
-    last = run_dir / LAST_DIR
-    if (last / META).is_file():
-        return last.resolve()
-    done = sorted(p for p in run_dir.glob("step-*") if (p / META).is_file())
-    return done[-1] if done else None
-
-
-def load_meta(path: Path) -> dict[str, Any]:
-    meta = torch.load(Path(path) / META, map_location="cpu", weights_only=True)
-    if meta.get("version") != ckpt.VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta.get('version')} (this code reads {ckpt.VERSION})")
-    return meta
-
-
-def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) -> dict[str, Any]:
-    """Collective: load the ZeRO partitions of ``path`` into the engine (same number of processes as when saved)
-    and the EMA modules into ``method``; returns the checkpoint's ``medfm.pt`` (step, data, rng, config)."""
-    meta = load_meta(path)
-    saved = len(meta["rng"])
-    if saved != world_size:
-        raise ConfigError(
-            f"{path}: a DeepSpeed checkpoint resumes on the number of processes that saved it ({saved}, now "
-            f"{world_size}); consolidate it (pretrain.distributed.consolidate_deepspeed) to start a new run"
-        )
-    loaded, _ = engine.load_checkpoint(
-        str(path), tag=DEEPSPEED_TAG, load_module_strict=True, load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-    )  # fmt: skip
-    if loaded is None:
-        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
-    for name, state in meta["momentum"].items():
-        getattr(method, name).load_state_dict(state)
-    return meta
-
-
-def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
-    """One DeepSpeed checkpoint as one checkpoint in the ``last.pt`` format, on the CPU, in fp32.
-
-    ``path``: a run directory (its newest DeepSpeed checkpoint) or a ``step-XXXXXXX`` directory. ``model`` is
-    the method's full state dict (the keys of a DDP run's ``last.pt``): the engine's parameters and buffers
-    rebuilt from the ZeRO partitions by DeepSpeed's ``zero_to_fp32`` (stages 1-3), plus the EMA modules.
-    ``step``, ``data``, ``config`` and ``rng`` as saved; no optimizer state (``optimizer`` is None).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    path = Path(path)
-    if not (path / META).is_file():
-        found = find_deepspeed_resume(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
-        path = found
-    meta = load_meta(path)
-    engine_state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
-    # ZeRO-1 checkpoints do not list frozen parameters for zero_to_fp32 (stages 2-3 do); ZeRO-1 does not partition
-    # parameters, so the module state saved beside the partitions holds them whole (in the engine's dtype).
-    # DeepSpeed's own file: read as zero_to_fp32 reads it.
-    states = sorted((path / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
-    module = torch.load(states[0], map_location="cpu", weights_only=False)
-    for key, value in module["module"].items():
-        if key not in engine_state and value.numel() > 0:
-            engine_state[key] = value
-    model = {k: v.float() if v.is_floating_point() else v for k, v in engine_state.items()}
-    for name, state in meta["momentum"].items():
-        model.update({f"{name}.{key}": value for key, value in state.items()})
-    return {
-        "model": model,
-        "optimizer": None,
-        "step": meta["step"],
-        "data": meta["data"],
-        "rng": meta["rng"],
-        "config": meta["config"],
-        "version": ckpt.VERSION,
-    }
 
 
 @contextmanager

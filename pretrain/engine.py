@@ -23,13 +23,10 @@ from torch import nn
 
 from pretrain import distributed
 from pretrain.data import EpochLoader
+from pretrain.errors import Preempted, TrainingDiverged
 from pretrain.monitor import Monitor, effective_rank, embedding_std
-from pretrain.preemption import Preempted, StopRequest
+from pretrain.preemption import StopRequest
 from pretrain.schedules import cosine_schedule
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
 
 @dataclass

@@ -33,7 +33,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pretrain import checkpoint as ckpt
-from pretrain.config import ConfigError, PretrainConfig, to_dict
+from pretrain.config import PretrainConfig, to_dict
+from pretrain.errors import ConfigError, ReleaseError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -47,7 +48,7 @@ _TIMM_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
 _RUNTIME_KWARGS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate", "dynamic_img_size")
 
 
-class ExportError(RuntimeError):
+class ExportError(ReleaseError):
     """A run that cannot be released: no checkpoint, a checkpoint that does not match its config, bad keys."""
 
 
@@ -79,7 +80,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deeps
 
     The checkpoint is read with ``weights_only=True`` (no pickled code runs) and loaded strictly: a key that the
     rebuilt method does not have, or lacks, is an error naming it. DeepSpeed ZeRO runs save checkpoint
-    directories; with ``deepspeed=True`` they are consolidated (``pretrain.distributed.consolidate_deepspeed``,
+    directories; with ``deepspeed=True`` they are consolidated (``pretrain.checkpoint.consolidate_deepspeed``,
     fp32 full weights) to the same contract. That reads DeepSpeed's own files, which are full pickles: only for
     one's own runs (``medfm export``); downstream loading passes ``deepspeed=False`` and asks for an export.
     """
@@ -100,9 +101,8 @@ def _checkpoint_state(run_dir: Path, checkpoint: str | Path | None, deepspeed: b
     path = Path(checkpoint) if checkpoint is not None else ckpt.find_resume(run_dir)
     if path is not None and path.is_file():
         return ckpt.load_checkpoint(path), path
-    from pretrain import distributed  # DeepSpeed ZeRO checkpoints are directories
 
-    found = path if path is not None and path.is_dir() else distributed.find_deepspeed_resume(run_dir)
+    found = path if path is not None and path.is_dir() else ckpt.find_deepspeed_resume(run_dir)
     if found is None:
         raise ExportError(
             f"{run_dir}: no checkpoint to export (expected {ckpt.LAST}, step-*.pt or a DeepSpeed step-*/)"
@@ -112,7 +112,7 @@ def _checkpoint_state(run_dir: Path, checkpoint: str | Path | None, deepspeed: b
             f"{found}: a DeepSpeed ZeRO checkpoint (its shard files are full pickles): release it first with "
             f"`medfm export {run_dir} --out RELEASE_DIR`, then load the release"
         )
-    return distributed.consolidate_deepspeed(found), found
+    return ckpt.consolidate_deepspeed(found), found
 
 
 def _load_method_state(method: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

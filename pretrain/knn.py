@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from data_shards.stream import match_channels
+from data_shards.codec import match_channels
 from pretrain.backbones import pooled_features
 
 

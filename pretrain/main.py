@@ -8,7 +8,7 @@ Several processes: launch the same command with ``accelerate launch --multi_gpu 
 [--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
 per process (``slurm/pretrain.sbatch``). ``dist.backend=deepspeed`` (``dist.zero_stage`` 1-3 or
 ``dist.deepspeed_config``) trains with DeepSpeed ZeRO; its checkpoints are directories (``step-XXXXXXX/``, ``last``
--> the newest), resumed on the same number of processes, consolidated by ``pretrain.distributed.consolidate_deepspeed``.
+-> the newest), resumed on the same number of processes, consolidated by ``pretrain.checkpoint.consolidate_deepspeed``.
 Exit codes: 0 done, 1 diverged, 2 bad config, 3 distributed failure (a peer died or hung, or the rendezvous did not
 complete within ``dist.timeout_s``), 75 checkpointed on a stop signal (requeue).
 """
@@ -35,110 +35,73 @@ from torch.utils.data import IterableDataset
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as dist
 from pretrain.cli import configure
-from pretrain.config import ConfigError, derive, load_config, save_config, to_dict
+from pretrain.config import derive, load_config, save_config, to_dict
 from pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
-from pretrain.engine import Schedules, TrainingDiverged, build_optimizer, train
+from pretrain.engine import Schedules, build_optimizer, train
+from pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
 from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
 from pretrain.monitor import Monitor
-from pretrain.preemption import EXIT_REQUEUE, Preempted, StopRequest
+from pretrain.preemption import StopRequest
 
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:
-    """Run (or resume) one pretraining run; returns the process exit code (2: bad config, 1: diverged)."""
+    """Run (or resume) one pretraining run; returns the process exit code (``pretrain.errors``)."""
+    return run_command("pretrain", lambda: run_pretraining(load_config(config, overrides)))
+
+
+# The JSON event a known failure leaves in metrics.jsonl.
+_FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", DistributedFailure: "distributed_failure"}
+
+
+def run_pretraining(cfg: DictConfig) -> int:
+    """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
+    accelerator = dist.make_accelerator(cfg)
+    monitor, failed = None, False
     try:
-        cfg = load_config(config, overrides)
-        accelerator = dist.make_accelerator(cfg)
         loader, model, evaluate = build(cfg, accelerator)
-    except ConfigError as err:
-        print(f"medfm pretrain: {err}", file=sys.stderr)
-        return 2
-    except dist.DistributedFailure as err:
-        print(f"medfm pretrain: {err}", file=sys.stderr)
-        return dist.EXIT_DISTRIBUTED
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(model, cfg)
-    try:
+        run_dir = Path(cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         with dist.as_collective_failure(cfg):
-            model, optimizer, start_step, resumed_from, notes = resume(cfg, accelerator, model, optimizer, run_dir)
-    except ConfigError as err:
-        print(f"medfm pretrain: {err}", file=sys.stderr)
-        dist.shutdown(accelerator)
-        return 2
-    except dist.DistributedFailure as err:
-        print(f"medfm pretrain: {err}", file=sys.stderr)
-        dist.shutdown(accelerator, failed=True)
-        return dist.EXIT_DISTRIBUTED
-    if dist.zero_stage(accelerator) == 3 and (evaluate is not None or cfg.logging.figure_every_steps):
-        # Figures and the kNN monitor run a model on the main process only; ZeRO-3 needs every rank for that.
-        evaluate, cfg.logging.figure_every_steps = None, 0
-        notes.append("ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")
-
-    monitor = Monitor(
-        run_dir,
-        enabled=accelerator.is_main_process,
-        total_steps=cfg.derived.total_steps,
-        start_step=start_step,
-        tensorboard=cfg.logging.tensorboard,
-        progress_bar=cfg.logging.progress_bar,
-    )
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    derived = ", ".join(f"{k}={v}" for k, v in cfg.derived.items())
-    start = {"event": "start", "step": start_step, "derived": to_dict(cfg)["derived"]}
-    monitor.message(f"{cfg.method} on {cfg.model.backbone}: {derived}", **start)
-    if resumed_from is not None:
-        monitor.message(f"resumed from {resumed_from} at step {start_step}", event="resume", step=start_step)
-    for note in notes:
-        monitor.message(f"warning: {note}")
-
-    try:
+            model, optimizer, store = prepare(cfg, accelerator, model, run_dir)
+            start_step, resumed_from, notes = resume(cfg, accelerator, store)
+        if dist.zero_stage(accelerator) == 3 and (evaluate is not None or cfg.logging.figure_every_steps):
+            # Figures and the kNN monitor run a model on the main process only; ZeRO-3 needs every rank for that.
+            evaluate, cfg.logging.figure_every_steps = None, 0
+            notes.append("ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")
+        monitor = Monitor(run_dir, enabled=accelerator.is_main_process, total_steps=cfg.derived.total_steps,
+                          start_step=start_step, tensorboard=cfg.logging.tensorboard,
+                          progress_bar=cfg.logging.progress_bar)  # fmt: skip
+        if accelerator.is_main_process:
+            save_config(cfg, run_dir / "config.yaml")
+        derived = ", ".join(f"{k}={v}" for k, v in cfg.derived.items())
+        start = {"event": "start", "step": start_step, "derived": to_dict(cfg)["derived"]}
+        monitor.message(f"{cfg.method} on {cfg.model.backbone}: {derived}", **start)
+        if resumed_from is not None:
+            monitor.message(f"resumed from {resumed_from} at step {start_step}", event="resume", step=start_step)
+        for note in notes:
+            monitor.message(f"warning: {note}")
         with StopRequest() as stop, dist.as_collective_failure(cfg):
-            step = train(
-                cfg=cfg,
-                accelerator=accelerator,
-                model=model,
-                optimizer=optimizer,
-                loader=loader,
-                schedules=Schedules.from_config(cfg),
-                monitor=monitor,
-                save=saver(cfg, accelerator, model, optimizer, run_dir),
-                start_step=start_step,
-                evaluate=evaluate,
-                stop=stop,
-            )
-    except TrainingDiverged as err:
-        monitor.message(f"medfm pretrain: {err}", event="diverged", message=str(err))
-        monitor.close()
-        dist.shutdown(accelerator)
-        return 1
-    except Preempted as err:
-        monitor.message(f"medfm pretrain: {err}", event="preempted", step=err.step, signal=err.signal_name)
-        monitor.close()
+            step = train(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
+                         schedules=Schedules.from_config(cfg), monitor=monitor, save=saver(cfg, store),
+                         start_step=start_step, evaluate=evaluate, stop=stop)  # fmt: skip
+        if accelerator.is_main_process:
+            export(cfg, released_method(cfg, accelerator, model, run_dir), run_dir, step)
+        weights = run_dir / "backbone.safetensors"
+        monitor.message(f"done at step {step}; backbone weights: {weights}", event="done", step=step)
         accelerator.end_training()
-        dist.shutdown(accelerator)
-        return EXIT_REQUEUE
-    except dist.DistributedFailure as err:
-        print(f"medfm pretrain: {err}", file=sys.stderr)
-        monitor.message(f"medfm pretrain: {err}", event="distributed_failure", message=str(err))
-        monitor.close()
-        dist.shutdown(accelerator, failed=True)
-        return dist.EXIT_DISTRIBUTED
-    if accelerator.is_main_process:
-        if dist.uses_deepspeed(accelerator):
-            # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state.
-            method = METHODS[cfg.method].from_config(cfg)
-            method.load_state_dict(dist.consolidate_deepspeed(run_dir)["model"])
-        else:
-            method = accelerator.unwrap_model(model)
-        export(cfg, method, run_dir, step)
-    weights = run_dir / "backbone.safetensors"
-    monitor.message(f"done at step {step}; backbone weights: {weights}", event="done", step=step)
-    monitor.close()
-    accelerator.end_training()
-    dist.shutdown(accelerator)
-    return 0
+        return step
+    except Exception as err:
+        failed = isinstance(err, DistributedFailure)
+        event = next((name for kind, name in _FAILURE_EVENTS.items() if isinstance(err, kind)), None)
+        if monitor is not None and event is not None:
+            fields = {"step": err.step, "signal": err.signal_name} if isinstance(err, Preempted) else {}
+            monitor.event(event=event, message=str(err), **fields)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.close()
+        dist.shutdown(accelerator, failed=failed)
 
 
 def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMethod, Callable | None]:
@@ -168,46 +131,52 @@ def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMe
     return loader, method_cls.from_config(cfg), evaluate
 
 
-def resume(
-    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
-) -> tuple[nn.Module, torch.optim.Optimizer, int, Path | None, list[str]]:
-    """Load the run directory's last checkpoint if any, prepare model and optimizer, set the random streams.
-
-    Returns (model, optimizer, start step, checkpoint path or None, warnings about config changes)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if dist.uses_deepspeed(accelerator):
-        return resume_deepspeed(cfg, accelerator, model, optimizer, run_dir)
-    path = ckpt.find_resume(run_dir)
-    state = ckpt.load_checkpoint(path) if path is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])  # strict: a different architecture fails here, by key
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if state is None:
-        seed_process(cfg.train.seed, rank, 0)
-        return model, optimizer, 0, None, []
-    optimizer.load_state_dict(state["optimizer"])  # after prepare: moments land on the parameters' device
-    notes = config_changes(state["config"], to_dict(cfg))
-    if len(state["rng"]) == world:
-        ckpt.restore_rng(state["rng"][rank])
+def prepare(
+    cfg: DictConfig, accelerator: Accelerator, method: SSLMethod, run_dir: Path
+) -> tuple[nn.Module, torch.optim.Optimizer, ckpt.TorchStore | ckpt.DeepSpeedStore]:
+    """``accelerator.prepare`` (DeepSpeed: EMA modules kept outside the engine) and the run's checkpoint store."""
+    optimizer = build_optimizer(method, cfg)
+    deepspeed = dist.uses_deepspeed(accelerator)
+    if deepspeed:
+        model, optimizer = dist.prepare_deepspeed(accelerator, cfg, method, optimizer)
     else:
-        notes.append(f"process count changed ({len(state['rng'])} -> {world}): random streams reseeded")
-        seed_process(cfg.train.seed, rank, state["step"])
-    return model, optimizer, state["step"], path, notes
+        model, optimizer = accelerator.prepare(method, optimizer)
+    return (
+        model,
+        optimizer,
+        ckpt.checkpoint_store(accelerator, run_dir, cfg.checkpoint.keep, model, optimizer, deepspeed),
+    )
 
 
-def resume_deepspeed(
-    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
-) -> tuple[nn.Module, torch.optim.Optimizer, int, Path | None, list[str]]:
-    """``resume`` for DeepSpeed: the EMA modules stay outside the engine; the engine loads its own partitions."""
+def resume(
+    cfg: DictConfig, accelerator: Accelerator, store: ckpt.TorchStore | ckpt.DeepSpeedStore
+) -> tuple[int, Path | None, list[str]]:
+    """Load the store's latest checkpoint if any and set the random streams.
+
+    Returns (start step, checkpoint path or None, warnings about config changes)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    engine, optimizer = dist.prepare_deepspeed(accelerator, cfg, model, optimizer)
-    path = dist.find_deepspeed_resume(run_dir)
+    path = store.latest()
     if path is None:
         seed_process(cfg.train.seed, rank, 0)
-        return engine, optimizer, 0, None, []
-    meta = dist.load_deepspeed(engine, accelerator.unwrap_model(engine), path, world)
-    ckpt.restore_rng(meta["rng"][rank])
-    return engine, optimizer, meta["step"], path, config_changes(meta["config"], to_dict(cfg))
+        return 0, None, []
+    meta = store.load(path)
+    notes = config_changes(meta["config"], to_dict(cfg))
+    if len(meta["rng"]) == world:
+        ckpt.restore_rng(meta["rng"][rank])
+    else:
+        notes.append(f"process count changed ({len(meta['rng'])} -> {world}): random streams reseeded")
+        seed_process(cfg.train.seed, rank, meta["step"])
+    return meta["step"], path, notes
+
+
+def released_method(cfg: DictConfig, accelerator: Accelerator, model: nn.Module, run_dir: Path) -> SSLMethod:
+    """The trained method, whole and in fp32, on the main process."""
+    if not dist.uses_deepspeed(accelerator):
+        return accelerator.unwrap_model(model)
+    # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state.
+    method = METHODS[cfg.method].from_config(cfg)
+    method.load_state_dict(ckpt.consolidate_deepspeed(run_dir)["model"])
+    return method
 
 
 def gather_rng() -> list[dict[str, Any]]:
@@ -218,39 +187,15 @@ def gather_rng() -> list[dict[str, Any]]:
     return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buffer.getvalue()])]
 
 
-def saver(
-    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
-) -> Callable[[int], None]:
-    """``save(step)``: every process sends its RNG states (a collective), the main process writes.
-
-    DeepSpeed: every process writes its partitions into one directory per checkpoint (``step-XXXXXXX/``, the
-    ``last`` symlink), see ``pretrain.distributed.save_deepspeed``."""
+def saver(cfg: DictConfig, store: ckpt.TorchStore | ckpt.DeepSpeedStore) -> Callable[[int], None]:
+    """``save(step)``: every process sends its RNG states (a collective), then the store writes (a collective)."""
     per_epoch = cfg.derived.steps_per_epoch
 
-    def position(step: int) -> dict[str, int]:
-        return {"epoch": step // per_epoch, "batches_done": (step % per_epoch) * cfg.train.grad_accum}
-
-    def save_deepspeed(step: int) -> None:
-        method = accelerator.unwrap_model(model)
-        meta = {"step": step, "data": position(step), "rng": gather_rng(), "config": to_dict(cfg),
-                "momentum": dist.momentum_state(method)}  # fmt: skip
-        dist.save_deepspeed(accelerator, model, run_dir, meta, step, keep=cfg.checkpoint.keep)
-
     def save(step: int) -> None:
-        rng = gather_rng()
-        if accelerator.is_main_process:
-            state = {
-                "model": accelerator.unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "data": position(step),
-                "rng": rng,
-                "config": to_dict(cfg),
-            }
-            ckpt.save_checkpoint(run_dir, state, keep=cfg.checkpoint.keep)
-        accelerator.wait_for_everyone()
+        position = {"epoch": step // per_epoch, "batches_done": (step % per_epoch) * cfg.train.grad_accum}
+        store.save(step, {"data": position, "rng": gather_rng(), "config": to_dict(cfg)})
 
-    return save_deepspeed if dist.uses_deepspeed(accelerator) else save
+    return save
 
 
 def knn_monitor(cfg: DictConfig, device: torch.device) -> KNNMonitor:
@@ -306,10 +251,14 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return notes
 
 
+def run(args: argparse.Namespace) -> int:
+    """The ``medfm pretrain`` handler (``pretrain.cli`` names it, the ``medfm`` command imports it when chosen)."""
+    return pretrain(args.config, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = configure(argparse.ArgumentParser(prog="python -m pretrain.main", description=__doc__))
-    args = parser.parse_args(argv)
-    return pretrain(args.config, args.overrides)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,12 @@ class Monitor:
             return
         tqdm.write(text, file=sys.stderr)
         if event:
-            self.jsonl.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+            self.event(**event)
+
+    def event(self, **fields: Any) -> None:
+        """A JSON line only (what was already said to the user elsewhere)."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
             self.jsonl.flush()
 
     def close(self) -> None:

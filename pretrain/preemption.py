@@ -13,18 +13,10 @@ import signal
 import threading
 from types import FrameType
 
-# EX_TEMPFAIL from sysexits.h: "try again later", what a requeued job does.
-EXIT_REQUEUE = 75
+from pretrain.errors import EXIT_REQUEUE, Preempted
+
+__all__ = ["EXIT_REQUEUE", "STOP_SIGNALS", "Preempted", "StopRequest"]
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class Preempted(Exception):
-    """Raised by the training loop after the checkpoint of ``step`` is written."""
-
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"{signal_name} received: checkpoint written at step {step}, exiting for requeue")
-        self.step = step
-        self.signal_name = signal_name
 
 
 class StopRequest:

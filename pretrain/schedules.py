@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from omegaconf import DictConfig
 
 
 def cosine_schedule(
@@ -26,3 +27,8 @@ def linear_warmup_schedule(start: float, end: float, total_steps: int, warmup_st
     warmup_steps = min(warmup_steps, total_steps)
     warmup = np.linspace(start, end, warmup_steps, endpoint=False)
     return np.concatenate([warmup, np.full(total_steps - warmup_steps, end)])
+
+
+def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
+    """A duration given in (fractional) epochs, as optimizer steps; needs ``pretrain.config.derive`` first."""
+    return round(epochs * cfg.derived.steps_per_epoch)

@@ -9,12 +9,15 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
   them outside the engine (``pretrain.distributed.keep_momentum_outside_engine``).
 - ``export_backbone()``: the module to release (teacher, momentum encoder or encoder).
 - ``figures(views)``: pictures to log, ``{name: (3, H, W) in [0, 1]}``.
+- ``Config``: the dataclass of its config section, declared beside the method (``pretrain.config`` adds it to the
+  schema under the method's ``METHODS`` key); ``check_config`` validates it.
 - ``from_config(cfg)`` / ``build_transform(cfg)``: the only places a method reads the config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +31,12 @@ from pretrain.transforms import MedicalAugment, RandomIntensity
 class SSLMethod(nn.Module):
     """Base class of the pretraining objectives (see the module docstring for the contract)."""
 
+    Config: ClassVar[type]  # the dataclass of the method's config section (cfg.<METHODS key>)
     momentum_modules: tuple[str, ...] = ()
+
+    @staticmethod
+    def check_config(section: DictConfig, need: Callable[[bool, str, str], None]) -> None:
+        """Checks of the method's section that its types cannot express: ``need(ok, key, what)``."""
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: list of (B, C, H, W) batches (one per augmented view); step: optimizer step (for schedules)."""

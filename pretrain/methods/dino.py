@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,12 +23,33 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pretrain.backbones import is_vit, pooled_features
-from pretrain.config import ConfigError, epochs_to_steps
+from pretrain.errors import ConfigError
 from pretrain.methods.base import SSLMethod, at_step, augment_from_config, backbone_from_config
-from pretrain.schedules import cosine_schedule, linear_warmup_schedule
+from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MultiView, multi_crop
 
 NUM_GLOBAL_CROPS = 2
+
+
+@dataclass
+class DINOConfig:
+    """The ``dino:`` config section."""
+
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_output_dim: int = 65536
+    head_batch_norm: bool = False
+    norm_last_layer: bool = True
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crop_size: int = 96  # ViTs: a multiple of the patch size; global crops use augment.crop_scale
+    num_local_crops: int = 8
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine schedule from this to 1.0 over training
+    freeze_last_layer_epochs: float = 1.0
 
 
 class DINO(SSLMethod):
@@ -40,6 +62,13 @@ class DINO(SSLMethod):
         freeze_last_layer_steps: the head's last layer gets no update for this many first steps.
         head_*: ``DINOProjectionHead`` sizes; ``head_batch_norm`` is an option for CNNs.
     """
+
+    Config = DINOConfig
+
+    @staticmethod
+    def check_config(section, need) -> None:
+        scale = list(section.local_crop_scale)
+        need(len(scale) == 2 and scale[0] <= scale[1], "local_crop_scale", "must be [low, high]")
 
     momentum_modules = ("teacher_backbone", "teacher_head")
 

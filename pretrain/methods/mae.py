@@ -9,6 +9,8 @@ Medical recipe (Xiao et al. 2023, chest X-ray): mask ratio 0.90, random-resized-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from lightly.models import utils
@@ -18,9 +20,20 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from pretrain.backbones import is_vit
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
 from pretrain.transforms import MultiView
+
+
+@dataclass
+class MAEConfig:
+    """The ``mae:`` config section."""
+
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
 
 
 class MAE(SSLMethod):
@@ -32,6 +45,12 @@ class MAE(SSLMethod):
         norm_pix_loss: regress per-patch normalised pixels (mean 0, var 1 per patch).
         decoder_dim, decoder_depth, decoder_heads: the light decoder's width, blocks and heads.
     """
+
+    Config = MAEConfig
+
+    @staticmethod
+    def check_config(section, need) -> None:
+        need(0.0 <= section.mask_ratio < 1.0, "mask_ratio", "must be in [0, 1)")
 
     def __init__(
         self,

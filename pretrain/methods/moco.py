@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,8 +48,20 @@ class MoCoV3Loss(nn.Module):
         return F.cross_entropy(logits, labels) * 2 * self.temperature
 
 
+@dataclass
+class MoCoConfig:
+    """The ``moco:`` config section."""
+
+    hidden_dim: int = 4096
+    output_dim: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.99  # cosine schedule from this to 1.0 over training
+
+
 class MoCo(SSLMethod):
     """MoCo v3. Args: backbone (any timm model), momentum per optimizer step, MLP sizes, temperature."""
+
+    Config = MoCoConfig
 
     momentum_modules = ("backbone_momentum", "projection_head_momentum")
 

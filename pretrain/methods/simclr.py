@@ -6,6 +6,8 @@ processes (``gather_distributed=True``: the effective batch of negatives is the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
@@ -17,8 +19,20 @@ from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_
 from pretrain.transforms import MultiView
 
 
+@dataclass
+class SimCLRConfig:
+    """The ``simclr:`` config section."""
+
+    hidden_dim: int = 2048
+    output_dim: int = 128
+    num_layers: int = 2
+    temperature: float = 0.1
+
+
 class SimCLR(SSLMethod):
     """Args: backbone (any timm model without classifier), projection head sizes, NT-Xent temperature."""
+
+    Config = SimCLRConfig
 
     def __init__(
         self,

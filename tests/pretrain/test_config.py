@@ -121,9 +121,15 @@ def test_every_224_recipe_builds(recipe):
 
 
 def test_subcommand_parser():
-    from pretrain.cli import add_parser, run
+    from medfm_cli import resolve_handler
+    from pretrain.cli import add_parser
+    from pretrain.main import run
 
     parser = argparse.ArgumentParser(prog="medfm")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["pretrain", "--config", "r.yaml", "optim.base_lr=1e-4", "train.seed=3"])
-    assert args.handler is run and args.config == "r.yaml" and args.overrides == ["optim.base_lr=1e-4", "train.seed=3"]
+    assert (
+        resolve_handler(args.handler) is run
+        and args.config == "r.yaml"
+        and args.overrides == ["optim.base_lr=1e-4", "train.seed=3"]
+    )

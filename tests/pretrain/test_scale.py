@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.distributed import consolidate_deepspeed, default_deepspeed_config
+from pretrain.checkpoint import consolidate_deepspeed
+from pretrain.distributed import default_deepspeed_config
 from pretrain.export import run_config
 from pretrain.methods import METHODS
 
