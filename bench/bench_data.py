@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from data_shards.codec import match_channels, pixels_to_tensor
 from data_shards.dicom import DicomFile
+from data_shards.manifest import Manifest
 from data_shards.records import ReadOptions
 from data_shards.stream import ShardStream
 from medfm_cli import main as medfm
@@ -81,7 +82,7 @@ def shard_rate(sources: list[str], out: Path, workers: int, extra: list[str]) ->
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"medfm shard failed on {sources}")
-    samples = json.loads((out / "manifest.json").read_text())["totals"]["samples"]
+    samples = Manifest.read(out).totals["samples"]
     return rate(samples, seconds), samples
 
 

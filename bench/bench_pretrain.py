@@ -28,6 +28,7 @@ from accelerate import Accelerator
 
 from data_shards.specs import MedMNISTDataset
 from pretrain.config import derive, load_config
+from pretrain.distributed import build_accelerator
 from pretrain.engine import Schedules, build_optimizer, train
 from pretrain.methods import METHODS
 from pretrain.monitor import Monitor
@@ -191,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found (pass --data)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
+    accelerator = build_accelerator(args.precision)
     results = {"device": str(accelerator.device), "threads": torch.get_num_threads(), "batch": args.batch,
                "precision": args.precision, "methods": {}}  # fmt: skip
     print(f"{'method':<8} {'backbone':<24} {'engine img/s':>12} {'bare img/s':>11} {'overhead':>9} "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
+from data_shards.manifest import MANIFEST, Manifest, ManifestError
 from data_shards.records import ReadOptions
 from data_shards.windows import parse_window
 
@@ -136,23 +136,23 @@ def shard_command(args: argparse.Namespace) -> int:
     from data_shards.inspect import summary_text
 
     print(summary_text(manifest))
-    print(f"wrote {args.out / 'manifest.json'}")
+    print(f"wrote {Manifest.path(args.out)}")
     return 0
 
 
 def inspect_command(shard_dir: Path, per_modality: int) -> int:
     from data_shards.inspect import summary_text, write_grids
 
-    manifest_path = shard_dir / "manifest.json"
-    if not manifest_path.is_file():
-        print(f"medfm shard inspect: {manifest_path} not found (not a finished shard set)", file=sys.stderr)
+    try:
+        manifest = Manifest.read(shard_dir)
+    except (FileNotFoundError, ManifestError) as error:
+        print(f"medfm shard inspect: {error}", file=sys.stderr)
         return 1
-    manifest = json.loads(manifest_path.read_text())
     print(summary_text(manifest))
-    for entry in manifest["skipped"][:20]:
+    for entry in manifest.skipped[:20]:
         print(f"  skipped {entry['source']}: {entry['reason']}")
-    if len(manifest["skipped"]) > 20:
-        print(f"  ... {len(manifest['skipped']) - 20} more in manifest.json")
+    if len(manifest.skipped) > 20:
+        print(f"  ... {len(manifest.skipped) - 20} more in {MANIFEST}")
     for path in write_grids(shard_dir, shard_dir / "inspect", per_modality=per_modality):
         print(f"wrote {path}")
     return 0

@@ -15,14 +15,15 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from data_shards.codec import decode_pixels
+from data_shards.manifest import Manifest
 from data_shards.stream import IMAGE_EXTENSIONS, shard_paths
 
 TILE = 160
 MAX_SHARDS_SCANNED = 16  # reservoir-sample from at most this many shards so inspect stays quick on huge sets
 
 
-def summary_text(manifest: dict) -> str:
-    totals = manifest["totals"]
+def summary_text(manifest: Manifest) -> str:
+    totals = manifest.totals
     lines = [
         f"shards: {totals['shards']}  samples: {totals['samples']}  bytes: {totals['bytes'] / 1e6:.1f} MB"
         f"  labeled: {totals['labeled']}",
@@ -33,10 +34,10 @@ def summary_text(manifest: dict) -> str:
     ]
     if totals["by_split"]:
         lines.append("by split:    " + ", ".join(f"{k} {v}" for k, v in totals["by_split"].items()))
-    if manifest.get("classes"):
-        lines.append("classes:     " + ", ".join(f"{k}={v}" for k, v in manifest["classes"].items()))
+    if manifest.classes:
+        lines.append("classes:     " + ", ".join(f"{k}={v}" for k, v in manifest.classes.items()))
     reasons: dict[str, int] = {}
-    for entry in manifest["skipped"]:
+    for entry in manifest.skipped:
         reason = entry["reason"].split(":")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):

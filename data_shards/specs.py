@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
+from data_shards.manifest import Manifest
 from data_shards.records import ReadOptions, SkipInput
 from data_shards.stream import ShardStream
 
@@ -37,7 +38,7 @@ def parse_spec(spec: str) -> DatasetSpec:
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in SPEC_KINDS:
         path = Path(spec)
-        if (path / "manifest.json").is_file():
+        if Manifest.exists(path):
             return DatasetSpec("shards", path)
         if path.suffix == ".npz":
             return DatasetSpec("medmnist", path)

@@ -25,17 +25,16 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_shards.codec import decode_pixels, label_value, match_channels, pixels_to_tensor
+from data_shards.manifest import Manifest
 
 IMAGE_EXTENSIONS = ("png", "npy")
 
 
-def shard_paths(shard_dir: Path) -> list[str]:
+def shard_paths(shard_dir: Path, manifest: Manifest | None = None) -> list[str]:
     """Shard files of a complete shard set, from its manifest (names checked to exist)."""
-    manifest_path = Path(shard_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{shard_dir}: no manifest.json (not a finished `medfm shard` output)")
-    manifest = json.loads(manifest_path.read_text())
-    paths = [str(Path(shard_dir) / shard["name"]) for shard in manifest["shards"]]
+    if manifest is None:
+        manifest = Manifest.read(shard_dir)
+    paths = [str(Path(shard_dir) / shard["name"]) for shard in manifest.shards]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"{shard_dir}: shards listed in the manifest are missing: {missing[:3]}")
@@ -76,9 +75,9 @@ class ShardStream(IterableDataset):
     ):
         super().__init__()
         self.shard_dir = Path(shard_dir)
-        self.urls = shard_paths(self.shard_dir)
-        manifest = json.loads((self.shard_dir / "manifest.json").read_text())
-        totals = manifest["totals"]
+        manifest = Manifest.read(self.shard_dir)
+        self.urls = shard_paths(self.shard_dir, manifest)
+        totals = manifest.totals
         self.total_samples = totals["by_split"].get(split, 0) if split else totals["samples"]
         if split and self.total_samples == 0:
             known = sorted(totals["by_split"])

@@ -30,11 +30,10 @@ from tqdm import tqdm
 
 from data_shards.codec import CODECS, content_hash, encode_pixels, hamming, perceptual_hash
 from data_shards.discover import Plan
+from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput
 
-MANIFEST = "manifest.json"
 JOURNAL = ".progress.jsonl"
-FORMAT = "medfm-shards/1"
 DEDUP_MODES = ("none", "exact", "near")
 
 
@@ -123,16 +122,6 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -321,7 +310,7 @@ class ShardWriter:
             return "duplicates_near"
         return None
 
-    def run(self) -> dict:
+    def run(self) -> Manifest:
         """Write all remaining shards and the manifest; return the manifest."""
         self._start_journal()
         state = self.state
@@ -372,11 +361,11 @@ class ShardWriter:
         if self._tar is not None:
             self._close_shard(len(self.plan.units), 0)
         manifest = self._manifest()
-        if manifest["totals"]["samples"] == 0:
+        if manifest.totals["samples"] == 0:
             raise ShardError(
-                f"no readable image in the inputs ({len(manifest['skipped'])} skipped; see the reasons above)"
+                f"no readable image in the inputs ({len(manifest.skipped)} skipped; see the reasons above)"
             )
-        _write_json_atomic(self.out / MANIFEST, manifest)
+        manifest.write(self.out)
         (self.out / JOURNAL).unlink()
         return manifest
 
@@ -401,15 +390,15 @@ class ShardWriter:
         if sample.meta.get("class_name") is not None and isinstance(sample.label, int):
             state.classes[str(sample.label)] = sample.meta["class_name"]
 
-    def _manifest(self) -> dict:
+    def _manifest(self) -> Manifest:
         state = self.state
         planned = [{"source": self._shown(s), "reason": r} for s, r in self.plan.skipped]
-        return {
-            "format": FORMAT,
-            "command": self.command,
-            "config": asdict(self.config) | {"path_salt": "<hidden>" if self.config.path_salt else ""},
-            "sources": sorted(set(self.plan.origins)),
-            "totals": {
+        return Manifest(
+            format=FORMAT,
+            command=self.command,
+            config=asdict(self.config) | {"path_salt": "<hidden>" if self.config.path_salt else ""},
+            sources=sorted(set(self.plan.origins)),
+            totals={
                 "samples": state.counters["samples"],
                 "shards": len(state.shards),
                 "bytes": sum(s["bytes"] for s in state.shards),
@@ -423,7 +412,7 @@ class ShardWriter:
                 "by_source": dict(sorted(state.by_source.items())),
                 "by_split": dict(sorted(state.by_split.items())),
             },
-            "classes": dict(sorted(state.classes.items(), key=lambda kv: int(kv[0]))),
-            "shards": state.shards,
-            "skipped": planned + state.skipped + self._pending_skips,
-        }
+            classes=dict(sorted(state.classes.items(), key=lambda kv: int(kv[0]))),
+            shards=state.shards,
+            skipped=planned + state.skipped + self._pending_skips,
+        )

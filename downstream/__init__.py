@@ -1,11 +1,13 @@
 """Downstream evaluation of pretrained backbones: load releases strictly, frozen-feature protocols (kNN, linear
 probe), fine-tuning, metrics and reports. Imports go one way: ``data_shards`` <- ``pretrain`` <- ``downstream``.
 
-- ``load``: a release folder, run directory or weights file -> a timm model, every key checked.
+- ``load``: a release (read and key-checked by ``pretrain.release``) -> a timm model for a task.
 - ``data``: labeled train / val / test splits of a dataset spec, the task they define, the eval transform.
 - ``features`` / ``knn`` / ``linear``: cached frozen features, DINO-style weighted kNN, logistic-regression probe.
-- ``finetune``: full fine-tuning with layer-wise lr decay, best-on-val, random-init baseline.
-- ``metrics`` / ``report``: MedMNIST-convention metrics; JSON, Markdown and PNG reports.
-- ``efficiency`` / ``robustness``: label budgets over seeds; corrupted test copies.
+- ``finetune``: full fine-tuning with layer-wise lr decay, best-on-val, random-init baseline, on pretraining's
+  ``train_step`` and checkpoint store (a killed run resumes).
+- ``metrics`` / ``report``: MedMNIST-convention metrics; JSON (with ``results_summary.json`` for the model card),
+  Markdown (the one summary table) and PNG reports.
+- ``efficiency`` / ``robustness``: the one label-budget loop over seeds; the one corrupted-test loop.
 - ``evaluate`` / ``cli`` / ``config``: ``medfm eval``, ``medfm finetune``, ``medfm export``.
 """

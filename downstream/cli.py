@@ -21,13 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write RELEASE_DIR with model.safetensors (timm key names), config.json (timm hub layout) and a "
             "README.md model card, from the newest checkpoint of RUN_DIR (DINO: teacher, MoCo: momentum encoder, "
-            "MAE: encoder). Downstream results under RUN_DIR/eval/ and RUN_DIR/finetune/ (or given with --results) go into the card."
+            "MAE: encoder). Downstream results (every results_summary.json under RUN_DIR, and any --results file or folder) go into the card."
         ),
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="pretraining run directory (last.pt / step-*.pt)")
     export.add_argument("--out", required=True, metavar="RELEASE_DIR", help="release folder to write")
     export.add_argument("--checkpoint", help="export this checkpoint file instead of the newest")
-    export.add_argument("--results", nargs="*", default=[], metavar="RESULTS_JSON", help="results.json files for the card")  # fmt: skip
+    export.add_argument("--results", nargs="*", default=[], metavar="RESULTS", help="results_summary.json / results.json files, or folders to search, for the card")  # fmt: skip
     export.add_argument("--overwrite", action="store_true", help="replace the files of an existing release folder")
     export.set_defaults(handler=run_export)
 

@@ -11,8 +11,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pretrain.config import load_structured
-from pretrain.errors import ConfigError
+from pretrain.config import Need, config_need, load_structured
 
 PROTOCOLS = ("knn", "linear")
 INITS = ("release", "random")
@@ -83,18 +82,30 @@ class EvalConfig:
     plots: bool = True
     seed: int = 0  # random-init baselines are reproducible
 
+    @staticmethod
+    def check_config(cfg: DictConfig, need: Need) -> None:
+        """Checks the types cannot express: ``need(ok, key, what)``."""
+        check_shared(cfg, need)
+        need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
+        need(cfg.knn.k >= 1, "knn.k", "must be >= 1")
+        need(cfg.knn.temperature > 0, "knn.temperature", "must be > 0")
+        need(len(cfg.linear.weight_decays) > 0, "linear.weight_decays", "needs at least one value")
+
 
 @dataclass
 class AugmentConfig:
     """Fine-tuning augmentation (pretrain.transforms.MedicalAugment); mild by default."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.0  # set > 0 only where laterality does not matter
     vflip: float = 0.0
     intensity_prob: float = 0.5
     brightness: float = 0.1
     contrast: float = 0.1
     gamma: float = 0.1
+    blur_prob: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -129,21 +140,38 @@ class FinetuneConfig:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     plots: bool = True
 
+    @staticmethod
+    def check_config(cfg: DictConfig, need: Need) -> None:
+        """Checks the types cannot express: ``need(ok, key, what)``."""
+        check_shared(cfg, need)
+        t = cfg.train
+        need(t.epochs > 0, "train.epochs", "must be > 0")
+        need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
+        need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+        need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
+        need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
+        need(t.precision in ("no", "bf16", "fp16"), "train.precision", "must be no, bf16 or fp16")
+        need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
+        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
+        crop = list(cfg.augment.crop_scale)
+        need(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "augment.crop_scale", "must be [low, high] in (0, 1]")
+
 
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML overrides <- CLI dotlist; raises ``ConfigError`` naming the key."""
+    """Schema defaults <- YAML overrides <- CLI dotlist; raises ``ConfigError`` naming the key.
+
+    ``schema`` is ``EvalConfig`` or ``FinetuneConfig``; its ``check_config`` holds the checks its types cannot
+    express.
+    """
     cfg = load_structured(schema, path, overrides)
-    validate(cfg)
+    schema.check_config(cfg, config_need(cfg))
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks the types cannot express; each message names the key."""
+def check_shared(cfg: DictConfig, need: Need) -> None:
+    """Checks of the sections every downstream schema has (backbone, data, efficiency, robustness)."""
     from downstream.robustness import CORRUPTIONS, SEVERITIES
-
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
 
     inits = list(cfg.backbone.inits)
     need(len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS), "backbone.inits", f"must be distinct values of {INITS}")  # fmt: skip
@@ -160,24 +188,6 @@ def validate(cfg: DictConfig) -> None:
     need(len(cfg.efficiency.seeds) >= 1, "efficiency.seeds", "needs at least one seed")
     need(all(c in CORRUPTIONS for c in cfg.robustness.corruptions), "robustness.corruptions", f"must be in {sorted(CORRUPTIONS)}")  # fmt: skip
     need(all(s in SEVERITIES for s in cfg.robustness.severities), "robustness.severities", f"must be in {SEVERITIES}")
-    if "protocols" in cfg:
-        need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
-        need(cfg.knn.k >= 1, "knn.k", "must be >= 1")
-        need(cfg.knn.temperature > 0, "knn.temperature", "must be > 0")
-        need(len(cfg.linear.weight_decays) > 0, "linear.weight_decays", "needs at least one value")
-    if "train" in cfg:
-        t = cfg.train
-        need(t.epochs > 0, "train.epochs", "must be > 0")
-        need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
-        need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-        need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
-        need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
-        need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
-        need(t.precision in ("no", "bf16", "fp16"), "train.precision", "must be no, bf16 or fp16")
-        need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
-        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
-        crop = list(cfg.augment.crop_scale)
-        need(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "augment.crop_scale", "must be [low, high] in (0, 1]")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from data_shards.images import csv_units, imagefolder_units
+from data_shards.manifest import Manifest
 from data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
 
 SPLITS = ("train", "val", "test")
@@ -277,11 +278,7 @@ def class_names_of(spec: str) -> list[str] | None:
         if all(names.values()):
             return [names[i] for i in sorted(names)]
     if parsed.kind == "shards":
-        import json
-
-        classes = json.loads((parsed.path / "manifest.json").read_text()).get("classes", {})
-        if classes:
-            return [classes[k] for k in sorted(classes, key=int)]
+        return Manifest.read(parsed.path).class_names() or None
     return None
 
 

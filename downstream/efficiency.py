@@ -5,7 +5,7 @@ reported as mean +- std, so the value of pretraining shows as a curve (as in the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,3 +59,25 @@ def mean_std(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
 def budgets(fractions: Sequence[float], per_class: Sequence[int]) -> list[dict[str, Any]]:
     """The label budgets to run: ``[{"fraction": f} ...] + [{"per_class": n} ...]``."""
     return [{"fraction": float(f)} for f in fractions] + [{"per_class": int(n)} for n in per_class]
+
+
+def label_efficiency_rows(
+    efficiency: Any, run: Callable[[dict[str, Any], int], tuple[dict[str, float], int]]
+) -> list[dict[str, Any]]:
+    """The one label-efficiency loop (frozen protocols and fine-tuning): for each budget of the ``efficiency``
+    config section x each of its seeds, ``run(budget, seed) -> (test summary, n_train)``; mean +- std over seeds."""
+    rows = []
+    for budget in budgets(efficiency.fractions, efficiency.per_class):
+        outcomes = [run(budget, seed) for seed in efficiency.seeds]
+        runs = [metrics for metrics, _ in outcomes]
+        rows.append(
+            {
+                "budget": budget_name(**budget),
+                **budget,
+                "n_train": int(np.median([n for _, n in outcomes])),
+                "seeds": list(efficiency.seeds),
+                "runs": runs,
+                "test": mean_std(runs),
+            }
+        )
+    return rows

@@ -19,15 +19,16 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from downstream import report
 from downstream.config import save_config, to_dict
 from downstream.data import EvalTransform, Task, class_names_of, dataset_fingerprint, infer_task, open_split
-from downstream.efficiency import budget_name, budgets, label_subset, mean_std
+from downstream.efficiency import label_efficiency_rows, label_subset
 from downstream.features import FeatureCache, Features, extract_features, state_checksum
 from downstream.linear import select_linear_probe
 from downstream.load import Release, load_backbone, read_release
-from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
+from downstream.metrics import classification_metrics, summary
 from downstream.report import write_plots, write_results
-from downstream.robustness import Corruption
+from downstream.robustness import Corruption, corruption_rows
 from pretrain.knn import knn_scores
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
@@ -156,39 +157,22 @@ def _metrics(task: Task, features: Features, scorer: Scorer) -> tuple[dict[str, 
 
 def label_efficiency(protocol: str, splits: dict[str, Features], task: Task, cfg: DictConfig) -> list[dict[str, Any]]:
     """Each label budget x seed: fit on a stratified train subset, test metrics; mean +- std over seeds."""
-    rows = []
-    for budget in budgets(cfg.efficiency.fractions, cfg.efficiency.per_class):
-        runs, sizes = [], []
-        for seed in cfg.efficiency.seeds:
-            subset = splits["train"].subset(label_subset(splits["train"].labels, seed=seed, **budget))
-            scorer, _ = fit_protocol(protocol, subset, splits["val"], task, cfg)
-            runs.append(summary(_metrics(task, splits["test"], scorer)[0]))
-            sizes.append(len(subset))
-        rows.append(
-            {
-                "budget": budget_name(**budget),
-                **budget,
-                "n_train": int(np.median(sizes)),
-                "seeds": list(cfg.efficiency.seeds),
-                "runs": runs,
-                "test": mean_std(runs),
-            }
-        )
-    return rows
+
+    def run(budget: dict[str, Any], seed: int) -> tuple[dict[str, float], int]:
+        subset = splits["train"].subset(label_subset(splits["train"].labels, seed=seed, **budget))
+        scorer, _ = fit_protocol(protocol, subset, splits["val"], task, cfg)
+        return summary(_metrics(task, splits["test"], scorer)[0]), len(subset)
+
+    return label_efficiency_rows(cfg.efficiency, run)
 
 
 def robustness(
     setup: FrozenSetup, scorer: Scorer, task: Task, clean: dict[str, Any], cfg: DictConfig
 ) -> list[dict[str, Any]]:
     """Test metrics on corrupted copies of the test split, and the drop from the clean test metrics."""
-    rows = []
-    for name in cfg.robustness.corruptions:
-        for severity in cfg.robustness.severities:
-            corrupted = setup.features("test", Corruption(name, severity)).labeled()
-            metrics = summary(_metrics(task, corrupted, scorer)[0])
-            drop = {k: clean[k] - metrics[k] for k in SUMMARY_KEYS if k in metrics}
-            rows.append({"corruption": name, "severity": severity, "test": metrics, "drop": drop})
-    return rows
+    return corruption_rows(
+        cfg.robustness, clean, lambda c: summary(_metrics(task, setup.features("test", c).labeled(), scorer)[0])
+    )
 
 
 def run_eval(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
@@ -244,16 +228,10 @@ def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[
 
 def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One Markdown row per (init, protocol) with the test metrics."""
-    lines = [
-        "| init | protocol | dataset | " + " | ".join(SUMMARY_KEYS) + " |",
-        "|---|---|---|" + "---|" * len(SUMMARY_KEYS),
-    ]
-    for init, protocols in results.items():
-        for protocol, result in protocols.items():
-            cells = [_cell(result["summary"].get(k)) for k in SUMMARY_KEYS]
-            lines.append(f"| {init} | {protocol} | `{result['dataset']}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.4f}"
+    return report.summary_table(
+        [
+            ({"init": init, "protocol": protocol, "dataset": f"`{result['dataset']}`"}, result["summary"])
+            for init, protocols in results.items()
+            for protocol, result in protocols.items()
+        ]
+    )

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from pretrain.backbones import pooled_features
+from pretrain import knn
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,6 @@ def collate(batch: list[dict]) -> dict:
     return {"image": torch.stack([b["image"] for b in batch]), "label": label_tensor, "key": [b["key"] for b in batch]}
 
 
-@torch.no_grad()
 def extract_features(
     backbone: nn.Module,
     dataset: Dataset,
@@ -67,18 +66,11 @@ def extract_features(
     device: torch.device | str = "cpu",
 ) -> Features:
     """(N, D) pooled pre-logits features of a dataset of ``{"image", "label", "key"}``, in dataset order."""
-    was_training = backbone.training
-    backbone.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    features, labels, keys = [], [], []
-    for batch in loader:
-        features.append(pooled_features(backbone, batch["image"].to(device)).float().cpu())
-        labels.append(batch["label"])
-        keys.extend(str(k) for k in batch["key"])
-    backbone.train(was_training)
-    if not features:
-        raise ValueError("the dataset is empty: no features to extract")
-    return Features(torch.cat(features), torch.cat(labels), tuple(keys))
+    backbone.to(device)
+    features, labels, keys = knn.extract_features(
+        backbone, dataset, batch_size=batch_size, num_workers=num_workers, device=device, collate_fn=collate
+    )
+    return Features(features, torch.cat(labels), tuple(keys))
 
 
 def state_checksum(state: dict[str, Tensor], salt: str = "") -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,26 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from downstream import report
 from downstream.config import save_config, to_dict
 from downstream.data import EvalTransform, Task, class_names_of, infer_task, open_split, split_labels
-from downstream.efficiency import budget_name, budgets, label_subset, mean_std
+from downstream.efficiency import budget_name, label_efficiency_rows, label_subset
 from downstream.features import collate
 from downstream.linear import class_weight_tensor, loss_function
 from downstream.load import Release, load_backbone, read_release
 from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from downstream.report import write_plots, write_results
-from downstream.robustness import Corruption
-from pretrain.errors import TrainingDiverged
-from pretrain.schedules import cosine_schedule
-from pretrain.transforms import MedicalAugment, RandomIntensity
+from downstream.robustness import Corruption, corruption_rows
+from pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
+from pretrain.data import EpochLoader
+from pretrain.distributed import build_accelerator
+from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
+from pretrain.schedules import cosine_schedule, derive_steps
+from pretrain.transforms import augment_from_section
+
+# Per-run checkpoints (``OUT_DIR/.checkpoints/<init>[/<budget>-seed<k>]``): a killed ``medfm finetune`` run again
+# with the same command resumes each run where it was checkpointed; removed once every result is written.
+CHECKPOINTS = ".checkpoints"
 
 
 def freeze_blocks(model: nn.Module, blocks: int) -> list[str]:
@@ -78,37 +87,20 @@ def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float) 
     )
 
 
-def derive(train: DictConfig, world_size: int, steps_per_epoch: int) -> dict[str, Any]:
-    """Every number computed from the recipe, in one place: global batch, scaled peak lr (linear scaling rule,
-    ``lr x global_batch / 256`` as in MAE's fine-tuning), and the step counts of the schedule."""
-    steps_per_epoch = max(1, steps_per_epoch)
-    total = max(1, math.ceil(train.epochs * steps_per_epoch))
-    if train.max_steps is not None:
-        total = min(total, train.max_steps)
-    global_batch = train.batch_size * world_size
-    return {
-        "world_size": world_size,
-        "global_batch": global_batch,
-        "lr": train.lr * global_batch / 256,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total,
-        "warmup_steps": min(total, round(train.warmup_epochs * steps_per_epoch)),
-        "eval_every_steps": max(1, round(train.eval_every_epochs * steps_per_epoch)),
-    }
-
-
-def train_transform(cfg: DictConfig, size: int, mean: list[float], std: list[float]) -> MedicalAugment:
-    a = cfg.augment
-    return MedicalAugment(
-        size=size,
-        scale=tuple(a.crop_scale),
-        hflip=a.hflip,
-        vflip=a.vflip,
-        intensity=RandomIntensity(a.brightness, a.contrast, a.gamma, p=a.intensity_prob),
-        blur_prob=0.0,
-        mean=tuple(mean),
-        std=tuple(std),
+def derive(train: DictConfig, world_size: int, train_samples: int) -> dict[str, Any]:
+    """Pretraining's ``derive_steps`` (global batch, linearly scaled peak lr, step counts) plus the eval cadence.
+    An epoch is at least one global batch: a small label budget is drawn again within the epoch."""
+    derived = derive_steps(
+        batch_size=train.batch_size,
+        world_size=world_size,
+        grad_accum=1,
+        samples=max(train_samples, train.batch_size * world_size),
+        base_lr=train.lr,
+        epochs=train.epochs,
+        warmup_epochs=train.warmup_epochs,
+        max_steps=train.max_steps,
     )
+    return {**derived, "eval_every_steps": max(1, round(train.eval_every_epochs * derived["steps_per_epoch"]))}
 
 
 @torch.no_grad()
@@ -162,6 +154,7 @@ def finetune_once(
     seed: int,
     budget: dict[str, Any] | None = None,
     log_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FinetuneRun:
     """Train one model with the recipe in ``cfg.train``; the best val checkpoint is evaluated once on test."""
     t = cfg.train
@@ -183,7 +176,8 @@ def finetune_once(
         "test_fraction": d.test_fraction,
         "seed": d.split_seed,
     }
-    train_set: Dataset = open_split(d.spec, "train", train_transform(cfg, size, mean, std), **split_args)
+    # Untransformed: the loader augments each sample with its own seed (resume reproduces the batches).
+    train_set: Dataset = open_split(d.spec, "train", None, **split_args)
     eval_sets = {s: open_split(d.spec, s, EvalTransform(size, mean, std), **split_args) for s in ("val", "test")}
     labels = split_labels(train_set)
     if labels is None:
@@ -201,30 +195,29 @@ def finetune_once(
     world = accelerator.num_processes
     weights = class_weight_tensor(label_tensor, task) if t.class_weights else None
     criterion = loss_function(task, weights, label_smoothing=t.label_smoothing)
-
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(train_set) >= t.batch_size * world
-    train_loader = DataLoader(
-        train_set, batch_size=t.batch_size, shuffle=True, drop_last=drop_last, num_workers=d.num_workers,
-        collate_fn=collate, generator=generator,
+    derived = derive(t, world, len(train_set))
+    augment = augment_from_section(cfg.augment, size, mean, std)
+    train_loader = EpochLoader(
+        train_set, lambda image: [augment(image)], batch_size=t.batch_size,
+        batches_per_epoch=derived["steps_per_epoch"], in_chans=channels, seed=seed, num_workers=d.num_workers,
+        rank=accelerator.process_index, world_size=world, pin_memory=accelerator.device.type == "cuda",
     )  # fmt: skip
     loaders = {
         s: DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate)
         for s, ds in eval_sets.items()
     }
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, loaders["val"], loaders["test"]
-    )
+    model, optimizer, val_loader, test_loader = accelerator.prepare(model, optimizer, loaders["val"], loaders["test"])
     criterion = criterion.to(accelerator.device)
-    derived = derive(t, world, len(train_loader))
-    eval_every = derived["eval_every_steps"]
     schedule = cosine_schedule(derived["lr"], t.min_lr, derived["total_steps"], derived["warmup_steps"])
 
     accelerator.print(f"finetune ({init}, seed {seed}, {len(train_set)} training images): " + ", ".join(f"{k}={v}" for k, v in derived.items()))  # fmt: skip
-    best_state, best_step, best_val, history = train_loop(
-        model, optimizer, criterion, train_loader, val_loader, schedule, task, accelerator,
-        eval_every=eval_every, clip_grad=t.clip_grad, metric=cfg.selection_metric, log_path=log_path,
+    opt = Optimization(accelerator, model, optimizer, clip_grad=t.clip_grad)
+    store = None if checkpoint_dir is None else TorchStore(accelerator, checkpoint_dir, 1, model, optimizer)
+    best = train_loop(
+        opt, criterion, train_loader, val_loader, schedule, task, store=store, config=to_dict(cfg),
+        eval_every=derived["eval_every_steps"], metric=cfg.selection_metric, log_path=log_path,
     )  # fmt: skip
+    best_state, best_step, best_val, history = best.state, best.step, best.val, best.history
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best_state)
     test_labels, test_scores = predict(model, test_loader, task, accelerator)
@@ -249,89 +242,120 @@ def finetune_once(
     )
 
 
+@dataclass
+class Best:
+    """The best-on-val checkpoint so far and the history of evaluations (what a fine-tuning checkpoint adds)."""
+
+    state: dict[str, Tensor] | None = None
+    step: int = 0
+    value: float = -math.inf
+    val: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_meta(self) -> dict[str, Any]:
+        plain = json.loads(json.dumps({"step": self.step, "value": self.value, "val": self.val, "history": self.history}, default=_plain))  # fmt: skip
+        return {"best_state": self.state, "best": plain}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Best:
+        return cls(state=meta["best_state"], **meta["best"])
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def train_loop(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    opt: Optimization,
     criterion: nn.Module,
-    train_loader: DataLoader,
+    loader: EpochLoader,
     val_loader: DataLoader,
     schedule: np.ndarray,
     task: Task,
-    accelerator: Accelerator,
     *,
     eval_every: int,
-    clip_grad: float,
     metric: str,
     log_path: Path | None,
-) -> tuple[dict[str, Tensor], int, dict[str, Any], list[dict[str, Any]]]:
-    """``len(schedule)`` optimizer steps; val every ``eval_every`` steps and at the end. The step: lr by layer ->
-    forward under autocast -> stop on a non-finite loss -> backward / clip / step. Returns the best state (by
-    ``metric`` on val), its step, its val metrics and the history of evaluations."""
-    total = len(schedule)
-    best_value, best_state, best_step, best_val = -math.inf, None, 0, {}
-    history: list[dict[str, Any]] = []
-    step, losses = 0, []
+    store: TorchStore | None = None,
+    config: dict[str, Any] | None = None,
+) -> Best:
+    """``len(schedule)`` optimizer steps of pretraining's ``train_step``; val every ``eval_every`` steps and at
+    the end, each evaluation checkpointed in ``store`` (best state, history, RNG) so that a killed run resumes
+    there. Returns the best state (by ``metric`` on val), its step, its val metrics and the evaluations."""
+    accelerator, model = opt.accelerator, opt.model
+    step, best, total = 0, Best(), len(schedule)
+    latest = store.latest() if store is not None else None
+    if latest is not None:
+        meta = store.load(latest)
+        step, best = meta["step"], Best.from_meta(meta)
+        if len(meta["rng"]) == accelerator.num_processes:
+            restore_rng(meta["rng"][accelerator.process_index])
+        for note in config_changes(meta["config"], config or {}):
+            accelerator.print(f"warning: {note}")
+        accelerator.print(f"resumed from {latest} at step {step}")
+    guard, losses = NonFiniteGuard(1), []  # a non-finite fine-tuning loss stops at once
+
+    def forward(batch: dict[str, Any]) -> dict[str, Tensor]:
+        target = batch["label"].to(accelerator.device)
+        logits = model(batch["views"][0].to(accelerator.device, non_blocking=True))
+        return {"loss": criterion(logits.float(), target.float() if task.multilabel else target)}
+
     while step < total:
         model.train()
         freeze_norm_statistics(model)
-        for batch in train_loader:
-            for group in optimizer.param_groups:
-                group["lr"] = float(schedule[step]) * group.get("lr_scale", 1.0)
-            with accelerator.autocast():
-                logits = model(batch["image"])
-                target = batch["label"].float() if task.multilabel else batch["label"]
-                loss = criterion(logits.float(), target)
-            mean_loss = accelerator.reduce(loss.detach(), "mean")  # every process stops together
-            if not torch.isfinite(mean_loss):
-                raise TrainingDiverged(f"non-finite loss {mean_loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            losses.append(mean_loss.item())
+        epoch, done = divmod(step, loader.batches_per_epoch)
+        for micro_batches in optimizer_steps(loader.epoch(epoch, skip=done), 1):
+            outcome = train_step(opt, step, micro_batches, forward, lr=schedule[step])
+            guard.check(step, outcome)
+            losses.append(outcome.loss)
             step += 1
             if step % eval_every == 0 or step == total:
-                val = classification_metrics(task, *predict(model, val_loader, task, accelerator))
-                record = {"step": step, "lr": float(schedule[step - 1]), "train_loss": float(np.mean(losses)), **{f"val_{k}": val[k] for k in SUMMARY_KEYS}}  # fmt: skip
-                history.append(record)
+                _evaluate(opt, val_loader, task, best, step, float(schedule[step - 1]), losses, metric, log_path)
                 losses = []
-                if log_path is not None and accelerator.is_main_process:
-                    with open(log_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                value = _metric(val, metric)
-                if value > best_value or best_state is None:
-                    best_value, best_step, best_val = value, step, val
-                    best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-                model.train()
-                freeze_norm_statistics(model)
+                if store is not None:
+                    store.save(step, {"rng": gather_rng(), "config": config or {}, **best.to_meta()})
             if step >= total:
                 break
-    return best_state, best_step, best_val, history
+    return best
+
+
+def _evaluate(opt, val_loader, task, best: Best, step: int, lr: float, losses, metric: str, log_path) -> None:
+    accelerator, model = opt.accelerator, opt.model
+    train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean") if losses else torch.tensor(math.nan)
+    val = classification_metrics(task, *predict(model, val_loader, task, accelerator))
+    record = {"step": step, "lr": lr, "train_loss": float(train_loss), **{f"val_{k}": val[k] for k in SUMMARY_KEYS}}
+    best.history.append(record)
+    if log_path is not None and accelerator.is_main_process:  # whole: a resumed run's history included
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in best.history))
+    value = _metric(val, metric)
+    if value > best.value or best.state is None:
+        best.value, best.step, best.val = value, step, val
+        best.state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+    model.train()
+    freeze_norm_statistics(model)
 
 
 def corrupted_test(run: FinetuneRun, cfg: DictConfig) -> list[dict[str, Any]]:
     """Best model on corrupted copies of the test split; drop from the clean test metrics."""
-    rows, clean, base = [], summary(run.test), run.eval_transform
-    for name in cfg.robustness.corruptions:
-        for severity in cfg.robustness.severities:
-            transform = EvalTransform(base.size, base.mean, base.std, Corruption(name, severity))
-            dataset = open_split(cfg.data.spec, "test", transform, **run.split_args)
-            loader = DataLoader(
-                dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate
-            )
-            labels, scores = predict(run.prepared, run.accelerator.prepare(loader), run.task, run.accelerator)
-            metrics = summary(classification_metrics(run.task, labels, scores))
-            rows.append({"corruption": name, "severity": severity, "test": metrics, "drop": {k: clean[k] - metrics[k] for k in metrics}})  # fmt: skip
-    return rows
+    base = run.eval_transform
+
+    def test_on(corruption: Corruption) -> dict[str, float]:
+        transform = EvalTransform(base.size, base.mean, base.std, corruption)
+        dataset = open_split(cfg.data.spec, "test", transform, **run.split_args)
+        loader = DataLoader(
+            dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate
+        )
+        labels, scores = predict(run.prepared, run.accelerator.prepare(loader), run.task, run.accelerator)
+        return summary(classification_metrics(run.task, labels, scores))
+
+    return corruption_rows(cfg.robustness, summary(run.test), test_on)
 
 
 def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Every init in ``cfg.backbone.inits`` with the same recipe; returns ``{init: result}``, written under
     ``OUT_DIR/<init>/`` (results.json / .md, PNGs, metrics.jsonl, best.safetensors) plus ``OUT_DIR/summary.md``."""
     out_dir = Path(cfg.out_dir)
-    # cpu=True where there is no GPU: without it a 2-process CPU launch gives two unsynchronised runs.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+    accelerator = build_accelerator(cfg.train.precision)
     main = accelerator.is_main_process  # one process writes the files
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,8 +366,8 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         folder = out_dir / init
         if main:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metrics.jsonl").unlink(missing_ok=True)
-        run = finetune_once(cfg, release, init, accelerator, seed=cfg.train.seed, log_path=folder / "metrics.jsonl")
+        run = finetune_once(cfg, release, init, accelerator, seed=cfg.train.seed, log_path=folder / "metrics.jsonl",
+                            checkpoint_dir=out_dir / CHECKPOINTS / init)  # fmt: skip
         result: dict[str, Any] = {
             "protocol": "finetune",
             "dataset": cfg.data.spec,
@@ -371,7 +395,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             "history": run.history,
         }
         if cfg.efficiency.fractions or cfg.efficiency.per_class:
-            result["label_efficiency"] = _label_efficiency(cfg, release, init, accelerator)
+            result["label_efficiency"] = _label_efficiency(cfg, release, init, accelerator, out_dir)
         if cfg.robustness.corruptions:
             result["robustness"] = corrupted_test(run, cfg)
         results[init] = result
@@ -390,41 +414,27 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             )
     if main:
         (out_dir / "summary.md").write_text(summary_table(results))
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # done: every result is written
+    accelerator.wait_for_everyone()
     return results
 
 
-def _label_efficiency(cfg: DictConfig, release: Release, init: str, accelerator: Accelerator) -> list[dict[str, Any]]:
-    rows = []
-    for budget in budgets(cfg.efficiency.fractions, cfg.efficiency.per_class):
-        runs = [
-            finetune_once(cfg, release, init, accelerator, seed=seed, budget=budget) for seed in cfg.efficiency.seeds
-        ]
-        metrics = [summary(r.test) for r in runs]
-        rows.append(
-            {
-                "budget": budget_name(**budget),
-                **budget,
-                "n_train": int(np.median([r.n_train for r in runs])),
-                "seeds": list(cfg.efficiency.seeds),
-                "runs": metrics,
-                "test": mean_std(metrics),
-            }
-        )
-    return rows
+def _label_efficiency(
+    cfg: DictConfig, release: Release, init: str, accelerator: Accelerator, out_dir: Path
+) -> list[dict[str, Any]]:
+    def run(budget: dict[str, Any], seed: int) -> tuple[dict[str, float], int]:
+        folder = out_dir / CHECKPOINTS / init / budget_name(**budget).replace("/", "_per_") / f"seed{seed}"
+        tuned = finetune_once(cfg, release, init, accelerator, seed=seed, budget=budget, checkpoint_dir=folder)
+        return summary(tuned.test), tuned.n_train
+
+    return label_efficiency_rows(cfg.efficiency, run)
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """One Markdown row per init with the test metrics of the best-on-val checkpoint."""
-    lines = [
-        "| init | dataset | best step | " + " | ".join(SUMMARY_KEYS) + " |",
-        "|---|---|---|" + "---|" * len(SUMMARY_KEYS),
-    ]
-    for init, result in results.items():
-        cells = [
-            f"{result['summary'][k]:.4f}" if result["summary"].get(k) == result["summary"].get(k) else "-"
-            for k in SUMMARY_KEYS
+    return report.summary_table(
+        [
+            ({"init": init, "dataset": f"`{r['dataset']}`", "best step": str(r["settings"]["best_step"])}, r["summary"])
+            for init, r in results.items()
         ]
-        lines.append(
-            f"| {init} | `{result['dataset']}` | {result['settings']['best_step']} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines) + "\n"
+    )

@@ -1,64 +1,29 @@
-"""Load a backbone by path: a release folder, a pretraining run directory or a weights file. Strict and loud.
+"""Load a backbone by path for a downstream task: strict and loud.
 
-- Sources: a release folder (``config.json`` + ``model.safetensors``, as ``medfm export`` writes and timm reads
-  from a hub repo), a run directory (its newest checkpoint, through ``pretrain.export.load_run``: the DINO
-  teacher, MoCo momentum encoder, MAE encoder), a ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin``
-  state dict (architecture from a ``config.json`` beside it, or given).
-- No pickled code runs: safetensors, or ``torch.load(weights_only=True)``; a file that needs more is refused.
+- Sources: whatever ``pretrain.release.read_release`` reads (downstream reads weights only through it): a
+  release folder (``config.json`` + ``model.safetensors``, as ``medfm export`` and the end of a pretraining run
+  write), a run directory (its ``release/``, or its newest checkpoint while it is still training), a
+  ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin`` state dict (architecture from a ``config.json``
+  beside it, or given). No pickled code runs.
 - The backbone is rebuilt through ``pretrain.backbones.build_backbone`` and the exact set of keys that did not
-  load is checked: anything other than the new classifier's keys (``num_classes > 0``) is an error naming the
-  missing, unexpected and mis-shaped keys. A silent partial load is the classic failure of released SSL weights.
+  load is checked (``pretrain.release.check_keys``): anything other than the new classifier's keys
+  (``num_classes > 0``) is an error naming the missing, unexpected and mis-shaped keys. A silent partial load is
+  the classic failure of released SSL weights.
 - ViT position embeddings are resampled (timm's ``resample_abs_pos_embed``) when ``img_size`` changes; the
   first convolution is adapted (``adapt_channels``) when ``in_chans`` changes.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from pretrain import checkpoint as ckpt
 from pretrain.backbones import build_backbone
-from pretrain.errors import ReleaseError
-from pretrain.export import CONFIG_NAME, WEIGHTS_NAME, ExportError, data_summary, load_run, release_config
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-RUN_CONFIG = "config.yaml"  # what marks a pretraining run directory
-_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
-
-
-class LoadError(ReleaseError):
-    """Weights that cannot be loaded as asked: unknown source, refused pickle, or keys that do not match."""
-
-
-@dataclass(frozen=True)
-class Release:
-    """What a backbone source holds: enough to rebuild the model and check every key."""
-
-    architecture: str
-    model_args: dict[str, Any]  # timm kwargs of the weights' shapes (in_chans, img_size, patch_size, ...)
-    state_dict: dict[str, Tensor] = field(repr=False)
-    pretrained_cfg: dict[str, Any]  # input_size, mean, std, interpolation, first_conv, classifier
-    source: Path
-    info: dict[str, Any] = field(default_factory=dict)  # config.json's "medfm" section (objective, steps, ...)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.model_args.get("in_chans", self.pretrained_cfg.get("input_size", [3])[0]))
-
-    @property
-    def img_size(self) -> int:
-        size = self.model_args.get("img_size") or self.pretrained_cfg.get("input_size", [0, 224])[1]
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
+from pretrain.release import LoadError, Release, check_keys, read_release
 
 
 @dataclass(frozen=True)
@@ -67,128 +32,6 @@ class LoadReport:
 
     new_keys: tuple[str, ...]
     resampled: tuple[str, ...] = ()  # keys adapted to the new shape (position embedding, first conv)
-
-
-def safe_torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; anything that would run pickled code is refused with a LoadError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _refused(path, err) from None
-
-
-def _refused(path: Path | None, err: Exception) -> LoadError:
-    reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-    return LoadError(
-        f"{path}: refused: the file holds pickled objects other than tensors and plain values, which could run "
-        f"code when loaded ({reason}). medfm loads weights with weights_only=True only; convert trusted "
-        "weights to safetensors first."
-    )
-
-
-def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
-    """A plain ``{key: tensor}`` from a loaded object: the dict itself or its state_dict / model entry."""
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise LoadError(f"{path}: not a state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")  # fmt: skip
-    prefix = "module."  # DistributedDataParallel wrappers
-    if obj and all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise LoadError(f"{path}: not a readable safetensors file: {err}") from err
-    if path.suffix in PICKLE_SUFFIXES:
-        return _state_dict_of(safe_torch_load(path), path)
-    raise LoadError(f"{path}: unknown weights format (expected .safetensors or {', '.join(PICKLE_SUFFIXES)})")
-
-
-def _weights_in(folder: Path) -> Path:
-    """timm's order: model.safetensors, then other safetensors, then pickled state dicts."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return folder / WEIGHTS_NAME
-    for pattern in ("*.safetensors", "pytorch_model.bin", *(f"*{s}" for s in PICKLE_SUFFIXES)):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[0]
-    raise LoadError(f"{folder}: config.json but no weights file ({WEIGHTS_NAME}, *.safetensors, *.pt, *.bin)")
-
-
-def _from_config_json(config_path: Path, weights: Path) -> Release:
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LoadError(f"{config_path}: cannot read the release config: {err}") from err
-    if "architecture" not in config:
-        raise LoadError(f"{config_path}: no 'architecture' key (not a timm / medfm release config)")
-    return Release(
-        architecture=config["architecture"],
-        model_args=dict(config.get("model_args", {})),
-        state_dict=_read_weights(weights),
-        pretrained_cfg=dict(config.get("pretrained_cfg", {})),
-        source=weights,
-        info=dict(config.get("medfm", {})),
-    )
-
-
-def _from_run(run_dir: Path, checkpoint: Path | None = None) -> Release:
-    try:
-        run = load_run(run_dir, checkpoint, deepspeed=False)
-    except ExportError as err:
-        raise LoadError(str(err)) from None
-    except pickle.UnpicklingError as err:  # pretrain's load_checkpoint uses weights_only=True too
-        raise _refused(checkpoint or ckpt.find_resume(run_dir), err) from None
-    config = release_config(run, data_summary(run.config))
-    return Release(
-        architecture=config["architecture"],
-        model_args=config["model_args"],
-        state_dict={k: v.detach().clone() for k, v in run.backbone.state_dict().items()},
-        pretrained_cfg=config["pretrained_cfg"],
-        source=run.checkpoint,
-        info=config["medfm"],
-    )
-
-
-def read_release(path: str | Path, architecture: str | None = None, model_args: dict | None = None) -> Release:
-    """Read weights and their description from a release folder, a run directory or a weights file.
-
-    ``architecture`` / ``model_args`` describe a bare weights file that has no ``config.json`` beside it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise LoadError(f"{path} does not exist")
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file():
-            return _from_config_json(path / CONFIG_NAME, _weights_in(path))
-        if ckpt.find_resume(path) is not None or (path / RUN_CONFIG).is_file():
-            return _from_run(path)
-        raise LoadError(
-            f"{path}: neither a release folder ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a run directory "
-            f"({ckpt.LAST} or step-*.pt)"
-        )
-    if path.suffix in PICKLE_SUFFIXES:
-        obj = safe_torch_load(path)
-        if isinstance(obj, dict) and {"model", "config", "version"} <= set(obj):  # a pretraining checkpoint
-            return _from_run(path.parent, path)
-    if architecture is None:
-        if (path.parent / CONFIG_NAME).is_file():
-            return _from_config_json(path.parent / CONFIG_NAME, path)
-        raise LoadError(f"{path}: a bare weights file needs its architecture (no {CONFIG_NAME} beside it)")
-    return Release(
-        architecture=architecture,
-        model_args=dict(model_args or {}),
-        state_dict=_read_weights(path),
-        pretrained_cfg={},
-        source=path,
-    )
 
 
 def build_model(
@@ -244,32 +87,6 @@ def adapt_channels(weight: Tensor, channels: int) -> Tensor:
     """First-conv weight (O, I, kh, kw) -> (O, channels, kh, kw) that gives the same output on a gray image
     whatever its channel count: the kernel summed over input channels, spread evenly over the new ones."""
     return (weight.sum(dim=1, keepdim=True) / channels).repeat(1, channels, 1, 1)
-
-
-def check_keys(
-    model_state: dict[str, Tensor],
-    loaded: dict[str, Tensor],
-    source: str | Path,
-    allowed_missing: frozenset[str] = frozenset(),
-) -> None:
-    """Raise a LoadError naming every missing, unexpected and mis-shaped key (beyond ``allowed_missing``)."""
-    missing = sorted(set(model_state) - set(loaded) - allowed_missing)
-    unexpected = sorted(set(loaded) - set(model_state))
-    wrong = sorted(k for k in set(loaded) & set(model_state) if loaded[k].shape != model_state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing from the weights ({len(missing)}): {_names(missing)}")
-        if unexpected:
-            parts.append(f"not in the model ({len(unexpected)}): {_names(unexpected)}")
-        if wrong:
-            shapes = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(model_state[k].shape)}" for k in wrong]
-            parts.append(f"shape mismatch ({len(wrong)}): {_names(shapes)}")
-        raise LoadError(f"{source}: weights do not match the model; " + "; ".join(parts))
-
-
-def _names(keys: list[str], limit: int = 40) -> str:
-    return ", ".join(keys[:limit]) + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_weights(model: nn.Module, release: Release) -> LoadReport:

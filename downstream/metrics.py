@@ -17,6 +17,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from downstream.data import Task
+from pretrain.release import SUMMARY_KEYS  # the headline metrics, defined once with the results-file format
 
 
 def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -122,9 +123,6 @@ def _multilabel_metrics(task: Task, y_true: np.ndarray, scores: np.ndarray) -> d
         "f1": float(np.mean([r["f1"] for r in rows])),
         "per_class": rows,
     }
-
-
-SUMMARY_KEYS = ("acc", "balanced_acc", "auc", "f1")
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, float]:

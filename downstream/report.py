@@ -1,8 +1,10 @@
-"""Results as ``results.json`` + ``results.md`` and PNGs (ROC curves, confusion matrix, 2D PCA embedding).
+"""Results as ``results.json`` + ``results.md`` + ``results_summary.json`` and PNGs (ROC curves, confusion
+matrix, 2D PCA embedding).
 
-The JSON is the contract other tools read (``medfm export`` puts ``summary`` into the model card):
-``{"protocol", "dataset", "backbone", "task", "settings", "val", "test", "summary", ["label_efficiency"],
-["robustness"]}``; NaN (an undefined AUC) is written as null.
+``results.json`` holds everything: ``{"protocol", "dataset", "backbone", "task", "settings", "val", "test",
+"summary", ["label_efficiency"], ["robustness"]}``; NaN (an undefined AUC) is written as null.
+``results_summary.json`` is the small file other tools read (``medfm export`` puts it into the model card): its
+format is defined in ``pretrain.release`` (protocol, dataset, init, backbone, test ``summary``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sklearn.metrics import roc_curve
 
 from downstream.data import Task
 from downstream.metrics import SUMMARY_KEYS, binary_auc
+from pretrain.release import write_results_summary
 
 MAX_EMBEDDING_POINTS = 5000
 
@@ -107,11 +110,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_results(out_dir: str | Path, result: dict[str, Any]) -> Path:
-    """``results.json`` and ``results.md`` in ``out_dir``; returns the JSON path."""
+    """``results.json``, ``results.md`` and ``results_summary.json`` in ``out_dir``; returns the JSON path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "results.json")
     (out_dir / "results.md").write_text(markdown(_clean(result)))
+    backbone = result.get("backbone", {})
+    write_results_summary(
+        out_dir,
+        protocol=result["protocol"],
+        dataset=result["dataset"],
+        init=backbone.get("init"),
+        summary=result["summary"],
+        backbone=backbone.get("source"),
+    )
     return out_dir / "results.json"
 
 
@@ -200,3 +212,23 @@ def write_plots(
         written.append(out_dir / "embedding.png")
         plot_embedding(task, *embedding, written[-1], title)
     return written
+
+
+def summary_table(rows: list[tuple[dict[str, str], dict[str, float | None]]]) -> str:
+    """The one results table (``medfm eval`` / ``medfm finetune`` summary.md and terminal): a Markdown row per
+    ``(leading columns, test summary)``, the summary's metrics in ``SUMMARY_KEYS`` order, ``-`` where undefined."""
+    if not rows:
+        return ""
+    columns = list(rows[0][0])
+    lines = [
+        "| " + " | ".join([*columns, *SUMMARY_KEYS]) + " |",
+        "|" + "---|" * (len(columns) + len(SUMMARY_KEYS)),
+    ]
+    for leading, metrics in rows:
+        cells = [_metric_cell(metrics.get(k)) for k in SUMMARY_KEYS]
+        lines.append("| " + " | ".join([*(leading[c] for c in columns), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_cell(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"

@@ -13,6 +13,7 @@ import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,3 +89,17 @@ class Corruption:
     def __call__(self, image: Tensor) -> Tensor:
         """(C, H, W) in [0, 1] -> corrupted (C, H, W) in [0, 1]."""
         return CORRUPTIONS[self.name](image, self.severity)
+
+
+def corruption_rows(
+    robustness: Any, clean: dict[str, float], test_on: Callable[[Corruption], dict[str, float]]
+) -> list[dict[str, Any]]:
+    """The one corruption loop (frozen protocols and fine-tuning): each corruption x severity of the
+    ``robustness`` config section, ``test_on(corruption) -> test summary`` and its drop from ``clean``."""
+    rows = []
+    for name in robustness.corruptions:
+        for severity in robustness.severities:
+            metrics = test_on(Corruption(name, severity))
+            drop = {k: clean[k] - metrics[k] for k in metrics if k in clean}
+            rows.append({"corruption": name, "severity": severity, "test": metrics, "drop": drop})
+    return rows

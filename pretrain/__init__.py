@@ -1,7 +1,14 @@
 """Self-supervised pretraining of timm backbones: ``medfm pretrain --config FILE [key=value ...]``.
 
-config.py (the one schema, ``derive``) -> data.py (spec -> seeded, resumable batches of views) ->
-methods/ (MAE, DINO, SimCLR, MoCo v3 behind one ``SSLMethod`` interface, registry ``METHODS``) ->
-engine.py (the loop) <- main.py (wiring), checkpoint.py (atomic save / automatic resume), monitor.py and
-knn.py (what a run reports). Imports go one way: data_shards <- pretrain <- downstream.
+The run contract, one module per concern:
+- ``errors``: every failure a command can end with and the one map to exit codes (``run_command``).
+- ``config``: the one schema (each method adds its own section, declared beside it), ``derive`` (through
+  ``schedules.derive_steps``, shared with fine-tuning); ``data``: spec -> seeded, resumable batches of views.
+- ``methods/``: one file per objective (MAE, DINO, SimCLR, MoCo v3) behind ``SSLMethod``, registry ``METHODS``.
+- ``engine``: ``train_step`` (one optimizer step, also used by fine-tuning) and pretraining's loop ``train``.
+- ``checkpoint``: one store (``save`` / ``latest`` / ``load`` / ``prune``) with a torch-file and a DeepSpeed
+  backend; ``distributed``: the one Accelerator builder, process groups, failure detection, ZeRO setup.
+- ``release``: the release folder (write, read, one key checker, results files, model card); ``export``:
+  ``medfm export``; ``main``: wiring; ``monitor`` / ``knn``: what a run reports.
+Imports go one way: data_shards <- pretrain <- downstream, with no circle inside a package (tests/test_imports.py).
 """

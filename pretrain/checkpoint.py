@@ -14,6 +14,7 @@ A checkpoint is a dict of tensors and plain Python values (loadable with ``weigh
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from accelerate.utils import gather_object
 from torch import nn
 
 from pretrain.errors import ConfigError
@@ -68,6 +69,26 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng() -> list[dict[str, Any]]:
+    """Every process's RNG states, on every process (a collective)."""
+    # As bytes: all_gather_object cannot carry tensor storages on this torch.
+    buffer = io.BytesIO()
+    torch.save(capture_rng(), buffer)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buffer.getvalue()])]
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Config values that differ between a checkpoint and this run (flattened keys)."""
+    notes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            notes.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            notes.append(f"config {prefix}{key} changed since the checkpoint: {a!r} -> {b!r}")
+    return notes
+
+
 def _as_tuple(value: Any) -> Any:
     """random.setstate wants nested tuples; a round trip through a container may give lists."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -100,6 +121,7 @@ def _atomic_link(source: Path, target: Path) -> None:
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``step-XXXXXXX.pt`` and point ``last.pt`` at it; then delete all but the ``keep`` newest."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     path = step_path(run_dir, state["step"])
     atomic_save({**state, "version": VERSION}, path)
     _atomic_link(path, run_dir / LAST)
@@ -128,15 +150,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {state.get('version')} (this code reads {VERSION})")
     return state
-
-
-def export_backbone(backbone: nn.Module, path: str | Path, metadata: dict[str, str]) -> None:
-    """Release weights: the backbone's state dict as safetensors (atomically), with string metadata."""
-    path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 # --- DeepSpeed checkpoint directories ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ every number computed from others is computed there and nowhere else.
 from __future__ import annotations
 
 import difflib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.errors import ConfigError
 from pretrain.methods import METHODS
+from pretrain.schedules import derive_steps
 
 
 class Precision(str, Enum):
@@ -242,6 +243,19 @@ def load_structured(
     return cfg
 
 
+Need = Callable[[bool, str, str], None]  # need(ok, key, what): the checks a schema's types cannot express
+
+
+def config_need(cfg: DictConfig) -> Need:
+    """``need(ok, key, what)`` over ``cfg``: when not ``ok``, a ``ConfigError`` naming the key and its value."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
+
+    return need
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- YAML file (overrides only) <- CLI dotlist. Raises ``ConfigError`` naming the key."""
     cfg = load_structured(PretrainConfig, path, overrides, computed=("derived",))
@@ -251,11 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
 
 def validate(cfg: DictConfig) -> None:
     """Checks the schema's types cannot express; each message names the key."""
-
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
-
+    need = config_need(cfg)
     need(cfg.method in METHODS, "method", f"must be one of {sorted(METHODS)}")
     for key in ("train.batch_size", "train.grad_accum", "data.img_size", "data.in_chans", "checkpoint.every_steps"):
         need(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
@@ -295,24 +305,15 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     Goyal et al. 2017, as in MAE and DINO); an epoch is ``samples_per_epoch`` samples (default: the dataset
     size) rounded down to whole optimizer steps; every schedule is indexed by the optimizer step.
     """
-    global_batch = cfg.train.batch_size * world_size * cfg.train.grad_accum
-    samples = cfg.data.samples_per_epoch or dataset_size
-    steps_per_epoch = samples // global_batch
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"config key 'train.batch_size': global batch {global_batch} (batch_size {cfg.train.batch_size} x "
-            f"{world_size} processes x grad_accum {cfg.train.grad_accum}) exceeds the {samples} samples per epoch"
-        )
-    total_steps = max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
-    derived = {
-        "world_size": world_size,
-        "global_batch": global_batch,
-        "lr": cfg.optim.base_lr * global_batch / 256,
-        "samples_per_epoch": samples,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "warmup_steps": min(total_steps, round(cfg.schedule.warmup_epochs * steps_per_epoch)),
-    }
+    derived = derive_steps(
+        batch_size=cfg.train.batch_size,
+        world_size=world_size,
+        grad_accum=cfg.train.grad_accum,
+        samples=cfg.data.samples_per_epoch or dataset_size,
+        base_lr=cfg.optim.base_lr,
+        epochs=cfg.schedule.epochs,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+    )
     cfg.derived = OmegaConf.merge(cfg.derived, derived)
     return cfg
 

@@ -56,24 +56,34 @@ def _free_port() -> int:
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
-    """The Accelerator for ``cfg.dist`` / ``cfg.train``; raises DistributedFailure when the rendezvous fails."""
+    """The Accelerator of a pretraining run (``cfg.dist`` / ``cfg.train``)."""
+    deepspeed = deepspeed_config(cfg) if cfg.dist.backend == Backend.deepspeed else None
+    return build_accelerator(cfg.train.precision.value, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed)
+
+
+def build_accelerator(
+    precision: str, grad_accum: int = 1, timeout_s: float = 600.0, deepspeed_config: dict[str, Any] | None = None
+) -> Accelerator:
+    """The one way every medfm command (pretrain, finetune, bench) gets its Accelerator: CPU processes on gloo
+    (``cpu=True``: without it a 2-process CPU launch gives two unsynchronised runs), DeepSpeed when
+    ``deepspeed_config`` is given, a rendezvous timeout. Raises DistributedFailure when the rendezvous fails."""
     cuda = torch.cuda.is_available()
-    deepspeed = cfg.dist.backend == Backend.deepspeed
+    deepspeed = deepspeed_config is not None
     if deepspeed and not _launched() and not torch_dist.is_initialized():
         # Plain `python -m pretrain.main` with DeepSpeed: a process group of one, as a launcher would set up.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    init: dict[str, Any] = {"timeout": timedelta(seconds=cfg.dist.timeout_s)}
+    init: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
     if not cuda and _launched():
         init["backend"] = "gloo"  # see the module docstring: accelerate picks none for DeepSpeed on CPU
-    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg)) if deepspeed else None
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config) if deepspeed else None
     try:
         accelerator = Accelerator(
             # DeepSpeed: accelerate only takes its DeepSpeed path with cpu=False (the device is still the CPU).
             cpu=not cuda and not deepspeed,
-            mixed_precision=cfg.train.precision.value,
-            gradient_accumulation_steps=cfg.train.grad_accum,
+            mixed_precision=precision,
+            gradient_accumulation_steps=grad_accum,
             deepspeed_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(**init)],
         )
@@ -83,7 +93,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise DistributedFailure(
             f"rendezvous of {os.environ.get('WORLD_SIZE', '?')} processes at {where} did not complete within "
-            f"dist.timeout_s={cfg.dist.timeout_s:g} s (rank {os.environ.get('RANK', '?')}): a process or machine "
+            f"dist.timeout_s={timeout_s:g} s (rank {os.environ.get('RANK', '?')}): a process or machine "
             f"did not start or cannot reach the master address. Cause: {_first_line(err)}"
         ) from err
     if _launched() and accelerator.num_processes != int(os.environ.get("WORLD_SIZE", accelerator.num_processes)):
@@ -267,6 +277,15 @@ def prepare_deepspeed(
     if stage3:
         register_external_parameters(accelerator.unwrap_model(engine))
     return engine, optimizer
+
+
+def sync_batchnorm(module: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when several CUDA processes train, as the DINO and MoCo v3 references do: a
+    per-GPU batch of 32-64 gives noisy statistics, and MoCo's BN heads see their batch only. CPU processes (gloo)
+    keep BatchNorm: torch has no SyncBatchNorm kernel for them. Call before building the optimizer."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
 
 
 def gathered_parameters(accelerator: Accelerator, model: nn.Module):

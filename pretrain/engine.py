@@ -1,19 +1,26 @@
-"""The training loop shared by every objective (cf. facebookresearch/mae ``engine_pretrain.py``).
+"""The training step and loop shared by every objective (cf. facebookresearch/mae ``engine_pretrain.py``).
 
-One optimizer step: set lr / weight decay for the step -> ``grad_accum`` micro-steps of forward (autocast)
-and backward (gradients synchronised on the last micro-step only, ``accelerator.accumulate``) -> if any
-micro-step's loss or the gradient norm is non-finite on any process: drop the gradients and skip the
-update -> else clip, method hook, ``optimizer.step()``, EMA update -> log / picture / checkpoint.
-A skipped step still consumes its data and its step index (schedules and data position stay aligned);
-``max_nonfinite_steps`` skips in a row stop the run without writing a checkpoint.
+``train_step`` is one optimizer step, for pretraining and fine-tuning alike: set lr / weight decay for the step
+-> ``grad_accum`` micro-steps of forward (autocast) and backward (gradients synchronised on the last micro-step
+only, ``accelerator.accumulate``) -> if any micro-step's loss or the gradient norm is non-finite on any process:
+drop the gradients and skip the update -> else clip, hook, ``optimizer.step()``, EMA update (not when an fp16
+grad scaler skipped the step). It returns what happened (:class:`StepOutcome`); ``NonFiniteGuard`` stops a run
+after ``max_nonfinite_steps`` skips in a row, without writing a checkpoint.
+
+``train`` is pretraining's loop around it: logging, pictures, the kNN monitor, checkpoints and stop signals.
+A skipped step still consumes its data and its step index (schedules and data position stay aligned).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain, islice
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +63,133 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.derived.lr, betas=tuple(cfg.optim.betas))
 
 
+class StepHooks(Protocol):
+    """What an objective may do around the update (``SSLMethod`` implements both)."""
+
+    def before_optimizer_step(self, step: int) -> None: ...
+
+    def update_momentum(self, step: int) -> None: ...
+
+
+@dataclass
+class Optimization:
+    """What every optimizer step uses: the prepared model and optimizer, clipping, precision and the hooks."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    clip_grad: float = 0.0  # max global grad norm; 0: no clipping (the norm is still measured)
+    autocast: Callable[[], AbstractContextManager] | None = None  # default: accelerator.autocast
+    hooks: StepHooks | None = None
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip = self.clip_grad if self.clip_grad > 0 else math.inf
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: torch.Tensor  # mean loss over the micro-steps, this process, detached (no host sync)
+    grad_norm: float  # before clipping; nan when DeepSpeed measured none
+    ok: bool  # every micro-step's loss and the gradient norm were finite on every process
+    updated: bool  # the parameters (and the EMA modules) moved: ok and not skipped by an fp16 grad scaler
+    stop: bool  # some process has received a stop signal
+    out: dict[str, torch.Tensor]  # the last micro-step's forward outputs (scalars to log, embeddings)
+    batch: Any  # the last micro-batch, as the loader gave it (figures)
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float | None) -> None:
+    """lr (x the group's ``lr_scale``: layer-wise decay) and weight decay (x ``wd_scale``; None: the group's own)."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr) * group.get("lr_scale", 1.0)  # python floats: checkpoints load weights_only
+        if weight_decay is not None:
+            group["weight_decay"] = float(weight_decay) * group.get("wd_scale", 1.0)
+
+
+def train_step(
+    opt: Optimization,
+    step: int,
+    micro_batches: Iterable[Any],
+    forward: Callable[[Any], dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    weight_decay: float | None = None,
+    stop_requested: bool = False,
+) -> StepOutcome:
+    """One optimizer step over ``micro_batches`` (``forward(batch) -> {"loss", ...}`` each).
+
+    Schedules -> micro-steps (forward under autocast, backward; gradients synchronised on the last one only) ->
+    one collective carrying the finite flag and the stop flag (every process decides alike) -> clip, hook,
+    ``optimizer.step()`` or, when not finite, drop the gradients -> EMA update when the parameters moved.
+    """
+    accelerator, model, optimizer = opt.accelerator, opt.model, opt.optimizer
+    set_schedule(optimizer, lr, weight_decay)  # before the first backward: DeepSpeed steps inside the last one
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    total, count = finite.new_zeros((), dtype=torch.float32), 0
+    for batch in micro_batches:
+        with accelerator.accumulate(model):  # DDP: no gradient sync before the last micro-step
+            with (opt.autocast or accelerator.autocast)():
+                out = forward(batch)
+            loss = out["loss"]
+            finite &= torch.isfinite(loss.detach())
+            total += loss.detach().float()
+            count += 1
+            accelerator.backward(loss)
+    # DDP: the norm before clipping. DeepSpeed has clipped and stepped inside backward (or skipped a non-finite
+    # step itself, norm inf); this is the norm it measured (None: none measured).
+    norm = accelerator.clip_grad_norm_(opt.params, opt.clip)
+    grad_norm = math.nan if norm is None else float(norm)
+    flags = accelerator.reduce(torch.stack([finite.float(), finite.new_tensor(float(stop_requested))]), "sum")
+    # fp16: overflowing gradients are routine and the grad scaler skips those steps itself.
+    ok = bool(flags[0] == accelerator.num_processes)
+    ok = ok and (norm is None or math.isfinite(grad_norm) or accelerator.scaler is not None)
+    if ok and opt.hooks is not None:
+        opt.hooks.before_optimizer_step(step)  # no effect under DeepSpeed, which has stepped already
+    if not ok:  # every gradient None: AdamW moves no parameter and no moment (an fp16 scaler still updates)
+        optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    updated = ok and not accelerator.optimizer_step_was_skipped
+    if updated and opt.hooks is not None:
+        with distributed.gathered_parameters(accelerator, model):  # ZeRO-3: the whole student
+            opt.hooks.update_momentum(step)
+    return StepOutcome(total / max(1, count), grad_norm, ok, updated, bool(flags[1] > 0), out, batch)
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps in a row; ``limit`` of them raise :class:`TrainingDiverged`."""
+
+    def __init__(self, limit: int, report: Callable[..., None] | None = None):
+        self.limit, self.report, self.in_a_row = limit, report, 0
+
+    def check(self, step: int, outcome: StepOutcome) -> None:
+        if outcome.ok:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        loss = float(outcome.loss)
+        if self.report is not None:
+            self.report(
+                f"step {step}: non-finite loss or gradient norm ({loss:.4g}, {outcome.grad_norm:.4g}); "
+                f"update skipped ({self.in_a_row}/{self.limit} in a row)",
+                event="nonfinite_step_skipped", step=step, loss=loss, grad_norm=outcome.grad_norm,
+            )  # fmt: skip
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.in_a_row} non-finite optimizer steps in a row (steps {step - self.in_a_row + 1}-{step}): "
+                "stopped. The last checkpoint in the run directory predates them; lower the learning rate, "
+                "set clip_grad or use bf16 precision before resuming."
+            )
+
+
+def optimizer_steps(batches: Iterator[Any], accum: int) -> Iterator[Iterator[Any]]:
+    """Group a stream of micro-batches by optimizer step, lazily (never ``accum`` batches held at once)."""
+    for first in batches:
+        yield chain([first], islice(batches, accum - 1))
+
+
 def train(
     *,
     cfg: DictConfig,
@@ -74,91 +208,57 @@ def train(
 
     ``evaluate(exported_backbone) -> metrics`` runs on the main process every ``cfg.knn.every_steps``.
     ``stop``: when any process has received a stop signal, every process finishes the current optimizer
-    step, the checkpoint of that step is saved and :class:`Preempted` is raised.
+    step, the checkpoint of that step is saved (unless the step was skipped) and :class:`Preempted` is raised.
     """
     method = accelerator.unwrap_model(model)
     total, per_epoch, accum = cfg.derived.total_steps, cfg.derived.steps_per_epoch, cfg.train.grad_accum
-    clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-    params = [p for p in model.parameters() if p.requires_grad]
-    step, bad_in_row, window = start_step, 0, _Window()
+    opt = Optimization(accelerator, model, optimizer, cfg.optim.clip_grad,
+                       lambda: distributed.autocast(accelerator, cfg), hooks=method)  # fmt: skip
+    guard, window, step = NonFiniteGuard(cfg.train.max_nonfinite_steps, monitor.message), _Window(), start_step
     model.train()
     while step < total:
         epoch, done = divmod(step, per_epoch)
-        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-        for micro, batch in enumerate(loader.epoch(epoch, skip=done * accum)):
-            views = [v.to(accelerator.device, non_blocking=True) for v in batch["views"]]
-            if micro % accum == 0:  # before the step's first backward: DeepSpeed steps inside the last one
-                for group in optimizer.param_groups:
-                    group["lr"] = float(schedules.lr[step])  # python floats: checkpoints load weights_only
-                    group["weight_decay"] = float(schedules.weight_decay[step]) * group["wd_scale"]
-            with accelerator.accumulate(model):
-                with distributed.autocast(accelerator, cfg):
-                    out = model(views, step)
-                loss = out["loss"]
-                finite &= torch.isfinite(loss.detach())
-                window.loss += loss.detach().float() / accum
-                accelerator.backward(loss)
-                if not accelerator.sync_gradients:
-                    continue
-                # DDP: the norm before clipping. DeepSpeed: it has clipped and stepped inside backward (or skipped a
-                # non-finite step itself, norm inf); this is the norm it measured.
-                norm = accelerator.clip_grad_norm_(params, clip)
-                grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed measured no norm
-                # One collective per step carries both flags, so every rank takes the same decisions.
-                stop_flag = float(stop is not None and stop.requested)
-                flags = accelerator.reduce(torch.stack([finite.float(), finite.new_tensor(stop_flag).float()]), "sum")
-                ok = bool(flags[0] == accelerator.num_processes)
-                stop_now = bool(flags[1] > 0)
-                # fp16: overflowing gradients are routine and the grad scaler skips those steps itself.
-                ok = ok and (norm is None or math.isfinite(grad_norm) or accelerator.scaler is not None)
-                if ok:
-                    method.before_optimizer_step(step)  # no effect under DeepSpeed, which has stepped already
-                else:  # every gradient None: AdamW moves no parameter and no moment (an fp16 scaler still updates)
-                    optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ok:
-                    with distributed.gathered_parameters(accelerator, model):  # ZeRO-3: whole student
-                        method.update_momentum(step)
-                    bad_in_row = 0
-                else:
-                    bad_in_row += 1
-                    monitor.message(
-                        f"step {step}: non-finite loss or gradient norm ({float(loss.detach()):.4g}, {float(grad_norm):.4g}); "
-                        f"update skipped ({bad_in_row}/{cfg.train.max_nonfinite_steps} in a row)",
-                        event="nonfinite_step_skipped", step=step, loss=float(loss.detach()), grad_norm=float(grad_norm),
-                    )  # fmt: skip
-                    if bad_in_row >= cfg.train.max_nonfinite_steps:
-                        raise TrainingDiverged(
-                            f"{bad_in_row} non-finite optimizer steps in a row (steps {step - bad_in_row + 1}-{step}): "
-                            "stopped. The last checkpoint in the run directory predates them; lower optim.base_lr, "
-                            "set optim.clip_grad or use train.precision=bf16 before resuming."
-                        )
-                step += 1
-                finite.fill_(True)
-                window.steps += 1
-                window.grad_norm = grad_norm
-                monitor.advance()
-                if step % cfg.logging.every_steps == 0 or step == total:
-                    _log(cfg, accelerator, monitor, window, out, step, schedules)
-                    window = _Window()
-                hooks_start = time.perf_counter()
-                every = cfg.logging.figure_every_steps
-                if every and step % every == 0 and accelerator.is_main_process:
-                    for name, image in method.figures(views).items():
-                        monitor.figure(step, name, image)
-                every = cfg.knn.every_steps
-                if evaluate is not None and every and step % every == 0 and accelerator.is_main_process:
-                    monitor.log(step, evaluate(method.export_backbone()))
-                if (step % cfg.checkpoint.every_steps == 0 or step == total or stop_now) and bad_in_row == 0:
-                    save(step)
-                if stop_now:
-                    received = stop.received if stop is not None and stop.received else None
-                    raise Preempted(step, received.name if received else "stop signal (another rank)")
-                window.start += time.perf_counter() - hooks_start  # img/s counts training time only
+        for micro_batches in optimizer_steps(loader.epoch(epoch, skip=done * accum), accum):
+            forward = partial(_views_forward, model, accelerator.device, step)
+            outcome = train_step(opt, step, micro_batches, forward, lr=schedules.lr[step],
+                                 weight_decay=schedules.weight_decay[step], stop_requested=stop is not None and stop.requested)  # fmt: skip
+            guard.check(step, outcome)
+            step += 1
+            window.add(outcome)
+            monitor.advance()
+            hooks_start = time.perf_counter()
+            if step % cfg.logging.every_steps == 0 or step == total:
+                _log(cfg, accelerator, monitor, window, outcome.out, step, schedules)
+                window = _Window()
+            _after_step(cfg, accelerator, method, monitor, outcome, step, evaluate)
+            if (step % cfg.checkpoint.every_steps == 0 or step == total or outcome.stop) and guard.in_a_row == 0:
+                save(step)
+            if outcome.stop:
+                received = stop.received if stop is not None and stop.received else None
+                name = received.name if received else "stop signal (another rank)"
+                raise Preempted(step, name, checkpointed=guard.in_a_row == 0)
+            window.start += time.perf_counter() - hooks_start  # img/s counts training time only
             if step >= total:
                 break
     return step
+
+
+def _views_forward(model: nn.Module, device: torch.device, step: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return model([v.to(device, non_blocking=True) for v in batch["views"]], step)
+
+
+def _after_step(cfg, accelerator, method, monitor, outcome: StepOutcome, step: int, evaluate) -> None:
+    """Pictures and the kNN monitor, on the main process, at their cadences."""
+    if not accelerator.is_main_process:
+        return
+    every = cfg.logging.figure_every_steps
+    if every and step % every == 0:
+        views = [v.to(accelerator.device) for v in outcome.batch["views"]]
+        for name, image in method.figures(views).items():
+            monitor.figure(step, name, image)
+    every = cfg.knn.every_steps
+    if evaluate is not None and every and step % every == 0:
+        monitor.log(step, evaluate(method.export_backbone()))
 
 
 @dataclass
@@ -172,6 +272,11 @@ class _Window:
 
     def __post_init__(self) -> None:
         self.start = time.perf_counter()
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.steps += 1
+        self.loss += outcome.loss
+        self.grad_norm = outcome.grad_norm
 
 
 def _log(cfg, accelerator, monitor, window, out, step, schedules) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,36 @@ def extract_features(
     backbone: nn.Module,
     dataset: Dataset,
     *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    collate_fn: Callable[[list[dict]], dict] | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, list[Tensor], list[str]]:
+    """The one feature loop (online kNN monitor, downstream protocols): pooled pre-logits features (N, D)
+    float32 of ``dataset`` (dicts with image, label, key), in dataset order, with the batches' labels and keys.
+
+    ``prepare(images)`` runs on the batch on ``device`` before the backbone (resize, normalise); no augmentation.
+    The backbone runs in eval mode and is put back as it was.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    features, labels, keys = [], [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn):
+        images = batch["image"].to(device)
+        features.append(pooled_features(backbone, prepare(images) if prepare else images).float().cpu())
+        labels.append(torch.as_tensor(batch["label"]))
+        keys.extend(str(k) for k in batch.get("key", ()))
+    backbone.train(was_training)
+    if not features:
+        raise ValueError("the dataset is empty: no features to extract")
+    return torch.cat(features), labels, keys
+
+
+def knn_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     in_chans: int = 1,
@@ -25,28 +57,24 @@ def extract_features(
     max_samples: int | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalised pooled features (N, D) and integer labels (N,) of ``dataset`` (dicts with image, label).
+    """L2-normalised pooled features (N, D) and integer labels (N,) for the kNN monitor.
 
-    Images are only resized to ``img_size`` (when given) and normalised, no augmentation; the backbone runs in
-    eval mode and is put back as it was.
+    Images are only matched to ``in_chans``, resized to ``img_size`` (when given) and normalised.
     """
     if max_samples is not None and len(dataset) > max_samples:
         # An evenly spaced subset: deterministic, and spread over the whole file.
         dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, max_samples).long().tolist())
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        images = torch.stack([match_channels(image, in_chans) for image in batch["image"]]).to(device)
+
+    def prepare(images: Tensor) -> Tensor:
+        images = torch.stack([match_channels(image, in_chans) for image in images])
         if img_size is not None and images.shape[-2:] != (img_size, img_size):
             images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
-        images = (images - mean_t) / std_t
-        features.append(F.normalize(pooled_features(backbone, images).float(), dim=1).cpu())
-        labels.append(torch.as_tensor(batch["label"]).view(-1).long())
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+        return (images - mean_t) / std_t
+
+    features, labels, _ = extract_features(backbone, dataset, batch_size=batch_size, device=device, prepare=prepare)
+    return F.normalize(features, dim=1), torch.cat([label.view(-1) for label in labels]).long()
 
 
 @torch.no_grad()
@@ -117,6 +145,6 @@ class KNNMonitor:
                         "max_samples": max_samples}  # fmt: skip
 
     def __call__(self, backbone: nn.Module) -> float:
-        bank = extract_features(backbone, self.bank, **self.options)
-        query = extract_features(backbone, self.query, **self.options)
+        bank = knn_features(backbone, self.bank, **self.options)
+        query = knn_features(backbone, self.query, **self.options)
         return knn_accuracy(*bank, *query, k=self.k, temperature=self.temperature)

@@ -1,8 +1,9 @@
 """Wiring: config -> data -> model -> Accelerator -> engine. ``python -m pretrain.main --config FILE [k=v ...]``.
 
 The run directory (``train.run_dir``) receives ``config.yaml`` (resolved, with derived values), checkpoints
-(``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, ``tensorboard/``, ``figures/`` and, at the end,
-``backbone.safetensors``. Running the same command again resumes from ``last.pt``.
+(``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, ``tensorboard/``, ``figures/`` and, at the end, the release
+folder ``release/`` (``pretrain.release``: what ``medfm export`` writes). Running the same command again resumes
+from ``last.pt``.
 
 Several processes: launch the same command with ``accelerate launch --multi_gpu --num_processes N
 [--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
@@ -16,18 +17,14 @@ complete within ``dist.timeout_s``), 75 checkpointed on a stop signal (requeue).
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import IterableDataset
@@ -43,6 +40,7 @@ from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
 from pretrain.monitor import Monitor
 from pretrain.preemption import StopRequest
+from pretrain.release import RELEASE_DIR, RunBackbone, load_run, run_backbone, write_run_release
 
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:
@@ -86,9 +84,9 @@ def run_pretraining(cfg: DictConfig) -> int:
                          schedules=Schedules.from_config(cfg), monitor=monitor, save=saver(cfg, store),
                          start_step=start_step, evaluate=evaluate, stop=stop)  # fmt: skip
         if accelerator.is_main_process:
-            export(cfg, released_method(cfg, accelerator, model, run_dir), run_dir, step)
-        weights = run_dir / "backbone.safetensors"
-        monitor.message(f"done at step {step}; backbone weights: {weights}", event="done", step=step)
+            export(released_backbone(cfg, accelerator, model, run_dir, step), run_dir)
+        release_dir = run_dir / RELEASE_DIR
+        monitor.message(f"done at step {step}; release: {release_dir}", event="done", step=step)
         accelerator.end_training()
         return step
     except Exception as err:
@@ -135,6 +133,7 @@ def prepare(
     cfg: DictConfig, accelerator: Accelerator, method: SSLMethod, run_dir: Path
 ) -> tuple[nn.Module, torch.optim.Optimizer, ckpt.TorchStore | ckpt.DeepSpeedStore]:
     """``accelerator.prepare`` (DeepSpeed: EMA modules kept outside the engine) and the run's checkpoint store."""
+    method = dist.sync_batchnorm(method, accelerator)
     optimizer = build_optimizer(method, cfg)
     deepspeed = dist.uses_deepspeed(accelerator)
     if deepspeed:
@@ -160,7 +159,7 @@ def resume(
         seed_process(cfg.train.seed, rank, 0)
         return 0, None, []
     meta = store.load(path)
-    notes = config_changes(meta["config"], to_dict(cfg))
+    notes = ckpt.config_changes(meta["config"], to_dict(cfg))
     if len(meta["rng"]) == world:
         ckpt.restore_rng(meta["rng"][rank])
     else:
@@ -169,22 +168,15 @@ def resume(
     return meta["step"], path, notes
 
 
-def released_method(cfg: DictConfig, accelerator: Accelerator, model: nn.Module, run_dir: Path) -> SSLMethod:
-    """The trained method, whole and in fp32, on the main process."""
+def released_backbone(
+    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, run_dir: Path, step: int
+) -> RunBackbone:
+    """The trained method's release backbone, whole and in fp32, on the main process."""
     if not dist.uses_deepspeed(accelerator):
-        return accelerator.unwrap_model(model)
-    # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state.
-    method = METHODS[cfg.method].from_config(cfg)
-    method.load_state_dict(ckpt.consolidate_deepspeed(run_dir)["model"])
-    return method
-
-
-def gather_rng() -> list[dict[str, Any]]:
-    """Every process's RNG states, on every process (a collective)."""
-    # As bytes: all_gather_object cannot carry tensor storages on this torch.
-    buffer = io.BytesIO()
-    torch.save(ckpt.capture_rng(), buffer)
-    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buffer.getvalue()])]
+        return run_backbone(accelerator.unwrap_model(model), cfg, step, ckpt.find_resume(run_dir))
+    # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state of
+    # the newest checkpoint, strictly loaded, as `medfm export` does.
+    return load_run(run_dir)
 
 
 def saver(cfg: DictConfig, store: ckpt.TorchStore | ckpt.DeepSpeedStore) -> Callable[[int], None]:
@@ -193,7 +185,7 @@ def saver(cfg: DictConfig, store: ckpt.TorchStore | ckpt.DeepSpeedStore) -> Call
 
     def save(step: int) -> None:
         position = {"epoch": step // per_epoch, "batches_done": (step % per_epoch) * cfg.train.grad_accum}
-        store.save(step, {"data": position, "rng": gather_rng(), "config": to_dict(cfg)})
+        store.save(step, {"data": position, "rng": ckpt.gather_rng(), "config": to_dict(cfg)})
 
     return save
 
@@ -226,29 +218,9 @@ def seed_process(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(value)
 
 
-def export(cfg: DictConfig, method: SSLMethod, run_dir: Path, step: int) -> None:
-    """``backbone.safetensors``: the method's released backbone, with what is needed to rebuild it."""
-    metadata = {
-        "method": cfg.method,
-        "backbone": cfg.model.backbone,
-        "backbone_kwargs": json.dumps(to_dict(cfg)["model"]["backbone_kwargs"]),
-        "img_size": str(cfg.data.img_size),
-        "in_chans": str(cfg.data.in_chans),
-        "step": str(step),
-    }
-    ckpt.export_backbone(method.export_backbone(), run_dir / "backbone.safetensors", metadata)
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Config values that differ between a checkpoint and this run (flattened keys)."""
-    notes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            notes.extend(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b:
-            notes.append(f"config {prefix}{key} changed since the checkpoint: {a!r} -> {b!r}")
-    return notes
+def export(run: RunBackbone, run_dir: Path) -> Path:
+    """``RUN_DIR/release/``: the release folder that ``medfm export RUN_DIR`` writes (``pretrain.release``)."""
+    return write_run_release(run, run_dir / RELEASE_DIR, run_dir=run_dir, overwrite=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 from omegaconf import DictConfig
+
+from pretrain.errors import ConfigError
 
 
 def cosine_schedule(
@@ -32,3 +37,41 @@ def linear_warmup_schedule(start: float, end: float, total_steps: int, warmup_st
 def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
     """A duration given in (fractional) epochs, as optimizer steps; needs ``pretrain.config.derive`` first."""
     return round(epochs * cfg.derived.steps_per_epoch)
+
+
+def derive_steps(
+    *,
+    batch_size: int,
+    world_size: int,
+    grad_accum: int,
+    samples: int,
+    base_lr: float,
+    epochs: float,
+    warmup_epochs: float,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Every number of a run computed from other numbers, for pretraining and fine-tuning alike.
+
+    global_batch = batch_size x world_size x grad_accum; lr = base_lr x global_batch / 256 (linear scaling,
+    Goyal et al. 2017, as in MAE, DINO and MAE's fine-tuning); an epoch is ``samples`` rounded down to whole
+    optimizer steps; ``max_steps`` caps the total; every schedule is indexed by the optimizer step.
+    """
+    global_batch = batch_size * world_size * grad_accum
+    steps_per_epoch = samples // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config key 'train.batch_size': global batch {global_batch} (batch_size {batch_size} x "
+            f"{world_size} processes x grad_accum {grad_accum}) exceeds the {samples} samples per epoch"
+        )
+    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    return {
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "lr": base_lr * global_batch / 256,
+        "samples_per_epoch": samples,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": min(total_steps, round(warmup_epochs * steps_per_epoch)),
+    }

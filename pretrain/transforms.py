@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +127,23 @@ def multi_crop(
 ) -> MultiView:
     """DINO multi-crop (Caron et al. 2021): the global views first, then ``n_local`` local views."""
     return MultiView([*global_transforms, *([local_transform] * n_local)])
+
+
+def augment_from_section(
+    aug: Any, size: int, mean: Sequence[float], std: Sequence[float], scale: Sequence[float] | None = None
+) -> MedicalAugment:
+    """One view's augmentation from an ``augment:`` config section (pretraining's or fine-tuning's: crop_scale,
+    crop_ratio, hflip, vflip, intensity_prob, brightness, contrast, gamma, blur_prob, blur_sigma); ``scale``
+    overrides the section's crop scale (DINO's local crops)."""
+    return MedicalAugment(
+        size=size,
+        scale=tuple(scale if scale is not None else aug.crop_scale),
+        ratio=tuple(aug.crop_ratio),
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        intensity=RandomIntensity(aug.brightness, aug.contrast, aug.gamma, p=aug.intensity_prob),
+        blur_prob=aug.blur_prob,
+        blur_sigma=tuple(aug.blur_sigma),
+        mean=tuple(mean),
+        std=tuple(std),
+    )

@@ -1,8 +1,11 @@
-"""Shared fixtures: the real medical images in ../shared/data (tests skip with a reason when absent)."""
+"""Shared fixtures: the real medical images in ../shared/data (tests skip with a reason when absent), tiny-model
+pretraining overrides, one torch thread per test, and accelerate's process-wide state reset after each test."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,104 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real-data folder {SHARED_DATA} not found (set MEDFM_SHARED_DATA to point at it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def medmnist(shared_data: Path):
+    """``medmnist(name)`` -> path of a MedMNIST file of the shared data (skips when absent)."""
+
+    def path(name: str) -> Path:
+        file = shared_data / "medmnist" / f"{name}.npz"
+        if not file.is_file():
+            pytest.skip(f"{file} not found")
+        return file
+
+    return path
+
+
+# 2-block ViT-Tiny with 7-px patches at 28 px (16 tokens): a forward pass over 100 images takes ~0.1 s.
+TINY_VIT = {
+    "model.backbone": "vit_tiny_patch16_224",
+    "model.backbone_kwargs.patch_size": 7,
+    "model.backbone_kwargs.depth": 2,
+}
+TINY_HEADS = {
+    "dino": {"dino.head_hidden_dim": 64, "dino.head_bottleneck_dim": 32, "dino.head_output_dim": 128,
+             "dino.num_local_crops": 2, "dino.local_crop_size": 14, "dino.freeze_last_layer_epochs": 0},
+    "mae": {"mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2},
+    "moco": {"moco.hidden_dim": 64, "moco.output_dim": 32},
+    "simclr": {"simclr.hidden_dim": 64, "simclr.output_dim": 32},
+}  # fmt: skip
+
+
+def tiny_overrides(
+    method: str, spec: str, run_dir: Path, backbone: dict[str, object] | None = None, **extra: object
+) -> list[str]:
+    """A complete pretraining config as ``key=value`` overrides: ``method`` with a tiny ViT (or ``backbone``),
+    4 steps of 8 images."""
+    values = {
+        "method": method,
+        "data.spec": spec,
+        "data.img_size": 28,
+        "data.samples_per_epoch": 32,
+        "data.num_workers": 0,
+        **(TINY_VIT if backbone is None else backbone),
+        "train.run_dir": str(run_dir),
+        "train.batch_size": 8,
+        "schedule.epochs": 1,
+        "schedule.warmup_epochs": 0,
+        "optim.base_lr": 1e-3,
+        "checkpoint.every_steps": 2,
+        "logging.every_steps": 2,
+        "logging.figure_every_steps": 0,
+        "logging.tensorboard": False,
+        "logging.progress_bar": False,
+        **TINY_HEADS[method],
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def pretrain_overrides():
+    """``pretrain_overrides(method, spec, run_dir, backbone=None, **extra)``: see ``tiny_overrides``."""
+    return tiny_overrides
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # lightly's DINOProjectionHead uses torch's deprecated weight_norm: not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:.*weight_norm.*:FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The test machines share 2 cores between workers: a second intra-op thread makes small ops ~100x slower
+    when the other core is busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reset_accelerate_state() -> None:
+    """Training builds Accelerators; accelerate keeps process-wide state that must not leak between tests."""
+    if "accelerate.state" not in sys.modules:
+        return  # never imported: no state to reset
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    yield
+    _reset_accelerate_state()
+
+
+@pytest.fixture(scope="session")
+def reset_accelerate() -> Callable[[], None]:
+    """The reset ``_fresh_accelerate_state`` runs after each test, for session fixtures that train."""
+    return _reset_accelerate_state

@@ -16,6 +16,7 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -25,13 +26,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pretrain.backbones import build_backbone
-from pretrain.transforms import MedicalAugment, RandomIntensity
+from pretrain.transforms import MedicalAugment, augment_from_section
 
 
 class SSLMethod(nn.Module):
     """Base class of the pretraining objectives (see the module docstring for the contract)."""
 
     Config: ClassVar[type]  # the dataclass of the method's config section (cfg.<METHODS key>)
+    description: ClassVar[str]  # what the model card says: objective, paper, which module is released
     momentum_modules: tuple[str, ...] = ()
 
     @staticmethod
@@ -74,6 +76,18 @@ def at_step(schedule: Sequence[float] | np.ndarray, step: int) -> float:
     return float(schedule[min(step, len(schedule) - 1)])
 
 
+def deterministic_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with stochastic depth and dropout off, for an EMA teacher / momentum encoder: its targets must
+    not be random (DINO's ``main_dino.py`` builds the teacher without drop path). Same parameters and keys."""
+    copied = copy.deepcopy(module)
+    for layer in copied.modules():
+        if hasattr(layer, "drop_prob"):  # timm's DropPath
+            layer.drop_prob = 0.0
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            layer.p = 0.0
+    return copied
+
+
 def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.Module:
     return build_backbone(
         cfg.model.backbone,
@@ -90,15 +104,4 @@ def augment_from_config(
 ) -> MedicalAugment:
     """One view's augmentation from ``cfg.augment``; ``size`` / ``scale`` default to the global crop."""
     aug = cfg.augment
-    return MedicalAugment(
-        size=size or cfg.data.img_size,
-        scale=tuple(scale if scale is not None else aug.crop_scale),
-        ratio=tuple(aug.crop_ratio),
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        intensity=RandomIntensity(aug.brightness, aug.contrast, aug.gamma, p=aug.intensity_prob),
-        blur_prob=aug.blur_prob,
-        blur_sigma=tuple(aug.blur_sigma),
-        mean=tuple(aug.mean),
-        std=tuple(aug.std),
-    )
+    return augment_from_section(aug, size or cfg.data.img_size, aug.mean, aug.std, scale)

@@ -10,7 +10,6 @@ Deviation: no solarization in the views (meaningless on gray-level images).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +23,13 @@ from torch import Tensor, nn
 
 from pretrain.backbones import is_vit, pooled_features
 from pretrain.errors import ConfigError
-from pretrain.methods.base import SSLMethod, at_step, augment_from_config, backbone_from_config
+from pretrain.methods.base import (
+    SSLMethod,
+    at_step,
+    augment_from_config,
+    backbone_from_config,
+    deterministic_copy,
+)
 from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MultiView, multi_crop
 
@@ -64,6 +69,7 @@ class DINO(SSLMethod):
     """
 
     Config = DINOConfig
+    description = "DINO self-distillation (Caron et al. 2021); released: the EMA teacher backbone"
 
     @staticmethod
     def check_config(section, need) -> None:
@@ -90,8 +96,9 @@ class DINO(SSLMethod):
         head_args = (backbone.num_features, head_hidden_dim, head_bottleneck_dim, head_output_dim, head_batch_norm)
         self.student_backbone = backbone
         self.student_head = DINOProjectionHead(*head_args, norm_last_layer=norm_last_layer)
-        # The teacher starts as an exact copy of the student (DINO main_dino.py: load_state_dict).
-        self.teacher_backbone = copy.deepcopy(backbone)
+        # The teacher starts as an exact copy of the student (DINO main_dino.py: load_state_dict), without drop
+        # path: a stochastic teacher would give noisy targets.
+        self.teacher_backbone = deterministic_copy(backbone)
         self.teacher_head = DINOProjectionHead(*head_args, norm_last_layer=norm_last_layer)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)

@@ -47,6 +47,7 @@ class MAE(SSLMethod):
     """
 
     Config = MAEConfig
+    description = "masked autoencoding (He et al. 2022); released: the ViT encoder (decoder dropped)"
 
     @staticmethod
     def check_config(section, need) -> None:

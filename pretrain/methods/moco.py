@@ -1,10 +1,11 @@
 """MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers", 2021).
 
-Query encoder = backbone + 3-layer projection + 2-layer prediction MLP; key encoder = EMA of backbone +
-projection (cosine momentum schedule to 1.0); symmetric InfoNCE with keys gathered from all processes, scaled
-by 2 tau as in the reference code. Heads are lightly's ``MoCoProjectionHead`` (BN on every layer) and
-``BYOLPredictionHead``. Deviations from the paper: the projector's last BN keeps its affine parameters, and the
-ViT patch projection is not frozen (the paper's stability trick).
+Query encoder = backbone + projection MLP + prediction MLP; key encoder = EMA of backbone + projection (cosine
+momentum schedule to 1.0, no drop path); symmetric InfoNCE with keys gathered from all processes, scaled by 2 tau
+as in the reference code. The heads follow the reference ``moco/builder.py`` ``_build_mlp`` with lightly's
+``ProjectionHead``: bias-free linear layers, BN + ReLU between them, a final ``BatchNorm1d(affine=False)``;
+projector 3 layers (ViT) / 2 (CNN), predictor 2 layers with the final BN for ViTs only (``last_bn=False`` for
+ResNets). Deviation from the paper: the ViT patch projection is not frozen (the paper's stability trick).
 """
 
 from __future__ import annotations
@@ -16,16 +17,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
+from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils import dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pretrain.backbones import pooled_features
-from pretrain.methods.base import SSLMethod, at_step, augment_from_config, backbone_from_config
+from pretrain.backbones import is_vit, pooled_features
+from pretrain.methods.base import (
+    SSLMethod,
+    at_step,
+    augment_from_config,
+    backbone_from_config,
+    deterministic_copy,
+)
 from pretrain.schedules import cosine_schedule
 from pretrain.transforms import MultiView
+
+
+def mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, last_bn: bool) -> ProjectionHead:
+    """MoCo v3's ``_build_mlp``: (Linear without bias, BN, ReLU) x (num_layers - 1), Linear without bias, and a
+    final ``BatchNorm1d(affine=False)`` when ``last_bn`` (SimCLR's design, gamma removed)."""
+    blocks = [
+        (input_dim if layer == 0 else hidden_dim, hidden_dim, nn.BatchNorm1d(hidden_dim), nn.ReLU(), False)
+        for layer in range(num_layers - 1)
+    ]
+    last_norm = nn.BatchNorm1d(output_dim, affine=False) if last_bn else None
+    return ProjectionHead([*blocks, (hidden_dim if num_layers > 1 else input_dim, output_dim, last_norm, None, False)])
 
 
 class MoCoV3Loss(nn.Module):
@@ -62,6 +80,7 @@ class MoCo(SSLMethod):
     """MoCo v3. Args: backbone (any timm model), momentum per optimizer step, MLP sizes, temperature."""
 
     Config = MoCoConfig
+    description = "MoCo v3 contrastive learning (Chen et al. 2021); released: the momentum encoder"
 
     momentum_modules = ("backbone_momentum", "projection_head_momentum")
 
@@ -75,12 +94,11 @@ class MoCo(SSLMethod):
     ):
         super().__init__()
         self.backbone = backbone
-        self.projection_head = MoCoProjectionHead(
-            backbone.num_features, hidden_dim, output_dim, num_layers=3, batch_norm=True
-        )
-        self.prediction_head = BYOLPredictionHead(output_dim, hidden_dim, output_dim)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        vit = is_vit(backbone)
+        self.projection_head = mlp(3 if vit else 2, backbone.num_features, hidden_dim, output_dim, last_bn=True)
+        self.prediction_head = mlp(2, output_dim, hidden_dim, output_dim, last_bn=vit)
+        self.backbone_momentum = deterministic_copy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)  # no dropout in the heads
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = MoCoV3Loss(temperature)

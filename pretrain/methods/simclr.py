@@ -33,6 +33,7 @@ class SimCLR(SSLMethod):
     """Args: backbone (any timm model without classifier), projection head sizes, NT-Xent temperature."""
 
     Config = SimCLRConfig
+    description = "SimCLR contrastive learning (Chen et al. 2020); released: the backbone (projection head dropped)"
 
     def __init__(
         self,

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import pooled_features
 from pretrain.config import derive, load_config, to_dict
-from pretrain.export import ExportError, data_summary, export_run, load_run
+from pretrain.export import export_run
 from pretrain.methods import METHODS
+from pretrain.release import RESULTS_NAME, ExportError, data_summary, load_run, write_results_summary
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -138,3 +139,45 @@ def test_data_summary_reads_the_shard_manifest(pretrain_overrides, tmp_path: Pat
     assert summary["spec"] == "shards:chest_shards"
     assert summary["manifest"]["samples"] == 1000 and summary["manifest"]["duplicates_removed"] == 5
     assert summary["manifest"]["by_modality"] == {"DX": 1000}
+
+
+def test_a_checkpoint_that_does_not_match_its_method_is_refused_naming_the_keys(tiny_run: Path, tmp_path: Path):
+    state = ckpt.load_checkpoint(tiny_run / "last.pt")
+    state["model"]["extra.weight"] = state["model"].pop("teacher_backbone.norm.weight")
+    state["model"]["student_backbone.cls_token"] = torch.zeros(1, 1, 3)
+    ckpt.save_checkpoint(tmp_path / "run", state, keep=1)
+    with pytest.raises(ExportError) as err:
+        export_run(tmp_path / "run", tmp_path / "release")
+    message = str(err.value)
+    assert "missing from the weights (1): teacher_backbone.norm.weight" in message
+    assert "not in the model (1): extra.weight" in message
+    assert "shape mismatch (1): student_backbone.cls_token (1, 1, 3) vs model (1, 1, 192)" in message
+    assert not (tmp_path / "release").exists()
+
+
+def test_the_card_lists_the_results_summary_files_downstream_writes(tiny_run: Path, tmp_path: Path):
+    from downstream.report import write_results
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes((tiny_run / "last.pt").read_bytes())
+    metrics = {"acc": 0.8, "balanced_acc": 0.7, "auc": float("nan"), "f1": 0.6}
+    result = {"protocol": "linear", "dataset": "medmnist:/data/breastmnist.npz",
+              "backbone": {"source": "releases/x", "architecture": "vit_tiny_patch16_224", "init": "release"},
+              "task": {"kind": "binary", "class_names": ["benign", "malignant"]}, "test": {"n": 10, **metrics},
+              "summary": metrics}  # fmt: skip
+    write_results(run_dir / "eval" / "breast" / "release" / "linear", result)
+    written = json.loads((run_dir / "eval" / "breast" / "release" / "linear" / RESULTS_NAME).read_text())
+    assert written == {"format": "medfm-results/1", "protocol": "linear", "dataset": "medmnist:/data/breastmnist.npz",
+                       "init": "release", "backbone": "releases/x",
+                       "summary": {"acc": 0.8, "balanced_acc": 0.7, "auc": None, "f1": 0.6}}  # fmt: skip
+    elsewhere = tmp_path / "finetunes"
+    write_results_summary(elsewhere / "breast" / "random", protocol="finetune", dataset="medmnist:breastmnist.npz",
+                          init="random", summary={"acc": 0.5, "auc": 0.25})  # fmt: skip
+    card = (export_run(run_dir, tmp_path / "release", results=[elsewhere]) / "README.md").read_text()
+    assert "| eval/breast/release/linear | linear | `medmnist:breastmnist.npz` | 0.8000 | 0.7000 | - | 0.6000 |" in card
+    assert "| finetunes/breast/random | finetune | `medmnist:breastmnist.npz` | 0.5000 | - | 0.2500 | - |" in card
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"protocol": "linear", "summary": {}}))
+    with pytest.raises(ExportError, match=r"bad\.json: not an evaluation results file.*missing \['dataset'\]"):
+        export_run(run_dir, tmp_path / "release2", results=[bad])

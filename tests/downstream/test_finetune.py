@@ -109,3 +109,33 @@ def test_label_budgets_over_seeds(tiny_release, medmnist, tmp_path):
     (row,) = results["release"]["label_efficiency"]
     assert row["budget"] == "5/class" and row["n_train"] == 10 and len(row["runs"]) == 2
     assert row["test"]["auc"]["n"] == 2
+
+
+def test_a_killed_finetune_resumes_where_it_was_checkpointed(tiny_release, medmnist, tmp_path, monkeypatch):
+    from pretrain.checkpoint import TorchStore
+
+    spec = f"medmnist:{medmnist('breastmnist')}"
+    steps = ("train.max_steps=5", "train.eval_every_epochs=0.001", "train.drop_path=0.1", "plots=false")
+    whole = finetune(tiny_release, spec, tmp_path / "whole", *steps)["release"]
+
+    save = TorchStore.save
+
+    def killed_after_step_3(self, step, meta):
+        save(self, step, meta)
+        if step == 3:
+            raise KeyboardInterrupt  # what a kill leaves: the step-3 checkpoint, nothing after it
+
+    monkeypatch.setattr(TorchStore, "save", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_release, spec, tmp_path / "killed", *steps)
+    assert (tmp_path / "killed" / ".checkpoints" / "release" / "last.pt").is_file()
+    monkeypatch.setattr(TorchStore, "save", save)
+    resumed = finetune(tiny_release, spec, tmp_path / "killed", *steps)["release"]
+
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    for got, want in zip(resumed["history"], whole["history"], strict=True):
+        assert got == pytest.approx(want, nan_ok=True)
+    assert resumed["settings"]["best_step"] == whole["settings"]["best_step"]
+    tuned = [load_file(str(tmp_path / run / "release" / "best.safetensors")) for run in ("whole", "killed")]
+    assert all(torch.equal(tuned[0][k], tuned[1][k]) for k in tuned[0])
+    assert not (tmp_path / "killed" / ".checkpoints").exists()  # removed once every result is written

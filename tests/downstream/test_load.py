@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 
 from downstream.load import LoadError, build_model, load_backbone, load_weights, read_release
 from pretrain.backbones import build_backbone, pooled_features
-from pretrain.export import load_run
+from pretrain.release import ExportError, check_keys, load_run
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -153,3 +153,46 @@ def test_a_deepspeed_run_directory_asks_for_an_export_first(tmp_path: Path):
     (empty / "config.yaml").write_text("method: mae\n")
     with pytest.raises(LoadError, match="no checkpoint to export"):
         load_backbone(empty)
+
+
+def test_a_pretraining_run_leaves_its_release_and_downstream_loads_it_with_every_key(tiny_run: Path, tiny_release):
+    release = tiny_run / "release"
+    assert sorted(p.name for p in release.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    expected = features(load_run(tiny_run).backbone, X)
+    for source in (release, tiny_run):  # a finished run directory is read through its release
+        assert read_release(source).source == release / "model.safetensors"
+        model = load_backbone(source, num_classes=2)
+        assert model.load_report.new_keys == ("head.bias", "head.weight")
+        torch.testing.assert_close(features(model, X), expected, rtol=0, atol=1e-6)
+    # The same release `medfm export` writes from the checkpoint.
+    assert json.loads((release / "config.json").read_text()) == json.loads((tiny_release / "config.json").read_text())
+    ours, exported = load_file(str(release / "model.safetensors")), load_file(str(tiny_release / "model.safetensors"))
+    assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
+
+
+def test_a_run_whose_release_is_older_than_its_checkpoints_is_read_from_the_checkpoint(tiny_run: Path, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("eval", "finetune"))
+    assert read_release(run_dir).source == run_dir / "release" / "model.safetensors"
+    config = json.loads((run_dir / "release" / "config.json").read_text())
+    config["medfm"]["steps"] = 2  # a resumed run that is still training: its checkpoints are newer
+    (run_dir / "release" / "config.json").write_text(json.dumps(config))
+    release = read_release(run_dir)
+    assert release.source == run_dir / "last.pt" and release.info["steps"] == 4
+
+
+def test_the_one_key_checker_names_missing_unexpected_and_misshaped_keys():
+    model = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1), "head.weight": torch.zeros(1)}
+    weights = {"a": torch.ones(2), "b": torch.ones(4), "d": torch.ones(1)}
+    with pytest.raises(LoadError) as err:
+        check_keys(model, weights, "w.safetensors", allowed_missing={"head.weight"})
+    message = str(err.value)
+    assert message.startswith("w.safetensors: weights do not match the model;")
+    assert "missing from the weights (1): c;" in message and "head.weight" not in message
+    assert "not in the model (1): d;" in message
+    assert "shape mismatch (1): b (4,) vs model (3,)" in message
+    with pytest.raises(ExportError, match=r"ZeRO-3 shards"):  # the export and method-state checks raise ExportError
+        check_keys({"a": torch.zeros(2)}, {"a": torch.zeros(0)}, "ckpt.pt", error=ExportError)
+    check_keys(
+        model, {"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(1)}, "w", allowed_missing={"head.weight"}
+    )

@@ -189,3 +189,45 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
         losses.append(float(loss.detach()))
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("method", ["dino", "moco"])
+def test_the_ema_targets_are_deterministic_with_drop_path(method):
+    """The student keeps its drop path; the teacher / momentum encoder has none (DINO builds its teacher without
+    it): two passes of the teacher on one input in training mode give the same targets."""
+    model = tiny(method, vit(drop_path_rate=0.5, dynamic_img_size=method == "dino")).train()
+    teacher = model.teacher_backbone if method == "dino" else model.backbone_momentum
+    student = model.student_backbone if method == "dino" else model.backbone
+    images = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(pooled_features(teacher, images), pooled_features(teacher, images))
+        assert not torch.equal(pooled_features(student, images), pooled_features(student, images))
+    assert teacher.state_dict().keys() == student.state_dict().keys()
+
+
+def test_moco_heads_follow_the_reference_build_mlp():
+    """moco/builder.py: bias-free linears, a final BatchNorm1d(affine=False) on the projector and, for ViTs only,
+    on the predictor (``_build_mlp(..., last_bn=True)``); 3 projector layers for ViTs, 2 for ResNets."""
+    vit_moco = tiny("moco")
+    last = list(vit_moco.prediction_head.modules())[-1]
+    assert isinstance(last, nn.BatchNorm1d) and not last.affine
+    assert isinstance(list(vit_moco.projection_head.modules())[-1], nn.BatchNorm1d)
+    assert sum(isinstance(m, nn.Linear) for m in vit_moco.projection_head.modules()) == 3
+    assert all(m.bias is None for m in vit_moco.modules() if isinstance(m, nn.Linear) and m.out_features in (32, 64))
+    cnn_moco = MoCo(build_backbone("resnet18", 32, 1), [0.99], hidden_dim=64, output_dim=32)
+    assert isinstance(list(cnn_moco.prediction_head.modules())[-1], nn.Linear)
+    assert sum(isinstance(m, nn.Linear) for m in cnn_moco.projection_head.modules()) == 2
+
+
+def test_batchnorm_becomes_syncbatchnorm_on_several_gpus_only():
+    from types import SimpleNamespace
+
+    from pretrain.distributed import sync_batchnorm
+
+    def bn_kinds(model: nn.Module) -> set[type]:
+        return {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    gpus = SimpleNamespace(num_processes=2, device=torch.device("cuda"))
+    assert bn_kinds(sync_batchnorm(tiny("moco"), gpus)) == {nn.SyncBatchNorm}
+    cpus = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    assert nn.SyncBatchNorm not in bn_kinds(sync_batchnorm(tiny("moco"), cpus))

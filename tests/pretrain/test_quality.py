@@ -41,7 +41,7 @@ def test_simclr_pretraining_beats_random_init_on_knn(pneumonia, tmp_path):
     torch.manual_seed(0)  # train.seed: the run's backbone starts from exactly these weights
     random_init = build_backbone("resnet18", img_size=28, in_chans=1)
     pretrained = build_backbone("resnet18", img_size=28, in_chans=1)
-    pretrained.load_state_dict(load_file(tmp_path / "backbone.safetensors"), strict=True)
+    pretrained.load_state_dict(load_file(tmp_path / "release" / "model.safetensors"), strict=True)
     scores = {"random_init": probe(random_init), "pretrained": probe(pretrained)}
     (tmp_path / "knn.json").write_text(json.dumps(scores))
     print(f"kNN accuracy on PneumoniaMNIST test: {scores}")

@@ -30,8 +30,8 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint import consolidate_deepspeed
 from pretrain.distributed import default_deepspeed_config
-from pretrain.export import run_config
 from pretrain.methods import METHODS
+from pretrain.release import run_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = str(REPO / "tests/pretrain/dist_worker.py")
@@ -105,7 +105,7 @@ def test_two_machines_on_one_host_train_and_checkpoint(tiny, tmp_path):
         assert machine.wait(timeout=600) == 0, machine.stderr.read().decode()[-4000:]
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
     assert state["config"]["derived"]["world_size"] == 2 and len(state["rng"]) == 2
-    assert state["step"] == 4 and (tmp_path / "backbone.safetensors").is_file()
+    assert state["step"] == 4 and (tmp_path / "release" / "model.safetensors").is_file()
 
 
 def zero_config(tmp_path: Path, stage: int) -> Path:
@@ -152,4 +152,4 @@ def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
     )
     assert [r["step"] for r in records(run_dir) if r.get("event") == "resume"] == [2]
     assert consolidate_deepspeed(run_dir)["step"] == 4
-    assert {p.name for p in run_dir.iterdir()} >= {"last", "step-0000004", "backbone.safetensors"}
+    assert {p.name for p in run_dir.iterdir()} >= {"last", "step-0000004", "release"}

@@ -37,7 +37,7 @@ def test_each_objective_trains_checkpoints_and_resumes(method, tiny, tmp_path):
     logged = [r for r in records(run) if "loss" in r]
     assert [r["step"] for r in logged] == [2, 4, 6, 8] and all(math.isfinite(r["loss"]) for r in logged)
     assert all(r["effective_rank"] >= 1 and r["embedding_std"] > 0 for r in logged)
-    assert {"step-0000004.pt", "step-0000008.pt", "last.pt", "config.yaml", "backbone.safetensors"} <= {
+    assert {"step-0000004.pt", "step-0000008.pt", "last.pt", "config.yaml", "release"} <= {
         p.name for p in run.iterdir()
     }
     assert ckpt.load_checkpoint(run / "last.pt")["step"] == 8
@@ -46,7 +46,7 @@ def test_each_objective_trains_checkpoints_and_resumes(method, tiny, tmp_path):
     resumed = [r for r in records(run) if r.get("event") == "resume"]
     assert resumed and resumed[-1]["step"] == 8
     assert ckpt.load_checkpoint(run / "last.pt")["step"] == 12
-    assert load_file(run / "backbone.safetensors")  # released weights written
+    assert load_file(run / "release" / "model.safetensors")  # released weights written
 
 
 def test_mae_writes_pictures_tensorboard_and_knn(tiny, tmp_path, pneumonia):

@@ -1,0 +1,762 @@
+"""The release contract: one folder that timm loads like a Hugging Face Hub repo, written and read only here.
+
+A release folder holds:
+
+- ``model.safetensors``: the backbone's state dict with timm key names, exactly the keys of
+  ``timm.create_model(architecture, num_classes=0, **model_args)`` (checked before and after writing);
+- ``config.json``: timm's hub layout (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
+  ``model_args``, ``pretrained_cfg``) plus a ``medfm`` section (objective, steps, input, data summary, recipe);
+- ``README.md``: a model card (intended use, data, recipe, evaluation results when present, limits).
+
+It loads without medfm: ``timm.create_model("local-dir:RELEASE", pretrained=True, num_classes=N)``.
+
+Writers: a pretraining run at its end (``RUN_DIR/release/``, from the method in memory: :func:`run_backbone`)
+and ``medfm export RUN_DIR --out DIR`` (``pretrain.export``, from the newest checkpoint: :func:`load_run`), both
+through :func:`write_run_release` -> :func:`write_release`. Reader: :func:`read_release`, downstream's only way
+in. It reads a release folder, a bare weights file, or a run directory: its ``release/`` when that is as new as
+the newest checkpoint, else the newest checkpoint (the method rebuilt from its saved config, the release module
+taken). No pickled code runs: safetensors, or ``torch.load(weights_only=True)``. :func:`check_keys` is the one
+key checker (the release's weights, a checkpoint's method state, downstream's load): it names every missing,
+unexpected and mis-shaped key.
+
+Evaluation results in the model card come from results files that downstream writes beside each result,
+``results_summary.json`` (:data:`RESULTS_NAME`, :func:`write_results_summary`)::
+
+    {"format": "medfm-results/1", "protocol": "linear", "dataset": "medmnist:breastmnist.npz",
+     "init": "release", "backbone": "runs/dino/release",
+     "summary": {"acc": 0.81, "balanced_acc": 0.77, "auc": 0.9, "f1": null}}
+
+``summary`` holds the test-split headline metrics (:data:`SUMMARY_KEYS`; null where undefined). The card lists
+every such file under the run directory (any depth, named by its folder relative to the run directory), plus
+the extra paths given to :func:`find_results` (``medfm export --results``): a JSON file with ``protocol``,
+``dataset`` and ``summary`` (named by its folder; downstream's full ``results.json`` qualifies), or a folder
+searched for ``results_summary.json``. Nothing here knows downstream's folder layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import pickle
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import PretrainConfig, to_dict
+from pretrain.errors import ConfigError, ReleaseError
+from pretrain.methods import METHODS
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+RELEASE_DIR = "release"  # what a finished pretraining run writes in its run directory
+FORMAT = "medfm-release/1"
+RESULTS_NAME = "results_summary.json"
+RESULTS_FORMAT = "medfm-results/1"
+SUMMARY_KEYS = ("acc", "balanced_acc", "auc", "f1")  # the headline metrics: results files, tables, the card
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+RUN_CONFIG = "config.yaml"  # what marks a pretraining run directory
+_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+_STEP_NAME = re.compile(r"step-(\d+)(\.pt)?")  # step-XXXXXXX.pt files, DeepSpeed step-XXXXXXX/ folders
+
+
+class ExportError(ReleaseError):
+    """A run that cannot be released: no checkpoint, a checkpoint that does not match its config, bad keys."""
+
+
+class LoadError(ReleaseError):
+    """Weights that cannot be loaded as asked: unknown source, refused pickle, or keys that do not match."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a backbone source holds: enough to rebuild the model and check every key."""
+
+    architecture: str
+    model_args: dict[str, Any]  # timm kwargs of the weights' shapes (in_chans, img_size, patch_size, ...)
+    state_dict: dict[str, Tensor] = field(repr=False)
+    pretrained_cfg: dict[str, Any]  # input_size, mean, std, interpolation, first_conv, classifier
+    source: Path
+    info: dict[str, Any] = field(default_factory=dict)  # config.json's "medfm" section (objective, steps, ...)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], state_dict: dict[str, Tensor], source: Path) -> Release:
+        """From ``config.json`` content (timm's hub layout, optional ``medfm`` section) and the weights."""
+        return cls(
+            architecture=config["architecture"],
+            model_args=dict(config.get("model_args", {})),
+            state_dict=state_dict,
+            pretrained_cfg=dict(config.get("pretrained_cfg", {})),
+            source=source,
+            info=dict(config.get("medfm", {})),
+        )
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.model_args.get("in_chans", self.pretrained_cfg.get("input_size", [3])[0]))
+
+    @property
+    def img_size(self) -> int:
+        size = self.model_args.get("img_size") or self.pretrained_cfg.get("input_size", [0, 224])[1]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+# --- keys ------------------------------------------------------------------------------------------------------
+
+
+def check_keys(
+    expected: Mapping[str, Tensor],
+    loaded: Mapping[str, Tensor],
+    source: str | Path,
+    *,
+    model: str = "the model",
+    allowed_missing: Collection[str] = frozenset(),
+    error: type[ReleaseError] = LoadError,
+) -> None:
+    """Raise ``error`` naming every key of ``expected`` that ``loaded`` lacks (beyond ``allowed_missing``), every
+    key of ``loaded`` that ``expected`` does not have, and every shape that differs.
+
+    Args:
+        expected: the state dict of the model the weights go into (or of the reference they must match).
+        loaded: the weights.
+        source: the file or folder the weights came from (first in the message).
+        model: what ``expected`` is, for the message.
+    """
+    missing = sorted(set(expected) - set(loaded) - set(allowed_missing))
+    unexpected = sorted(set(loaded) - set(expected))
+    wrong = sorted(k for k in set(loaded) & set(expected) if loaded[k].shape != expected[k].shape)
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing from the weights ({len(missing)}): {_names(missing)}")
+    if unexpected:
+        parts.append(f"not in the model ({len(unexpected)}): {_names(unexpected)}")
+    if wrong:
+        shapes = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
+        parts.append(f"shape mismatch ({len(wrong)}): {_names(shapes)}")
+        if any(loaded[k].numel() == 0 for k in wrong):
+            parts.append(
+                "empty tensors are ZeRO-3 shards, not weights: save the consolidated state dict "
+                "(accelerator.get_state_dict) or convert the checkpoint with zero_to_fp32 first"
+            )
+    raise error(f"{source}: weights do not match {model}; " + "; ".join(parts))
+
+
+def _names(keys: list[str], limit: int = 40) -> str:
+    return ", ".join(keys[:limit]) + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_release_keys(
+    architecture: str, model_args: dict[str, Any], state: Mapping[str, Tensor], source: str | Path
+) -> None:
+    """The released keys and shapes are exactly those of ``timm.create_model(architecture, num_classes=0, ...)``."""
+    reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args).state_dict()
+    what = f"timm.create_model({architecture!r}, num_classes=0, **{model_args})"
+    check_keys(reference, state, source, model=what, error=ExportError)
+
+
+# --- a run's release: the method rebuilt from a checkpoint, or in memory at the end of a run ---------------
+
+# pretrained_cfg fields copied from the architecture's timm default (where they exist); the rest is ours.
+_TIMM_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
+# Keys of model.backbone_kwargs that change how a model runs, not which weights it has.
+_RUNTIME_KWARGS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate", "dynamic_img_size")
+
+
+@dataclass(frozen=True)
+class RunBackbone:
+    """The backbone to release from a run, with what describes it."""
+
+    backbone: nn.Module  # in eval mode (on the CPU when read from a checkpoint)
+    module_name: str  # attribute path inside the method, e.g. "teacher_backbone" or "encoder.vit"
+    config: DictConfig  # the run's resolved config (derived values included)
+    step: int
+    checkpoint: Path | None  # the checkpoint it was read from (at the end of a run: the newest one)
+
+
+def run_backbone(method: nn.Module, cfg: DictConfig, step: int, checkpoint: Path | None) -> RunBackbone:
+    """The release backbone of a method (``SSLMethod.export_backbone()``), in eval mode."""
+    backbone = method.export_backbone().eval()
+    name = next(n for n, m in method.named_modules() if m is backbone)
+    return RunBackbone(backbone=backbone, module_name=name, config=cfg, step=step, checkpoint=checkpoint)
+
+
+def run_config(saved: dict[str, Any], source: str | Path) -> DictConfig:
+    """A checkpoint's plain-dict config merged onto the schema: an unknown or mistyped key is an error."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(PretrainConfig), saved)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"{source}: saved config key {key!r} does not fit this code's schema ({str(err).splitlines()[0]}); "
+            "export with the medfm version that trained the run"
+        ) from err
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deepspeed: bool = True) -> RunBackbone:
+    """Rebuild the method of a run from its newest checkpoint (or ``checkpoint``) and take its release backbone.
+
+    The checkpoint is read with ``weights_only=True`` (no pickled code runs) and loaded strictly: a key that the
+    rebuilt method does not have, or lacks, is an error naming it. DeepSpeed ZeRO runs save checkpoint
+    directories; with ``deepspeed=True`` they are consolidated (``pretrain.checkpoint.consolidate_deepspeed``,
+    fp32 full weights) to the same contract. That reads DeepSpeed's own files, which are full pickles: only for
+    one's own runs (``medfm export``); downstream loading passes ``deepspeed=False`` and asks for an export.
+    """
+    state, path = _checkpoint_state(Path(run_dir), checkpoint, deepspeed)
+    cfg = run_config(state["config"], path)
+    if cfg.method not in METHODS:
+        raise ExportError(f"{path}: method {cfg.method!r} is not one of {sorted(METHODS)}")
+    method = METHODS[cfg.method].from_config(cfg)
+    _load_method_state(method, state["model"], path)
+    return run_backbone(method, cfg, int(state["step"]), path)
+
+
+def _checkpoint_state(run_dir: Path, checkpoint: str | Path | None, deepspeed: bool) -> tuple[dict[str, Any], Path]:
+    path = Path(checkpoint) if checkpoint is not None else ckpt.find_resume(run_dir)
+    if path is not None and path.is_file():
+        return ckpt.load_checkpoint(path), path
+
+    found = path if path is not None and path.is_dir() else ckpt.find_deepspeed_resume(run_dir)
+    if found is None:
+        raise ExportError(
+            f"{run_dir}: no checkpoint to export (expected {ckpt.LAST}, step-*.pt or a DeepSpeed step-*/)"
+        )
+    if not deepspeed:
+        raise ExportError(
+            f"{found}: a DeepSpeed ZeRO checkpoint (its shard files are full pickles) and no {RELEASE_DIR}/ "
+            f"of that step: release it first with `medfm export {run_dir} --out RELEASE_DIR`, then load the release"
+        )
+    return ckpt.consolidate_deepspeed(found), found
+
+
+def _load_method_state(method: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    what = f"the {type(method).__name__} rebuilt from the checkpoint's config"
+    check_keys(method.state_dict(), state, path, model=what, error=ExportError)
+    method.load_state_dict(state)
+
+
+def model_args(cfg: DictConfig, backbone: nn.Module) -> dict[str, Any]:
+    """The ``timm.create_model`` kwargs that rebuild the released weights' shapes (besides ``num_classes=0``)."""
+    extra = {k: v for k, v in to_dict(cfg)["model"]["backbone_kwargs"].items() if k not in _RUNTIME_KWARGS}
+    args: dict[str, Any] = {"in_chans": cfg.data.in_chans}
+    # Models with a fixed token grid (ViTs) take img_size: it sets the position-embedding shape.
+    if "img_size" in inspect.signature(type(backbone).__init__).parameters:
+        args["img_size"] = cfg.data.img_size
+    return {**args, **extra}
+
+
+def _per_channel(values: list[float], channels: int) -> list[float]:
+    return list(values) * channels if len(values) == 1 else list(values)
+
+
+def release_config(run: RunBackbone, data: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` content: timm's hub layout plus the ``medfm`` section."""
+    cfg, backbone = run.config, run.backbone
+    args = model_args(cfg, backbone)
+    size, chans = cfg.data.img_size, cfg.data.in_chans
+    default = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    pretrained_cfg: dict[str, Any] = {
+        "tag": f"medfm_{cfg.method}",
+        "custom_load": False,  # a native timm state dict (timm's defaults for ViTs expect a JAX .npz)
+        "input_size": [chans, size, size],
+        "interpolation": "bilinear",  # what the pretraining crops used
+        "crop_pct": 1.0,  # medical images: resize the whole image, no centre crop
+        "crop_mode": "center",
+        "mean": _per_channel(list(cfg.augment.mean), chans),
+        "std": _per_channel(list(cfg.augment.std), chans),
+        "num_classes": 0,
+        "pool_size": None,
+        **{k: default[k] for k in _TIMM_CFG_KEYS if k in default},
+    }
+    global_pool = getattr(backbone, "global_pool", None)
+    steps, plain = run.step, to_dict(cfg)
+    medfm = {
+        "format": FORMAT,
+        "objective": cfg.method,
+        "objective_description": METHODS[cfg.method].description,
+        "exported_module": run.module_name,
+        "steps": steps,
+        "epochs": cfg.schedule.epochs,
+        "global_batch": cfg.derived.global_batch,
+        "images_seen": steps * (cfg.derived.global_batch or 0),
+        "in_chans": chans,
+        "img_size": size,
+        "patch_size": _patch_size(backbone),
+        "num_params": sum(p.numel() for p in backbone.parameters()),
+        "data": data,
+        "recipe": {
+            **{key: plain[key] for key in (cfg.method, "augment", "optim", "schedule", "model")},
+            "precision": plain["train"]["precision"],
+            "seed": cfg.train.seed,
+        },
+        "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
+    }
+    config: dict[str, Any] = {
+        "architecture": cfg.model.backbone,
+        "num_classes": 0,
+        "num_features": int(backbone.num_features),
+        "model_args": args,
+        "pretrained_cfg": pretrained_cfg,
+        "medfm": medfm,
+    }
+    if isinstance(global_pool, str) and global_pool:
+        config["global_pool"] = global_pool
+    return config
+
+
+def _patch_size(backbone: nn.Module) -> int | None:
+    patch_embed = getattr(backbone, "patch_embed", None)
+    size = getattr(patch_embed, "patch_size", None)
+    return int(size[0]) if size is not None else None
+
+
+def data_summary(cfg: DictConfig) -> dict[str, Any]:
+    """What the backbone saw: spec kind and file name (not the local path), split, and for ``shards:`` the
+    shard manifest's totals (samples, modalities, splits, sources, duplicates removed)."""
+    kind, sep, rest = cfg.data.spec.partition(":")
+    path = Path(rest if sep else cfg.data.spec)
+    summary: dict[str, Any] = {"spec": f"{kind}:{path.name}" if sep else path.name, "split": cfg.data.split}
+    summary["samples_per_epoch"] = cfg.derived.samples_per_epoch
+    manifest_path = path / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        totals = manifest.get("totals", {})
+        sources = [short_source(str(s)) for s in manifest.get("sources", [])]
+        summary["manifest"] = {
+            "samples": totals.get("samples"),
+            "shards": totals.get("shards"),
+            "labeled": totals.get("labeled"),
+            "by_modality": totals.get("by_modality", {}),
+            "by_split": totals.get("by_split", {}),
+            "duplicates_removed": (totals.get("duplicates_exact") or 0) + (totals.get("duplicates_near") or 0),
+            "sources": sources[:20] + ([f"... ({len(sources)} in all)"] if len(sources) > 20 else []),
+            "classes": manifest.get("classes", {}),
+        }
+    return summary
+
+
+def release_contents(run: RunBackbone) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What a run releases: ``config.json`` content and the backbone's state dict (detached, on the CPU)."""
+    config = release_config(run, data_summary(run.config))
+    return config, {k: v.detach().cpu() for k, v in run.backbone.state_dict().items()}
+
+
+# --- write -----------------------------------------------------------------------------------------------------
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """A release goes into an absent or empty folder, or replaces one's files with ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} is not empty (pass overwrite=True / --overwrite to replace the release)")
+
+
+def write_release(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    state_dict: Mapping[str, Tensor],
+    *,
+    results: Iterable[tuple[str, dict[str, Any]]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write a release folder (weights, config.json, README.md); returns ``out_dir``.
+
+    Args:
+        out_dir: the release folder; must be empty or absent unless ``overwrite``.
+        config: ``config.json`` content: timm's hub layout plus the ``medfm`` section (:func:`release_config`).
+        state_dict: the backbone's weights, any device; checked against timm before writing and read back after.
+        results: ``(name, results)`` pairs for the card's evaluation table (:func:`find_results`).
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    architecture, model_args = config["architecture"], config["model_args"]
+    weights = out_dir / WEIGHTS_NAME
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    check_release_keys(architecture, model_args, state, weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    medfm = config.get("medfm", {})
+    metadata = {
+        "format": "pt",  # what Hugging Face tooling expects of a PyTorch safetensors file
+        "architecture": architecture,
+        "model_args": json.dumps(model_args),
+        "objective": str(medfm.get("objective")),
+        "step": str(medfm.get("steps")),
+    }
+    tmp = _tmp_path(weights)
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, weights)
+    check_release_keys(architecture, model_args, load_file(str(weights)), weights)
+    _write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    _write_text(out_dir / CARD_NAME, model_card(config, list(results)))
+    return out_dir
+
+
+def write_run_release(
+    run: RunBackbone,
+    out_dir: str | Path,
+    *,
+    run_dir: str | Path,
+    results: list[str | Path] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write the release folder of ``run`` (:func:`write_release`); returns ``out_dir``.
+
+    The card lists the ``results_summary.json`` files under ``run_dir`` and the ``results`` paths
+    (:func:`find_results`).
+    """
+    config, state = release_contents(run)
+    found = find_results(run_dir, results)
+    return write_release(out_dir, config, state, results=found, overwrite=overwrite)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- read ------------------------------------------------------------------------------------------------------
+
+
+def read_release(path: str | Path, architecture: str | None = None, model_args: dict | None = None) -> Release:
+    """Read weights and their description from a release folder, a run directory or a weights file.
+
+    A run directory gives its ``release/`` folder when that holds the newest checkpoint's step (a finished run),
+    else its newest checkpoint file (a run still training; DeepSpeed ZeRO checkpoints are refused: export them).
+    ``architecture`` / ``model_args`` describe a bare weights file that has no ``config.json`` beside it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            return _from_config_json(path / CONFIG_NAME, _weights_in(path))
+        if ckpt.find_resume(path) is not None or (path / RUN_CONFIG).is_file():
+            return _from_run(path)
+        raise LoadError(
+            f"{path}: neither a release folder ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a run directory "
+            f"({ckpt.LAST} or step-*.pt)"
+        )
+    if path.suffix in PICKLE_SUFFIXES:
+        obj = safe_torch_load(path)
+        if isinstance(obj, dict) and {"model", "config", "version"} <= set(obj):  # a pretraining checkpoint
+            return _from_run(path.parent, path)
+    if architecture is None:
+        if (path.parent / CONFIG_NAME).is_file():
+            return _from_config_json(path.parent / CONFIG_NAME, path)
+        raise LoadError(f"{path}: a bare weights file needs its architecture (no {CONFIG_NAME} beside it)")
+    return Release(
+        architecture=architecture,
+        model_args=dict(model_args or {}),
+        state_dict=_read_weights(path),
+        pretrained_cfg={},
+        source=path,
+    )
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; anything that would run pickled code is refused with a LoadError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refused(path, err) from None
+
+
+def _refused(path: Path | None, err: Exception) -> LoadError:
+    reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+    return LoadError(
+        f"{path}: refused: the file holds pickled objects other than tensors and plain values, which could run "
+        f"code when loaded ({reason}). medfm loads weights with weights_only=True only; convert trusted "
+        "weights to safetensors first."
+    )
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
+    """A plain ``{key: tensor}`` from a loaded object: the dict itself or its state_dict / model entry."""
+    for key in _STATE_DICT_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise LoadError(f"{path}: not a state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")  # fmt: skip
+    prefix = "module."  # DistributedDataParallel wrappers
+    if obj and all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise LoadError(f"{path}: not a readable safetensors file: {err}") from err
+    if path.suffix in PICKLE_SUFFIXES:
+        return _state_dict_of(safe_torch_load(path), path)
+    raise LoadError(f"{path}: unknown weights format (expected .safetensors or {', '.join(PICKLE_SUFFIXES)})")
+
+
+def _weights_in(folder: Path) -> Path:
+    """timm's order: model.safetensors, then other safetensors, then pickled state dicts."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return folder / WEIGHTS_NAME
+    for pattern in ("*.safetensors", "pytorch_model.bin", *(f"*{s}" for s in PICKLE_SUFFIXES)):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    raise LoadError(f"{folder}: config.json but no weights file ({WEIGHTS_NAME}, *.safetensors, *.pt, *.bin)")
+
+
+def _read_config(config_path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LoadError(f"{config_path}: cannot read the release config: {err}") from err
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise LoadError(f"{config_path}: no 'architecture' key (not a timm / medfm release config)")
+    return config
+
+
+def _from_config_json(config_path: Path, weights: Path) -> Release:
+    return Release.from_config(_read_config(config_path), _read_weights(weights), weights)
+
+
+def _from_run(run_dir: Path, checkpoint: Path | None = None) -> Release:
+    if checkpoint is None and _release_is_current(run_dir):
+        folder = run_dir / RELEASE_DIR
+        return _from_config_json(folder / CONFIG_NAME, _weights_in(folder))
+    try:
+        run = load_run(run_dir, checkpoint, deepspeed=False)
+    except ExportError as err:
+        raise LoadError(str(err)) from None
+    except pickle.UnpicklingError as err:  # pretrain's load_checkpoint uses weights_only=True too
+        raise _refused(checkpoint or ckpt.find_resume(run_dir), err) from None
+    config, state = release_contents(run)
+    return Release.from_config(config, {k: v.clone() for k, v in state.items()}, run.checkpoint)
+
+
+def _release_is_current(run_dir: Path) -> bool:
+    """``RUN_DIR/release/`` exists and its step is that of the newest checkpoint (by the ``step-XXXXXXX`` names):
+    a resumed run that is still training has newer weights in its checkpoints."""
+    config = run_dir / RELEASE_DIR / CONFIG_NAME
+    if not config.is_file():
+        return False
+    steps = [int(m[1]) for p in run_dir.glob("step-*") if (m := _STEP_NAME.fullmatch(p.name))]
+    if not steps:  # `last.pt` alone (checkpoint.keep=0) says its step only when read: read it
+        return ckpt.find_resume(run_dir) is None
+    released = _read_config(config).get("medfm", {}).get("steps")
+    return isinstance(released, int) and released >= max(steps)
+
+
+# --- evaluation results --------------------------------------------------------------------------------------
+
+
+def write_results_summary(
+    folder: str | Path,
+    *,
+    protocol: str,
+    dataset: str,
+    init: str,
+    summary: Mapping[str, float | None],
+    backbone: str | None = None,
+) -> Path:
+    """``FOLDER/results_summary.json`` (the format in the module doc); returns its path.
+
+    ``summary``: test-split metrics; the :data:`SUMMARY_KEYS` are kept, a missing or non-finite one is null.
+    """
+    record = {
+        "format": RESULTS_FORMAT,
+        "protocol": protocol,
+        "dataset": dataset,
+        "init": init,
+        "backbone": backbone,
+        "summary": {k: _finite(summary.get(k)) for k in SUMMARY_KEYS},
+    }
+    path = Path(folder) / RESULTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results file: a JSON object with ``protocol``, ``dataset`` and a ``summary`` dict of metrics."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: cannot read evaluation results: {err}") from err
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: evaluation results must be a JSON object, not {type(data).__name__}")
+    missing = [k for k in ("protocol", "dataset", "summary") if k not in data]
+    if missing or not isinstance(data["summary"], dict):
+        raise ExportError(
+            f"{path}: not an evaluation results file: needs 'protocol', 'dataset' and a 'summary' dict of "
+            f"{list(SUMMARY_KEYS)} (missing {missing or ['a dict summary']})"
+        )
+    return data
+
+
+def find_results(run_dir: str | Path, extra: Iterable[str | Path] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The results for a run's model card, as ``(name, results)``: every ``results_summary.json`` under
+    ``run_dir`` (named by its folder relative to ``run_dir``), then each of ``extra``: a results file (named by
+    its folder) or a folder searched for ``results_summary.json`` (named from that folder on)."""
+    run_dir = Path(run_dir)
+    named = [(_label(run_dir, p), p) for p in sorted(run_dir.rglob(RESULTS_NAME))]
+    for item in map(Path, extra):
+        if item.is_dir():
+            named += [(_label(item.parent, p), p) for p in sorted(item.rglob(RESULTS_NAME))]
+        else:
+            named.append((item.parent.name, item))
+    seen, results = set(), []
+    for name, path in named:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            results.append((name, read_results(path)))
+    return results
+
+
+def _label(root: Path, path: Path) -> str:
+    return path.parent.relative_to(root).as_posix() if path.parent != root else root.name
+
+
+# --- model card ----------------------------------------------------------------------------------------------
+
+
+def short_source(source: str) -> str:
+    """A source or spec without local folders: ``medmnist:../data/x.npz`` -> ``medmnist:x.npz``; a plain path
+    keeps its relative form unless it is absolute or leaves its root (``..``)."""
+    kind, sep, rest = source.partition(":")
+    if sep and kind.isalpha() and len(kind) > 1:  # a spec (a Windows drive letter is one letter)
+        return f"{kind}:{Path(rest).name}" if rest else source
+    path = Path(source)
+    return path.name if path.is_absolute() or ".." in path.parts else source
+
+
+def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]) -> str:
+    """The release's README.md (Hugging Face model card with YAML front matter)."""
+    m, p = config["medfm"], config["pretrained_cfg"]
+    arch, args = config["architecture"], config["model_args"]
+    chans, size = p["input_size"][0], p["input_size"][1]
+    args_py = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in ("in_chans", "img_size"))
+    args_py = f", {args_py}" if args_py else ""
+    data = m["data"]
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags: [timm, medfm, self-supervised, medical-imaging, image-feature-extraction]",
+        "---",
+        "",
+        f"# {arch} pretrained with {m['objective'].upper()} on medical images (medfm)",
+        "",
+        f"A `{arch}` backbone ({m['num_params'] / 1e6:.2f} M parameters, {config['num_features']} features) "
+        f"pretrained without labels by {m.get('objective_description', m['objective'])}. Backbone only: no "
+        "classifier, no projection head.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| input | {chans} x {size} x {size}, values in [0, 1] normalised with mean {p['mean']} and std {p['std']} |",
+        f"| model args | `{json.dumps(args)}` |",
+        f"| pooling | {config.get('global_pool', 'default')} |",
+        f"| training | {m['steps']} optimizer steps, global batch {m['global_batch']}, {m['images_seen']} images seen |",
+        f"| data | `{data['spec']}` (split {data['split']}) |",
+        "",
+        "## Load",
+        "",
+        "With timm only (this folder has the layout of a Hub repo):",
+        "",
+        "```python",
+        "import timm",
+        'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True, num_classes=2)',
+        "# or, by architecture name:",
+        f'model = timm.create_model("{arch}", pretrained=True, num_classes=2, in_chans={chans}, img_size={size}{args_py},',
+        '    pretrained_cfg_overlay=dict(file="PATH/TO/model.safetensors", custom_load=False, num_classes=0))',
+        "```",
+        "",
+        "With medfm (strict: every key is checked; ViT position embeddings are interpolated for another size):",
+        "",
+        "```python",
+        "from downstream.load import load_backbone",
+        'model = load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
+        "```",
+        "",
+        "## Intended use",
+        "",
+        "Feature extraction, linear probing, kNN retrieval and fine-tuning on medical images of the modality and "
+        "resolution it was trained on. A research artefact: it is not a medical device and was not validated for "
+        "diagnosis or any clinical decision.",
+        "",
+        "## Data",
+        "",
+        f"Pretrained on `{data['spec']}`, split `{data['split']}`, {data.get('samples_per_epoch')} samples per epoch.",
+    ]
+    manifest = data.get("manifest")
+    if manifest:
+        lines += [
+            "",
+            f"Shard set: {manifest['samples']} images in {manifest['shards']} shards "
+            f"({manifest['labeled']} with labels, {manifest['duplicates_removed']} duplicates removed); "
+            f"modalities {manifest['by_modality']}; splits {manifest['by_split']}.",
+            f"Sources: {', '.join(map(str, manifest['sources']))}.",
+        ]
+    recipe = m["recipe"]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"Objective `{m['objective']}`, {m['steps']} steps ({m['epochs']} epochs), precision {recipe['precision']}, "
+        f"seed {recipe['seed']}. The full recipe is in `config.json` (`medfm.recipe`):",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(OmegaConf.create({k: recipe[k] for k in (m["objective"], "optim", "schedule")})).rstrip(),
+        "```",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if results:
+        lines += [
+            "| evaluation | protocol | dataset | " + " | ".join(SUMMARY_KEYS) + " |",
+            "|---|---|---|" + "---|" * len(SUMMARY_KEYS),
+        ]
+        for name, result in results:
+            summary = result["summary"]
+            cells = [f"{summary[k]:.4f}" if isinstance(summary.get(k), (int, float)) else "-" for k in SUMMARY_KEYS]
+            dataset = short_source(str(result["dataset"]))
+            lines.append(f"| {name} | {result['protocol']} | `{dataset}` | " + " | ".join(cells) + " |")
+        lines += ["", "Test-split metrics; the classifier or fine-tuning checkpoint was chosen on the val split."]
+    else:
+        lines.append("No downstream evaluation was attached to this export (see `medfm eval` and `medfm finetune`).")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        f"- Trained at {size} px on {chans}-channel images: other sizes need interpolated position embeddings "
+        "(ViTs) and usually cost accuracy; other channel counts need an adapted first layer.",
+        "- Learned from one data source: expect a drop on images from other scanners, sites, protocols and "
+        "populations; evaluate on your own data before relying on the features.",
+        "- Biases of the pretraining data (demographics, devices, label noise of any later fine-tuning) carry over.",
+        "- Self-supervised features are not calibrated probabilities; thresholds must be set on labeled data.",
+        "",
+    ]
+    return "\n".join(lines)
