@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pretrain.config import Need, config_need, load_structured
 
 PROTOCOLS = ("knn", "linear")
-INITS = ("release", "random")
+INITS = ("release", "random", "baseline")
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
 
@@ -22,11 +22,15 @@ METRICS = ("auc", "acc", "balanced_acc", "f1")
 class BackboneConfig:
     path: str = MISSING  # release folder, pretraining run directory, or weights file
     architecture: str | None = None  # timm name, only for a bare weights file without config.json
-    # release: the pretrained weights; random: the same architecture untrained (baseline, same recipe).
-    # Each init is evaluated and written to OUT_DIR/<init>/.
+    # release: the pretrained weights; random: the same architecture untrained; baseline: the general-purpose
+    # model of backbone.baseline, at the release's input. Each init is evaluated and written to OUT_DIR/<init>/.
     inits: list[str] = field(default_factory=lambda: ["release"])
     img_size: int | None = None  # None: the release's size (ViT position embeddings are resampled otherwise)
     in_chans: int | None = None  # None: the release's channels
+    # The model to compare with (init "baseline"): anything model.init takes (a timm / HF hub snapshot folder,
+    # hf-hub:ORG/NAME from the local cache, a release, a .safetensors / .pt file, an original DINOv2 checkpoint).
+    baseline: str | None = None
+    baseline_architecture: str | None = None  # timm name, only for a bare baseline weights file
 
 
 @dataclass
@@ -175,6 +179,11 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
 
     inits = list(cfg.backbone.inits)
     need(len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS), "backbone.inits", f"must be distinct values of {INITS}")  # fmt: skip
+    need(
+        "baseline" not in inits or cfg.backbone.baseline is not None,
+        "backbone.baseline",
+        "is needed for init 'baseline'",
+    )
     need(cfg.selection_metric in METRICS, "selection_metric", f"must be one of {METRICS}")
     need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     need(

@@ -25,7 +25,7 @@ from downstream.data import EvalTransform, Task, class_names_of, dataset_fingerp
 from downstream.efficiency import label_efficiency_rows, label_subset
 from downstream.features import FeatureCache, Features, extract_features, state_checksum
 from downstream.linear import select_linear_probe
-from downstream.load import Release, load_backbone, read_release
+from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
@@ -85,20 +85,23 @@ class FrozenSetup:
         return int(self.model.pretrained_cfg["input_size"][0])
 
 
-def frozen_setup(cfg: DictConfig, release: Release, init: str) -> FrozenSetup:
+def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release | None = None) -> FrozenSetup:
     """Load the backbone (strictly) for feature extraction and set up the cache."""
     torch.manual_seed(cfg.seed)  # random-init baselines are reproducible
-    model = load_backbone(release, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans, init=init).eval()
+    model, weights = load_for_init(
+        release, init, baseline, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans
+    )
+    model.eval()
     input_cfg = model.pretrained_cfg
     description = {
-        "source": str(cfg.backbone.path),
-        "architecture": release.architecture,
-        "model_args": release.model_args,
+        "source": str(cfg.backbone.baseline if init == "baseline" else cfg.backbone.path),
+        "architecture": weights.architecture,
+        "model_args": weights.model_args,
         "init": init,
-        "objective": release.info.get("objective"),
-        "pretrain_steps": release.info.get("steps"),
+        "objective": weights.info.get("objective"),
+        "pretrain_steps": weights.info.get("steps"),
         "input_size": input_cfg["input_size"],
-        "checksum": state_checksum(model.state_dict(), release.architecture),
+        "checksum": state_checksum(model.state_dict(), weights.architecture),
     }
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else Path(cfg.out_dir) / "feature_cache"
     return FrozenSetup(
@@ -181,10 +184,11 @@ def run_eval(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     release = read_release(cfg.backbone.path, cfg.backbone.architecture)
+    baseline = read_baseline(cfg.backbone, release)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     cache = {"hits": 0, "misses": 0}
     for init in cfg.backbone.inits:
-        setup = frozen_setup(cfg, release, init)
+        setup = frozen_setup(cfg, release, init, baseline)
         results[init] = evaluate_frozen(setup, cfg, out_dir / init)
         cache = {k: cache[k] + getattr(setup.cache, k) for k in cache}
     (out_dir / "summary.md").write_text(summary_table(results))

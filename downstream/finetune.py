@@ -36,7 +36,7 @@ from downstream.data import EvalTransform, Task, class_names_of, infer_task, ope
 from downstream.efficiency import budget_name, label_efficiency_rows, label_subset
 from downstream.features import collate
 from downstream.linear import class_weight_tensor, loss_function
-from downstream.load import Release, load_backbone, read_release
+from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
@@ -155,17 +155,13 @@ def finetune_once(
     budget: dict[str, Any] | None = None,
     log_path: Path | None = None,
     checkpoint_dir: Path | None = None,
+    baseline: Release | None = None,
 ) -> FinetuneRun:
     """Train one model with the recipe in ``cfg.train``; the best val checkpoint is evaluated once on test."""
     t = cfg.train
     torch.manual_seed(seed)
-    model = load_backbone(
-        release,
-        img_size=cfg.backbone.img_size,
-        in_chans=cfg.backbone.in_chans,
-        init=init,
-        drop_path_rate=t.drop_path,
-    )
+    model, _ = load_for_init(release, init, baseline, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans,
+                             drop_path_rate=t.drop_path)  # fmt: skip
     input_cfg = model.pretrained_cfg
     size, mean, std = input_cfg["input_size"][-1], input_cfg["mean"], input_cfg["std"]
     channels = input_cfg["input_size"][0]
@@ -361,22 +357,24 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     release = read_release(cfg.backbone.path, cfg.backbone.architecture)
+    baseline = read_baseline(cfg.backbone, release)
     results = {}
     for init in cfg.backbone.inits:
         folder = out_dir / init
         if main:
             folder.mkdir(parents=True, exist_ok=True)
         run = finetune_once(cfg, release, init, accelerator, seed=cfg.train.seed, log_path=folder / "metrics.jsonl",
-                            checkpoint_dir=out_dir / CHECKPOINTS / init)  # fmt: skip
+                            checkpoint_dir=out_dir / CHECKPOINTS / init, baseline=baseline)  # fmt: skip
+        weights = baseline if init == "baseline" else release
         result: dict[str, Any] = {
             "protocol": "finetune",
             "dataset": cfg.data.spec,
             "backbone": {
-                "source": str(cfg.backbone.path),
-                "architecture": release.architecture,
-                "model_args": release.model_args,
+                "source": str(cfg.backbone.baseline if init == "baseline" else cfg.backbone.path),
+                "architecture": weights.architecture,
+                "model_args": weights.model_args,
                 "init": init,
-                "objective": release.info.get("objective"),
+                "objective": weights.info.get("objective"),
                 "input_size": run.model.pretrained_cfg["input_size"],
             },
             "task": {"kind": run.task.kind, "class_names": list(run.task.class_names)},
@@ -395,7 +393,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             "history": run.history,
         }
         if cfg.efficiency.fractions or cfg.efficiency.per_class:
-            result["label_efficiency"] = _label_efficiency(cfg, release, init, accelerator, out_dir)
+            result["label_efficiency"] = _label_efficiency(cfg, release, init, accelerator, out_dir, baseline)
         if cfg.robustness.corruptions:
             result["robustness"] = corrupted_test(run, cfg)
         results[init] = result
@@ -420,11 +418,12 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def _label_efficiency(
-    cfg: DictConfig, release: Release, init: str, accelerator: Accelerator, out_dir: Path
+    cfg: DictConfig, release: Release, init: str, accelerator: Accelerator, out_dir: Path, baseline: Release | None
 ) -> list[dict[str, Any]]:
     def run(budget: dict[str, Any], seed: int) -> tuple[dict[str, float], int]:
         folder = out_dir / CHECKPOINTS / init / budget_name(**budget).replace("/", "_per_") / f"seed{seed}"
-        tuned = finetune_once(cfg, release, init, accelerator, seed=seed, budget=budget, checkpoint_dir=folder)
+        tuned = finetune_once(cfg, release, init, accelerator, seed=seed, budget=budget, checkpoint_dir=folder,
+                              baseline=baseline)  # fmt: skip
         return summary(tuned.test), tuned.n_train
 
     return label_efficiency_rows(cfg.efficiency, run)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from timm.layers import resample_abs_pos_embed
-from torch import Tensor, nn
+from torch import nn
 
 from pretrain.backbones import build_backbone
 from pretrain.release import LoadError, Release, check_keys, read_release
+from pretrain.weights import fit_state_dict, read_init
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class LoadReport:
 
     new_keys: tuple[str, ...]
     resampled: tuple[str, ...] = ()  # keys adapted to the new shape (position embedding, first conv)
+    dropped: tuple[str, ...] = ()  # keys of the weights that only pretraining used (a classifier, a decoder)
 
 
 def build_model(
@@ -56,46 +57,16 @@ def build_model(
     )
 
 
-def adapt_state_dict(
-    state: dict[str, Tensor], model: nn.Module, first_conv: str | None = None
-) -> tuple[dict[str, Tensor], tuple[str, ...]]:
-    """Resample what a new input size / channel count changes: ViT ``pos_embed``, the first conv's weight."""
-    state, changed = dict(state), []
-    pos = state.get("pos_embed")
-    target = getattr(model, "pos_embed", None)
-    if (
-        pos is not None
-        and isinstance(target, Tensor)
-        and pos.shape != target.shape
-        and pos.shape[-1] == target.shape[-1]
-    ):
-        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        grid = list(model.patch_embed.grid_size)
-        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=grid, num_prefix_tokens=prefix, verbose=False)
-        changed.append("pos_embed")
-    weight_key = f"{first_conv}.weight" if first_conv else None
-    if weight_key in state:
-        current = model.get_submodule(first_conv).weight
-        weight = state[weight_key]
-        if weight.ndim == 4 and weight.shape[1] != current.shape[1] and weight.shape[0] == current.shape[0]:
-            state[weight_key] = adapt_channels(weight, current.shape[1])
-            changed.append(weight_key)
-    return state, tuple(changed)
-
-
-def adapt_channels(weight: Tensor, channels: int) -> Tensor:
-    """First-conv weight (O, I, kh, kw) -> (O, channels, kh, kw) that gives the same output on a gray image
-    whatever its channel count: the kernel summed over input channels, spread evenly over the new ones."""
-    return (weight.sum(dim=1, keepdim=True) / channels).repeat(1, channels, 1, 1)
-
-
-def load_weights(model: nn.Module, release: Release) -> LoadReport:
-    """Load the release into a model built with ``num_classes=0``: every key, or a LoadError naming them."""
+def load_weights(model: nn.Module, release: Release, foreign: bool = False) -> LoadReport:
+    """Load the release into a model built with ``num_classes=0``: every key, or a LoadError naming them.
+    ``foreign``: a general-purpose model's weights (a baseline), fitted as a warm start is."""
     first_conv = release.pretrained_cfg.get("first_conv") or (model.pretrained_cfg or {}).get("first_conv")
-    state, resampled = adapt_state_dict(release.state_dict, model, first_conv)
+    # pretrain's one fitter: timm's key mapping (original DINOv2 / MAE checkpoints), resampled embeddings, the
+    # first conv adapted to the channels, pretraining-only keys (a classifier, a decoder) dropped by name.
+    state, resampled, dropped = fit_state_dict(release.state_dict, model, first_conv, foreign=foreign)
     check_keys(model.state_dict(), state, release.source)
     model.load_state_dict(state, strict=True)
-    return LoadReport(new_keys=(), resampled=resampled)
+    return LoadReport(new_keys=(), resampled=resampled, dropped=dropped)
 
 
 def set_classifier(model: nn.Module, num_classes: int, report: LoadReport) -> LoadReport:
@@ -132,7 +103,8 @@ def load_backbone(
         img_size: input side; ViT position embeddings are resampled from the release's size.
         in_chans: input channels; the first convolution is adapted from the release's channels.
         architecture: for a bare weights file without ``config.json``.
-        init: ``"release"`` loads the weights; ``"random"`` builds the same architecture untrained (baseline).
+        init: ``"release"`` loads the weights; ``"random"`` builds the same architecture untrained; ``"baseline"``
+            loads a general-purpose model's weights (``path`` is then the baseline), fitted as a warm start.
         drop_path_rate, dynamic_img_size: passed to timm (fine-tuning regularisation, variable input sizes).
 
     Returns:
@@ -140,17 +112,38 @@ def load_backbone(
         ``load_report`` (a ``LoadReport``) naming the keys that did not come from the weights.
     """
     release = path if isinstance(path, Release) else read_release(path, architecture)
-    if init not in ("release", "random"):
-        raise ValueError(f"init must be 'release' or 'random', got {init!r}")
+    if init not in ("release", "random", "baseline"):
+        raise ValueError(f"init must be 'release', 'random' or 'baseline', got {init!r}")
     model = build_model(release, img_size, in_chans, drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size)
-    if init == "release":
-        report = load_weights(model, release)
+    if init != "random":  # baseline: general-purpose weights, fitted as a warm start (heads dropped, keys mapped)
+        report = load_weights(model, release, foreign=init == "baseline")
     else:
         report = LoadReport(new_keys=tuple(sorted(model.state_dict())))
     model.pretrained_cfg = input_config(release, model, img_size, in_chans)
     report = set_classifier(model, num_classes, report)
     model.load_report = report
     return model
+
+
+def read_baseline(backbone: Any, release: Release) -> Release | None:
+    """The general-purpose model to compare with (``backbone.baseline``: anything ``model.init`` takes), or None."""
+    if backbone.baseline is None:
+        return None
+    return read_init(backbone.baseline, backbone.baseline_architecture or release.architecture)
+
+
+def load_for_init(
+    release: Release, init: str, baseline: Release | None, *, img_size: int | None, in_chans: int | None, **kwargs: Any
+) -> tuple[nn.Module, Release]:
+    """The model an init evaluates, and the weights it came from: the release (``release``), its architecture
+    untrained (``random``), or the baseline (``baseline``) at the release's input size and channels, so that
+    every init sees the same images under the same protocol."""
+    if init != "baseline":
+        return load_backbone(release, img_size=img_size, in_chans=in_chans, init=init, **kwargs), release
+    if baseline is None:
+        raise ValueError("init 'baseline' needs backbone.baseline")
+    size, chans = img_size or release.img_size, in_chans or release.in_chans
+    return load_backbone(baseline, img_size=size, in_chans=chans, init="baseline", **kwargs), baseline
 
 
 def input_config(release: Release, model: nn.Module, img_size: int | None, in_chans: int | None) -> dict[str, Any]:

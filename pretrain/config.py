@@ -68,6 +68,9 @@ class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name
     drop_path_rate: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. {patch_size: 8}
+    # Warm start (pretrain.weights): a release / run directory / timm hub folder, a .safetensors or .pt/.pth state
+    # dict, original DINOv2 / MAE checkpoints, or hf-hub:ORG/NAME from the local cache; None: random init.
+    init: str | None = None
 
 
 @dataclass
@@ -145,6 +148,7 @@ class DerivedConfig:
     steps_per_epoch: int | None = None
     total_steps: int | None = None
     warmup_steps: int | None = None
+    init_sha256: str | None = None  # of the model.init weights file
 
 
 @dataclass

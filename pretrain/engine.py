@@ -53,14 +53,10 @@ class Schedules:
         )
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (ndim <= 1), as MAE/DINO."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "wd_scale": 1.0},
-        {"params": [p for p in params if p.ndim <= 1], "wd_scale": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.derived.lr, betas=tuple(cfg.optim.betas))
+def build_optimizer(method: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over the method's parameter groups (``SSLMethod.param_groups``: ``lr_scale`` / ``wd_scale`` per group,
+    applied to the step's schedules by ``set_schedule``)."""
+    return torch.optim.AdamW(method.param_groups(), lr=cfg.derived.lr, betas=tuple(cfg.optim.betas))
 
 
 class StepHooks(Protocol):

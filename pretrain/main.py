@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import IterableDataset
 
@@ -41,6 +41,7 @@ from pretrain.methods import METHODS, SSLMethod
 from pretrain.monitor import Monitor
 from pretrain.preemption import StopRequest
 from pretrain.release import RELEASE_DIR, RunBackbone, load_run, run_backbone, write_run_release
+from pretrain.weights import file_sha256, init_weights_path
 
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:
@@ -126,7 +127,13 @@ def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMe
         knn = knn_monitor(cfg, accelerator.device)
         evaluate = lambda backbone: {"knn_acc": knn(backbone)}  # noqa: E731
     torch.manual_seed(cfg.train.seed)
-    return loader, method_cls.from_config(cfg), evaluate
+    run_dir = Path(cfg.train.run_dir)
+    resuming = ckpt.find_resume(run_dir) is not None or ckpt.find_deepspeed_resume(run_dir) is not None
+    if cfg.model.init is not None and not resuming:
+        cfg.derived.init_sha256 = file_sha256(init_weights_path(cfg.model.init))
+    # A resumed run's weights come from its checkpoint: the warm-start source is not read again (nor needed).
+    build_cfg = OmegaConf.merge(cfg, {"model": {"init": None}}) if resuming else cfg
+    return loader, method_cls.from_config(build_cfg), evaluate
 
 
 def prepare(
@@ -159,6 +166,7 @@ def resume(
         seed_process(cfg.train.seed, rank, 0)
         return 0, None, []
     meta = store.load(path)
+    cfg.derived.init_sha256 = meta["config"]["derived"].get("init_sha256")  # recorded when the run started
     notes = ckpt.config_changes(meta["config"], to_dict(cfg))
     if len(meta["rng"]) == world:
         ckpt.restore_rng(meta["rng"][rank])

@@ -41,8 +41,8 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -58,18 +57,28 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, to_dict
 from pretrain.errors import ConfigError, ReleaseError
 from pretrain.methods import METHODS
+from pretrain.weights import (
+    CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    LoadError,
+    Release,
+    check_keys,
+    read_config,
+    read_weights,
+    refused,
+    release_from_config_json,
+    safe_torch_load,
+    weights_in,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 RELEASE_DIR = "release"  # what a finished pretraining run writes in its run directory
 FORMAT = "medfm-release/1"
 RESULTS_NAME = "results_summary.json"
 RESULTS_FORMAT = "medfm-results/1"
 SUMMARY_KEYS = ("acc", "balanced_acc", "auc", "f1")  # the headline metrics: results files, tables, the card
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 RUN_CONFIG = "config.yaml"  # what marks a pretraining run directory
-_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 _STEP_NAME = re.compile(r"step-(\d+)(\.pt)?")  # step-XXXXXXX.pt files, DeepSpeed step-XXXXXXX/ folders
 
 
@@ -77,87 +86,7 @@ class ExportError(ReleaseError):
     """A run that cannot be released: no checkpoint, a checkpoint that does not match its config, bad keys."""
 
 
-class LoadError(ReleaseError):
-    """Weights that cannot be loaded as asked: unknown source, refused pickle, or keys that do not match."""
-
-
-@dataclass(frozen=True)
-class Release:
-    """What a backbone source holds: enough to rebuild the model and check every key."""
-
-    architecture: str
-    model_args: dict[str, Any]  # timm kwargs of the weights' shapes (in_chans, img_size, patch_size, ...)
-    state_dict: dict[str, Tensor] = field(repr=False)
-    pretrained_cfg: dict[str, Any]  # input_size, mean, std, interpolation, first_conv, classifier
-    source: Path
-    info: dict[str, Any] = field(default_factory=dict)  # config.json's "medfm" section (objective, steps, ...)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], state_dict: dict[str, Tensor], source: Path) -> Release:
-        """From ``config.json`` content (timm's hub layout, optional ``medfm`` section) and the weights."""
-        return cls(
-            architecture=config["architecture"],
-            model_args=dict(config.get("model_args", {})),
-            state_dict=state_dict,
-            pretrained_cfg=dict(config.get("pretrained_cfg", {})),
-            source=source,
-            info=dict(config.get("medfm", {})),
-        )
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.model_args.get("in_chans", self.pretrained_cfg.get("input_size", [3])[0]))
-
-    @property
-    def img_size(self) -> int:
-        size = self.model_args.get("img_size") or self.pretrained_cfg.get("input_size", [0, 224])[1]
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
 # --- keys ------------------------------------------------------------------------------------------------------
-
-
-def check_keys(
-    expected: Mapping[str, Tensor],
-    loaded: Mapping[str, Tensor],
-    source: str | Path,
-    *,
-    model: str = "the model",
-    allowed_missing: Collection[str] = frozenset(),
-    error: type[ReleaseError] = LoadError,
-) -> None:
-    """Raise ``error`` naming every key of ``expected`` that ``loaded`` lacks (beyond ``allowed_missing``), every
-    key of ``loaded`` that ``expected`` does not have, and every shape that differs.
-
-    Args:
-        expected: the state dict of the model the weights go into (or of the reference they must match).
-        loaded: the weights.
-        source: the file or folder the weights came from (first in the message).
-        model: what ``expected`` is, for the message.
-    """
-    missing = sorted(set(expected) - set(loaded) - set(allowed_missing))
-    unexpected = sorted(set(loaded) - set(expected))
-    wrong = sorted(k for k in set(loaded) & set(expected) if loaded[k].shape != expected[k].shape)
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing from the weights ({len(missing)}): {_names(missing)}")
-    if unexpected:
-        parts.append(f"not in the model ({len(unexpected)}): {_names(unexpected)}")
-    if wrong:
-        shapes = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
-        parts.append(f"shape mismatch ({len(wrong)}): {_names(shapes)}")
-        if any(loaded[k].numel() == 0 for k in wrong):
-            parts.append(
-                "empty tensors are ZeRO-3 shards, not weights: save the consolidated state dict "
-                "(accelerator.get_state_dict) or convert the checkpoint with zero_to_fp32 first"
-            )
-    raise error(f"{source}: weights do not match {model}; " + "; ".join(parts))
-
-
-def _names(keys: list[str], limit: int = 40) -> str:
-    return ", ".join(keys[:limit]) + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def check_release_keys(
@@ -220,7 +149,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deeps
     cfg = run_config(state["config"], path)
     if cfg.method not in METHODS:
         raise ExportError(f"{path}: method {cfg.method!r} is not one of {sorted(METHODS)}")
-    method = METHODS[cfg.method].from_config(cfg)
+    # The checkpoint holds every weight: the warm-start source (model.init) is neither read again nor needed.
+    method = METHODS[cfg.method].from_config(OmegaConf.merge(cfg, {"model": {"init": None}}))
     _load_method_state(method, state["model"], path)
     return run_backbone(method, cfg, int(state["step"]), path)
 
@@ -304,6 +234,8 @@ def release_config(run: RunBackbone, data: dict[str, Any]) -> dict[str, Any]:
             "seed": cfg.train.seed,
         },
         "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
+        # The warm-start source (model.init) and its weights file's sha256; None: random init.
+        "init": None if cfg.model.init is None else {"source": cfg.model.init, "sha256": cfg.derived.init_sha256},
     }
     config: dict[str, Any] = {
         "architecture": cfg.model.backbone,
@@ -448,7 +380,7 @@ def read_release(path: str | Path, architecture: str | None = None, model_args: 
         raise LoadError(f"{path} does not exist")
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
-            return _from_config_json(path / CONFIG_NAME, _weights_in(path))
+            return release_from_config_json(path / CONFIG_NAME, weights_in(path))
         if ckpt.find_resume(path) is not None or (path / RUN_CONFIG).is_file():
             return _from_run(path)
         raise LoadError(
@@ -461,94 +393,27 @@ def read_release(path: str | Path, architecture: str | None = None, model_args: 
             return _from_run(path.parent, path)
     if architecture is None:
         if (path.parent / CONFIG_NAME).is_file():
-            return _from_config_json(path.parent / CONFIG_NAME, path)
+            return release_from_config_json(path.parent / CONFIG_NAME, path)
         raise LoadError(f"{path}: a bare weights file needs its architecture (no {CONFIG_NAME} beside it)")
     return Release(
         architecture=architecture,
         model_args=dict(model_args or {}),
-        state_dict=_read_weights(path),
+        state_dict=read_weights(path),
         pretrained_cfg={},
         source=path,
     )
 
 
-def safe_torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; anything that would run pickled code is refused with a LoadError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _refused(path, err) from None
-
-
-def _refused(path: Path | None, err: Exception) -> LoadError:
-    reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-    return LoadError(
-        f"{path}: refused: the file holds pickled objects other than tensors and plain values, which could run "
-        f"code when loaded ({reason}). medfm loads weights with weights_only=True only; convert trusted "
-        "weights to safetensors first."
-    )
-
-
-def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
-    """A plain ``{key: tensor}`` from a loaded object: the dict itself or its state_dict / model entry."""
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise LoadError(f"{path}: not a state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")  # fmt: skip
-    prefix = "module."  # DistributedDataParallel wrappers
-    if obj and all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise LoadError(f"{path}: not a readable safetensors file: {err}") from err
-    if path.suffix in PICKLE_SUFFIXES:
-        return _state_dict_of(safe_torch_load(path), path)
-    raise LoadError(f"{path}: unknown weights format (expected .safetensors or {', '.join(PICKLE_SUFFIXES)})")
-
-
-def _weights_in(folder: Path) -> Path:
-    """timm's order: model.safetensors, then other safetensors, then pickled state dicts."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return folder / WEIGHTS_NAME
-    for pattern in ("*.safetensors", "pytorch_model.bin", *(f"*{s}" for s in PICKLE_SUFFIXES)):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[0]
-    raise LoadError(f"{folder}: config.json but no weights file ({WEIGHTS_NAME}, *.safetensors, *.pt, *.bin)")
-
-
-def _read_config(config_path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LoadError(f"{config_path}: cannot read the release config: {err}") from err
-    if not isinstance(config, dict) or "architecture" not in config:
-        raise LoadError(f"{config_path}: no 'architecture' key (not a timm / medfm release config)")
-    return config
-
-
-def _from_config_json(config_path: Path, weights: Path) -> Release:
-    return Release.from_config(_read_config(config_path), _read_weights(weights), weights)
-
-
 def _from_run(run_dir: Path, checkpoint: Path | None = None) -> Release:
     if checkpoint is None and _release_is_current(run_dir):
         folder = run_dir / RELEASE_DIR
-        return _from_config_json(folder / CONFIG_NAME, _weights_in(folder))
+        return release_from_config_json(folder / CONFIG_NAME, weights_in(folder))
     try:
         run = load_run(run_dir, checkpoint, deepspeed=False)
     except ExportError as err:
         raise LoadError(str(err)) from None
     except pickle.UnpicklingError as err:  # pretrain's load_checkpoint uses weights_only=True too
-        raise _refused(checkpoint or ckpt.find_resume(run_dir), err) from None
+        raise refused(checkpoint or ckpt.find_resume(run_dir), err) from None
     config, state = release_contents(run)
     return Release.from_config(config, {k: v.clone() for k, v in state.items()}, run.checkpoint)
 
@@ -562,7 +427,7 @@ def _release_is_current(run_dir: Path) -> bool:
     steps = [int(m[1]) for p in run_dir.glob("step-*") if (m := _STEP_NAME.fullmatch(p.name))]
     if not steps:  # `last.pt` alone (checkpoint.keep=0) says its step only when read: read it
         return ckpt.find_resume(run_dir) is None
-    released = _read_config(config).get("medfm", {}).get("steps")
+    released = read_config(config).get("medfm", {}).get("steps")
     return isinstance(released, int) and released >= max(steps)
 
 
@@ -653,6 +518,12 @@ def short_source(source: str) -> str:
     return path.name if path.is_absolute() or ".." in path.parts else source
 
 
+def _init_text(init: dict[str, Any] | None) -> str:
+    if not init:
+        return "random (trained from scratch)"
+    return f"warm start from `{short_source(init['source'])}` (weights sha256 `{init.get('sha256')}`)"
+
+
 def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]) -> str:
     """The release's README.md (Hugging Face model card with YAML front matter)."""
     m, p = config["medfm"], config["pretrained_cfg"]
@@ -680,6 +551,7 @@ def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]
         f"| pooling | {config.get('global_pool', 'default')} |",
         f"| training | {m['steps']} optimizer steps, global batch {m['global_batch']}, {m['images_seen']} images seen |",
         f"| data | `{data['spec']}` (split {data['split']}) |",
+        f"| initialisation | {_init_text(m.get('init'))} |",
         "",
         "## Load",
         "",

@@ -43,6 +43,9 @@ TINY_VIT = {
 TINY_HEADS = {
     "dino": {"dino.head_hidden_dim": 64, "dino.head_bottleneck_dim": 32, "dino.head_output_dim": 128,
              "dino.num_local_crops": 2, "dino.local_crop_size": 14, "dino.freeze_last_layer_epochs": 0},
+    "dinov2": {"dinov2.head_hidden_dim": 64, "dinov2.head_bottleneck_dim": 32, "dinov2.head_output_dim": 128,
+               "dinov2.num_local_crops": 2, "dinov2.local_crop_size": 14, "dinov2.freeze_last_layer_epochs": 0,
+               "dinov2.warmup_teacher_temp_epochs": 0},
     "mae": {"mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2},
     "moco": {"moco.hidden_dim": 64, "moco.output_dim": 32},
     "simclr": {"simclr.hidden_dim": 64, "simclr.output_dim": 32},

@@ -3,6 +3,7 @@
 The engine only calls what ``SSLMethod`` declares, so a new method is one file + one line in ``METHODS``:
 
 - ``forward(views, step) -> {"loss": scalar, "embeddings": (B, D) detached, other 0-dim tensors to log}``
+- ``param_groups()``: the optimizer's groups (default: decay / no decay; DINOv2: layer-wise lr decay).
 - ``before_optimizer_step(step)``: edit gradients after clipping (DINO freezes its last layer).
 - ``update_momentum(step)``: EMA teacher / momentum encoder update after the optimizer step.
 - ``momentum_modules``: attribute names of the EMA submodules (not trained by the optimizer); DeepSpeed runs keep
@@ -25,8 +26,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pretrain.backbones import build_backbone
-from pretrain.transforms import MedicalAugment, augment_from_section
+from pretrain.backbones import build_backbone, is_vit
+from pretrain.errors import ConfigError
+from pretrain.transforms import MedicalAugment, MultiView, augment_from_section, multi_crop
+from pretrain.weights import load_init
 
 
 class SSLMethod(nn.Module):
@@ -43,6 +46,15 @@ class SSLMethod(nn.Module):
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: list of (B, C, H, W) batches (one per augmented view); step: optimizer step (for schedules)."""
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups over trainable parameters: no weight decay on biases and norm weights (ndim <= 1),
+        as MAE / DINO. ``lr_scale`` / ``wd_scale`` multiply the step's lr and weight decay (layer-wise decay)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0, "wd_scale": 1.0},
+            {"params": [p for p in params if p.ndim <= 1], "lr_scale": 1.0, "wd_scale": 0.0},
+        ]
 
     def before_optimizer_step(self, step: int) -> None:
         """Called after gradient clipping, before ``optimizer.step()``."""
@@ -89,7 +101,9 @@ def deterministic_copy(module: nn.Module) -> nn.Module:
 
 
 def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.Module:
-    return build_backbone(
+    """The run's timm backbone, warm-started from ``model.init`` when set (every key loaded, or a LoadError);
+    teachers and momentum encoders copied from it start from the same weights."""
+    backbone = build_backbone(
         cfg.model.backbone,
         cfg.data.img_size,
         cfg.data.in_chans,
@@ -97,6 +111,9 @@ def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.
         drop_path_rate=cfg.model.drop_path_rate,
         **cfg.model.backbone_kwargs,
     )
+    if cfg.model.init is not None:
+        load_init(backbone, cfg.model.init, cfg.model.backbone)
+    return backbone
 
 
 def augment_from_config(
@@ -105,3 +122,44 @@ def augment_from_config(
     """One view's augmentation from ``cfg.augment``; ``size`` / ``scale`` default to the global crop."""
     aug = cfg.augment
     return augment_from_section(aug, size or cfg.data.img_size, aug.mean, aug.std, scale)
+
+
+class LastLayerFreeze:
+    """DINO's ``cancel_gradients_last_layer`` for the heads' last layers during the first ``steps`` steps.
+
+    ``set_step(step)`` before the forward; ``before_optimizer_step(step)`` drops the gradients (AdamW then leaves
+    the layers untouched, no decay either). DeepSpeed steps inside backward, before that call could drop them: a
+    gradient hook zeroes them instead while frozen (AdamW then moves nothing but weight decay, which a
+    weight-normalised last layer is invariant to; DDP still drops them, exactly as DINO)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], steps: int):
+        self.params, self.steps, self.frozen = [p for p in params if p.requires_grad], steps, False
+        for param in self.params:
+            param.register_hook(lambda grad: torch.zeros_like(grad) if self.frozen else grad)
+
+    def set_step(self, step: int) -> None:
+        self.frozen = step < self.steps
+
+    def before_optimizer_step(self, step: int) -> None:
+        if step < self.steps:
+            for param in self.params:
+                param.grad = None
+
+
+def multi_crop_from_config(cfg: DictConfig, section: str, num_global: int = 2) -> MultiView:
+    """DINO-style multi-crop from ``cfg.augment`` (global crops) and ``cfg.<section>`` (``local_crop_size``,
+    ``local_crop_scale``, ``num_local_crops``): the global views first, then the local ones."""
+    local = cfg[section]
+    local_view = augment_from_config(cfg, size=local.local_crop_size, scale=local.local_crop_scale)
+    return multi_crop([augment_from_config(cfg)] * num_global, local_view, local.num_local_crops)
+
+
+def check_local_crops(backbone: nn.Module, cfg: DictConfig, section: str) -> None:
+    """A ViT's local crops must be a whole number of patches (``cfg.<section>.local_crop_size``)."""
+    local = cfg[section]
+    if is_vit(backbone) and local.num_local_crops > 0:
+        patch = backbone.patch_embed.patch_size[0]
+        if local.local_crop_size % patch:
+            raise ConfigError(
+                f"config key '{section}.local_crop_size': {local.local_crop_size} is not a multiple of the patch size {patch}"
+            )

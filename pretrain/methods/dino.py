@@ -21,17 +21,18 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pretrain.backbones import is_vit, pooled_features
-from pretrain.errors import ConfigError
+from pretrain.backbones import pooled_features
 from pretrain.methods.base import (
+    LastLayerFreeze,
     SSLMethod,
     at_step,
-    augment_from_config,
     backbone_from_config,
+    check_local_crops,
     deterministic_copy,
+    multi_crop_from_config,
 )
 from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
-from pretrain.transforms import MultiView, multi_crop
+from pretrain.transforms import MultiView
 
 NUM_GLOBAL_CROPS = 2
 
@@ -108,23 +109,13 @@ class DINO(SSLMethod):
         )
         self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
         self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
-        self.freeze_last_layer_steps = freeze_last_layer_steps
-        # DeepSpeed steps inside backward, before before_optimizer_step could drop the gradients: a hook zeroes
-        # them instead while frozen (AdamW then moves nothing but weight decay, which the weight-normalised last
-        # layer is invariant to when norm_last_layer; DDP still drops them, exactly as DINO).
-        self._last_layer_frozen = False
-        for param in self.student_head.last_layer.parameters():
-            if param.requires_grad:
-                param.register_hook(self._zero_if_frozen)
-
-    def _zero_if_frozen(self, grad: Tensor) -> Tensor:
-        return torch.zeros_like(grad) if self._last_layer_frozen else grad
+        self.last_layer = LastLayerFreeze(list(self.student_head.last_layer.parameters()), freeze_last_layer_steps)
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: 2 global (B, C, H, W) then N local (B, C, h, w) -> loss over all (teacher, student) pairs
         of different views (lightly's ``DINOLoss``), embeddings: teacher features of the first global view."""
         batch_size = views[0].shape[0]
-        self._last_layer_frozen = step < self.freeze_last_layer_steps
+        self.last_layer.set_step(step)
         global_views = torch.cat(views[:NUM_GLOBAL_CROPS])
         with torch.no_grad():
             teacher_features = pooled_features(self.teacher_backbone, global_views)
@@ -142,10 +133,7 @@ class DINO(SSLMethod):
         }
 
     def before_optimizer_step(self, step: int) -> None:
-        # DINO's cancel_gradients_last_layer: grad None -> AdamW leaves the layer untouched (no decay either).
-        if step < self.freeze_last_layer_steps:
-            for param in self.student_head.last_layer.parameters():
-                param.grad = None
+        self.last_layer.before_optimizer_step(step)
 
     @torch.no_grad()
     def update_momentum(self, step: int) -> None:
@@ -160,12 +148,7 @@ class DINO(SSLMethod):
     def from_config(cls, cfg: DictConfig) -> DINO:
         d, total = cfg.dino, cfg.derived.total_steps
         backbone = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
-        if is_vit(backbone) and d.num_local_crops > 0:
-            patch = backbone.patch_embed.patch_size[0]
-            if d.local_crop_size % patch:
-                raise ConfigError(
-                    f"config key 'dino.local_crop_size': {d.local_crop_size} is not a multiple of the patch size {patch}"
-                )
+        check_local_crops(backbone, cfg, "dino")
         return cls(
             backbone,
             momentum_schedule=cosine_schedule(d.momentum_teacher, 1.0, total),
@@ -184,6 +167,4 @@ class DINO(SSLMethod):
 
     @staticmethod
     def build_transform(cfg: DictConfig) -> MultiView:
-        global_view = augment_from_config(cfg)
-        local_view = augment_from_config(cfg, size=cfg.dino.local_crop_size, scale=cfg.dino.local_crop_scale)
-        return multi_crop([global_view] * NUM_GLOBAL_CROPS, local_view, cfg.dino.num_local_crops)
+        return multi_crop_from_config(cfg, "dino", NUM_GLOBAL_CROPS)

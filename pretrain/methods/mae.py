@@ -61,6 +61,7 @@ class MAE(SSLMethod):
         decoder_dim: int = 512,
         decoder_depth: int = 8,
         decoder_heads: int = 16,
+        initialize_encoder: bool = True,
     ):
         super().__init__()
         if not is_vit(backbone):
@@ -81,8 +82,12 @@ class MAE(SSLMethod):
             raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {self.num_patches}")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        # MaskedVisionTransformerTIMM re-initialises the ViT as in MAE (xavier, fixed sin-cos positions).
-        self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
+        # MaskedVisionTransformerTIMM re-initialises the ViT as in MAE (xavier, fixed sin-cos positions), unless the
+        # encoder was warm-started (model.init): then its weights are kept and only the decoder is new.
+        keep = "skip" if not initialize_encoder else None
+        self.encoder = MaskedVisionTransformerTIMM(
+            vit=backbone, weight_initialization=keep or "", pos_embed_initialization=keep or "sincos"
+        )
         # The encoder drops masked tokens rather than replacing them: its mask token is unused, and an unused
         # trainable parameter would break DDP's gradient reduction.
         self.encoder.mask_token.requires_grad_(False)
@@ -167,6 +172,7 @@ class MAE(SSLMethod):
             decoder_dim=cfg.mae.decoder_dim,
             decoder_depth=cfg.mae.decoder_depth,
             decoder_heads=cfg.mae.decoder_heads,
+            initialize_encoder=cfg.model.init is None,
         )
 
     @staticmethod

@@ -67,3 +67,25 @@ def tiny_release(tiny_run: Path, tmp_path_factory) -> Path:
     from pretrain.export import export_run
 
     return export_run(tiny_run, tmp_path_factory.mktemp("releases") / "dino_tiny")
+
+
+@pytest.fixture(scope="session")
+def general_snapshot(tmp_path_factory) -> Path:
+    """A general-purpose model as a timm hub snapshot folder: a seeded RGB ViT-Tiny (2 blocks) at 224 px, patch 16,
+    with its ImageNet classifier (which a backbone comparison drops)."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    general = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000, depth=2)
+    snapshot = tmp_path_factory.mktemp("general") / "vit_tiny_general"
+    snapshot.mkdir()
+    save_file({k: v.contiguous() for k, v in general.state_dict().items()}, str(snapshot / "model.safetensors"))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 1000, "model_args": {"depth": 2},
+              "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                                 "std": [0.229, 0.224, 0.225], "first_conv": "patch_embed.proj", "classifier": "head"}}  # fmt: skip
+    (snapshot / "config.json").write_text(json.dumps(config))
+    return snapshot

@@ -11,6 +11,7 @@ import pytest
 from downstream.config import EvalConfig, load_config
 from downstream.data import open_split, plan_unit_splits
 from downstream.evaluate import run_eval
+from pretrain.errors import ConfigError
 
 PLOTS = ("roc.png", "confusion.png", "embedding.png")
 
@@ -121,3 +122,23 @@ def test_a_labeled_shard_set_through_shards_spec(tiny_release, medmnist, tmp_pat
     assert result["n"] == {"train": 546, "val": 78, "test": 156} and result["task"]["kind"] == "binary"
     # the same images in another storage: the same kNN result (sample order does not matter to kNN)
     assert result["summary"] == pytest.approx(direct["release"]["knn"]["summary"])
+
+
+def test_a_general_purpose_baseline_beside_the_release_and_random_init(
+    tiny_release, medmnist, general_snapshot, tmp_path
+):
+    """``backbone.inits=[release,random,baseline]``: a general model (here a seeded RGB ViT at 224 px, patch 16,
+    as a timm hub snapshot folder) is evaluated at the release's input (1 channel, 28 px) by the same protocol."""
+    snapshot = general_snapshot
+    spec = f"medmnist:{medmnist('breastmnist')}"
+    results = evaluate(tiny_release, spec, tmp_path / "eval", "backbone.inits=[release,random,baseline]",
+                       f"backbone.baseline={snapshot}", "protocols=[knn]", "plots=false")  # fmt: skip
+    assert list(results) == ["release", "random", "baseline"]
+    baseline = results["baseline"]["knn"]
+    assert baseline["backbone"]["source"] == str(snapshot) and baseline["backbone"]["init"] == "baseline"
+    assert baseline["backbone"]["input_size"] == results["release"]["knn"]["backbone"]["input_size"]  # same images
+    assert results["baseline"]["knn"]["n"] == results["release"]["knn"]["n"]
+    table = (tmp_path / "eval" / "summary.md").read_text()
+    assert all(f"| {init} | knn |" in table for init in ("release", "random", "baseline"))
+    with pytest.raises(ConfigError, match=r"backbone\.baseline"):
+        evaluate(tiny_release, spec, tmp_path / "bad", "backbone.inits=[baseline]")

@@ -139,3 +139,14 @@ def test_a_killed_finetune_resumes_where_it_was_checkpointed(tiny_release, medmn
     tuned = [load_file(str(tmp_path / run / "release" / "best.safetensors")) for run in ("whole", "killed")]
     assert all(torch.equal(tuned[0][k], tuned[1][k]) for k in tuned[0])
     assert not (tmp_path / "killed" / ".checkpoints").exists()  # removed once every result is written
+
+
+def test_finetuning_the_general_purpose_baseline_with_the_same_recipe(
+    tiny_release, medmnist, general_snapshot, tmp_path
+):
+    results = finetune(tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "ft", "train.max_steps=2",
+                       "backbone.inits=[release,baseline]", f"backbone.baseline={general_snapshot}", "plots=false")  # fmt: skip
+    assert results["baseline"]["backbone"]["architecture"] == "vit_tiny_patch16_224"
+    assert results["baseline"]["backbone"]["input_size"] == results["release"]["backbone"]["input_size"]
+    assert results["baseline"]["settings"]["recipe"] == results["release"]["settings"]["recipe"]
+    assert "| baseline |" in (tmp_path / "ft" / "summary.md").read_text()

@@ -4,6 +4,7 @@ loss that decreases over a few optimizer steps on a fixed batch of real Pneumoni
 from __future__ import annotations
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 from data_shards.specs import MedMNISTDataset
 from pretrain.backbones import build_backbone, pooled_features
-from pretrain.methods import DINO, MAE, METHODS, MoCo, SimCLR
+from pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
 from pretrain.methods.moco import MoCoV3Loss
 
 
@@ -23,11 +24,13 @@ def vit(**kwargs) -> nn.Module:
 
 
 def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn.Module:
-    backbone = backbone or vit(dynamic_img_size=method == "dino")
+    backbone = backbone or vit(dynamic_img_size=method in ("dino", "dinov2"))
     if method == "mae":
         return MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     if method == "dino":
         return DINO(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
+    if method == "dinov2":
+        return DINOv2(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
     if method == "simclr":
         return SimCLR(backbone, hidden_dim=64, output_dim=32)
     return MoCo(backbone, [0.99] * steps, hidden_dim=64, output_dim=32)
@@ -35,11 +38,11 @@ def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn
 
 def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
     global_views = [torch.randn(batch, 1, 28, 28) for _ in range(1 if method == "mae" else 2)]
-    return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method == "dino" else [])
+    return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method in ("dino", "dinov2") else [])
 
 
-def test_registry_is_the_four_methods():
-    assert set(METHODS) == {"mae", "dino", "simclr", "moco"}
+def test_registry_is_the_five_methods():
+    assert set(METHODS) == {"mae", "dino", "simclr", "moco", "dinov2"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -172,7 +175,7 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
     dataset = MedMNISTDataset(pneumonia)
     images = torch.stack([dataset[i]["image"] for i in range(16)]) * 2 - 1
     views = [images, images.flip(-1)][: 1 if method == "mae" else 2]
-    if method == "dino":
+    if method in ("dino", "dinov2"):
         views += [F.interpolate(images[..., :14, :14], size=14), F.interpolate(images[..., 14:, 14:], size=14)]
     torch.manual_seed(0)
     model = tiny(method)
@@ -180,6 +183,7 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
     losses = []
     for step in range(12):
         torch.manual_seed(step if method != "mae" else 0)  # MAE: the same mask every step
+        random.seed(step)  # DINOv2's block masks
         loss = model(views, step=step)["loss"]
         optimizer.zero_grad()
         loss.backward()

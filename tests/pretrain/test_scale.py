@@ -2,10 +2,11 @@
 cached in TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 
 What is compared, and why it can be compared:
-- 1 vs 2 processes (DDP): DINO with the same global batch (16 = 16 x 1 = 8 x 2). The epoch sampler gives rank r
-  the positions r, r + 2, ... of one seeded order and every sample's augmentation is seeded by its position, so
-  both runs see the same 16 views per step; DINO's loss has no randomness of its own (no masks, no drop path) and
-  its centre is averaged over the global batch. First-step gradients (after DDP's averaging) must agree to float
+- 1 vs 2 processes (DDP): DINO and DINOv2 with the same global batch (16 = 16 x 1 = 8 x 2). The epoch sampler
+  gives rank r the positions r, r + 2, ... of one seeded order and every sample's augmentation (and DINOv2's
+  block masks) is seeded by its position, so both runs see the same 16 views per step; the losses have no other
+  randomness (no drop path) and their centres are averaged over the global batch (DINOv2's KoLeo term, whose
+  neighbours are per process, is off). First-step gradients (after DDP's averaging) must agree to float
   rounding (rtol 1e-4, atol 1e-6), per-step losses to 1e-4 relative.
 - 2 processes: both ranks hold bit-identical parameters after training.
 - DeepSpeed ZeRO 1/2/3 on 2 processes, bf16: DINO (and MoCo on ZeRO-3) trains (finite losses), the EMA teacher /
@@ -69,14 +70,17 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
-def dino(tiny, run_dir: Path, **extra) -> list[str]:
-    return tiny("dino", run_dir, **{"logging.every_steps": 1, **extra})
+def dino(tiny, run_dir: Path, method: str = "dino", **extra) -> list[str]:
+    # DINOv2's KoLeo term takes nearest neighbours within each process's batch (as the reference): off here.
+    koleo = {"dinov2.koleo_loss_weight": 0.0} if method == "dinov2" else {}
+    return tiny(method, run_dir, **{"logging.every_steps": 1, **koleo, **extra})
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, WORKER, str(one / "probe"), *dino(tiny, one, **{"train.batch_size": 16})])
-    run(accelerate_launch(2, WORKER, str(two / "probe"), *dino(tiny, two, **{"train.batch_size": 8})))
+    run([sys.executable, WORKER, str(one / "probe"), *dino(tiny, one, method, **{"train.batch_size": 16})])
+    run(accelerate_launch(2, WORKER, str(two / "probe"), *dino(tiny, two, method, **{"train.batch_size": 8})))
     ref = torch.load(one / "probe/rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"probe/rank{r}.pt", weights_only=True) for r in range(2)]
     assert ref["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
@@ -84,7 +88,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path
         assert torch.equal(value, ranks[1]["params"][key]), f"ranks disagree on {key}"
     assert torch.allclose(ranks[0]["grads0"], ref["grads0"], rtol=1e-4, atol=1e-6)
     assert len(losses(one)) == len(losses(two)) == 4
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    # DINOv2's iBOT centre is the mean of per-process means of the masked tokens (lightly's Center, like the
+    # reference's all-reduce): processes with different masked-token counts weigh them differently than one
+    # process does, so after the first update the losses agree to ~1e-4 rather than to float rounding.
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4 if method == "dino" else 1e-3)
     # After 4 AdamW steps, parameters whose gradients were ~0 can move by ~lr in either direction (Adam's first
     # steps are ~lr * sign(g)): compare to a few lr (lr = 1e-3 * 16 / 256).
     for key, value in ref["params"].items():

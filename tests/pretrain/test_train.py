@@ -129,7 +129,8 @@ def run_command(run_dir: Path, overrides: list[str]) -> list[str]:
             *overrides]  # fmt: skip
 
 
-def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["mae", "dinov2"])
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     """Tolerance atol 1e-6 (bitwise equal on this CPU: same ops in the same order; the slack is for BLAS builds
     whose reductions depend on thread timing).
 
@@ -147,7 +148,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(run_command(killed, tiny("mae", killed, **extra)), cwd=REPO, env=env,
+    process = subprocess.Popen(run_command(killed, tiny(method, killed, **extra)), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120
     while not (killed / "step-0000004.pt").exists():
@@ -159,7 +160,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
     killed_at = ckpt.load_checkpoint(killed / "last.pt")["step"]
     assert 4 <= killed_at < 24, "the run finished before it could be killed"
     for run_dir in (killed, reference):
-        done = subprocess.run(run_command(run_dir, tiny("mae", run_dir, **extra)), cwd=REPO, env=env,
+        done = subprocess.run(run_command(run_dir, tiny(method, run_dir, **extra)), cwd=REPO, env=env,
                               capture_output=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-2000:]
     resumed = [r for r in records(killed) if r.get("event") == "resume"]

@@ -1,0 +1,337 @@
+"""DINOv2 (Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", 2023).
+
+Student / EMA teacher ViTs (lightly's ``MaskedVisionTransformerTIMM`` around a timm ViT, mask token included):
+the teacher sees the two global crops unmasked; the student sees them with random block masks (``BlockMasks``:
+half the global crops masked at 10-50 % of their patches by ``lightly.models.utils.random_block_mask_image``,
+drawn per sample in the data pipeline as the reference draws them in its collate function) plus the local crops. Loss = DINO loss on the class tokens (``DINOLoss``, every teacher global x student view pair of
+different crops) + iBOT loss on the masked patch tokens (``IBOTPatchLoss``) + KoLeo on the student's global class
+tokens (``KoLeoLoss``), with ``DINOv2ProjectionHead`` heads (shared by both losses unless
+``ibot_separate_head``). Teacher outputs are centred (running mean, lightly's only mode: lightly has no
+Sinkhorn-Knopp centring for these losses); the teacher temperature warms up linearly; the teacher follows the
+student by a cosine EMA schedule; the head's last layer is frozen for the first epoch. Layer-wise lr decay and
+drop path apply to the student only; the teacher has no drop path.
+
+Reference: facebookresearch/dinov2 ``train/ssl_meta_arch.py``; lightly's ``examples/pytorch/dinov2.py``.
+Deviation: no solarization or colour jitter in the views (gray-level medical images).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+from lightly.models.utils import deactivate_requires_grad, random_block_mask_image, update_momentum
+from omegaconf import DictConfig
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+
+from pretrain.backbones import is_vit
+from pretrain.errors import ConfigError
+from pretrain.methods.base import (
+    LastLayerFreeze,
+    SSLMethod,
+    at_step,
+    backbone_from_config,
+    check_local_crops,
+    deterministic_copy,
+    multi_crop_from_config,
+)
+from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
+from pretrain.transforms import MultiView
+
+NUM_GLOBAL_CROPS = 2
+
+
+@dataclass
+class DINOv2Config:
+    """The ``dinov2:`` config section (defaults of the reference ViT-S/14 / ViT-B/14 recipes)."""
+
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_output_dim: int = 65536
+    ibot_separate_head: bool = False
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    local_crop_size: int = 98  # a multiple of the patch size (reference: 96 at patch 16 -> 98 at patch 14)
+    num_local_crops: int = 8
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.992  # cosine schedule from this to 1.0 over training
+    freeze_last_layer_epochs: float = 1.0
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    mask_sample_probability: float = 0.5  # fraction of the global crops that get a block mask
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+    layer_decay: float = 0.9  # layer-wise lr decay of the student ViT (1.0: off)
+
+
+class DINOv2(SSLMethod):
+    """DINOv2 student / teacher on a timm ViT (see the module docstring).
+
+    Args:
+        vit: a timm ``VisionTransformer`` without classifier, ``dynamic_img_size=True`` when local crops are used.
+        momentum_schedule / teacher_temp_schedule: per optimizer step.
+        freeze_last_layer_steps: the heads' last layers get no update for this many first steps.
+        layer_decay: lr scale ``layer_decay ** (depth - layer)`` of the student's blocks (heads: 1).
+    """
+
+    Config = DINOv2Config
+    description = (
+        "DINOv2 self-distillation with iBOT masked-patch and KoLeo terms (Oquab et al. 2023); "
+        "released: the EMA teacher ViT"
+    )
+    momentum_modules = ("teacher_backbone", "teacher_head")
+
+    @staticmethod
+    def check_config(section, need) -> None:
+        scale = list(section.local_crop_scale)
+        need(len(scale) == 2 and scale[0] <= scale[1], "local_crop_scale", "must be [low, high]")
+        need(
+            0.0 <= section.mask_ratio_min <= section.mask_ratio_max < 1.0, "mask_ratio_min", "needs 0 <= min <= max < 1"
+        )
+        need(0.0 <= section.mask_sample_probability <= 1.0, "mask_sample_probability", "must be in [0, 1]")
+        need(0.0 < section.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        momentum_schedule: Sequence[float] | np.ndarray,
+        teacher_temp_schedule: Sequence[float] | np.ndarray,
+        freeze_last_layer_steps: int = 0,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        head_output_dim: int = 65536,
+        ibot_separate_head: bool = False,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        loss_weights: tuple[float, float, float] = (1.0, 1.0, 0.1),
+        mask_sample_probability: float = 0.5,
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+        layer_decay: float = 0.9,
+    ):
+        super().__init__()
+        # Keep timm's initialisation (and any warm-start weights): lightly would re-initialise both otherwise.
+        self.student_backbone = MaskedVisionTransformerTIMM(
+            vit=vit, weight_initialization="skip", pos_embed_initialization="skip", antialias=False
+        )
+        self.teacher_backbone = deterministic_copy(self.student_backbone)  # no drop path on the teacher
+        sizes = (vit.embed_dim, head_hidden_dim, head_bottleneck_dim, head_output_dim, ibot_separate_head)
+        self.student_head = self._heads(*sizes)
+        # A new module loaded with the student's state: weight-normed heads cannot be deep-copied.
+        self.teacher_head = self._heads(*sizes)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.dino_loss = DINOLoss(
+            output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum
+        )
+        self.ibot_loss = IBOTPatchLoss(output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum)  # fmt: skip
+        self.koleo_loss = KoLeoLoss()
+        self.loss_weights = loss_weights
+        self.mask_sample_probability, self.mask_ratio = mask_sample_probability, mask_ratio
+        self.layer_decay = layer_decay
+        self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
+        self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
+        last_layers = [p for head in self.student_head.values() for p in head.last_layer.parameters()]
+        self.last_layer = LastLayerFreeze(last_layers, freeze_last_layer_steps)
+
+    @staticmethod
+    def _heads(embed_dim: int, hidden: int, bottleneck: int, output: int, separate_ibot: bool) -> nn.ModuleDict:
+        heads = {"dino_head": DINOv2ProjectionHead(embed_dim, hidden, bottleneck, output)}
+        if separate_ibot:
+            heads["ibot_head"] = DINOv2ProjectionHead(embed_dim, hidden, bottleneck, output)
+        return nn.ModuleDict(heads)
+
+    def _ibot_head(self, heads: nn.ModuleDict) -> nn.Module:
+        return heads["ibot_head"] if "ibot_head" in heads else heads["dino_head"]
+
+    def block_masks(self, batch: int, height: int, width: int) -> Tensor:
+        """(batch, height, width) bool masks drawn here (from the global streams), for views without masks."""
+        draw = BlockMasks((height, width), 1, self.mask_sample_probability, self.mask_ratio)
+        return torch.cat([draw() for _ in range(batch)])
+
+    def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
+        """views: 2 global (B, C, H, W), N local (B, C, h, w), then (optional) the block masks of the global crops
+        (B, 2, H / patch, W / patch) bool as ``DINOv2.build_transform`` draws them -> weighted DINO + iBOT + KoLeo
+        loss; embeddings: the teacher's class tokens of the first global view (B, D)."""
+        masks = views[-1] if views[-1].dtype == torch.bool else None
+        views = views[:-1] if masks is not None else views
+        batch_size = views[0].shape[0]
+        self.last_layer.set_step(step)
+        global_views = torch.cat(views[:NUM_GLOBAL_CROPS])
+        vit = self.student_backbone.vit
+        patch_h, patch_w = vit.patch_embed.patch_size
+        grid = (global_views.shape[-2] // patch_h, global_views.shape[-1] // patch_w)
+        if masks is None:
+            block_mask = self.block_masks(global_views.shape[0], *grid).to(global_views.device)
+        else:  # (B, 2, h, w) -> (2B, h, w) in the order of global_views
+            block_mask = masks.transpose(0, 1).flatten(0, 1)
+        token_mask = torch.zeros(block_mask.shape[0], vit.num_prefix_tokens + grid[0] * grid[1], dtype=torch.bool,
+                                 device=block_mask.device)  # fmt: skip
+        token_mask[:, vit.num_prefix_tokens :] = block_mask.flatten(1)  # class / register tokens never masked
+        with torch.no_grad():
+            teacher_tokens = self.teacher_backbone.encode(global_views)
+            teacher_cls = self.teacher_head["dino_head"](teacher_tokens[:, 0])
+            teacher_patches = self._ibot_head(self.teacher_head)(teacher_tokens[token_mask])
+        student_tokens = self.student_backbone.encode(global_views, mask=token_mask)
+        student_cls_tokens = student_tokens[:, 0]
+        student_cls = [self.student_head["dino_head"](student_cls_tokens)]
+        if len(views) > NUM_GLOBAL_CROPS:
+            local_tokens = self.student_backbone.encode(torch.cat(views[NUM_GLOBAL_CROPS:]))
+            student_cls.append(self.student_head["dino_head"](local_tokens[:, 0]))
+        student_patches = self._ibot_head(self.student_head)(student_tokens[token_mask])
+        terms = self.loss_terms(
+            teacher_cls, torch.cat(student_cls), teacher_patches, student_patches, block_mask, student_cls_tokens,
+            num_views=len(views), teacher_temp=at_step(self.teacher_temp_schedule, step),
+        )  # fmt: skip
+        return {**terms, "embeddings": teacher_tokens[:batch_size, 0].detach()}
+
+    def loss_terms(
+        self,
+        teacher_cls: Tensor,
+        student_cls: Tensor,
+        teacher_patches: Tensor,
+        student_patches: Tensor,
+        block_mask: Tensor,
+        student_cls_tokens: Tensor,
+        *,
+        num_views: int,
+        teacher_temp: float,
+    ) -> dict[str, Tensor]:
+        """The three terms and their weighted sum.
+
+        teacher_cls (2B, K): head outputs of the global crops; student_cls (V*B, K): of every view, globals first;
+        teacher_patches / student_patches (M, K): of the M masked patch tokens; block_mask (2B, h, w);
+        student_cls_tokens (2B, D): the student's global class tokens before the head (KoLeo).
+        """
+        dino = self.dino_loss(list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)),
+                              teacher_temp=teacher_temp)  # fmt: skip
+        if teacher_patches.shape[0]:
+            ibot = self.ibot_loss(teacher_patches, student_patches, mask=block_mask, teacher_temp=teacher_temp)
+        else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
+            self.ibot_loss.center.update(self.ibot_loss.center.value)  # joins the centre's all-reduce, no change
+            ibot = student_patches.sum() * 0.0
+        koleo = sum(self.koleo_loss(tokens) for tokens in student_cls_tokens.chunk(NUM_GLOBAL_CROPS))
+        w_dino, w_ibot, w_koleo = self.loss_weights
+        return {
+            "loss": w_dino * dino + w_ibot * ibot + w_koleo * koleo,
+            "dino_loss": dino.detach(),
+            "ibot_loss": ibot.detach(),
+            "koleo_loss": koleo.detach(),
+            "teacher_temp": torch.tensor(teacher_temp),
+        }
+
+    def param_groups(self) -> list[dict]:
+        """Layer-wise lr decay over the student ViT (timm's ``param_groups_layer_decay`` on the headless ViT: the
+        last block and the final norm at full lr, each block below x ``layer_decay``; the mask token with the patch
+        embedding), the heads at full lr; no weight decay on 1-D parameters."""
+        vit = self.student_backbone.vit
+        skip = vit.no_weight_decay() if hasattr(vit, "no_weight_decay") else ()
+        groups = param_groups_layer_decay(
+            vit, weight_decay=1.0, no_weight_decay_list=skip, layer_decay=self.layer_decay
+        )
+        groups = [{"params": g["params"], "lr_scale": g["lr_scale"], "wd_scale": g["weight_decay"]} for g in groups]
+        first = min(g["lr_scale"] for g in groups)  # the patch embedding's
+        groups.append({"params": [self.student_backbone.mask_token], "lr_scale": first, "wd_scale": 0.0})
+        head = [p for p in self.student_head.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in head if p.ndim > 1], "lr_scale": 1.0, "wd_scale": 1.0})
+        groups.append({"params": [p for p in head if p.ndim <= 1], "lr_scale": 1.0, "wd_scale": 0.0})
+        return groups
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.last_layer.before_optimizer_step(step)
+
+    @torch.no_grad()
+    def update_momentum(self, step: int) -> None:
+        momentum = at_step(self.momentum_schedule, step)
+        update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+
+    def export_backbone(self) -> nn.Module:
+        return self.teacher_backbone.vit
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> DINOv2:
+        d, total = cfg.dinov2, cfg.derived.total_steps
+        vit = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
+        if not is_vit(vit):
+            raise ConfigError(f"config key 'model.backbone': DINOv2 masks patch tokens and needs a timm ViT, got {cfg.model.backbone!r}")  # fmt: skip
+        check_local_crops(vit, cfg, "dinov2")
+        return cls(
+            vit,
+            momentum_schedule=cosine_schedule(d.momentum_teacher, 1.0, total),
+            teacher_temp_schedule=linear_warmup_schedule(
+                d.warmup_teacher_temp, d.teacher_temp, total, epochs_to_steps(cfg, d.warmup_teacher_temp_epochs)
+            ),
+            freeze_last_layer_steps=epochs_to_steps(cfg, d.freeze_last_layer_epochs),
+            head_hidden_dim=d.head_hidden_dim,
+            head_bottleneck_dim=d.head_bottleneck_dim,
+            head_output_dim=d.head_output_dim,
+            ibot_separate_head=d.ibot_separate_head,
+            student_temp=d.student_temp,
+            center_momentum=d.center_momentum,
+            loss_weights=(d.dino_loss_weight, d.ibot_loss_weight, d.koleo_loss_weight),
+            mask_sample_probability=d.mask_sample_probability,
+            mask_ratio=(d.mask_ratio_min, d.mask_ratio_max),
+            layer_decay=d.layer_decay,
+        )
+
+    @staticmethod
+    def build_transform(cfg: DictConfig) -> WithBlockMasks:
+        d = cfg.dinov2
+        with torch.device("meta"):  # only the patch size is needed: no memory, no initialisation
+            patch = backbone_from_config(cfg).patch_embed.patch_size
+        grid = (cfg.data.img_size // patch[0], cfg.data.img_size // patch[1])
+        masks = BlockMasks(grid, NUM_GLOBAL_CROPS, d.mask_sample_probability, (d.mask_ratio_min, d.mask_ratio_max))
+        return WithBlockMasks(multi_crop_from_config(cfg, "dinov2", NUM_GLOBAL_CROPS), masks)
+
+
+class BlockMasks:
+    """``draw() -> (num_masks, h, w)`` bool: each mask, with probability ``probability``, covers a fraction of the
+    ``grid`` drawn uniformly from ``ratio`` with random rectangular blocks of at least 4 patches (fewer on grids too
+    small for that) by lightly's ``random_block_mask_image``; otherwise nothing.
+
+    The reference (``dinov2/data/collate.py``) masks a fixed share of each batch at ratios spread evenly over the
+    range; here each sample draws its own, from torch's generator, which the loader seeds per sample: the masks of
+    a sample do not depend on the batch size, the number of processes or where a run resumed (same distribution).
+    """
+
+    def __init__(self, grid: tuple[int, int], num_masks: int, probability: float, ratio: tuple[float, float]):
+        self.grid, self.num_masks, self.probability, self.ratio = grid, num_masks, probability, ratio
+
+    def __call__(self) -> Tensor:
+        height, width = self.grid
+        masks = torch.zeros(self.num_masks, height, width, dtype=torch.bool)
+        seed = int(torch.randint(0, 2**62, ()))
+        state = random.getstate()  # lightly draws blocks from python's generator: seed it, then put it back
+        random.seed(seed)
+        try:
+            for index in range(self.num_masks):
+                if random.random() >= self.probability:
+                    continue
+                count = max(1, int(height * width * random.uniform(*self.ratio)))
+                masks[index] = random_block_mask_image((height, width), count, min_num_masks_per_block=min(4, count))
+        finally:
+            random.setstate(state)
+        return masks
+
+
+class WithBlockMasks(MultiView):
+    """DINOv2's views: the multi-crop views, then the global crops' block masks (``BlockMasks``)."""
+
+    def __init__(self, views: MultiView, masks: BlockMasks):
+        super().__init__(views.transforms)
+        self.masks = masks
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        """(C, H, W) -> [global, global, local ..., masks (2, h, w) bool]."""
+        return [*super().forward(image), self.masks()]

@@ -1,0 +1,163 @@
+"""DINOv2: each loss term against a naive reference on the same tensors, the block masks, the student-only
+layer-wise lr decay, and the released teacher ViT."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.backbones import build_backbone
+from pretrain.methods import DINOv2
+from pretrain.methods.dinov2 import BlockMasks
+
+
+def tiny_dinov2(name: str = "vit_tiny_patch16_224", **kwargs) -> DINOv2:
+    extra = {"patch_size": 7} if name.startswith("vit_tiny") else {}
+    vit = build_backbone(name, img_size=28, in_chans=1, depth=2, dynamic_img_size=True, **extra, **kwargs)
+    return DINOv2(vit, [0.99] * 10, [0.04] * 10, 0, 64, 32, 128, loss_weights=(1.0, 0.7, 0.2))
+
+
+def naive_dino(teacher: list[torch.Tensor], student: list[torch.Tensor], t_temp: float, s_temp: float) -> torch.Tensor:
+    """DINO's cross-entropy over every (teacher global view, student view) pair of different crops."""
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher):
+        target = F.softmax(t / t_temp, dim=-1)
+        for v, s in enumerate(student):
+            if v != i:
+                total = total + (-(target * F.log_softmax(s / s_temp, dim=-1)).sum(-1)).mean()
+                pairs += 1
+    return total / pairs
+
+
+def naive_ibot(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, t_temp: float, s_temp: float):
+    """iBOT: per masked token cross-entropy, averaged within each image, then over the images of the batch."""
+    per_token = -(F.softmax(teacher / t_temp, -1) * F.log_softmax(student / s_temp, -1)).sum(-1)
+    image_of = torch.arange(mask.shape[0]).view(-1, 1, 1).expand_as(mask)[mask]
+    per_image = [per_token[image_of == b].mean() for b in range(mask.shape[0]) if (image_of == b).any()]
+    return torch.stack(per_image).sum() / mask.shape[0]
+
+
+def naive_koleo(x: torch.Tensor) -> torch.Tensor:
+    """Kozachenko-Leonenko: -mean log distance of each normalised vector to its nearest neighbour."""
+    x = F.normalize(x, dim=-1)
+    distances = torch.cdist(x, x) + torch.eye(len(x)) * 1e9
+    return -torch.log(distances.min(dim=1).values + 1e-8).mean()
+
+
+def test_each_loss_term_equals_its_reference_on_the_same_tensors():
+    torch.manual_seed(0)
+    model = tiny_dinov2()
+    batch, views, k = 4, 4, 128
+    teacher_cls, student_cls = torch.randn(2 * batch, k), torch.randn(views * batch, k)
+    mask = torch.zeros(2 * batch, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = mask[3, 1:, 3] = mask[5, 0, :] = True
+    teacher_patches, student_patches = torch.randn(int(mask.sum()), k), torch.randn(int(mask.sum()), k)
+    cls_tokens = torch.randn(2 * batch, 192)
+    terms = model.loss_terms(teacher_cls, student_cls, teacher_patches, student_patches, mask, cls_tokens,
+                             num_views=views, teacher_temp=0.05)  # fmt: skip
+    dino = naive_dino(list(teacher_cls.chunk(2)), list(student_cls.chunk(views)), 0.05, 0.1)
+    ibot = naive_ibot(teacher_patches, student_patches, mask, 0.05, 0.1)
+    koleo = sum(naive_koleo(c) for c in cls_tokens.chunk(2))
+    assert terms["dino_loss"] == pytest.approx(float(dino), rel=1e-5)
+    assert terms["ibot_loss"] == pytest.approx(float(ibot), rel=1e-5)
+    assert terms["koleo_loss"] == pytest.approx(float(koleo), rel=1e-5)
+    assert terms["loss"] == pytest.approx(float(dino + 0.7 * ibot + 0.2 * koleo), rel=1e-5)
+
+
+def test_block_masks_are_a_function_of_the_sample_seed_and_cover_the_configured_share():
+    draw = BlockMasks((4, 4), 2, probability=0.5, ratio=(0.1, 0.5))
+    torch.manual_seed(3)
+    first = draw()
+    random.seed(123)  # python's generator is not what decides: the sample's torch stream is
+    torch.manual_seed(3)
+    assert torch.equal(first, draw()) and first.shape == (2, 4, 4) and first.dtype == torch.bool
+    state = random.getstate()
+    masks = torch.cat([draw() for _ in range(400)])
+    assert random.getstate() == state  # python's generator left as it was
+    masked = masks.flatten(1).any(1)
+    assert 0.4 < float(masked.float().mean()) < 0.6  # mask_sample_probability
+    ratios = masks.flatten(1).float().mean(1)[masked]
+    assert float(ratios.min()) >= 1 / 16 and float(ratios.max()) <= 0.5 + 1 / 16
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_the_masks_of_the_views_reach_the_student_and_never_the_prefix_tokens(name):
+    model = tiny_dinov2(name)
+    grid = 4 if name.startswith("vit_tiny") else 2
+    masks = torch.zeros(4, 2, grid, grid, dtype=torch.bool)
+    masks[1, 0, 0, :] = masks[2, 1, :, 1] = True
+    seen = {}
+    original = model.student_backbone.encode
+
+    def spy(images, mask=None, **kwargs):
+        if mask is not None:
+            seen["mask"] = mask
+        return original(images, mask=mask, **kwargs)
+
+    model.student_backbone.encode = spy
+    out = model([torch.randn(4, 1, 28, 28)] * 2 + [torch.randn(4, 1, 14, 14), masks], step=0)
+    prefix = model.student_backbone.vit.num_prefix_tokens
+    assert prefix == (1 if name.startswith("vit_tiny") else 5)  # class token (+ 4 registers)
+    assert not seen["mask"][:, :prefix].any()
+    # (B, 2, h, w) -> the order of the concatenated global views: view 1 of every sample, then view 2
+    assert torch.equal(seen["mask"][:, prefix:], torch.cat([masks[:, 0], masks[:, 1]]).flatten(1))
+    assert out["embeddings"].shape == (4, model.student_backbone.vit.embed_dim)
+    assert math.isfinite(float(out["loss"].detach()))
+
+
+def test_the_transform_returns_the_views_then_the_masks(tmp_path):
+    from pretrain.config import derive, load_config
+
+    cfg = load_config(None, ["method=dinov2", "data.spec=medmnist:x.npz", "data.img_size=28", f"train.run_dir={tmp_path}",
+                             "model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs.patch_size=7",
+                             "dinov2.local_crop_size=14", "dinov2.num_local_crops=3"])  # fmt: skip
+    views = DINOv2.build_transform(derive(cfg, 1, 1000))(torch.rand(1, 28, 28))
+    assert [tuple(v.shape) for v in views] == [(1, 28, 28)] * 2 + [(1, 14, 14)] * 3 + [(2, 4, 4)]
+    assert views[-1].dtype == torch.bool
+
+
+def test_layer_wise_lr_decay_on_the_student_only_and_every_parameter_once():
+    model = tiny_dinov2()
+    groups = model.param_groups()
+    grouped = [p for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(set(map(id, grouped))) == len(trainable)
+    assert not any(p is q for p in grouped for q in model.teacher_backbone.parameters())
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    vit = model.student_backbone.vit
+    # depth 2, decay 0.9, timm's grouping of a headless ViT: patch embedding / mask token 0.9^2, block 0 0.9,
+    # the last block and the final norm 1, heads 1
+    assert scale_of[id(vit.patch_embed.proj.weight)] == pytest.approx(0.9**2)
+    assert scale_of[id(model.student_backbone.mask_token)] == pytest.approx(0.9**2)
+    assert scale_of[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.9)
+    assert scale_of[id(vit.blocks[1].mlp.fc1.weight)] == pytest.approx(1.0)
+    assert scale_of[id(model.student_head["dino_head"].last_layer.weight_v)] == 1.0
+    wd_of = {id(p): g["wd_scale"] for g in groups for p in g["params"]}
+    assert wd_of[id(vit.blocks[0].attn.qkv.bias)] == 0.0 and wd_of[id(vit.blocks[0].attn.qkv.weight)] == 1.0
+
+
+def test_the_released_backbone_is_the_teacher_vit_and_follows_the_ema():
+    model = tiny_dinov2(drop_path_rate=0.3)
+    assert model.export_backbone() is model.teacher_backbone.vit
+    assert model.student_backbone.vit.blocks[-1].drop_path1.drop_prob > 0.0
+    assert model.teacher_backbone.vit.blocks[-1].drop_path1.drop_prob == 0.0  # no drop path on the teacher
+    with torch.no_grad():
+        for p in model.student_backbone.parameters():
+            p.add_(1.0)
+    before = model.teacher_backbone.vit.pos_embed.clone()
+    model.update_momentum(0)  # m = 0.99
+    assert torch.allclose(model.teacher_backbone.vit.pos_embed, before + 0.01, atol=1e-6)
+
+
+def test_a_batch_without_any_masked_crop_gives_no_ibot_term_and_keeps_the_centre():
+    model = tiny_dinov2()
+    centre = model.ibot_loss.center.value.clone()
+    masks = torch.zeros(4, 2, 4, 4, dtype=torch.bool)
+    out = model([torch.randn(4, 1, 28, 28)] * 2 + [masks], step=0)
+    assert float(out["ibot_loss"]) == 0.0 and math.isfinite(float(out["loss"].detach()))
+    assert torch.equal(model.ibot_loss.center.value, centre)
+    out["loss"].backward()  # still one graph
