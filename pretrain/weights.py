@@ -209,12 +209,12 @@ class InitReport:
                 "adapted": list(self.adapted), "dropped": list(self.dropped)}  # fmt: skip
 
 
-def resolve_source(source: str) -> Path:
+def resolve_source(source: str, key: str = "model.init") -> Path:
     """A path, or ``hf-hub:ORG/NAME[@REVISION]`` resolved to its snapshot in the local Hugging Face cache."""
     if not source.startswith(HF_PREFIX):
         path = Path(source).expanduser()
         if not path.exists():
-            raise LoadError(f"model.init: {path} does not exist")
+            raise LoadError(f"{key}: {path} does not exist")
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -224,7 +224,7 @@ def resolve_source(source: str) -> Path:
         return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as err:
         raise LoadError(
-            f"model.init: {source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}; set HF_HOME or "
+            f"{key}: {source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}; set HF_HOME or "
             f"HF_HUB_CACHE to another cache). medfm never downloads: fetch it on a machine with internet "
             f"(`huggingface-cli download {repo}`) and copy the cache, or pass the snapshot folder. ({err})"
         ) from None
@@ -239,9 +239,10 @@ def init_weights_path(source: str) -> Path:
     return weights_in(folder) if (folder / CONFIG_NAME).is_file() else path
 
 
-def read_init(source: str, architecture: str) -> Release:
-    """The weights a warm start names (see the module docstring); ``architecture`` describes a bare weights file."""
-    path = resolve_source(source)
+def read_init(source: str, architecture: str, key: str = "model.init") -> Release:
+    """The weights a warm start names (see the module docstring); ``architecture`` describes a bare weights file;
+    ``key``: the config key that named them (for messages)."""
+    path = resolve_source(source, key)
     if path.is_dir():
         for folder in (path, path / "release"):  # a release / hub folder, or a run directory's release
             if (folder / CONFIG_NAME).is_file():
@@ -249,13 +250,13 @@ def read_init(source: str, architecture: str) -> Release:
                 if "architecture" not in config:
                     kind = config.get("model_type", "unknown")
                     raise LoadError(
-                        f"model.init: {folder / CONFIG_NAME} is a transformers-format config (model_type {kind!r}), "
+                        f"{key}: {folder / CONFIG_NAME} is a transformers-format config (model_type {kind!r}), "
                         "not a timm one: use the timm snapshot of the model (e.g. hf-hub:timm/"
                         "vit_base_patch14_dinov2.lvd142m) or its original checkpoint file"
                     )
                 return release_from_config_json(folder / CONFIG_NAME, weights_in(folder))
         raise LoadError(
-            f"model.init: {path} has no {CONFIG_NAME} (a release, a timm hub snapshot, or a run directory with "
+            f"{key}: {path} has no {CONFIG_NAME} (a release, a timm hub snapshot, or a run directory with "
             "release/; for a run still training, `medfm export` it first)"
         )
     return Release(architecture=architecture, model_args={}, state_dict=read_weights(path), pretrained_cfg={},
@@ -281,6 +282,7 @@ def fit_state_dict(
     pretraining_only = (*_PRETRAINING_ONLY, *(f"{h}." for h in heads)) if foreign else ()
     drop = [k for k in state if k not in expected and k.startswith(pretraining_only)] if foreign else []
     state = {k: v for k, v in state.items() if k not in drop}
+    drop += [k for k in original if k not in state and k.startswith(_PRETRAINING_ONLY)]  # removed by timm's filter
     pos = state.get("pos_embed")
     target = getattr(model, "pos_embed", None)
     if (
@@ -299,7 +301,7 @@ def fit_state_dict(
         if weight.shape[1] != channels and weight.shape[0] == expected[key].shape[0]:
             state[key] = adapt_first_conv(weight, channels)
     adapted = [k for k in state if k in original and state[k].shape != original[k].shape]
-    return state, tuple(sorted(adapted)), tuple(sorted(drop))
+    return state, tuple(sorted(adapted)), tuple(sorted(set(drop)))
 
 
 def adapt_first_conv(weight: Tensor, channels: int) -> Tensor:

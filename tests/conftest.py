@@ -3,6 +3,7 @@ pretraining overrides, one torch thread per test, and accelerate's process-wide 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -46,10 +47,33 @@ TINY_HEADS = {
     "dinov2": {"dinov2.head_hidden_dim": 64, "dinov2.head_bottleneck_dim": 32, "dinov2.head_output_dim": 128,
                "dinov2.num_local_crops": 2, "dinov2.local_crop_size": 14, "dinov2.freeze_last_layer_epochs": 0,
                "dinov2.warmup_teacher_temp_epochs": 0},
+    "distill": {"distill.teacher_img_size": 32},  # + distill.teacher: tiny_teacher()
     "mae": {"mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2},
     "moco": {"moco.hidden_dim": 64, "moco.output_dim": 32},
     "simclr": {"simclr.hidden_dim": 64, "simclr.output_dim": 32},
 }  # fmt: skip
+
+
+@functools.cache
+def tiny_teacher() -> Path:
+    """A general-purpose model to distil, as a timm hub snapshot folder (written once per test session): a seeded
+    RGB ViT-Tiny with one block at 224 px, patch 16, ImageNet normalisation."""
+    import json
+    import tempfile
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
+    folder = Path(tempfile.mkdtemp(prefix="medfm-teacher-"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"depth": 1},
+              "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                                 "std": [0.229, 0.224, 0.225], "first_conv": "patch_embed.proj"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def tiny_overrides(
@@ -75,6 +99,7 @@ def tiny_overrides(
         "logging.tensorboard": False,
         "logging.progress_bar": False,
         **TINY_HEADS[method],
+        **({"distill.teacher": str(tiny_teacher())} if method == "distill" else {}),
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]

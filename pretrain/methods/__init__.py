@@ -3,10 +3,18 @@
 from pretrain.methods.base import SSLMethod
 from pretrain.methods.dino import DINO
 from pretrain.methods.dinov2 import DINOv2
+from pretrain.methods.distill import Distill
 from pretrain.methods.mae import MAE
 from pretrain.methods.moco import MoCo
 from pretrain.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "dino": DINO, "simclr": SimCLR, "moco": MoCo, "dinov2": DINOv2}
+METHODS: dict[str, type[SSLMethod]] = {
+    "mae": MAE,
+    "dino": DINO,
+    "simclr": SimCLR,
+    "moco": MoCo,
+    "dinov2": DINOv2,
+    "distill": Distill,
+}
 
 __all__ = ["DINO", "MAE", "METHODS", "DINOv2", "MoCo", "SSLMethod", "SimCLR"]

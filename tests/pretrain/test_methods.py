@@ -16,6 +16,7 @@ from torch import nn
 from data_shards.specs import MedMNISTDataset
 from pretrain.backbones import build_backbone, pooled_features
 from pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
+from pretrain.methods.distill import Distill
 from pretrain.methods.moco import MoCoV3Loss
 
 
@@ -31,9 +32,23 @@ def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn
         return DINO(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
     if method == "dinov2":
         return DINOv2(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
+    if method == "distill":
+        return Distill(backbone, FixedTeacher(), 16)
     if method == "simclr":
         return SimCLR(backbone, hidden_dim=64, output_dim=32)
     return MoCo(backbone, [0.99] * steps, hidden_dim=64, output_dim=32)
+
+
+class FixedTeacher:
+    """A frozen random conv net standing in for a general model: pooled (B, 16) and patch (B, 16, 4, 4) features."""
+
+    def __init__(self):
+        torch.manual_seed(123)
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 7, stride=7), nn.GELU()).requires_grad_(False)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = self.net(images)
+        return patches.mean(dim=(2, 3)), patches
 
 
 def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
@@ -41,8 +56,8 @@ def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
     return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method in ("dino", "dinov2") else [])
 
 
-def test_registry_is_the_five_methods():
-    assert set(METHODS) == {"mae", "dino", "simclr", "moco", "dinov2"}
+def test_registry_is_the_six_methods():
+    assert set(METHODS) == {"mae", "dino", "simclr", "moco", "dinov2", "distill"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -108,3 +108,43 @@ def test_medfm_pretrain_from_a_warm_start_records_it_and_resumes_without_it(sour
     init.unlink()  # a resumed run reads its checkpoint, not the warm-start source
     assert pretrain(None, tiny("dino", run, **{"model.init": str(init), "schedule.epochs": 1.5})) == 0
     assert ckpt.load_checkpoint(run / "last.pt")["config"]["derived"]["init_sha256"] == sha
+
+
+def test_an_original_mae_checkpoint_loads_without_its_decoder(source, tmp_path):
+    """facebookresearch/mae checkpoints: ``{"model": {encoder keys, decoder_*, mask_token}}``."""
+    from safetensors.torch import load_file
+
+    encoder = load_file(str(source))
+    mae = {**encoder, "mask_token": torch.zeros(1, 1, 512), "decoder_embed.weight": torch.zeros(512, 192),
+           "decoder_pred.weight": torch.zeros(768, 512)}  # fmt: skip
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": mae, "epoch": 799}, path)
+    vit = timm.create_model(ARCH, pretrained=False, num_classes=0, depth=2, in_chans=1, img_size=28, patch_size=7)
+    report = load_init(vit, str(path), ARCH)
+    assert report.dropped == ("decoder_embed.weight", "decoder_pred.weight", "mask_token")
+    with torch.no_grad():
+        images = torch.rand(2, 1, 28, 28)
+        assert torch.allclose(vit.forward_features(images), timm_reference(source).forward_features(images), atol=1e-5)
+
+
+def test_an_original_dinov2_checkpoint_with_registers_maps_through_timms_filter(tmp_path):
+    """facebookresearch/dinov2 names: ``register_tokens``, a ``mask_token``, position embeddings that include the
+    class token; timm's ``vit_small_patch14_reg4_dinov2`` keeps registers apart (its checkpoint filter converts)."""
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2,
+                                   img_size=56)  # fmt: skip
+    state = timm_model.state_dict()
+    original = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    cls_pos = torch.randn(1, 1, 384) * 0.02
+    original.update({
+        "register_tokens": state["reg_token"],
+        "cls_token": state["cls_token"] - cls_pos,  # the original adds its class position to the class token
+        "pos_embed": torch.cat([cls_pos, state["pos_embed"]], dim=1),
+        "mask_token": torch.zeros(1, 384),
+    })  # fmt: skip
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(original, path)
+    fresh = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2, img_size=56)
+    load_init(fresh, str(path), "vit_small_patch14_reg4_dinov2")
+    for key, value in state.items():
+        assert torch.allclose(fresh.state_dict()[key], value, atol=1e-6), key

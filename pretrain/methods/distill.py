@@ -1,0 +1,200 @@
+"""Distillation of a frozen, large general model into a deployable backbone on unlabeled in-domain images
+(LightlyTrain's default ``distillation`` method; cf. Hinton et al. 2015, and feature distillation as in
+"Knowledge distillation: A good teacher is patient and consistent", Beyer et al. 2022).
+
+The teacher (``distill.teacher``: anything ``model.init`` takes, e.g. a DINOv2 ViT-B/14 hub snapshot or a medfm
+release) runs frozen, in eval mode, without gradients, at its own input size and normalisation (under bf16
+autocast on GPUs, as the engine's forward). The student, any timm architecture (ViT, ResNet, ConvNeXt), is trained
+to match the teacher's pooled features and its patch features through a small projection: a linear map of the
+student's pooled features and a 1 x 1 convolution of its feature map, resized to the teacher's patch grid
+(bilinear). Loss: per vector, ``1 - cosine`` (``loss: cosine``) or the MSE of layer-normalised features
+(``loss: mse``); pooled and patch terms weighted by ``pooled_weight`` / ``patch_weight``.
+
+The teacher is held outside the module tree: it is neither trained, checkpointed, synchronised nor sharded, and it
+is read from ``distill.teacher`` at the first forward (exporting a run never needs it). Released: the student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pretrain.backbones import build_backbone
+from pretrain.errors import ConfigError
+from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
+from pretrain.transforms import MultiView
+from pretrain.weights import CONFIG_NAME, check_keys, fit_state_dict, read_config, read_init, resolve_source
+
+LOSSES = ("cosine", "mse")
+
+
+@dataclass
+class DistillConfig:
+    """The ``distill:`` config section."""
+
+    teacher: str | None = None  # required: anything model.init takes (hub snapshot, hf-hub:ORG/NAME, release, file)
+    teacher_architecture: str | None = None  # timm name, only for a bare teacher weights file
+    teacher_img_size: int | None = None  # the teacher's input side (None: data.img_size)
+    teacher_dim: int | None = None  # the teacher's feature width; None: read from it (then recorded in the run)
+    loss: str = "cosine"  # cosine | mse
+    pooled_weight: float = 1.0
+    patch_weight: float = 1.0
+
+
+def feature_map(backbone: nn.Module, features: Tensor) -> Tensor:
+    """timm ``forward_features`` output -> (B, C, h, w): a ViT's patch tokens on their grid, a CNN's map as is."""
+    if features.ndim == 4:
+        return features
+    tokens = features[:, getattr(backbone, "num_prefix_tokens", 0) :]
+    height, width = _grid(backbone, tokens)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+def _grid(backbone: nn.Module, tokens: Tensor) -> tuple[int, int]:
+    grid = tuple(backbone.patch_embed.grid_size)
+    if grid[0] * grid[1] == tokens.shape[1]:
+        return grid
+    side = int(tokens.shape[1] ** 0.5)  # another input size (dynamic_img_size): square inputs
+    return side, side
+
+
+class FrozenTeacher:
+    """The teacher: a timm backbone loaded strictly from ``source`` on first use, frozen, in eval mode."""
+
+    def __init__(self, source: str, architecture: str | None, img_size: int, in_chans: int, student_mean, student_std):
+        self.source, self.architecture, self.img_size, self.in_chans = source, architecture, img_size, in_chans
+        self.student_norm = (student_mean, student_std)
+        self.model: nn.Module | None = None
+
+    def _load(self, device: torch.device) -> None:
+        spec = TeacherSpec.of_source(self.source, self.architecture)
+        weights = read_init(self.source, spec.architecture, "distill.teacher")
+        model = spec.build(self.img_size, self.in_chans)
+        state, _, _ = fit_state_dict(weights.state_dict, model, weights.pretrained_cfg.get("first_conv"))
+        check_keys(model.state_dict(), state, weights.source, model=f"the teacher {spec.architecture}")
+        model.load_state_dict(state, strict=True)
+        mean, std = list(weights.pretrained_cfg.get("mean", [0.5])), list(weights.pretrained_cfg.get("std", [0.5]))
+        if len(mean) != self.in_chans:  # an RGB teacher on gray images: the channel mean
+            mean, std = [sum(mean) / len(mean)] * self.in_chans, [sum(std) / len(std)] * self.in_chans
+        as_map = lambda values: torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        self.mean, self.std = as_map(mean), as_map(std)
+        self.student_mean, self.student_std = (as_map(v) for v in self.student_norm)
+        self.model = model.eval().requires_grad_(False).to(device)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Student-normalised images (B, C, H, W) -> teacher pooled (B, D) and patch features (B, D, h, w)."""
+        if self.model is None:
+            self._load(images.device)
+        pixels = images * self.student_std + self.student_mean  # back to [0, 1], then the teacher's normalisation
+        if pixels.shape[-2:] != (self.img_size, self.img_size):
+            pixels = F.interpolate(pixels, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+        features = self.model.forward_features((pixels - self.mean) / self.std)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        return pooled.float(), feature_map(self.model, features).float()
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher's timm architecture and shape arguments, read from its ``config.json`` (nothing loaded)."""
+
+    architecture: str
+    model_args: dict[str, Any]
+
+    @classmethod
+    def of(cls, section: DictConfig) -> TeacherSpec:
+        return cls.of_source(section.teacher, section.teacher_architecture)
+
+    @classmethod
+    def of_source(cls, source: str, architecture: str | None) -> TeacherSpec:
+        path = resolve_source(source, "distill.teacher")
+        for folder in (path, path / "release"):
+            if path.is_dir() and (folder / CONFIG_NAME).is_file():
+                config = read_config(folder / CONFIG_NAME)
+                return cls(config["architecture"], dict(config.get("model_args", {})))
+        if architecture is None:
+            raise ConfigError(
+                f"config key 'distill.teacher_architecture': the teacher {source} has no {CONFIG_NAME}; "
+                "name its timm architecture"
+            )
+        return cls(architecture, {})
+
+    def build(self, img_size: int, in_chans: int) -> nn.Module:
+        args = {k: v for k, v in self.model_args.items() if k not in ("img_size", "in_chans")}
+        return build_backbone(self.architecture, img_size, in_chans, **args)
+
+
+class Distill(SSLMethod):
+    """Feature distillation of a frozen teacher into ``student`` (see the module docstring).
+
+    Args:
+        student: any timm backbone without classifier.
+        teacher: a ``FrozenTeacher`` (or any callable images -> (pooled (B, D), patches (B, D, h, w))).
+        teacher_dim: D.
+        loss: ``cosine`` or ``mse``; pooled_weight / patch_weight: the two terms' weights.
+    """
+
+    Config = DistillConfig
+    description = "feature distillation of a frozen general-purpose teacher (pooled and patch features)"
+
+    @staticmethod
+    def check_config(section, need) -> None:
+        need(section.loss in LOSSES, "loss", f"must be one of {LOSSES}")
+        need(section.pooled_weight >= 0 and section.patch_weight >= 0, "pooled_weight", "weights must be >= 0")
+
+    def __init__(self, student: nn.Module, teacher: Any, teacher_dim: int, loss: str = "cosine",
+                 pooled_weight: float = 1.0, patch_weight: float = 1.0):  # fmt: skip
+        super().__init__()
+        self.student = student
+        self.__dict__["teacher"] = teacher  # outside the module tree: not trained, saved, synchronised or sharded
+        self.pooled_projection = nn.Linear(student.num_features, teacher_dim)
+        self.patch_projection = nn.Conv2d(student.num_features, teacher_dim, kernel_size=1)
+        self.loss, self.pooled_weight, self.patch_weight = loss, pooled_weight, patch_weight
+
+    def distance(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """(N, D) x (N, D) -> scalar: mean ``1 - cosine`` or MSE of layer-normalised vectors."""
+        if self.loss == "cosine":
+            return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+        return F.mse_loss(F.layer_norm(student, student.shape[-1:]), F.layer_norm(teacher, teacher.shape[-1:]))
+
+    def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
+        """views: one (B, C, H, W) batch -> loss; embeddings: the student's pooled features (B, D_student)."""
+        images = views[0]
+        target_pooled, target_patches = self.teacher(images)
+        features = self.student.forward_features(images)
+        pooled = self.student.forward_head(features, pre_logits=True)
+        patches = self.patch_projection(feature_map(self.student, features))
+        patches = F.interpolate(patches, size=target_patches.shape[-2:], mode="bilinear", align_corners=False)
+        pooled_loss = self.distance(self.pooled_projection(pooled).float(), target_pooled)
+        patch_loss = self.distance(
+            patches.flatten(2).transpose(1, 2).float(), target_patches.flatten(2).transpose(1, 2)
+        )
+        loss = self.pooled_weight * pooled_loss + self.patch_weight * patch_loss
+        return {"loss": loss, "pooled_loss": pooled_loss.detach(), "patch_loss": patch_loss.detach(),
+                "embeddings": pooled.detach()}  # fmt: skip
+
+    def export_backbone(self) -> nn.Module:
+        return self.student
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Distill:
+        d = cfg.distill
+        if d.teacher is None:
+            raise ConfigError("config key 'distill.teacher' is required with method=distill (the model to distil)")
+        size = d.teacher_img_size or cfg.data.img_size
+        if d.teacher_dim is None:
+            with torch.device("meta"):  # the teacher's width only: nothing read or allocated
+                # Recorded in the run's config: rebuilding the student (export, resume) never needs the teacher.
+                d.teacher_dim = int(TeacherSpec.of(d).build(size, cfg.data.in_chans).num_features)
+        teacher = FrozenTeacher(d.teacher, d.teacher_architecture, size, cfg.data.in_chans, list(cfg.augment.mean),
+                                list(cfg.augment.std))  # fmt: skip
+        return cls(backbone_from_config(cfg), teacher, d.teacher_dim, d.loss, d.pooled_weight, d.patch_weight)
+
+    @staticmethod
+    def build_transform(cfg: DictConfig) -> MultiView:
+        return MultiView([augment_from_config(cfg)])
