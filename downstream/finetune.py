@@ -280,9 +280,11 @@ def train_loop(
     there. Returns the best state (by ``metric`` on val), its step, its val metrics and the evaluations."""
     accelerator, model = opt.accelerator, opt.model
     step, best, total = 0, Best(), len(schedule)
-    latest = store.latest() if store is not None else None
-    if latest is not None:
-        meta = store.load(latest)
+    found = store.load_latest() if store is not None else None
+    if found is not None:
+        latest, meta, notes = found
+        for note in notes:
+            accelerator.print(f"warning: {note}")
         step, best = meta["step"], Best.from_meta(meta)
         if len(meta["rng"]) == accelerator.num_processes:
             restore_rng(meta["rng"][accelerator.process_index])

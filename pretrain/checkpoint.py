@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,23 +110,26 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_link(source: Path, target: Path) -> None:
+def _atomic_copy(source: Path, target: Path) -> None:
+    """A second, independent copy (not a hard link): one damaged file never takes the only copy of a step."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:  # filesystems without hard links
         shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
-    """Write ``step-XXXXXXX.pt`` and point ``last.pt`` at it; then delete all but the ``keep`` newest."""
+    """Write ``last.pt``, then an independent copy as ``step-XXXXXXX.pt`` (once a step file exists, so does the
+    newest ``last.pt``); then delete all but the ``keep`` newest step files."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = step_path(run_dir, state["step"])
-    atomic_save({**state, "version": VERSION}, path)
-    _atomic_link(path, run_dir / LAST)
+    atomic_save({**state, "version": VERSION}, run_dir / LAST)
+    _atomic_copy(run_dir / LAST, path)
     prune_steps(run_dir, keep)
     return path
 
@@ -137,11 +142,44 @@ def prune_steps(run_dir: Path, keep: int) -> None:
 
 def find_resume(run_dir: str | Path) -> Path | None:
     """``last.pt`` if present, else the newest ``step-*.pt``, else None."""
+    candidates = resume_candidates(run_dir)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a run could resume from, best first: ``last.pt``, then the step files, newest first."""
     run_dir = Path(run_dir)
-    if (run_dir / LAST).is_file():
-        return run_dir / LAST
-    steps = sorted(run_dir.glob("step-*.pt"))
-    return steps[-1] if steps else None
+    last = [run_dir / LAST] if (run_dir / LAST).is_file() else []
+    return last + sorted(run_dir.glob("step-*.pt"), reverse=True)
+
+
+# What a torn, truncated or emptied file raises from torch.load (a refused pickle is not one of them).
+_UNREADABLE = (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError)
+
+
+def load_newest_readable(run_dir: str | Path) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """The newest checkpoint that reads back whole: ``(path, state, warnings)``, each unreadable newer file named
+    in a warning; None when there is no checkpoint. A file that needs pickle is refused (``ConfigError``), not
+    skipped: it is not damage, and an older file would silently take its place."""
+    notes = []
+    for path in resume_candidates(run_dir):
+        try:
+            return path, load_checkpoint(path), notes
+        except pickle.UnpicklingError as err:
+            if "Unsupported global" not in str(err):  # garbage bytes read as a legacy pickle: damage, not code
+                notes.append(f"{path} is unreadable (not a checkpoint); trying an older checkpoint")
+                continue
+            reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or ["?"])[0]
+            raise ConfigError(
+                f"config key 'train.run_dir': {path} holds pickled objects other than tensors and plain values "
+                f"({reason}); medfm resumes with weights_only=True only. Move the file away or use another run_dir"
+            ) from None
+        except _UNREADABLE as err:
+            first_line = (str(err).splitlines() or ["empty or truncated"])[0][:120]
+            notes.append(f"{path} is unreadable ({type(err).__name__}: {first_line}); trying an older checkpoint")
+    if notes:
+        raise ValueError(f"{run_dir}: no readable checkpoint: " + "; ".join(notes))
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -300,6 +338,15 @@ class TorchStore:
     def latest(self) -> Path | None:
         return find_resume(self.run_dir)
 
+    def load_latest(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+        """Load the newest readable checkpoint (older ones when newer files are damaged, with warnings): ``(path,
+        meta, warnings)``, or None when there is none. Every process reads the same files."""
+        found = load_newest_readable(self.run_dir)
+        if found is None:
+            return None
+        path, state, notes = found
+        return path, self._restore(state), notes
+
     def save(self, step: int, meta: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             state = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
@@ -308,7 +355,9 @@ class TorchStore:
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> dict[str, Any]:
-        state = load_checkpoint(path)
+        return self._restore(load_checkpoint(path))
+
+    def _restore(self, state: dict[str, Any]) -> dict[str, Any]:
         # strict: a different architecture fails here, by key; every process loads the same weights
         self.accelerator.unwrap_model(self.model).load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))  # after prepare: moments on the parameters' device
@@ -329,6 +378,10 @@ class DeepSpeedStore:
 
     def latest(self) -> Path | None:
         return find_deepspeed_resume(self.run_dir)
+
+    def load_latest(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+        path = self.latest()  # complete directories only: a crash mid-save leaves a .tmp folder, never a step-*
+        return None if path is None else (path, self.load(path), [])
 
     def save(self, step: int, meta: dict[str, Any]) -> None:
         method = self.method()

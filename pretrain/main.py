@@ -79,7 +79,7 @@ def run_pretraining(cfg: DictConfig) -> int:
         if resumed_from is not None:
             monitor.message(f"resumed from {resumed_from} at step {start_step}", event="resume", step=start_step)
         for note in notes:
-            monitor.message(f"warning: {note}")
+            monitor.message(f"warning: {note}", event="warning", message=note)
         with StopRequest() as stop, dist.as_collective_failure(cfg):
             step = train(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
                          schedules=Schedules.from_config(cfg), monitor=monitor, save=saver(cfg, store),
@@ -161,13 +161,13 @@ def resume(
 
     Returns (start step, checkpoint path or None, warnings about config changes)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    path = store.latest()
-    if path is None:
+    found = store.load_latest()  # the newest readable checkpoint; damaged newer files are named in the notes
+    if found is None:
         seed_process(cfg.train.seed, rank, 0)
         return 0, None, []
-    meta = store.load(path)
+    path, meta, notes = found
     cfg.derived.init_sha256 = meta["config"]["derived"].get("init_sha256")  # recorded when the run started
-    notes = ckpt.config_changes(meta["config"], to_dict(cfg))
+    notes = [*notes, *ckpt.config_changes(meta["config"], to_dict(cfg))]
     if len(meta["rng"]) == world:
         ckpt.restore_rng(meta["rng"][rank])
     else:

@@ -78,3 +78,40 @@ def test_rng_round_trip_through_a_weights_only_file(tmp_path):
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert random.random() == expected[0] and np.random.rand() == expected[1]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_last_is_an_independent_copy_not_a_link(tmp_path):
+    ckpt.save_checkpoint(tmp_path, state(1), keep=2)
+    last, step = tmp_path / "last.pt", tmp_path / "step-0000001.pt"
+    assert last.stat().st_ino != step.stat().st_ino and last.read_bytes() == step.read_bytes()
+    step.write_bytes(b"")  # damage one: the other still holds step 1
+    assert ckpt.load_checkpoint(last)["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, damage):
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, state(step), keep=2)
+    for name in ("last.pt", "step-0000002.pt"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[: 100 if damage == "truncated" else 0])
+    path, loaded, notes = ckpt.load_newest_readable(tmp_path)
+    assert path == tmp_path / "step-0000001.pt" and loaded["step"] == 1
+    assert len(notes) == 2 and "last.pt is unreadable" in notes[0] and "step-0000002.pt is unreadable" in notes[1]
+
+
+def test_no_readable_checkpoint_at_all_is_an_error_naming_the_files(tmp_path):
+    ckpt.save_checkpoint(tmp_path, state(1), keep=1)
+    for path in tmp_path.glob("*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"no readable checkpoint: .*last\.pt is unreadable"):
+        ckpt.load_newest_readable(tmp_path)
+
+
+def test_a_checkpoint_that_needs_pickle_is_refused_not_skipped(tmp_path):
+    from pretrain.errors import ConfigError
+
+    ckpt.save_checkpoint(tmp_path, state(1), keep=2)
+    torch.save({**state(2), "version": ckpt.VERSION, "payload": object()}, tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match=r"train\.run_dir.*last\.pt holds pickled objects"):
+        ckpt.load_newest_readable(tmp_path)

@@ -124,9 +124,7 @@ def zero_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("method", "stage"), [("dino", 1), ("dino", 2), ("dino", 3), ("moco", 3), ("dinov2", 3)]
-)
+@pytest.mark.parametrize(("method", "stage"), [("dino", 1), ("dino", 2), ("dino", 3), ("moco", 3), ("dinov2", 3)])
 def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
     run_dir = tmp_path / "run"
     extra = {"train.batch_size": 8, "train.precision": "bf16", "dist.backend": "deepspeed",

@@ -174,3 +174,15 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     assert all(
         abs(r["loss"] - losses[r["step"]]) < 1e-5 for r in records(killed) if "loss" in r and r["step"] > killed_at
     )
+
+
+def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_older_one(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert pretrain(None, tiny("simclr", run)) == 0  # checkpoints at steps 4 and 8
+    for name in ("last.pt", "step-0000008.pt"):
+        (run / name).write_bytes((run / name).read_bytes()[:1000])  # torn by a crash or a full disk
+    assert pretrain(None, tiny("simclr", run, **{"schedule.epochs": 1.5})) == 0
+    events = records(run)
+    assert any("step-0000008.pt is unreadable" in r.get("message", "") for r in events)
+    assert [r["step"] for r in events if r.get("event") == "resume"] == [4]
+    assert ckpt.load_checkpoint(run / "last.pt")["step"] == 12
