@@ -106,7 +106,13 @@ def run_pretraining(cfg: DictConfig) -> int:
 def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMethod, Callable | None]:
     """Derived values, data loader, model (same initial weights on every process), optional kNN monitor."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    derive(cfg, world, dataset_size(cfg.data.spec, cfg.data.split, world))
+    try:
+        size = dataset_size(cfg.data.spec, cfg.data.split, world)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # a missing folder, an unfinished shard set, an empty source
+        raise ConfigError(f"config key 'data.spec': {err}") from None
+    derive(cfg, world, size)
     method_cls = METHODS[cfg.method]
     loader = build_loader(
         cfg.data.spec,

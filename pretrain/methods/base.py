@@ -103,14 +103,28 @@ def deterministic_copy(module: nn.Module) -> nn.Module:
 def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.Module:
     """The run's timm backbone, warm-started from ``model.init`` when set (every key loaded, or a LoadError);
     teachers and momentum encoders copied from it start from the same weights."""
-    backbone = build_backbone(
-        cfg.model.backbone,
-        cfg.data.img_size,
-        cfg.data.in_chans,
-        dynamic_img_size=dynamic_img_size,
-        drop_path_rate=cfg.model.drop_path_rate,
-        **cfg.model.backbone_kwargs,
-    )
+    try:
+        backbone = build_backbone(
+            cfg.model.backbone,
+            cfg.data.img_size,
+            cfg.data.in_chans,
+            dynamic_img_size=dynamic_img_size,
+            drop_path_rate=cfg.model.drop_path_rate,
+            **cfg.model.backbone_kwargs,
+        )
+    except TypeError as err:  # timm passes unknown kwargs to the model's constructor
+        raise ConfigError(
+            f"config key 'model.backbone_kwargs': {cfg.model.backbone} does not take them ({err})"
+        ) from None
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.backbone': {err}") from None
+    if is_vit(backbone):
+        patch = backbone.patch_embed.patch_size
+        if cfg.data.img_size % patch[0] or cfg.data.img_size % patch[1]:
+            raise ConfigError(
+                f"config key 'data.img_size': {cfg.data.img_size} is not a multiple of the patch size {patch[0]} "
+                f"of {cfg.model.backbone}"
+            )
     if cfg.model.init is not None:
         load_init(backbone, cfg.model.init, cfg.model.backbone)
     return backbone

@@ -73,6 +73,22 @@ def test_config_error_exits_before_training(tiny, tmp_path, capsys):
     assert not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.img_size=30", "'data.img_size': 30 is not a multiple of the patch size 7"),
+        ("data.spec=imagefolder:{tmp}/no_such_folder", "'data.spec': dataset spec 'imagefolder:"),
+        ("data.spec=shards:{tmp}/empty", "'data.spec': "),
+        ("model.backbone_kwargs.no_such_kwarg=1", "'model.backbone_kwargs': vit_tiny_patch16_224 does not take them"),
+    ],
+)
+def test_bad_data_or_backbone_settings_exit_2_naming_the_key(override, key, tiny, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert pretrain(None, [*tiny("simclr", tmp_path / "run"), override.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config key {key}" in err and "Traceback" not in err
+
+
 class NaNAt(SimCLR):
     """SimCLR whose loss is NaN at the steps in ``bad``; records the weights each step starts from."""
 
