@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,3 +124,12 @@ def match_channels(image: torch.Tensor, channels: int | None) -> torch.Tensor:
     if image.shape[0] == 1:
         return image.expand(channels, -1, -1).contiguous()
     raise ValueError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (shard files, warm-start weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_shards.codec import CODECS, content_hash, encode_pixels, hamming, perceptual_hash
+from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from data_shards.discover import Plan
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput
@@ -114,14 +114,6 @@ def read_unit(index: int, unit: InputUnit, config: ShardConfig, skip_records: in
 
 def hash_path(path: str, salt: str) -> str:
     return "sha256:" + hashlib.sha256((salt + path).encode()).hexdigest()[:24]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -249,7 +241,7 @@ class ShardWriter:
             "name": name,
             "count": len(self._shard_hashes),
             "bytes": tmp.stat().st_size,
-            "sha256": _file_sha256(tmp),
+            "sha256": file_sha256(tmp),
         }
         os.replace(tmp, final)
         state = self.state

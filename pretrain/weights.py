@@ -17,7 +17,6 @@ first convolution to the run's channels (timm's ``adapt_input_conv``: RGB -> gra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import sys
@@ -33,6 +32,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
+from data_shards.codec import file_sha256
 from pretrain.errors import ReleaseError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -311,14 +311,6 @@ def adapt_first_conv(weight: Tensor, channels: int) -> Tensor:
     if weight.shape[1] == 3:
         return adapt_input_conv(channels, weight)
     return (weight.sum(dim=1, keepdim=True) / channels).repeat(1, channels, 1, 1)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_init(model: nn.Module, source: str, architecture: str) -> InitReport:

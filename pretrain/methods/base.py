@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pretrain.backbones import build_backbone, is_vit
 from pretrain.errors import ConfigError
+from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MedicalAugment, MultiView, augment_from_section, multi_crop
 from pretrain.weights import load_init
 
@@ -177,3 +178,17 @@ def check_local_crops(backbone: nn.Module, cfg: DictConfig, section: str) -> Non
             raise ConfigError(
                 f"config key '{section}.local_crop_size': {local.local_crop_size} is not a multiple of the patch size {patch}"
             )
+
+
+def teacher_schedules(cfg: DictConfig, section: str) -> dict[str, Any]:
+    """DINO-family schedules from ``cfg.<section>``, per optimizer step: the EMA momentum (cosine from
+    ``momentum_teacher`` to 1), the teacher temperature (linear warm-up from ``warmup_teacher_temp`` over
+    ``warmup_teacher_temp_epochs``) and the number of steps the heads' last layers stay frozen."""
+    d, total = cfg[section], cfg.derived.total_steps
+    return {
+        "momentum_schedule": cosine_schedule(d.momentum_teacher, 1.0, total),
+        "teacher_temp_schedule": linear_warmup_schedule(
+            d.warmup_teacher_temp, d.teacher_temp, total, epochs_to_steps(cfg, d.warmup_teacher_temp_epochs)
+        ),
+        "freeze_last_layer_steps": epochs_to_steps(cfg, d.freeze_last_layer_epochs),
+    }

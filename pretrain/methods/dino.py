@@ -30,8 +30,8 @@ from pretrain.methods.base import (
     check_local_crops,
     deterministic_copy,
     multi_crop_from_config,
+    teacher_schedules,
 )
-from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MultiView
 
 NUM_GLOBAL_CROPS = 2
@@ -146,16 +146,12 @@ class DINO(SSLMethod):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> DINO:
-        d, total = cfg.dino, cfg.derived.total_steps
+        d = cfg.dino
         backbone = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
         check_local_crops(backbone, cfg, "dino")
         return cls(
             backbone,
-            momentum_schedule=cosine_schedule(d.momentum_teacher, 1.0, total),
-            teacher_temp_schedule=linear_warmup_schedule(
-                d.warmup_teacher_temp, d.teacher_temp, total, epochs_to_steps(cfg, d.warmup_teacher_temp_epochs)
-            ),
-            freeze_last_layer_steps=epochs_to_steps(cfg, d.freeze_last_layer_epochs),
+            **teacher_schedules(cfg, "dino"),
             head_hidden_dim=d.head_hidden_dim,
             head_bottleneck_dim=d.head_bottleneck_dim,
             head_output_dim=d.head_output_dim,

@@ -40,8 +40,8 @@ from pretrain.methods.base import (
     check_local_crops,
     deterministic_copy,
     multi_crop_from_config,
+    teacher_schedules,
 )
-from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MultiView
 
 NUM_GLOBAL_CROPS = 2
@@ -261,18 +261,14 @@ class DINOv2(SSLMethod):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> DINOv2:
-        d, total = cfg.dinov2, cfg.derived.total_steps
+        d = cfg.dinov2
         vit = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
         if not is_vit(vit):
             raise ConfigError(f"config key 'model.backbone': DINOv2 masks patch tokens and needs a timm ViT, got {cfg.model.backbone!r}")  # fmt: skip
         check_local_crops(vit, cfg, "dinov2")
         return cls(
             vit,
-            momentum_schedule=cosine_schedule(d.momentum_teacher, 1.0, total),
-            teacher_temp_schedule=linear_warmup_schedule(
-                d.warmup_teacher_temp, d.teacher_temp, total, epochs_to_steps(cfg, d.warmup_teacher_temp_epochs)
-            ),
-            freeze_last_layer_steps=epochs_to_steps(cfg, d.freeze_last_layer_epochs),
+            **teacher_schedules(cfg, "dinov2"),
             head_hidden_dim=d.head_hidden_dim,
             head_bottleneck_dim=d.head_bottleneck_dim,
             head_output_dim=d.head_output_dim,
