@@ -10,9 +10,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # (module providing add_parser) in the order shown by --help.
 SUBCOMMAND_MODULES = ("data_shards.cli", "pretrain.cli", "downstream.cli", "pretrain.slurm")
+REPO = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,38 +25,77 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     add_demo_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: `medfm bench quality` (is the backbone worth it?)")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    quality = kinds.add_parser(
+        "quality",
+        help="pool unlabeled images, pretrain each recipe, evaluate every release on every labeled task",
+        description=(
+            "Shard the pool (train splits only), pretrain one backbone per recipe on it (labels never used), then "
+            "kNN, linear probe and a short fine-tune of each release and of random init on every labeled task, "
+            "with label fractions over seeds; writes OUT/results.md, results.json and plots/ next to published "
+            "numbers. Re-running the same command continues where it stopped."
+        ),
+    )
+    quality.add_argument("--config", default=str(REPO / "bench" / "quality.yaml"), help="benchmark YAML (default: bench/quality.yaml)")  # fmt: skip
+    quality.add_argument("--out", metavar="DIR", help="output folder (out_dir)")
+    quality.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. finetune.enabled=false")  # fmt: skip
+    quality.set_defaults(handler=run_bench_quality)
+
+
+def run_bench_quality(args: argparse.Namespace) -> int:
+    from pretrain.errors import run_command
+
+    failed: list[int] = []
+
+    def body() -> None:
+        from downstream.benchmark import BenchmarkError, load_quality_config, markdown, run_benchmark
+
+        overrides = ([f"out_dir={args.out}"] if args.out else []) + list(args.overrides)
+        cfg = load_quality_config(args.config, overrides)
+        try:
+            report = run_benchmark(cfg, main)
+        except BenchmarkError as error:
+            print(f"medfm bench quality: {error}; re-run the same command to continue", file=sys.stderr)
+            failed.append(error.exit_code)
+            return
+        print(markdown(report))
+        print(f"results: {cfg.out_dir}/results.md, results.json, plots/")
+
+    code = run_command("bench quality", body)
+    return failed[0] if failed else code
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the main job end to end on the real sample images shipped inside the pydicom/nibabel wheels",
+        help="the whole chain in minutes: shard, inspect, pretrain, evaluate against random init, release, report",
+        description=(
+            "shard -> inspect -> pretrain -> eval (kNN + linear probe, release vs random init) -> export -> "
+            "OUT/report/report.md. Pretrains on --data (default: real images shipped in the pydicom and nibabel "
+            "wheels) plus the labeled set's train images without labels; evaluates on --labeled SPEC or a labeled "
+            "set found in ../shared/data (or $MEDFM_SHARED_DATA). Under 10 minutes on 2 CPU cores."
+        ),
     )
     parser.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
+    parser.add_argument("--data", nargs="+", metavar="DIR_OR_SPEC", help="pretraining images (any medfm shard SOURCE; default: sample:)")  # fmt: skip
+    parser.add_argument("--labeled", metavar="SPEC", help="labeled dataset for the evaluation (medmnist:, imagefolder:, csv:)")  # fmt: skip
+    parser.add_argument("--no-pool-labeled", action="store_true", help="pretrain on --data only, not also on the labeled set's train images")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretraining config overrides (configs/pretrain/demo.yaml)")  # fmt: skip
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Shard the embedded sample images (CT, MR, JPEG 2000 CT, ultrasound, 3D/4D NIfTI), inspect them, pretrain
-    a tiny MAE on the shards (resuming if the run directory already has a checkpoint) and release its encoder."""
-    from pathlib import Path
+    from downstream.demo import plan_demo
+    from downstream.demo import run_demo as run_chain
 
-    out = Path(args.out)
-    shards, run = out / "shards", out / "pretrain"
-    recipe = Path(__file__).resolve().parent / "configs" / "pretrain" / "demo_mae_sample.yaml"
-    steps = [
-        ["shard", "sample:", "--out", str(shards), "--overwrite", "--dedup", "near"],
-        ["shard", "inspect", str(shards)],
-        ["pretrain", "--config", str(recipe), f"data.spec=shards:{shards}", f"train.run_dir={run}"],
-        ["export", str(run), "--out", str(out / "release"), "--overwrite"],
-    ]
-    for step in steps:
-        print(f"$ medfm {' '.join(step)}", flush=True)
-        code = main(step)
-        if code != 0:
-            return code
-    return 0
+    plan = plan_demo(args.out, args.data, args.labeled, not args.no_pool_labeled, args.overrides)
+    return run_chain(plan, main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,10 @@ real DICOM images with the same reader code (modality LUT, windowing, resize) an
 
     python bench/bench_data.py                     # uses ../shared/data
     python bench/bench_data.py --samples 4000 --json bench/results/data.json
+    python bench/bench_data.py --multicrop dino_vit_s16_224.yaml   # a recipe's own views from shards, per core
+
+``--multicrop RECIPE`` only measures the data path of a pretraining recipe of ``configs/pretrain/`` (DINO: 2 global
+224 px + N local 96 px crops with its augmentation) on shards of the embedded sample images stored at 256 px.
 """
 
 from __future__ import annotations
@@ -104,6 +108,27 @@ def dicom_rate(files: list[Path], size: int, max_side: int, samples: int) -> flo
     return rate(count, time.perf_counter() - start)
 
 
+def multicrop_rate(recipe: str, samples: int) -> dict:
+    """Images/s per core of a recipe's own transform (e.g. DINO multi-crop) on shards read from disk."""
+    from pretrain.config import load_config
+    from pretrain.methods import METHODS
+
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "configs" / "pretrain" / recipe, [f"data.spec=shards:{tempfile.gettempdir()}"])
+    transform = METHODS[cfg.method].build_transform(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "sample"
+        shard_rate(["sample:"], shards, 1, ["--max-side", "256", "--dedup", "none"])
+        stream = ShardStream(
+            shards, transform, samples_per_epoch=samples, shuffle_buffer=64, channels=cfg.data.in_chans
+        )
+        start = time.perf_counter()
+        views = [len(item["image"]) if isinstance(item["image"], (list, tuple)) else 1 for item in stream]
+    speed = rate(len(views), time.perf_counter() - start)
+    return {"recipe": recipe, "method": cfg.method, "img_size": cfg.data.img_size, "torch_threads": 1,
+            "views_per_image": max(views, default=0), "img_s_per_core": speed}  # fmt: skip
+
+
 def run(data: Path, samples: int, dicom_samples: int) -> dict:
     torch.set_num_threads(1)
     files = dicom_corpus(data)
@@ -147,10 +172,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3000, help="images read from shards per measurement")
     parser.add_argument("--dicom-samples", type=int, default=300, help="images read per file from DICOM")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--multicrop", metavar="RECIPE", help="only the data path of this configs/pretrain/ recipe")
     args = parser.parse_args()
-    if not args.data.is_dir():
+    if args.multicrop:
+        results = multicrop_rate(args.multicrop, args.samples)
+    elif not args.data.is_dir():
         raise SystemExit(f"real data folder {args.data} not found (pass --data)")
-    results = run(args.data, args.samples, args.dicom_samples)
+    else:
+        results = run(args.data, args.samples, args.dicom_samples)
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:<{width}}  {value:,.1f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

@@ -74,6 +74,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="store a salted hash of source paths (salt from $MEDFM_PATH_SALT) instead of the paths",
     )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=("train", "val", "test"),
+        metavar="SPLIT",
+        help="keep only these splits of sources that define splits (medmnist:, imagefolder:, csv:), e.g. "
+        "--splits train for a pretraining pool that never sees evaluation images; other inputs are kept",
+    )
     parser.add_argument("--per-modality", type=int, default=16, help="inspect: samples per modality grid")
     parser.set_defaults(handler=run)
 
@@ -121,8 +129,10 @@ def shard_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 2
+    left_out = plan.keep_splits(tuple(args.splits)) if args.splits else 0
     print(
-        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing",
+        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
+        + (f", {left_out} inputs of splits other than {'/'.join(args.splits)} left out" if args.splits else ""),
         file=sys.stderr,
     )
     command = "medfm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))

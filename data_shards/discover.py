@@ -30,6 +30,17 @@ class Plan:
         self.units.extend(units)
         self.origins.extend([origin] * len(units))
 
+    def keep_splits(self, splits: tuple[str, ...]) -> int:
+        """Drop units of a split not in ``splits`` (units without a split are kept); returns how many went.
+
+        How a pretraining pool is built from labeled sources without their val / test images leaking into it.
+        """
+        kept = [i for i, unit in enumerate(self.units) if getattr(unit, "split", None) in (None, *splits)]
+        dropped = len(self.units) - len(kept)
+        self.units = [self.units[i] for i in kept]
+        self.origins = [self.origins[i] for i in kept]
+        return dropped
+
 
 def sample_files() -> list[Path]:
     """Real CT, MR, JPEG 2000 CT, ultrasound and NIfTI images that ship inside the pydicom and nibabel wheels."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pretrain.backbones import POOLINGS
 from pretrain.config import Need, config_need, load_structured
 
 PROTOCOLS = ("knn", "linear")
@@ -41,6 +42,17 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 256  # feature extraction and evaluation batches
     num_workers: int = 0
+
+
+@dataclass
+class FeatureConfig:
+    """How frozen features are pooled (one choice for kNN and the linear probe, recorded in the results)."""
+
+    # head: timm's pre-logits features (ViT class token or its global_pool, CNN global average pool);
+    # layers: the last `layers` blocks / stages concatenated (ViT: their class tokens + the last mean patch token,
+    # DINO's linear evaluation; CNN: each stage average-pooled), usually better on small medical images.
+    pooling: str = "head"
+    layers: int = 4
 
 
 @dataclass
@@ -77,6 +89,7 @@ class EvalConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     selection_metric: str = "auc"  # val metric choosing the linear probe's weight decay
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
@@ -91,6 +104,8 @@ class EvalConfig:
         """Checks the types cannot express: ``need(ok, key, what)``."""
         check_shared(cfg, need)
         need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
+        need(cfg.features.pooling in POOLINGS, "features.pooling", f"must be one of {POOLINGS}")
+        need(cfg.features.layers >= 1, "features.layers", "must be >= 1")
         need(cfg.knn.k >= 1, "knn.k", "must be >= 1")
         need(cfg.knn.temperature > 0, "knn.temperature", "must be > 0")
         need(len(cfg.linear.weight_decays) > 0, "linear.weight_decays", "needs at least one value")

@@ -46,6 +46,7 @@ class FrozenSetup:
     fingerprint: str
     data: DictConfig
     device: torch.device
+    pooling: DictConfig  # cfg.features: pooling, layers
 
     def features(self, split: str, corruption: Corruption | None = None) -> Features:
         """Features of one split (optionally corrupted), from the cache when the same inputs were seen."""
@@ -58,6 +59,7 @@ class FrozenSetup:
             "transform": repr(transform),
             "splitting": (self.data.val_fraction, self.data.test_fraction, self.data.split_seed),
             "channels": self.transform_channels,
+            "pooling": (self.pooling.pooling, self.pooling.layers) if self.pooling.pooling != "head" else "head",
         }
 
         def compute() -> Features:
@@ -76,6 +78,8 @@ class FrozenSetup:
                 batch_size=self.data.batch_size,
                 num_workers=self.data.num_workers,
                 device=self.device,
+                pooling=self.pooling.pooling,
+                layers=self.pooling.layers,
             )
 
         return self.cache.get_or_compute(parts, compute)
@@ -101,6 +105,7 @@ def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release
         "objective": weights.info.get("objective"),
         "pretrain_steps": weights.info.get("steps"),
         "input_size": input_cfg["input_size"],
+        "pooling": cfg.features.pooling if cfg.features.pooling == "head" else f"last {cfg.features.layers} layers",
         "checksum": state_checksum(model.state_dict(), weights.architecture),
     }
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else Path(cfg.out_dir) / "feature_cache"
@@ -113,6 +118,7 @@ def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release
         fingerprint=dataset_fingerprint(cfg.data.spec),
         data=cfg.data,
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        pooling=cfg.features,
     )
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pretrain import knn
+from pretrain.backbones import feature_function
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,20 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    pooling: str = "head",
+    layers: int = 4,
 ) -> Features:
-    """(N, D) pooled pre-logits features of a dataset of ``{"image", "label", "key"}``, in dataset order."""
+    """(N, D) pooled features of a dataset of ``{"image", "label", "key"}``, in dataset order: timm's pre-logits
+    (``pooling="head"``) or the last ``layers`` blocks / stages concatenated (``"layers"``)."""
     backbone.to(device)
     features, labels, keys = knn.extract_features(
-        backbone, dataset, batch_size=batch_size, num_workers=num_workers, device=device, collate_fn=collate
+        backbone,
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        collate_fn=collate,
+        features_of=feature_function(pooling, layers),
     )
     return Features(features, torch.cat(labels), tuple(keys))
 

@@ -24,11 +24,13 @@ def extract_features(
     device: torch.device | str = "cpu",
     collate_fn: Callable[[list[dict]], dict] | None = None,
     prepare: Callable[[Tensor], Tensor] | None = None,
+    features_of: Callable[[nn.Module, Tensor], Tensor] = pooled_features,
 ) -> tuple[Tensor, list[Tensor], list[str]]:
     """The one feature loop (online kNN monitor, downstream protocols): pooled pre-logits features (N, D)
     float32 of ``dataset`` (dicts with image, label, key), in dataset order, with the batches' labels and keys.
 
     ``prepare(images)`` runs on the batch on ``device`` before the backbone (resize, normalise); no augmentation.
+    ``features_of(backbone, images)`` pools (default: timm's pre-logits; ``backbones.layer_features``: several layers).
     The backbone runs in eval mode and is put back as it was.
     """
     was_training = backbone.training
@@ -36,7 +38,7 @@ def extract_features(
     features, labels, keys = [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn):
         images = batch["image"].to(device)
-        features.append(pooled_features(backbone, prepare(images) if prepare else images).float().cpu())
+        features.append(features_of(backbone, prepare(images) if prepare else images).float().cpu())
         labels.append(torch.as_tensor(batch["label"]))
         keys.extend(str(k) for k in batch.get("key", ()))
     backbone.train(was_training)

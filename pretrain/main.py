@@ -38,7 +38,7 @@ from pretrain.engine import Schedules, build_optimizer, train
 from pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
 from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
-from pretrain.monitor import Monitor
+from pretrain.monitor import Monitor, plot_training_curves
 from pretrain.preemption import StopRequest
 from pretrain.release import RELEASE_DIR, RunBackbone, load_run, run_backbone, write_run_release
 from pretrain.weights import file_sha256, init_weights_path
@@ -86,6 +86,7 @@ def run_pretraining(cfg: DictConfig) -> int:
                          start_step=start_step, evaluate=evaluate, stop=stop)  # fmt: skip
         if accelerator.is_main_process:
             export(released_backbone(cfg, accelerator, model, run_dir, step), run_dir)
+            plot_training_curves(run_dir)
         release_dir = run_dir / RELEASE_DIR
         monitor.message(f"done at step {step}; release: {release_dir}", event="done", step=step)
         accelerator.end_training()

@@ -98,3 +98,46 @@ class Monitor:
         for item in (self.bar, self.tb, self.jsonl):
             if item is not None:
                 item.close()
+
+
+CURVES = ("loss", "lr", "embedding_std", "effective_rank", "knn_acc")
+
+
+def plot_training_curves(run_dir: Path) -> Path | None:
+    """``figures/training_curves.png``: loss, lr and the collapse / kNN signals over steps from ``metrics.jsonl``
+    (one panel each for what the run logged); None when nothing was logged yet."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if "event" in record or "step" not in record:
+            continue
+        for name in CURVES:
+            value = record.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.2), squeeze=False)
+    for axis, (name, (steps, values)) in zip(axes[0], series.items(), strict=True):
+        axis.plot(steps, values, linewidth=1.2)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    out = Path(run_dir) / "figures" / "training_curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

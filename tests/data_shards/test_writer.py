@@ -261,6 +261,17 @@ def test_inspect_writes_a_grid_per_modality(shared_data: Path, tmp_path: Path, c
     assert {"grid_CT.png", "grid_MR.png", "grid_DX.png", "grid_US.png"} <= set(grids)
 
 
+def test_splits_keeps_only_the_asked_splits_of_sources_that_have_them(shared_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    breast = shared_data / "medmnist" / "breastmnist.npz"
+    dicom = shared_data / "dicom" / "single" / "CT_small.dcm"
+    assert shard(f"medmnist:{breast}", dicom, "--out", out, "--splits", "train", "--dedup", "none") == 0
+    totals = manifest_of(out)["totals"]
+    assert totals["by_split"] == {"train": 546}  # BreastMNIST's val 78 and test 156 stay out
+    assert totals["samples"] == 546 + 1  # the DICOM has no split: kept
+    assert "inputs of splits other than train left out" in capsys.readouterr().err
+
+
 def test_missing_source_is_a_clear_error(tmp_path: Path, capsys):
     assert shard(tmp_path / "does-not-exist", "--out", tmp_path / "out") == 2
     assert "does-not-exist" in capsys.readouterr().err

@@ -31,6 +31,26 @@ def make_shapes_csv(root: Path, n: int = 120) -> Path:
     return root / "labels.csv"
 
 
+def make_binary_npz(path: Path, n: int = 40, size: int = 28, seed: int = 0) -> Path:
+    """A MedMNIST-style binary task: noise, plus a bright square for class 1 (train n, val and test n / 4)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n), ("val", n // 4), ("test", n // 4)):
+        labels = np.arange(count) % 2
+        images = rng.normal(70, 20, (count, size, size))
+        images[labels == 1, 6:14, 6:14] = 220
+        arrays[f"{split}_images"] = images.clip(0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def binary_npz():
+    """``binary_npz(path, n=40, size=28, seed=0)``: see ``make_binary_npz``."""
+    return make_binary_npz
+
+
 @pytest.fixture(scope="session")
 def shapes_csv():
     """``shapes_csv(root, n=120)``: see ``make_shapes_csv``."""

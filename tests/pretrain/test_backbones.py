@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.backbones import build_backbone, is_vit, pooled_features
+from pretrain.backbones import build_backbone, feature_function, is_vit, layer_features, pooled_features
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,24 @@ def test_unknown_model_name():
 def test_bad_timm_kwarg_is_not_swallowed():
     with pytest.raises(TypeError, match="not_an_arg"):
         build_backbone("resnet18", img_size=32, not_an_arg=1)
+
+
+def test_layer_features_concatenate_the_last_blocks_of_a_vit():
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3).eval()
+    images = torch.rand(2, 1, 32, 32)
+    features = layer_features(backbone, images, layers=2)
+    assert features.shape == (2, 3 * 192)  # class token of 2 blocks + mean patch token of the last
+    # the last block's class token, normed, is what the head pools
+    assert torch.allclose(features[:, 192:384], pooled_features(backbone, images), atol=1e-5)
+    assert layer_features(backbone, images, layers=9).shape == (2, 4 * 192)  # capped at the model's depth
+
+
+def test_layer_features_pool_each_stage_of_a_cnn():
+    backbone = build_backbone("resnet18", img_size=32).eval()
+    images = torch.rand(2, 1, 32, 32)
+    features = layer_features(backbone, images, layers=2)
+    assert features.shape == (2, 256 + 512)
+    assert torch.allclose(features[:, 256:], pooled_features(backbone, images), atol=1e-5)
+    assert feature_function("head") is pooled_features
+    with pytest.raises(ValueError, match="pooling"):
+        feature_function("max")
