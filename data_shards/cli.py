@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -69,10 +70,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="skip volume slices with less than this fraction of non-background pixels",
     )
     parser.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most N px")
-    parser.add_argument(
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument(
         "--hash-paths",
         action="store_true",
-        help="store a salted hash of source paths (salt from $MEDFM_PATH_SALT) instead of the paths",
+        default=None,
+        help="store a salted hash of source paths (salt from $MEDFM_PATH_SALT) instead of the paths; "
+        "the default when any input is DICOM (file and folder names often carry patient names or IDs)",
+    )
+    paths.add_argument(
+        "--keep-paths", dest="hash_paths", action="store_false", help="store source paths as they are, even for DICOM"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=float,
+        default=2**30,
+        help="skip an input whose header declares more pixel values (rows x columns x frames x samples, or a "
+        "volume's voxels) than this, before decoding it (default 2^30)",
+    )
+    parser.add_argument(
+        "--timeout", type=int, default=900, help="skip an input still being read after this many seconds (default 900)"
+    )
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        help="address-space limit of each reader process: an input needing more is skipped (default: none)",
     )
     parser.add_argument(
         "--splits",
@@ -114,6 +136,7 @@ def shard_command(args: argparse.Namespace) -> int:
             nifti_intensity=args.nifti_intensity,
             min_foreground=args.min_foreground,
             max_side=args.max_side,
+            max_pixels=int(args.max_pixels),
         )
         config = ShardConfig(
             max_count=args.max_count,
@@ -121,21 +144,31 @@ def shard_command(args: argparse.Namespace) -> int:
             codec=args.codec,
             dedup=args.dedup,
             near_threshold=args.near_threshold,
-            hash_paths=args.hash_paths,
-            path_salt=os.environ.get("MEDFM_PATH_SALT", "") if args.hash_paths else "",
             read=read,
+            unit_timeout_s=args.timeout,
+            max_memory_gb=args.max_memory_gb,
         )
         plan = plan_sources(args.sources)
     except (ValueError, FileNotFoundError) as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 2
+    hash_paths = plan.has_dicom() if args.hash_paths is None else args.hash_paths
+    if hash_paths and args.hash_paths is None:
+        print("medfm shard: DICOM inputs: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
+    salt = os.environ.get("MEDFM_PATH_SALT", "") if hash_paths else ""
+    config = dataclasses.replace(config, hash_paths=hash_paths, path_salt=salt)
     left_out = plan.keep_splits(tuple(args.splits)) if args.splits else 0
     print(
         f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
         + (f", {left_out} inputs of splits other than {'/'.join(args.splits)} left out" if args.splits else ""),
         file=sys.stderr,
     )
-    command = "medfm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    if hash_paths:  # a SOURCE folder can be named after the patient: the manifest keeps its hash only
+        from data_shards.writer import hash_path
+
+        argv = [hash_path(a, salt) if a in args.sources else a for a in argv]
+    command = "medfm " + " ".join(shlex.quote(a) for a in argv)
     writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers)
     try:
         writer.prepare(resume=args.resume, overwrite=args.overwrite)

@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from .records import Image2D, ReadOptions, SkipInput, relative_source
+from .records import Image2D, ReadOptions, SkipInput, SkippedPart, check_pixel_budget, relative_source
 from .windows import (
     NAMED_WINDOWS,
     apply_window,
@@ -55,6 +55,47 @@ _FUNCTIONAL_GROUPS = {
     "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
     "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
 }
+# Body Part Examined defined terms (DICOM PS3.16 Annex L, "Correspondence of Anatomic Region Codes and Body
+# Part Examined Defined Terms"). The attribute is free text in practice and can carry anything a technologist
+# typed, patient names included: only a value in this vocabulary is copied (normalised), anything else is dropped.
+BODY_PARTS = frozenset(
+    """ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AMNIOTICFLUID ANKLE ANUS AORTA APPENDIX ARM AXILLA BACK BILEDUCT
+    BLADDER BRAIN BRAINSTEM BREAST BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST
+    CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE
+    DUODENUM EAR ELBOW ENDOMETRIUM ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT FOREARM GALLBLADDER
+    HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE
+    LSSPINE LUNG MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY
+    PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCALP SCAPULA SCLERA SCROTUM
+    SHOULDER SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THORAX THUMB THYMUS THYROID
+    TIBIA TLSPINE TMJ TOE TONGUE TRACHEA TSPINE UPRARM URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY WRIST
+    ZYGOMA""".split()  # noqa: SIM905
+)
+
+
+# Modality (PS3.3 C.7.3.1.1.1) and View Position (PS3.3 C.8.11.5.1.1, C.8.32.2.1 for mammography) defined terms:
+# the other free-text-able header values that reach a shard, mapped the same way (unknown modality -> "OT").
+MODALITIES = frozenset(
+    """AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS
+    MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN
+    RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC""".split()  # noqa: SIM905
+)
+VIEW_POSITIONS = frozenset(
+    """AP PA LL RL RLD LLD RLO LLO LAT LATERAL CC MLO ML LM LMO XCCL XCCM FB SIO ISO RCC LCC RMLO LMLO""".split()  # noqa: SIM905
+)
+
+
+def defined_term(value: object, vocabulary: frozenset[str]) -> str | None:
+    """``value`` normalised (upper case, only letters and digits) when it is in ``vocabulary``, else None."""
+    term = "".join(ch for ch in str(value or "").upper() if ch.isalnum())
+    return term if term in vocabulary else None
+
+
+def body_part(value: object) -> str | None:
+    """The Body Part Examined defined term of a header value (case, spaces, ``_`` and ``-`` ignored), or None
+    when it is not one: free text never reaches a shard."""
+    return defined_term(value, BODY_PARTS)
+
+
 # Percentile scaling of a volume uses a strided sample of this many evenly spaced frames, so that all
 # slices share one mapping (per-slice percentiles would stretch the noise of empty slices to full range).
 _SAMPLE_FRAMES, _SAMPLE_STRIDE = 16, 4
@@ -90,7 +131,8 @@ class DicomFile:
     def read(self, options: ReadOptions) -> Iterator[Image2D]:
         _check_windows(options.windows)
         ds = _read_dataset(self.path)
-        num_frames = int(ds.get("NumberOfFrames") or 1)
+        num_frames = _declared_frames(ds)
+        check_pixel_budget(_declared_values(ds), options, f"the file ({num_frames:,} frames)")
         loaders = [lambda i=i: (ds, i) for i in range(num_frames)]
         names = [f"frame {i}" for i in range(num_frames)] if num_frames > 1 else [""]
         label = list(self.label) if isinstance(self.label, tuple) else self.label
@@ -105,27 +147,39 @@ class DicomFile:
 class DicomSeries:
     """Single-frame files of one series, sorted along the slice normal: one :class:`Image2D` per slice.
 
-    Near-empty slices are dropped; a slice that cannot be read makes the whole unit a :class:`SkipInput`
-    naming that file (a volume with a hole is not a volume).
+    Near-empty slices are dropped. A slice that cannot be read (corrupt, truncated, over the pixel budget) is
+    yielded as a :class:`SkippedPart` naming it and the other slices are kept; ``slice_index`` stays the
+    position in the whole sorted series, so the gap shows in the metadata. Only a series without any
+    readable slice is a :class:`SkipInput`.
     """
 
     paths: tuple[Path, ...]
     source: str
 
-    def read(self, options: ReadOptions) -> Iterator[Image2D]:
+    def read(self, options: ReadOptions) -> Iterator[Image2D | SkippedPart]:
         _check_windows(options.windows)
-        loaders = [lambda p=p: (_read_dataset(p), 0) for p in self.paths]
+
+        def load(path: Path) -> tuple[Dataset, int]:
+            ds = _read_dataset(path)
+            check_pixel_budget(_declared_values(ds), options, "the slice")
+            return ds, 0
+
+        loaders = [lambda p=p: load(p) for p in self.paths]
         names = [path.name for path in self.paths]
-        for index, image in _read_frames(loaders, names, self.source, options):
-            image.meta.update(slice_index=index, num_slices=len(self.paths))
-            yield image
+        for index, item in _read_frames(loaders, names, self.source, options, keep_going=True):
+            if isinstance(item, SkippedPart):
+                yield item
+                continue
+            item.meta.update(slice_index=index, num_slices=len(self.paths))
+            yield item
 
 
 def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
     """Group files into units from their headers alone (pixels are not read).
 
-    Single-frame files that share SeriesInstanceUID, Rows/Columns and ImageOrientationPatient and have an
-    ImagePositionPatient form one :class:`DicomSeries` when there are 2 or more of them. A series whose
+    Single-frame files of one folder that share SeriesInstanceUID, Rows/Columns and ImageOrientationPatient and
+    have an ImagePositionPatient form one :class:`DicomSeries` when there are 2 or more of them (files in other
+    folders claiming the same UID are stacked on their own, never merged into it). A series whose
     files disagree in size or orientation (a localizer inside it) is split into one stack per
     size/orientation rather than failed. Slices are sorted by position along the normal (row x column
     direction cosines, PS3.3 C.7.6.2.1.1), then InstanceNumber, then path. Several stacks in one folder
@@ -145,11 +199,15 @@ def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | D
         except SkipInput as skip:
             skipped.append((relative_source(path, root), skip.reason))
             continue
-        key, position, instance = _stack_key(ds)
+        try:
+            key, position, instance = _stack_key(ds)
+            uid = str(ds.get("SOPInstanceUID") or path)
+        except Exception:  # a malformed value (unknown VR, bad number) can fail on access: read the file alone
+            key = None
         if key is None:
             units.append(DicomFile(path, relative_source(path, root)))
-        else:
-            stacks[key].append((position, instance, str(path), path, str(ds.get("SOPInstanceUID") or path)))
+        else:  # one folder per stack: a file elsewhere that claims the series' UID is not merged into it
+            stacks[(str(path.parent), *key)].append((position, instance, str(path), path, uid))
     series: dict[str, list[tuple[Path, ...]]] = defaultdict(list)
     for members in stacks.values():
         copies = Counter(uid for *_, uid in members)
@@ -172,18 +230,37 @@ def _stack_key(ds: Dataset) -> tuple[tuple | None, float, int]:
     """(series/size/orientation key, position along the slice normal, InstanceNumber); key None if the
     file is not a stackable slice (multi-frame, no series UID, no or malformed geometry)."""
     try:
-        if int(ds.get("NumberOfFrames") or 1) != 1 or not ds.get("SeriesInstanceUID"):
+        if _declared_frames(ds) != 1 or not ds.get("SeriesInstanceUID"):
             return None, 0.0, 0
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
         position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
         rows, columns, instance = int(ds.Rows), int(ds.Columns), int(ds.get("InstanceNumber") or 0)
-    except (AttributeError, TypeError, ValueError):
+        series = str(ds.SeriesInstanceUID)
+    except Exception:  # missing, malformed or unknown-VR geometry (pydicom raises many types): not stackable
         return None, 0.0, 0
-    if orientation.shape != (6,) or position.shape != (3,):
+    if orientation.shape != (6,) or position.shape != (3,) or not np.isfinite([*orientation, *position]).all():
         return None, 0.0, 0
     normal = np.cross(orientation[:3], orientation[3:])
-    key = (str(ds.SeriesInstanceUID), rows, columns, tuple(np.round(orientation, 3).tolist()))
+    key = (series, rows, columns, tuple(np.round(orientation, 3).tolist()))
     return key, float(position @ normal), instance
+
+
+def _declared_frames(ds: Dataset) -> int:
+    """NumberOfFrames as the header states it (1 when absent or malformed; >= 1)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except Exception:  # a malformed IS value
+        return 1
+
+
+def _declared_values(ds: Dataset) -> int:
+    """Pixel values the header declares: Rows x Columns x SamplesPerPixel x NumberOfFrames (before decoding)."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except Exception:
+        raise SkipInput("malformed Rows / Columns / SamplesPerPixel in the header") from None
+    return rows * columns * max(samples, 1) * _declared_frames(ds)
 
 
 def _check_windows(windows: Sequence[str]) -> None:
@@ -217,9 +294,17 @@ def _naming(where: str) -> Iterator[None]:
 
 
 def _read_frames(
-    loaders: Sequence[_FrameLoader], names: Sequence[str], source: str, options: ReadOptions
-) -> Iterator[tuple[int, Image2D]]:
-    """Yield (frame index, image) for every frame kept; near-empty frames of a volume are dropped."""
+    loaders: Sequence[_FrameLoader],
+    names: Sequence[str],
+    source: str,
+    options: ReadOptions,
+    keep_going: bool = False,
+) -> Iterator[tuple[int, Image2D | SkippedPart]]:
+    """Yield (frame index, image) for every frame kept; near-empty frames of a volume are dropped.
+
+    ``keep_going``: a frame that cannot be read is yielded as a SkippedPart and the others are still read
+    (series); otherwise it ends the unit with SkipInput (one file's frames).
+    """
     is_volume = len(loaders) > 1
     volume_window: tuple[float, float] | None = None
 
@@ -229,25 +314,43 @@ def _read_frames(
             return _percentile_window(values, options.percentiles)
         if volume_window is None:
             picks = np.unique(np.linspace(0, len(loaders) - 1, min(len(loaders), _SAMPLE_FRAMES)).round())
-            sample = []
+            sample = [values[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].ravel()]
             for pick in picks.astype(int):
-                with _naming(names[pick]):
-                    frame_values = _modality_values(*loaders[pick]())
+                try:
+                    with _naming(names[pick]):
+                        frame_values = _modality_values(*loaders[pick]())
+                except SkipInput:
+                    if not keep_going:
+                        raise
+                    continue  # an unreadable slice is reported when its turn comes
                 sample.append(frame_values[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].ravel())
             volume_window = _percentile_window(np.concatenate(sample), options.percentiles)
         return volume_window
 
-    kept = 0
+    kept, unreadable = 0, []
     for index, loader in enumerate(loaders):
-        with _naming(names[index]):
-            ds, frame = loader()
-            header = _frame_header(ds, frame)
-            if str(header.get("PhotometricInterpretation", "")) in _GRAYSCALE:
-                values = _modality_values(ds, frame, header)
-                unit, window = _map_intensity(values, header, options, percentile_window)
-                bits = 16 if int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8) > 8 else 8
-            else:
-                unit, window, bits = _color_unit(ds, frame), None, 8
+        try:
+            with _naming(names[index]):
+                ds, frame = loader()
+                header = _frame_header(ds, frame)
+                if str(header.get("PhotometricInterpretation", "")) in _GRAYSCALE:
+                    values = _modality_values(ds, frame, header)
+                    unit, window = _map_intensity(values, header, options, percentile_window)
+                    bits = 16 if int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8) > 8 else 8
+                else:
+                    unit, window, bits = _color_unit(ds, frame), None, 8
+        except SkipInput as skip:
+            if not keep_going:
+                raise
+            unreadable.append(skip.reason.removeprefix(f"{names[index]}: "))
+            yield index, SkippedPart((Path(source) / names[index]).as_posix(), unreadable[-1])
+            continue
+        except Exception as err:  # a fuzzed header can fail anywhere in the LUT code
+            if not keep_going:
+                raise
+            unreadable.append(f"unreadable slice ({type(err).__name__})")
+            yield index, SkippedPart((Path(source) / names[index]).as_posix(), unreadable[-1])
+            continue
         if is_volume and foreground_fraction(unit) < options.min_foreground:
             continue
         pixels = to_pixels(unit, bits, options.max_side)
@@ -257,6 +360,8 @@ def _read_frames(
             meta["window"] = window
         kept += 1
         yield index, Image2D(pixels=pixels, meta=meta)
+    if kept == 0 and len(unreadable) == len(loaders):
+        raise SkipInput(f"none of the {len(loaders)} slices could be read (first: {unreadable[0]})")
     if kept == 0:
         raise SkipInput(f"all {len(loaders)} frames are near-empty (foreground < {options.min_foreground:g})")
 
@@ -407,14 +512,14 @@ def _meta(
 ) -> dict[str, Any]:
     """The allowlisted header fields (records.ALLOWED_META_KEYS); pixel spacing follows any resize."""
     meta: dict[str, Any] = {
-        "modality": str(ds.get("Modality") or "OT"),
+        "modality": defined_term(ds.get("Modality"), MODALITIES) or "OT",
         "photometric": str(ds.PhotometricInterpretation),
         "source": source,
         "orig_size": [int(size[0]), int(size[1])],
     }
-    if body_part := str(ds.get("BodyPartExamined") or "").strip():
-        meta["body_part"] = body_part.upper()
-    if view_position := str(ds.get("ViewPosition") or "").strip():
+    if (term := body_part(ds.get("BodyPartExamined"))) is not None:
+        meta["body_part"] = term
+    if (view_position := defined_term(ds.get("ViewPosition"), VIEW_POSITIONS)) is not None:
         meta["view_position"] = view_position
     spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
     if spacing is not None and len(spacing) == 2:

@@ -9,13 +9,14 @@ The order is deterministic (sorted paths), so the same inputs always give the sa
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.dicom import group_dicom_files, is_dicom
+from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
 from data_shards.images import IMAGE_SUFFIXES, ImageFile, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
-from data_shards.records import InputUnit, relative_source
+from data_shards.records import InputUnit, SkipInput, relative_source
 
 
 @dataclass
@@ -29,6 +30,10 @@ class Plan:
     def add(self, units: list, origin: str) -> None:
         self.units.extend(units)
         self.origins.extend([origin] * len(units))
+
+    def has_dicom(self) -> bool:
+        """Whether any unit is DICOM (whose paths are hashed by default: folder names carry patient names)."""
+        return any(isinstance(unit, (DicomFile, DicomSeries)) for unit in self.units)
 
     def keep_splits(self, splits: tuple[str, ...]) -> int:
         """Drop units of a split not in ``splits`` (units without a split are kept); returns how many went.
@@ -69,7 +74,10 @@ def plan_sources(sources: list[str]) -> Plan:
                 continue
             path = _existing(Path(rest).expanduser(), source)
             if kind == "medmnist":
-                plan.add(npz_units(path, path.parent), source)
+                try:
+                    plan.add(npz_units(path, path.parent), source)
+                except SkipInput as skip:
+                    plan.skipped.append((path.name, skip.reason))
             elif kind == "imagefolder":
                 plan.add(imagefolder_units(path), source)
             else:
@@ -101,17 +109,36 @@ def plan_folder(plan: Plan, folder: Path, origin: str) -> None:
     plan_files(plan, files, root=folder.parent, origin=origin)
 
 
+def not_regular_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file without blocking or looping (None for a regular file): a named
+    pipe would block the first read forever, a symlink loop or a dangling link has nothing behind it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:  # ELOOP (symlink loop), ENOENT (dangling link), EACCES
+        return f"unreadable: {err.strerror or type(err).__name__}"
+    if stat.S_ISFIFO(mode):
+        return "not a regular file: a named pipe"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (socket or device)"
+    return None
+
+
 def plan_files(plan: Plan, files: list[Path], root: Path, origin: str) -> None:
     dicom_files: list[Path] = []
     units: list[InputUnit] = []
     for path in files:
         name = path.name.lower()
-        if is_nifti(path):
+        if (reason := not_regular_reason(path)) is not None:
+            plan.skipped.append((relative_source(path, root), reason))
+        elif is_nifti(path):
             units.append(NiftiFile(path, relative_source(path, root)))
         elif name.endswith(IMAGE_SUFFIXES):
             units.append(ImageFile(path, relative_source(path, root)))
         elif name.endswith(".npz"):
-            units.extend(npz_units(path, root))
+            try:
+                units.extend(npz_units(path, root))
+            except SkipInput as skip:
+                plan.skipped.append((relative_source(path, root), skip.reason))
         elif is_dicom(path):
             dicom_files.append(path)
         else:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, relative_source
+from data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, check_pixel_budget, relative_source
 from data_shards.windows import to_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -63,6 +65,8 @@ class ImageFile:
         """
         try:
             with Image.open(self.path) as image:
+                width, height = image.size  # from the header: checked before decoding
+                check_pixel_budget(width * height * len(image.getbands()), options, "the image")
                 image.load()  # decode now: a truncated file fails here (LOAD_TRUNCATED_IMAGES stays False)
                 unit, bits, window, photometric = _image_to_unit(ImageOps.exif_transpose(image))
         except FileNotFoundError as exc:
@@ -129,11 +133,11 @@ class NpzChunk:
         images_key, labels_key = f"{self.split}_images", f"{self.split}_labels"
         try:
             with zipfile.ZipFile(self.path) as archive:
-                images = _read_npy_rows(archive, images_key, self.start, self.stop)
+                images = _read_npy_rows(archive, images_key, self.start, self.stop, options.max_pixels)
                 labels = _read_npy_rows(archive, labels_key, self.start, self.stop)
         except FileNotFoundError as exc:
             raise SkipInput(f"file not found: {self.path}") from exc
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
             raise SkipInput(f"cannot read npz: {exc}") from exc
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
             raise SkipInput(
@@ -177,15 +181,21 @@ def _member(archive: zipfile.ZipFile, key: str) -> str:
     return name
 
 
-def _read_npy_rows(archive: zipfile.ZipFile, key: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of the C-ordered array ``key`` in an npz, seeking past the rows before them."""
+def _read_npy_rows(
+    archive: zipfile.ZipFile, key: str, start: int, stop: int, max_values: int | None = None
+) -> np.ndarray:
+    """Rows ``[start, stop)`` of the C-ordered array ``key`` in an npz, seeking past the rows before them;
+    SkipInput when the rows declare more than ``max_values`` values (checked before reading them)."""
     with archive.open(_member(archive, key)) as member:
         shape, fortran_order, dtype = _npy_header(member)
         if dtype.hasobject or (fortran_order and len(shape) > 1):
             raise ValueError(f"{key}: object or Fortran-ordered arrays are not supported")
         if not shape or stop > shape[0]:
             raise ValueError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
-        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        row_values = math.prod(int(n) for n in shape[1:])
+        if max_values is not None:
+            check_pixel_budget((stop - start) * row_values, ReadOptions(max_pixels=max_values), f"{key} rows [{start}, {stop})")  # fmt: skip
+        row_bytes = dtype.itemsize * row_values
         member.seek(start * row_bytes, io.SEEK_CUR)  # a deflated member decompresses forward, never whole
         data = member.read((stop - start) * row_bytes)
     if len(data) != (stop - start) * row_bytes:
@@ -196,8 +206,8 @@ def _read_npy_rows(archive: zipfile.ZipFile, key: str, start: int, stop: int) ->
 def npz_units(path: Path, root: Path, chunk_size: int = 2048) -> list[NpzChunk]:
     """Chunks of at most ``chunk_size`` rows for every split present (train, val, test order).
 
-    Only the ``.npy`` headers are read. Raises ValueError when the file is not an npz or has no
-    ``{split}_images`` key.
+    Only the ``.npy`` headers are read. Raises SkipInput naming the problem when the file is not an npz, is
+    truncated or corrupt, has no ``{split}_images`` key, or holds no image at all.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -206,19 +216,24 @@ def npz_units(path: Path, root: Path, chunk_size: int = 2048) -> list[NpzChunk]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            for split in NPZ_SPLITS:
-                if f"{split}_images.npy" not in names:
-                    continue
+            present = [split for split in NPZ_SPLITS if f"{split}_images.npy" in names]
+            if not present:
+                raise SkipInput(f"not a MedMNIST-style npz: no train_images / val_images / test_images key (keys: {sorted(names)[:8]})")  # fmt: skip
+            for split in present:
                 with archive.open(f"{split}_images.npy") as member:
                     shape, _, _ = _npy_header(member)
+                if not shape:
+                    raise SkipInput(f"{split}_images is a scalar, not an array of images")
                 units += [
                     NpzChunk(path, source, split, start, min(start + chunk_size, shape[0]))
                     for start in range(0, shape[0], chunk_size)
                 ]
-    except zipfile.BadZipFile as exc:
-        raise ValueError(f"{path}: not an npz (zip) file") from exc
-    if not any(f"{split}_images.npy" in names for split in NPZ_SPLITS):
-        raise ValueError(f"{path}: no train_images / val_images / test_images key (keys: {sorted(names)})")
+    except zipfile.BadZipFile:
+        raise SkipInput("not an npz (zip) file, or a truncated one") from None
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # a cut or corrupt member header
+        raise SkipInput(f"corrupt npz: {type(exc).__name__}: {exc}") from None
+    if not units:
+        raise SkipInput("npz holds no image (every *_images array is empty)")
     return units
 
 

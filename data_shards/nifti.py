@@ -31,6 +31,7 @@ smallest finite value of the volume, silently (no metadata key records it), and 
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from data_shards.records import Image2D, ReadOptions, SkipInput
+from data_shards.records import Image2D, ReadOptions, SkipInput, check_pixel_budget
 from data_shards.windows import (
     NAMED_WINDOWS,
     apply_window,
@@ -92,6 +93,8 @@ class NiftiFile:
             raise SkipInput(f"{len(shape)}D NIfTI data {shape}: expected a 3D or 4D volume")
         if len(shape) > 4:
             raise SkipInput(f"{len(shape)}D NIfTI data {shape}: only 3D and 4D volumes are supported")
+        # one 3D volume is in memory at a time (4D files are read time point by time point)
+        check_pixel_budget(math.prod(int(n) for n in shape[:3]), options, f"a {'x'.join(map(str, shape[:3]))} volume")
         # A 4D file with a single time point is a 3D volume with a trailing singleton axis.
         time_points = [None] if len(shape) == 3 or shape[3] == 1 else list(range(shape[3]))
 

@@ -39,6 +39,15 @@ ALLOWED_META_KEYS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class SkippedPart:
+    """Yielded by a reader, between images, for a part of its unit that could not be read (a slice of a
+    series): the writer lists it in the manifest's skip list and keeps the unit's other images."""
+
+    source: str
+    reason: str
+
+
 class SkipInput(Exception):
     """An input that cannot be read. The writer records ``reason`` in the manifest and moves on."""
 
@@ -81,14 +90,29 @@ class ReadOptions:
     min_foreground: float = 0.02
     # Resize so that the longer side is at most this many pixels (None keeps the native size).
     max_side: int | None = None
+    # Largest number of pixel values (rows x columns x frames x samples) an input may declare; checked from the
+    # header before any pixel is decoded, so a file claiming 2e9 frames is skipped, not allocated.
+    max_pixels: int = 2**30
+
+
+def check_pixel_budget(declared: int, options: ReadOptions, what: str) -> None:
+    """SkipInput when a header declares more pixel values than ``options.max_pixels``."""
+    if declared > options.max_pixels:
+        raise SkipInput(
+            f"{what} declares {declared:,} pixel values, over the budget of {options.max_pixels:,} (--max-pixels)"
+        )
 
 
 def relative_source(path: Path, root: Path) -> str:
-    """Path of ``path`` relative to ``root`` in POSIX form (the file name alone if outside root)."""
+    """Path of ``path`` relative to ``root`` in POSIX form (the file name alone if outside root, or when a
+    symlink loop or a broken link makes it unresolvable)."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.name
+    except (ValueError, RuntimeError, OSError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        try:
+            return path.absolute().relative_to(root.absolute()).as_posix()
+        except ValueError:
+            return path.name
 
 
 class InputUnit(Protocol):

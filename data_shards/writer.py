@@ -15,11 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from tqdm import tqdm
 from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from data_shards.discover import Plan
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
-from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput
+from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
 
 JOURNAL = ".progress.jsonl"
 DEDUP_MODES = ("none", "exact", "near")
@@ -53,6 +57,8 @@ class ShardConfig:
     hash_paths: bool = False  # store a salted hash of each source path instead of the path itself
     path_salt: str = ""
     read: ReadOptions = field(default_factory=ReadOptions)
+    unit_timeout_s: int = 900  # an input still being read after this long is skipped ("timed out")
+    max_memory_gb: float | None = None  # address-space limit per reader process: MemoryError, i.e. a skip
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -78,6 +84,47 @@ class UnitResult:
     index: int
     samples: list[EncodedSample]
     skip_reason: str | None = None
+    parts_skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable slices
+
+
+class UnitTimeout(Exception):
+    """Raised inside a reader by the alarm of ``ShardConfig.unit_timeout_s``."""
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise UnitTimeout in the block after ``seconds`` (SIGALRM; main thread of a process only, else no limit)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise UnitTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def init_worker(parent: int, max_memory_gb: float | None) -> None:
+    """Reader process set-up: die with the parent (a ``kill -9`` of medfm shard leaves no orphan holding memory)
+    and, when asked, cap the address space so that a huge allocation is a MemoryError (a skip), not the OOM killer."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    if max_memory_gb is not None:
+        import resource
+
+        limit = int(max_memory_gb * 1024**3)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _jsonable(value: Any) -> Any:
@@ -91,25 +138,39 @@ def _jsonable(value: Any) -> Any:
 def read_unit(index: int, unit: InputUnit, config: ShardConfig, skip_records: int = 0) -> UnitResult:
     """Read and encode one unit (runs in a worker process). Never raises for a bad input."""
     samples: list[EncodedSample] = []
+    parts: list[tuple[str, str]] = []
+    position = -1
     try:
-        for position, image in enumerate(unit.read(config.read)):
-            if position < skip_records:
-                continue
-            extension, data = encode_pixels(image.pixels, config.codec)
-            meta = {k: _jsonable(v) for k, v in image.meta.items() if k in ALLOWED_META_KEYS}
-            if config.hash_paths and "source" in meta:
-                meta["source"] = hash_path(meta["source"], config.path_salt)
-            near = perceptual_hash(image.pixels) if config.dedup == "near" else None
-            samples.append(
-                EncodedSample(extension, data, meta, _jsonable(image.label), content_hash(image.pixels), near)
-            )
+        with time_limit(config.unit_timeout_s):
+            for item in unit.read(config.read):
+                if isinstance(item, SkippedPart):
+                    parts.append((item.source, item.reason))
+                    continue
+                position += 1
+                if position < skip_records:
+                    continue
+                samples.append(_encode(item, config))
     except SkipInput as skip:
         return UnitResult(index, [], skip.reason)
+    except UnitTimeout:
+        return UnitResult(index, [], f"timed out: still reading after {config.unit_timeout_s} s")
+    except MemoryError:
+        return UnitResult(index, [], "out of memory while reading (over the reader's memory budget)")
     except Exception as error:  # an unexpected failure on one input must not end a long run
         return UnitResult(index, [], f"unexpected error while reading: {type(error).__name__}: {error}")
     if not samples and skip_records == 0:
-        return UnitResult(index, [], "no image left (all slices near-empty)")
-    return UnitResult(index, samples)
+        return UnitResult(index, [], "no image left (all slices near-empty)", parts)
+    return UnitResult(index, samples, None, parts if skip_records == 0 else [])
+
+
+def _encode(image: Any, config: ShardConfig) -> EncodedSample:
+    """Encode one image and keep only its allowlisted metadata (runs in the reader process)."""
+    extension, data = encode_pixels(image.pixels, config.codec)
+    meta = {k: _jsonable(v) for k, v in image.meta.items() if k in ALLOWED_META_KEYS}
+    if config.hash_paths and "source" in meta:
+        meta["source"] = hash_path(meta["source"], config.path_salt)
+    near = perceptual_hash(image.pixels) if config.dedup == "near" else None
+    return EncodedSample(extension, data, meta, _jsonable(image.label), content_hash(image.pixels), near)
 
 
 def hash_path(path: str, salt: str) -> str:
@@ -279,15 +340,39 @@ class ShardWriter:
             for job in jobs:
                 yield read_unit(*job)
             return
+        position = 0
+        while position < len(jobs):
+            try:
+                for result in self._pooled(jobs, position):
+                    yield result
+                    position += 1
+            except BrokenProcessPool:
+                # A reader process died (the OOM killer, a segfault in a codec): the unit at `position` or one
+                # in flight with it. Read it alone; if that kills its process too, it is the culprit: skip it.
+                yield self._isolated(jobs[position])
+                position += 1
+
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=workers, initializer=init_worker, initargs=(os.getpid(), self.config.max_memory_gb)
+        )
+
+    def _pooled(self, jobs: list[tuple], start: int) -> Iterator[UnitResult]:
         window = self.workers * 4
-        with ProcessPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(read_unit, *job) for job in jobs[:window]]
-            for position in range(len(jobs)):
-                result = futures[position].result()
-                futures[position] = None  # free the finished result
+        with self._pool(self.workers) as pool:
+            futures = {p: pool.submit(read_unit, *jobs[p]) for p in range(start, min(start + window, len(jobs)))}
+            for position in range(start, len(jobs)):
+                result = futures.pop(position).result()
                 if position + window < len(jobs):
-                    futures.append(pool.submit(read_unit, *jobs[position + window]))
+                    futures[position + window] = pool.submit(read_unit, *jobs[position + window])
                 yield result
+
+    def _isolated(self, job: tuple) -> UnitResult:
+        try:
+            with self._pool(1) as pool:
+                return pool.submit(read_unit, *job).result()
+        except BrokenProcessPool:
+            return UnitResult(job[0], [], "the reader process died while reading it (killed, e.g. out of memory)")
 
     def _is_duplicate(self, sample: EncodedSample) -> str | None:
         if self.config.dedup == "none":
@@ -330,6 +415,9 @@ class ShardWriter:
                 )
             elif first_record == 0:
                 state.counters["inputs_read"] += 1
+            for source, reason in result.parts_skipped:  # unreadable slices of a unit whose others were kept
+                state.counters["parts_skipped"] += 1
+                self._pending_skips.append({"source": self._shown(source), "reason": reason})
             for offset, sample in enumerate(result.samples):
                 record_index = first_record + offset
                 duplicate = self._is_duplicate(sample)
@@ -376,7 +464,7 @@ class ShardWriter:
         state.counters["samples"] += 1
         state.counters["labeled"] += sample.label is not None
         state.by_modality[sample.meta.get("modality", "OT")] += 1
-        state.by_source[origin] += 1
+        state.by_source[self._shown(origin)] += 1
         if "split" in sample.meta:
             state.by_split[sample.meta["split"]] += 1
         if sample.meta.get("class_name") is not None and isinstance(sample.label, int):
@@ -389,7 +477,7 @@ class ShardWriter:
             format=FORMAT,
             command=self.command,
             config=asdict(self.config) | {"path_salt": "<hidden>" if self.config.path_salt else ""},
-            sources=sorted(set(self.plan.origins)),
+            sources=sorted({self._shown(origin) for origin in self.plan.origins}),
             totals={
                 "samples": state.counters["samples"],
                 "shards": len(state.shards),

@@ -81,6 +81,7 @@ class FinetuneStage:
     """``medfm finetune`` of every release and of the random init with the same recipe."""
 
     enabled: bool = True
+    recipes: list[str] = field(default_factory=list)  # recipe names to fine-tune; empty: every recipe
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     config: str | None = None  # a finetune YAML (configs/downstream/...); None: the schema's defaults
@@ -124,6 +125,8 @@ class QualityConfig:
         need(all(0 < f <= 1 for f in cfg.finetune.fractions), "finetune.fractions", "must be in (0, 1]")
         names = {task.name for task in cfg.tasks}
         need(set(cfg.target.tasks) <= names, "target.tasks", f"must name tasks of {sorted(names)}")
+        recipes = {recipe.name for recipe in cfg.recipes}
+        need(set(cfg.finetune.recipes) <= recipes, "finetune.recipes", f"must name recipes of {sorted(recipes)}")
 
 
 def load_quality_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -172,7 +175,7 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
                     *cfg.frozen.overrides, *task.overrides]  # fmt: skip
             steps.append(Step("eval", f"kNN + linear probe: {recipe.name} on {task.name}", tuple(argv)))
     if cfg.finetune.enabled:
-        for recipe in cfg.recipes:
+        for recipe in (r for r in cfg.recipes if not cfg.finetune.recipes or r.name in cfg.finetune.recipes):
             for task in (t for t in cfg.tasks if t.finetune):
                 argv = ["finetune", *(["--config", cfg.finetune.config] if cfg.finetune.config else []),
                         "--backbone", str(out / "pretrain" / recipe.name), "--data", task.spec,

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
-from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput
+from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Bundled with pydicom. get_testdata_file() would try the network for files that are not bundled.
@@ -201,14 +201,23 @@ def test_near_empty_slices_are_dropped_from_series_but_not_from_single_files(ser
     assert len(read(copies[1], max_side=64)) == 1
 
 
-def test_unreadable_slice_fails_its_series_naming_the_file(series_dir: Path, tmp_path: Path):
-    slices = sorted(series_dir.glob("*.dcm"))[:2]
+def test_an_unreadable_slice_is_listed_and_its_series_keeps_the_good_ones(series_dir: Path, tmp_path: Path):
+    slices = sorted(series_dir.glob("*.dcm"))[:3]
     for path in slices:
         shutil.copy(path, tmp_path / path.name)
     data = slices[1].read_bytes()
-    (tmp_path / slices[1].name).write_bytes(data[: len(data) - 1000])
+    (tmp_path / slices[1].name).write_bytes(data[: len(data) - 1000])  # the middle slice is cut short
     ((series,), _) = group_dicom_files(sorted(tmp_path.iterdir()), root=tmp_path)
-    with pytest.raises(SkipInput, match=rf"^{slices[1].name}: cannot decode pixel data \(truncated"):
+    items = list(series.read(ReadOptions(min_foreground=0.0)))
+    (part,) = [item for item in items if isinstance(item, SkippedPart)]
+    assert part.source == slices[1].name and part.reason.startswith("cannot decode pixel data (truncated")
+    images = [item for item in items if not isinstance(item, SkippedPart)]
+    # the gap shows in the metadata: slice indices are positions in the whole sorted series
+    assert [image.meta["slice_index"] for image in images] == [0, 2]
+    assert {image.meta["num_slices"] for image in images} == {3}
+    for path in slices:  # no readable slice left: the series is skipped as a whole, naming a reason
+        (tmp_path / path.name).write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(SkipInput, match=r"none of the 3 slices could be read \(first: cannot decode"):
         list(series.read(ReadOptions()))
 
 

@@ -204,7 +204,7 @@ def test_bad_inputs_are_listed_and_do_not_stop_the_run(shared_data: Path, tmp_pa
     ds.save_as(inputs / "nopixels.dcm")
     nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), inputs / "nan.nii.gz")
     out = tmp_path / "out"
-    assert shard(inputs, "--out", out) == 0
+    assert shard(inputs, "--out", out, "--keep-paths") == 0
     manifest = manifest_of(out)
     reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
     assert set(reasons) == {
