@@ -14,13 +14,15 @@ A checkpoint is a dict of tensors and plain Python values (loadable with ``weigh
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
 import random
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, ReleaseError
 
 VERSION = 1
 LAST = "last.pt"
@@ -283,6 +285,47 @@ def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) 
     return meta
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed writes into its checkpoint files (enums and plain records, no code)."""
+    found: list[Any] = []
+    for module, names in (("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                          ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):  # fmt: skip
+        try:
+            imported = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(imported, name) for name in names if hasattr(imported, name)]
+    return found
+
+
+@contextmanager
+def weights_only_loads(where: Path) -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's zero_to_fp32 included, which asks for ``weights_only=False``) runs
+    with ``weights_only=True``: tensors, plain values and DeepSpeed's own record types only. A file that needs
+    anything else is refused with a ReleaseError naming it, before any of its code could run."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return original(*args, **kwargs)
+        except pickle.UnpicklingError as err:
+            reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or ["?"])[0]
+            file = args[0] if args else kwargs.get("f", where)
+            raise ReleaseError(
+                f"{file}: refused to unpickle it ({reason}); medfm reads DeepSpeed checkpoints with "
+                "weights_only=True only, so a checkpoint from elsewhere cannot run code on export"
+            ) from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
 def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
     """One DeepSpeed checkpoint as one checkpoint in the ``last.pt`` format, on the CPU, in fp32.
 
@@ -299,13 +342,13 @@ def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
         if found is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
         path = found
-    meta = load_meta(path)
-    engine_state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
-    # ZeRO-1 checkpoints do not list frozen parameters for zero_to_fp32 (stages 2-3 do); ZeRO-1 does not partition
-    # parameters, so the module state saved beside the partitions holds them whole (in the engine's dtype).
-    # DeepSpeed's own file: read as zero_to_fp32 reads it.
-    states = sorted((path / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
-    module = torch.load(states[0], map_location="cpu", weights_only=False)
+    with weights_only_loads(path):  # a downloaded "run" must not execute code when it is exported
+        meta = load_meta(path)
+        engine_state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+        # ZeRO-1 checkpoints do not list frozen parameters for zero_to_fp32 (stages 2-3 do); ZeRO-1 does not
+        # partition parameters, so the module state saved beside the partitions holds them whole.
+        states = sorted((path / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
+        module = torch.load(states[0], map_location="cpu", weights_only=True)
     for key, value in module["module"].items():
         if key not in engine_state and value.numel() > 0:
             engine_state[key] = value

@@ -142,8 +142,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deeps
     The checkpoint is read with ``weights_only=True`` (no pickled code runs) and loaded strictly: a key that the
     rebuilt method does not have, or lacks, is an error naming it. DeepSpeed ZeRO runs save checkpoint
     directories; with ``deepspeed=True`` they are consolidated (``pretrain.checkpoint.consolidate_deepspeed``,
-    fp32 full weights) to the same contract. That reads DeepSpeed's own files, which are full pickles: only for
-    one's own runs (``medfm export``); downstream loading passes ``deepspeed=False`` and asks for an export.
+    fp32 full weights) to the same contract, reading DeepSpeed's own files with ``weights_only=True`` too (a file
+    that needs pickled code is refused, naming it); downstream loading passes ``deepspeed=False`` and asks for an
+    export.
     """
     state, path = _checkpoint_state(Path(run_dir), checkpoint, deepspeed)
     cfg = run_config(state["config"], path)

@@ -181,3 +181,32 @@ def test_the_card_lists_the_results_summary_files_downstream_writes(tiny_run: Pa
     bad.write_text(json.dumps({"protocol": "linear", "summary": {}}))
     with pytest.raises(ExportError, match=r"bad\.json: not an evaluation results file.*missing \['dataset'\]"):
         export_run(run_dir, tmp_path / "release2", results=[bad])
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file: what a booby-trapped checkpoint would run on load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_exporting_a_deepspeed_run_never_runs_pickled_code(tmp_path, capsys):
+    import torch
+
+    from medfm_cli import main as medfm
+
+    marker = tmp_path / "code_ran"
+    step = tmp_path / "run" / "step-0000002"
+    (step / "zero").mkdir(parents=True)
+    torch.save({"step": 2, "data": {}, "rng": [], "config": {}, "momentum": {}, "version": 1}, step / "medfm.pt")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": {}, "payload": _Payload(marker)}, step / "zero" / name)
+    (tmp_path / "run" / "last").symlink_to(step.name)
+    code = medfm(["export", str(tmp_path / "run"), "--out", str(tmp_path / "release")])
+    assert not marker.exists(), "exporting the run executed code from its checkpoint"
+    assert code == 1
+    assert "refused to unpickle" in capsys.readouterr().err
+    assert not (tmp_path / "release").exists() or not any((tmp_path / "release").iterdir())
