@@ -17,14 +17,14 @@ from data_shards.windows import parse_window
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "shard",
-        help="write medical images (DICOM, NIfTI, PNG/JPEG/TIFF, npz) as WebDataset shards; `shard inspect DIR` to look",
+        help="write medical images (DICOM, NIfTI, PNG/JPEG/TIFF, npz) as WebDataset shards; `shard inspect DIR` to look, `shard merge` to join parts",
         description=(
             "Write WebDataset tar shards + manifest.json from SOURCEs: files, folders (walked recursively), "
             "medmnist:FILE.npz, imagefolder:DIR, csv:FILE, or sample: (real images shipped in the pydicom and "
             "nibabel wheels). `medfm shard inspect DIR` prints the manifest summary and writes sample grids."
         ),
     )
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="inputs, or `inspect DIR`")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="inputs, or `inspect DIR`, or `merge PART_DIR...`")
     parser.add_argument("--out", type=Path, help="output folder for shards and manifest.json")
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="reader processes (default: all cores)"
@@ -104,11 +104,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="keep only these splits of sources that define splits (medmnist:, imagefolder:, csv:), e.g. "
         "--splits train for a pretraining pool that never sees evaluation images; other inputs are kept",
     )
+    parser.add_argument(
+        "--part",
+        metavar="K/N",
+        help="read only part K of N (inputs assigned by a hash of their folder, the same on every machine); "
+        "join the N outputs with `medfm shard merge PART_DIR... --out DIR` (slurm/shard_array.sbatch)",
+    )
     parser.add_argument("--per-modality", type=int, default=16, help="inspect: samples per modality grid")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sources[0] == "merge":
+        return merge_command(args)
     if args.sources[0] == "inspect":
         if len(args.sources) != 2:
             print("usage: medfm shard inspect DIR", file=sys.stderr)
@@ -121,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from data_shards.discover import plan_sources
+    from data_shards.discover import Part, plan_sources
     from data_shards.writer import ShardConfig, ShardError, ShardWriter
 
     try:
@@ -148,13 +156,17 @@ def shard_command(args: argparse.Namespace) -> int:
             unit_timeout_s=args.timeout,
             max_memory_gb=args.max_memory_gb,
         )
-        plan = plan_sources(args.sources)
+        part = Part.parse(args.part) if args.part else None
+        plan = plan_sources(args.sources, part)
     except (ValueError, FileNotFoundError) as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 2
-    hash_paths = plan.has_dicom() if args.hash_paths is None else args.hash_paths
+    # auto: hashed for DICOM, and for every part of a multi-machine run (the parts must agree, and one part
+    # cannot know whether another holds DICOM)
+    hash_paths = (plan.has_dicom() or part is not None) if args.hash_paths is None else args.hash_paths
     if hash_paths and args.hash_paths is None:
-        print("medfm shard: DICOM inputs: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
+        why = "a part of a multi-machine run" if part is not None else "DICOM inputs"
+        print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
     salt = os.environ.get("MEDFM_PATH_SALT", "") if hash_paths else ""
     config = dataclasses.replace(config, hash_paths=hash_paths, path_salt=salt)
     left_out = plan.keep_splits(tuple(args.splits)) if args.splits else 0
@@ -169,7 +181,7 @@ def shard_command(args: argparse.Namespace) -> int:
 
         argv = [hash_path(a, salt) if a in args.sources else a for a in argv]
     command = "medfm " + " ".join(shlex.quote(a) for a in argv)
-    writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers)
+    writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers, part=args.part or "")
     try:
         writer.prepare(resume=args.resume, overwrite=args.overwrite)
         manifest = writer.run()
@@ -180,6 +192,25 @@ def shard_command(args: argparse.Namespace) -> int:
 
     print(summary_text(manifest))
     print(f"wrote {Manifest.path(args.out)}")
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from data_shards.inspect import summary_text
+    from data_shards.merge import MergeError, merge_parts
+
+    if len(args.sources) < 2 or args.out is None:
+        print("usage: medfm shard merge PART_DIR... --out DIR", file=sys.stderr)
+        return 2
+    try:
+        manifest = merge_parts([Path(p) for p in args.sources[1:]], args.out, overwrite=args.overwrite)
+    except (MergeError, OSError) as error:
+        print(f"medfm shard merge: {error}", file=sys.stderr)
+        return 2
+    print(summary_text(manifest))
+    print(
+        f"{manifest.totals['duplicates_across_parts']} duplicates across parts dropped; wrote {Manifest.path(args.out)}"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ The order is deterministic (sorted paths), so the same inputs always give the sa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -17,6 +18,34 @@ from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dico
 from data_shards.images import IMAGE_SUFFIXES, ImageFile, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import InputUnit, SkipInput, relative_source
+
+
+@dataclass(frozen=True)
+class Part:
+    """``--part K/N``: this machine's share of the inputs, disjoint from the other N - 1 and the same on every
+    machine. Inputs are assigned by a hash of their folder (a DICOM series never straddles parts, and a machine
+    reads only the headers of its own folders) or, for npz / image-folder / CSV entries, of their own name."""
+
+    index: int  # 1-based
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Part:
+        index, sep, count = text.partition("/")
+        try:
+            part = cls(int(index), int(count))
+        except ValueError:
+            raise ValueError(f"--part {text!r}: expected K/N with integers, e.g. 3/8") from None
+        if not sep or not 1 <= part.index <= part.count:
+            raise ValueError(f"--part {text!r}: expected K/N with 1 <= K <= N")
+        return part
+
+    def owns(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 @dataclass
@@ -62,33 +91,42 @@ def sample_files() -> list[Path]:
     return names
 
 
-def plan_sources(sources: list[str]) -> Plan:
-    """Expand SOURCE arguments into units. Raises FileNotFoundError / ValueError naming a bad SOURCE."""
+def plan_sources(sources: list[str], part: Part | None = None) -> Plan:
+    """Expand SOURCE arguments into units (only ``part``'s share when given). Raises FileNotFoundError /
+    ValueError naming a bad SOURCE."""
     plan = Plan()
     for source in sources:
         kind, sep, rest = source.partition(":")
         if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
             if kind == "sample":
                 files = sample_files()
-                plan_files(plan, files, root=files[0].parent.parent, origin="sample")
+                plan_files(plan, files, root=files[0].parent.parent, origin="sample", part=part)
                 continue
             path = _existing(Path(rest).expanduser(), source)
             if kind == "medmnist":
                 try:
-                    plan.add(npz_units(path, path.parent), source)
+                    units = npz_units(path, path.parent)
                 except SkipInput as skip:
-                    plan.skipped.append((path.name, skip.reason))
+                    units = []
+                    if part is None or part.owns(path.name):
+                        plan.skipped.append((path.name, skip.reason))
             elif kind == "imagefolder":
-                plan.add(imagefolder_units(path), source)
+                units = imagefolder_units(path)
             else:
-                plan.add(csv_units(path), source)
+                units = csv_units(path)
+            plan.add([u for u in units if part is None or part.owns(_unit_key(u))], source)
             continue
         path = _existing(Path(source).expanduser(), source)
         if path.is_dir():
-            plan_folder(plan, path, origin=source)
+            plan_folder(plan, path, origin=source, part=part)
         else:
-            plan_files(plan, [path], root=path.parent, origin=source)
+            plan_files(plan, [path], root=path.parent, origin=source, part=part)
     return plan
+
+
+def _unit_key(unit: InputUnit) -> str:
+    """What ``Part.owns`` hashes for an entry of an npz / image folder / CSV: its name (and rows)."""
+    return f"{unit.source}:{getattr(unit, 'split', '')}:{getattr(unit, 'start', '')}"
 
 
 def _existing(path: Path, source: str) -> Path:
@@ -97,11 +135,14 @@ def _existing(path: Path, source: str) -> Path:
     return path
 
 
-def plan_folder(plan: Plan, folder: Path, origin: str) -> None:
-    """Walk ``folder``; sources are named relative to its parent so that they start with the folder's name."""
+def plan_folder(plan: Plan, folder: Path, origin: str, part: Part | None = None) -> None:
+    """Walk ``folder``; sources are named relative to its parent so that they start with the folder's name.
+    With ``part``, only the files of the folders it owns are listed (their headers are read in plan_files)."""
     files: list[Path] = []
     for directory, subdirs, names in os.walk(folder):
         subdirs.sort()
+        if part is not None and not part.owns(relative_source(Path(directory), folder.parent)):
+            continue
         visible = [n for n in names if not n.startswith(".")]
         if not visible and not subdirs:
             plan.skipped.append((relative_source(Path(directory), folder.parent) + "/", "empty folder"))
@@ -123,9 +164,11 @@ def not_regular_reason(path: Path) -> str | None:
     return None
 
 
-def plan_files(plan: Plan, files: list[Path], root: Path, origin: str) -> None:
+def plan_files(plan: Plan, files: list[Path], root: Path, origin: str, part: Part | None = None) -> None:
     dicom_files: list[Path] = []
     units: list[InputUnit] = []
+    if part is not None:
+        files = [path for path in files if part.owns(relative_source(path.parent, root))]
     for path in files:
         name = path.name.lower()
         if (reason := not_regular_reason(path)) is not None:

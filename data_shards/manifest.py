@@ -28,6 +28,7 @@ class Manifest:
     classes: label (as a string) -> class name.
     shards: one ``{"name", "count", "bytes", "sha256", ...}`` per shard file, in write order.
     skipped: one ``{"source", "reason"}`` per input left out.
+    part: ``"K/N"`` for one part of a multi-machine run (``medfm shard --part``), joined by ``medfm shard merge``.
     """
 
     format: str = FORMAT
@@ -38,6 +39,7 @@ class Manifest:
     classes: dict[str, str] = field(default_factory=dict)
     shards: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    part: str = ""  # "K/N": one machine's part of a multi-machine run (`medfm shard --part`), to merge
 
     @staticmethod
     def path(folder: str | Path) -> Path:

@@ -197,8 +197,9 @@ class _State:
 class ShardWriter:
     """Writes one shard set. Use :meth:`run`; see the module docstring for the guarantees."""
 
-    def __init__(self, out: Path, plan: Plan, config: ShardConfig, command: str, workers: int = 1):
+    def __init__(self, out: Path, plan: Plan, config: ShardConfig, command: str, workers: int = 1, part: str = ""):
         self.out = Path(out)
+        self.part = part
         self.plan = plan
         self.config = config
         self.command = command
@@ -215,6 +216,7 @@ class ShardWriter:
         payload = {
             "config": asdict(self.config),
             "units": [f"{type(u).__name__}:{u.source}:{getattr(u, 'start', '')}" for u in self.plan.units],
+            "part": self.part,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -441,7 +443,7 @@ class ShardWriter:
         if self._tar is not None:
             self._close_shard(len(self.plan.units), 0)
         manifest = self._manifest()
-        if manifest.totals["samples"] == 0:
+        if manifest.totals["samples"] == 0 and not self.part:  # a part of a small input set may be empty
             raise ShardError(
                 f"no readable image in the inputs ({len(manifest.skipped)} skipped; see the reasons above)"
             )
@@ -495,4 +497,5 @@ class ShardWriter:
             classes=dict(sorted(state.classes.items(), key=lambda kv: int(kv[0]))),
             shards=state.shards,
             skipped=planned + state.skipped + self._pending_skips,
+            part=self.part,
         )

@@ -1,0 +1,170 @@
+"""``medfm shard merge PART_DIR... --out DIR``: join the parts of a multi-machine run (``medfm shard --part K/N``)
+into one shard set.
+
+The parts are read in K order, their shards in write order, and each sample is copied (bytes unchanged, key
+renumbered) unless its pixel hash was already written by an earlier part: exact dedup across parts, so the result
+holds the same samples as one machine's run over all inputs. Shards are written as ``*.tar.tmp`` and renamed,
+the manifest last (a merge that died leaves no manifest: run it again with ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from data_shards.codec import file_sha256
+from data_shards.manifest import FORMAT, MANIFEST, Manifest
+
+
+class MergeError(ValueError):
+    """Parts that do not make one run: missing or repeated K, different N or options, not finished."""
+
+
+def check_parts(folders: list[Path]) -> list[tuple[Path, Manifest]]:
+    """The parts' manifests sorted by K; MergeError unless they are exactly parts 1..N of one configuration."""
+    parts = []
+    for folder in folders:
+        try:
+            manifest = Manifest.read(folder)
+        except FileNotFoundError:
+            raise MergeError(
+                f"{folder}: no {MANIFEST} (that part has not finished; run or --resume it first)"
+            ) from None
+        if not manifest.part:
+            raise MergeError(f"{folder}: not a part of a multi-machine run (written without --part K/N)")
+        parts.append((folder, manifest))
+    counts = {int(m.part.split("/")[1]) for _, m in parts}
+    if len(counts) != 1:
+        raise MergeError(f"parts of different splits: {sorted(m.part for _, m in parts)}")
+    (count,) = counts
+    indices = sorted(int(m.part.split("/")[0]) for _, m in parts)
+    if indices != list(range(1, count + 1)):
+        missing = sorted(set(range(1, count + 1)) - set(indices))
+        repeated = sorted(k for k, n in Counter(indices).items() if n > 1)
+        raise MergeError(f"need parts 1..{count} exactly once: missing {missing}, repeated {repeated}")
+    configs = {json.dumps(m.config, sort_keys=True) for _, m in parts}
+    if len(configs) != 1:
+        raise MergeError("the parts were written with different options (codec, windows, sizes, dedup...)")
+    return sorted(parts, key=lambda item: int(item[1].part.split("/")[0]))
+
+
+def _samples(shard: Path) -> Iterator[dict[str, bytes]]:
+    """The samples of one shard in order: ``{"__key__": ..., extension: bytes, ...}``."""
+    with tarfile.open(shard) as tar:
+        sample: dict[str, Any] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[extension] = tar.extractfile(member).read()
+        if sample:
+            yield sample
+
+
+def merge_parts(folders: list[Path], out: Path, overwrite: bool = False) -> Manifest:
+    parts = check_parts(folders)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        if not overwrite:
+            raise MergeError(f"{out} is not empty; choose an empty folder or pass --overwrite")
+        for path in [*out.glob("shard-*.tar*"), out / MANIFEST]:
+            path.unlink(missing_ok=True)
+    config = parts[0][1].config
+    max_count, max_bytes = int(config.get("max_count", 2000)), int(config.get("max_bytes", 256 * 1024**2))
+    seen: set[str] = set()
+    counters: Counter = Counter()
+    by_modality: Counter = Counter()
+    by_split: Counter = Counter()
+    shards: list[dict[str, Any]] = []
+    handle = writer = None
+    written_in_shard = 0
+
+    def close() -> None:
+        nonlocal handle, writer
+        writer.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        name = f"shard-{len(shards):06d}.tar"
+        tmp = out / f"{name}.tmp"
+        shards.append(
+            {"name": name, "count": written_in_shard, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        )
+        os.replace(tmp, out / name)
+        handle = writer = None
+
+    for folder, manifest in parts:
+        for shard in manifest.shards:
+            for sample in _samples(folder / shard["name"]):
+                record = json.loads(sample["json"])
+                if record["sha256"] in seen:
+                    counters["duplicates_across_parts"] += 1
+                    continue
+                size = sum(len(v) for k, v in sample.items() if k != "__key__")
+                if writer is not None and (written_in_shard >= max_count or handle.tell() + size + 3072 > max_bytes):
+                    close()
+                if writer is None:
+                    handle = open(out / f"shard-{len(shards):06d}.tar.tmp", "wb")  # noqa: SIM115 (closed in close())
+                    writer = wds.TarWriter(handle, mtime=0.0, user="medfm", group="medfm")
+                    written_in_shard = 0
+                writer.write({**sample, "__key__": f"{counters['samples']:09d}"})
+                written_in_shard += 1
+                seen.add(record["sha256"])
+                counters["samples"] += 1
+                counters["labeled"] += record.get("label") is not None
+                by_modality[record.get("modality", "OT")] += 1
+                if "split" in record:
+                    by_split[record["split"]] += 1
+    if writer is not None:
+        close()
+    if counters["samples"] == 0:
+        raise MergeError("the parts hold no sample")
+    manifests = [m for _, m in parts]
+
+    def summed(key: str) -> int:
+        return sum(int(m.totals.get(key, 0)) for m in manifests)
+
+    by_source: Counter = Counter()
+    for m in manifests:
+        by_source.update(m.totals.get("by_source", {}))
+    merged = Manifest(
+        format=FORMAT,
+        command="medfm shard merge " + " ".join(str(f) for f in folders) + f" --out {out}",
+        config=config,
+        sources=sorted({s for m in manifests for s in m.sources}),
+        totals={
+            "samples": counters["samples"],
+            "shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "labeled": counters["labeled"],
+            "inputs_planned": summed("inputs_planned"),
+            "inputs_read": summed("inputs_read"),
+            "inputs_skipped": summed("inputs_skipped"),
+            "duplicates_exact": summed("duplicates_exact") + counters["duplicates_across_parts"],
+            "duplicates_near": summed("duplicates_near"),
+            "duplicates_across_parts": counters["duplicates_across_parts"],
+            "by_modality": dict(sorted(by_modality.items())),
+            # per SOURCE argument as each part wrote them (cross-part duplicates are not attributed)
+            "by_source": dict(sorted(by_source.items())),
+            "by_split": dict(sorted(by_split.items())),
+            "parts": len(parts),
+        },
+        classes=dict(
+            sorted({k: v for m in manifests for k, v in m.classes.items()}.items(), key=lambda kv: int(kv[0]))
+        ),
+        shards=shards,
+        skipped=[entry for m in manifests for entry in m.skipped],
+    )
+    merged.write(out)
+    return merged
