@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from data_shards.discover import Part, plan_sources
-    from data_shards.writer import ShardConfig, ShardError, ShardWriter
+    from data_shards.discover import Part, plan_sources, read_plan, write_plan
+    from data_shards.writer import PLAN, ShardConfig, ShardError, ShardWriter
 
     try:
         windows = tuple(args.windows or ["header"])
@@ -157,7 +157,12 @@ def shard_command(args: argparse.Namespace) -> int:
             max_memory_gb=args.max_memory_gb,
         )
         part = Part.parse(args.part) if args.part else None
-        plan = plan_sources(args.sources, part)
+        # what the plan depends on: --resume reuses the saved plan only when these match
+        header = {"sources": args.sources, "part": args.part, "splits": args.splits}
+        plan = read_plan(args.out / PLAN, header) if args.resume and (args.out / PLAN).is_file() else None
+        resumed_plan = plan is not None
+        if plan is None:
+            plan = plan_sources(args.sources, part, workers=args.workers)
     except (ValueError, FileNotFoundError) as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 2
@@ -169,10 +174,11 @@ def shard_command(args: argparse.Namespace) -> int:
         print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
     salt = os.environ.get("MEDFM_PATH_SALT", "") if hash_paths else ""
     config = dataclasses.replace(config, hash_paths=hash_paths, path_salt=salt)
-    left_out = plan.keep_splits(tuple(args.splits)) if args.splits else 0
+    left_out = plan.keep_splits(tuple(args.splits)) if args.splits and not resumed_plan else 0
     print(
         f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
-        + (f", {left_out} inputs of splits other than {'/'.join(args.splits)} left out" if args.splits else ""),
+        + (f", {left_out} inputs of splits other than {'/'.join(args.splits)} left out" if left_out else "")
+        + (" (the interrupted run's plan: no header scanned again)" if resumed_plan else ""),
         file=sys.stderr,
     )
     argv = list(getattr(args, "argv", sys.argv[1:]))
@@ -184,6 +190,8 @@ def shard_command(args: argparse.Namespace) -> int:
     writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers, part=args.part or "")
     try:
         writer.prepare(resume=args.resume, overwrite=args.overwrite)
+        if not resumed_plan:
+            write_plan(args.out / PLAN, plan, header)
         manifest = writer.run()
     except ShardError as error:
         print(f"medfm shard: {error}", file=sys.stderr)

@@ -174,7 +174,38 @@ class DicomSeries:
             yield item
 
 
-def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
+_Facts = tuple[Path, str | None, tuple | None, float, int, str]
+
+
+def _facts(path: Path) -> _Facts:
+    """(path, skip reason, stack key, position, InstanceNumber, SOPInstanceUID) from the header alone."""
+    try:
+        ds = _read_dataset(path, stop_before_pixels=True)
+    except SkipInput as skip:
+        return path, skip.reason, None, 0.0, 0, ""
+    try:
+        key, position, instance = _stack_key(ds)
+        return path, None, key, position, instance, str(ds.get("SOPInstanceUID") or path)
+    except Exception:  # a malformed value (unknown VR, bad number) can fail on access: read the file alone
+        return path, None, None, 0.0, 0, ""
+
+
+def header_facts(paths: list[Path], workers: int = 1) -> Iterator[_Facts]:
+    """``_facts`` of every path in order; the headers are read by ``workers`` processes (which die with this one)."""
+    if workers <= 1 or len(paths) < 256:
+        yield from map(_facts, paths)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .workers import init_worker
+
+    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(os.getpid(), None)) as pool:
+        yield from pool.map(_facts, paths, chunksize=128)
+
+
+def group_dicom_files(
+    paths: list[Path], root: Path, workers: int = 1
+) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
     """Group files into units from their headers alone (pixels are not read).
 
     Single-frame files of one folder that share SeriesInstanceUID, Rows/Columns and ImageOrientationPatient and
@@ -193,17 +224,10 @@ def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | D
     skipped: list[tuple[str, str]] = []
     # Members sort by (position, InstanceNumber, path); the SOPInstanceUID (last) tells copies apart.
     stacks: dict[tuple, list[tuple[float, int, str, Path, str]]] = defaultdict(list)
-    for path in sorted(paths):
-        try:
-            ds = _read_dataset(path, stop_before_pixels=True)
-        except SkipInput as skip:
-            skipped.append((relative_source(path, root), skip.reason))
+    for path, reason, key, position, instance, uid in header_facts(sorted(paths), workers):
+        if reason is not None:
+            skipped.append((relative_source(path, root), reason))
             continue
-        try:
-            key, position, instance = _stack_key(ds)
-            uid = str(ds.get("SOPInstanceUID") or path)
-        except Exception:  # a malformed value (unknown VR, bad number) can fail on access: read the file alone
-            key = None
         if key is None:
             units.append(DicomFile(path, relative_source(path, root)))
         else:  # one folder per stack: a file elsewhere that claims the series' UID is not merged into it

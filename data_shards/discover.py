@@ -8,14 +8,16 @@ The order is deterministic (sorted paths), so the same inputs always give the sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
-from data_shards.images import IMAGE_SUFFIXES, ImageFile, csv_units, imagefolder_units, npz_units
+from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import InputUnit, SkipInput, relative_source
 
@@ -91,16 +93,16 @@ def sample_files() -> list[Path]:
     return names
 
 
-def plan_sources(sources: list[str], part: Part | None = None) -> Plan:
-    """Expand SOURCE arguments into units (only ``part``'s share when given). Raises FileNotFoundError /
-    ValueError naming a bad SOURCE."""
+def plan_sources(sources: list[str], part: Part | None = None, workers: int = 1) -> Plan:
+    """Expand SOURCE arguments into units (only ``part``'s share when given; DICOM headers read by ``workers``
+    processes). Raises FileNotFoundError / ValueError naming a bad SOURCE."""
     plan = Plan()
     for source in sources:
         kind, sep, rest = source.partition(":")
         if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
             if kind == "sample":
                 files = sample_files()
-                plan_files(plan, files, root=files[0].parent.parent, origin="sample", part=part)
+                plan_files(plan, files, root=files[0].parent.parent, origin="sample", part=part, workers=workers)
                 continue
             path = _existing(Path(rest).expanduser(), source)
             if kind == "medmnist":
@@ -118,9 +120,9 @@ def plan_sources(sources: list[str], part: Part | None = None) -> Plan:
             continue
         path = _existing(Path(source).expanduser(), source)
         if path.is_dir():
-            plan_folder(plan, path, origin=source, part=part)
+            plan_folder(plan, path, origin=source, part=part, workers=workers)
         else:
-            plan_files(plan, [path], root=path.parent, origin=source, part=part)
+            plan_files(plan, [path], root=path.parent, origin=source, part=part, workers=workers)
     return plan
 
 
@@ -135,7 +137,7 @@ def _existing(path: Path, source: str) -> Path:
     return path
 
 
-def plan_folder(plan: Plan, folder: Path, origin: str, part: Part | None = None) -> None:
+def plan_folder(plan: Plan, folder: Path, origin: str, part: Part | None = None, workers: int = 1) -> None:
     """Walk ``folder``; sources are named relative to its parent so that they start with the folder's name.
     With ``part``, only the files of the folders it owns are listed (their headers are read in plan_files)."""
     files: list[Path] = []
@@ -147,7 +149,7 @@ def plan_folder(plan: Plan, folder: Path, origin: str, part: Part | None = None)
         if not visible and not subdirs:
             plan.skipped.append((relative_source(Path(directory), folder.parent) + "/", "empty folder"))
         files.extend(Path(directory) / n for n in sorted(visible))
-    plan_files(plan, files, root=folder.parent, origin=origin)
+    plan_files(plan, files, root=folder.parent, origin=origin, workers=workers)
 
 
 def not_regular_reason(path: Path) -> str | None:
@@ -164,7 +166,9 @@ def not_regular_reason(path: Path) -> str | None:
     return None
 
 
-def plan_files(plan: Plan, files: list[Path], root: Path, origin: str, part: Part | None = None) -> None:
+def plan_files(
+    plan: Plan, files: list[Path], root: Path, origin: str, part: Part | None = None, workers: int = 1
+) -> None:
     dicom_files: list[Path] = []
     units: list[InputUnit] = []
     if part is not None:
@@ -188,8 +192,70 @@ def plan_files(plan: Plan, files: list[Path], root: Path, origin: str, part: Par
             plan.skipped.append(
                 (relative_source(path, root), f"not a supported image file ({path.suffix or 'no suffix'})")
             )
-    dicom_units, dicom_skipped = group_dicom_files(dicom_files, root)
+    dicom_units, dicom_skipped = group_dicom_files(dicom_files, root, workers)
     plan.skipped.extend(dicom_skipped)
     units.extend(dicom_units)
     units.sort(key=lambda unit: unit.source)
     plan.add(units, origin)
+
+
+# --- the plan on disk: `--resume` reads it instead of scanning every header again ---------------------------------
+_UNIT_TYPES = {cls.__name__: cls for cls in (DicomFile, DicomSeries, NiftiFile, ImageFile, NpzChunk)}
+
+
+def _unit_record(unit: InputUnit) -> dict:
+    record = {"type": type(unit).__name__}
+    for item in dataclasses.fields(unit):
+        value = getattr(unit, item.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        record[item.name] = value
+    return record
+
+
+def _unit_from(record: dict) -> InputUnit:
+    cls = _UNIT_TYPES[record.pop("type")]
+    values = {}
+    for item in dataclasses.fields(cls):
+        value = record[item.name]
+        if item.name == "path":
+            value = Path(value)
+        elif item.name == "paths":
+            value = tuple(Path(v) for v in value)
+        elif isinstance(value, list):  # a multi-label label
+            value = tuple(value)
+        values[item.name] = value
+    return cls(**values)
+
+
+def write_plan(path: Path, plan: Plan, header: dict) -> None:
+    """``path``: a header line (what the plan was made from), then one line per unit and per listing skip."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps({"header": header}) + "\n")
+        for unit, origin in zip(plan.units, plan.origins, strict=True):
+            handle.write(json.dumps({"unit": _unit_record(unit), "origin": origin}) + "\n")
+        for source, reason in plan.skipped:
+            handle.write(json.dumps({"skipped": [source, reason]}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_plan(path: Path, header: dict) -> Plan | None:
+    """The plan saved by ``write_plan`` when it was made from the same ``header``; None otherwise."""
+    try:
+        lines = iter(path.read_text().splitlines())
+        if json.loads(next(lines)).get("header") != json.loads(json.dumps(header)):
+            return None
+        plan = Plan()
+        for line in lines:
+            entry = json.loads(line)
+            if "unit" in entry:
+                plan.units.append(_unit_from(entry["unit"]))
+                plan.origins.append(entry["origin"])
+            else:
+                plan.skipped.append(tuple(entry["skipped"]))
+        return plan
+    except (OSError, StopIteration, ValueError, KeyError, TypeError):
+        return None  # a plan cut by a crash: scan again

@@ -36,8 +36,10 @@ from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, 
 from data_shards.discover import Plan
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
+from data_shards.workers import init_worker
 
 JOURNAL = ".progress.jsonl"
+PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.write_plan): --resume does not rescan
 DEDUP_MODES = ("none", "exact", "near")
 
 
@@ -108,23 +110,6 @@ def time_limit(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def init_worker(parent: int, max_memory_gb: float | None) -> None:
-    """Reader process set-up: die with the parent (a ``kill -9`` of medfm shard leaves no orphan holding memory)
-    and, when asked, cap the address space so that a huge allocation is a MemoryError (a skip), not the OOM killer."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-    if max_memory_gb is not None:
-        import resource
-
-        limit = int(max_memory_gb * 1024**3)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _jsonable(value: Any) -> Any:
@@ -225,11 +210,11 @@ class ShardWriter:
         """Check the output folder: never overwrite silently; load the journal on ``--resume``."""
         self.out.mkdir(parents=True, exist_ok=True)
         journal = self.out / JOURNAL
-        existing = [p for p in self.out.iterdir() if p.name != JOURNAL]
+        existing = [p for p in self.out.iterdir() if p.name not in (JOURNAL, PLAN)]
         if overwrite:
             for path in self.out.glob("shard-*.tar*"):
                 path.unlink()
-            for name in (MANIFEST, JOURNAL):
+            for name in (MANIFEST, JOURNAL, PLAN):
                 (self.out / name).unlink(missing_ok=True)
             return
         if (self.out / MANIFEST).exists():
@@ -449,6 +434,7 @@ class ShardWriter:
             )
         manifest.write(self.out)
         (self.out / JOURNAL).unlink()
+        (self.out / PLAN).unlink(missing_ok=True)
         return manifest
 
     def _shown(self, source: str) -> str:

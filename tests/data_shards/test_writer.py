@@ -288,3 +288,45 @@ def test_named_window_is_recorded(shared_data: Path, tmp_path: Path, window: str
     assert "-600/1500" in record["window"]
     assert record["bits"] == 16
     assert os.path.getsize(out / "shard-000000.tar") > 0
+
+
+def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(shared_data: Path, tmp_path: Path, monkeypatch, capsys):  # fmt: skip
+    import data_shards.dicom as dicom
+    from data_shards.writer import ShardWriter
+
+    common = [str(shared_data / "dicom"), "--max-count", "8", "--workers", "1", "--max-side", "64"]
+    assert main(["shard", *common, "--out", str(tmp_path / "reference")]) == 0
+    close = ShardWriter._close_shard
+
+    def close_then_die(self, *args):
+        close(self, *args)
+        if len(self.state.shards) == 2:
+            raise KeyboardInterrupt  # the run dies after its second shard
+
+    monkeypatch.setattr(ShardWriter, "_close_shard", close_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["shard", *common, "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(ShardWriter, "_close_shard", close)
+    assert (tmp_path / "out" / ".plan.jsonl").is_file()
+
+    def no_scan(path):
+        raise AssertionError(f"header of {path} read again on --resume")
+
+    monkeypatch.setattr(dicom, "_facts", no_scan)
+    capsys.readouterr()
+    assert main(["shard", *common, "--out", str(tmp_path / "out"), "--resume"]) == 0
+    assert "no header scanned again" in capsys.readouterr().err
+    got, want = manifest_of(tmp_path / "out"), manifest_of(tmp_path / "reference")
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
+    assert not (tmp_path / "out" / ".plan.jsonl").exists()
+
+
+def test_headers_are_scanned_in_parallel_with_the_same_result(shared_data: Path, tmp_path: Path):
+    from data_shards.discover import plan_sources
+
+    folder = tmp_path / "many"
+    for copy in range(10):  # 33 files x 10 folders: enough for the parallel path (256+ DICOM files)
+        shutil.copytree(shared_data / "dicom", folder / f"copy{copy}")
+    one, two = plan_sources([str(folder)], workers=1), plan_sources([str(folder)], workers=2)
+    assert one.units == two.units and one.skipped == two.skipped
+    assert sum(type(u).__name__ == "DicomSeries" for u in one.units) == 10
