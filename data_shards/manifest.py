@@ -61,8 +61,17 @@ class Manifest:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (not a finished `medfm shard` output)")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ManifestError(f"{path}: not a shard manifest ({err})") from err
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, path: str) -> Manifest:
+        """A manifest from its JSON text (read from ``path``, a file or a URL: named in errors)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
             raise ManifestError(f"{path}: not a shard manifest ({err})") from err
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: not a shard manifest (a JSON {type(data).__name__}, not an object)")

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
 from data_shards.manifest import Manifest
 from data_shards.records import ReadOptions, SkipInput
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, is_remote
 
 SPEC_KINDS = ("shards", "medmnist", "imagefolder", "csv")
 
@@ -27,7 +27,7 @@ SPEC_KINDS = ("shards", "medmnist", "imagefolder", "csv")
 @dataclass(frozen=True)
 class DatasetSpec:
     kind: str
-    path: Path
+    path: Path | str  # a str only for remote shards (a URL, a pipe: command or a brace pattern)
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.path}"
@@ -43,6 +43,8 @@ def parse_spec(spec: str) -> DatasetSpec:
         if path.suffix == ".npz":
             return DatasetSpec("medmnist", path)
         raise ValueError(f"dataset spec {spec!r}: expected one of {', '.join(k + ':PATH' for k in SPEC_KINDS)}")
+    if kind == "shards" and is_remote(rest):  # URL, pipe: command or brace pattern: webdataset opens it
+        return DatasetSpec(kind, rest)
     path = Path(rest).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset spec {spec!r}: {path} does not exist")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,59 @@ from data_shards.codec import decode_pixels, label_value, match_channels, pixels
 from data_shards.manifest import Manifest
 
 IMAGE_EXTENSIONS = ("png", "npy")
+
+
+def is_remote(location: str) -> bool:
+    """A shard location webdataset opens rather than a local folder: a URL, a ``pipe:`` command or a brace pattern."""
+    return location.startswith("pipe:") or "://" in location or "{" in location
+
+
+def beside(location: str, name: str) -> str:
+    """The file ``name`` in the folder of a shard pattern: ``https://h/s/shard-{0..9}.tar`` -> ``https://h/s/NAME``;
+    for ``pipe:CMD`` the argument holding the pattern (or the last ``.tar`` argument) is replaced the same way."""
+    if location.startswith("pipe:"):
+        words = location[len("pipe:") :].split(" ")
+        at = next((i for i in reversed(range(len(words))) if "{" in words[i] or words[i].endswith(".tar")), None)
+        if at is None:
+            raise ValueError(f"shards:{location}: no shard pattern (*.tar or {{a..b}}) in the pipe command")
+        words[at] = posixpath.join(posixpath.dirname(words[at]), name)
+        return "pipe:" + " ".join(words)
+    if "{" in location or location.endswith(".tar"):
+        return posixpath.join(posixpath.dirname(location), name)
+    return posixpath.join(location, name)  # a folder URL
+
+
+def read_manifest_at(location: str) -> Manifest:
+    """The manifest of a shard set: ``manifest.json`` of a local folder, or beside a remote pattern (read with
+    webdataset's ``gopen``: files, http(s) through curl, ``pipe:`` commands)."""
+    if not is_remote(location):
+        return Manifest.read(location)
+    where = beside(location, "manifest.json")
+    try:
+        with wds.gopen(where) as handle:
+            text = handle.read().decode()
+    except Exception as err:  # gopen raises per scheme (IOError, ValueError, subprocess errors)
+        raise FileNotFoundError(f"shards:{location}: cannot read its manifest at {where} ({err})") from None
+    return Manifest.parse(text, where)
+
+
+def open_shard_set(location: str) -> tuple[list[str], Manifest]:
+    """(shard URLs in manifest order, manifest) of a local folder or a remote location: a brace pattern
+    (``https://host/set/shard-{000000..000099}.tar``, ``pipe:aws s3 cp s3://b/set/shard-{000000..000099}.tar -``)
+    or a folder URL (``https://host/set/``), with the manifest beside the shards."""
+    manifest = read_manifest_at(location)
+    if not is_remote(location):
+        return shard_paths(Path(location), manifest), manifest
+    if "{" in location:
+        urls = list(wds.shardlists.expand_urls(location))
+    elif location.startswith("pipe:"):
+        raise ValueError(f"shards:{location}: give the shards as a brace pattern, e.g. shard-{{000000..000009}}.tar")
+    else:
+        urls = [posixpath.join(location, shard["name"]) for shard in manifest.shards]
+    names = [shard["name"] for shard in manifest.shards]
+    if len(urls) != len(names) or any(name not in url for url, name in zip(urls, names, strict=True)):
+        raise ValueError(f"shards:{location}: the pattern gives {len(urls)} shards, the manifest lists {len(names)} ({names[0]} ... {names[-1]})")  # fmt: skip
+    return urls, manifest
 
 
 def shard_paths(shard_dir: Path, manifest: Manifest | None = None) -> list[str]:
@@ -74,9 +128,8 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
-        self.shard_dir = Path(shard_dir)
-        manifest = Manifest.read(self.shard_dir)
-        self.urls = shard_paths(self.shard_dir, manifest)
+        self.shard_dir = str(shard_dir)
+        self.urls, manifest = open_shard_set(self.shard_dir)
         totals = manifest.totals
         self.total_samples = totals["by_split"].get(split, 0) if split else totals["samples"]
         if split and self.total_samples == 0:

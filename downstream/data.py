@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,8 +32,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from data_shards.images import csv_units, imagefolder_units
-from data_shards.manifest import Manifest
 from data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
+from data_shards.stream import read_manifest_at
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMN = "split"
@@ -278,13 +279,18 @@ def class_names_of(spec: str) -> list[str] | None:
         if all(names.values()):
             return [names[i] for i in sorted(names)]
     if parsed.kind == "shards":
-        return Manifest.read(parsed.path).class_names() or None
+        return read_manifest_at(str(parsed.path)).class_names() or None
     return None
 
 
 def dataset_fingerprint(spec: str) -> str:
-    """Identity of a spec's content for cache keys: path plus size and mtime of its files."""
-    path = parse_spec(spec).path.resolve()
+    """Identity of a spec's content for cache keys: path plus size and mtime of its files (remote shards: the
+    manifest, which holds every shard's sha256)."""
+    parsed = parse_spec(spec)
+    if isinstance(parsed.path, str):
+        manifest = read_manifest_at(parsed.path)
+        return hashlib.blake2b(json.dumps(manifest.shards, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = parsed.path.resolve()
     digest = hashlib.blake2b(str(path).encode(), digest_size=16)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import time
 import tracemalloc
@@ -148,3 +149,59 @@ def test_two_processes_with_more_readers_than_shards_do_not_hang(uneven_shards: 
     assert len(results[0]["keys"]) == len(results[1]["keys"]) == 30
     assert results[0]["keys"] != results[1]["keys"]  # ranks draw their own streams
     assert os.environ.get("WORLD_SIZE") is None
+
+
+@pytest.fixture
+def png_shards(medmnist, tmp_path: Path) -> Path:
+    from medfm_cli import main
+
+    out = tmp_path / "png"
+    args = ["shard", f"medmnist:{medmnist('breastmnist')}", "--out", str(out), "--codec", "png", "--max-count", "300"]
+    assert main([*args, "--workers", "1"]) == 0
+    return out
+
+
+def _keys(dataset) -> list[str]:
+    return sorted(sample["key"] for sample in dataset)
+
+
+def test_remote_shards_read_like_a_folder_brace_pipe_and_http(png_shards: Path):
+    import http.server
+    import threading
+    from functools import partial
+
+    from data_shards.specs import open_dataset
+
+    names = sorted(p.name for p in png_shards.glob("shard-*.tar"))
+    pattern = f"shard-{{000000..{len(names) - 1:06d}}}.tar"
+    local = _keys(open_dataset(f"shards:{png_shards}", resampled=False, shuffle_buffer=0))
+    assert len(local) == 779  # BreastMNIST holds one exact duplicate
+    assert _keys(open_dataset(f"shards:{png_shards}/{pattern}", resampled=False, shuffle_buffer=0)) == local
+    assert _keys(open_dataset(f"shards:pipe:cat {png_shards}/{pattern}", resampled=False, shuffle_buffer=0)) == local
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(png_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        if shutil.which("curl") is None:
+            pytest.skip("curl not installed: webdataset reads http(s) shards through curl")
+        assert _keys(open_dataset(f"shards:{url}/{pattern}", resampled=False, shuffle_buffer=0)) == local
+        assert _keys(open_dataset(f"shards:{url}/", resampled=False, shuffle_buffer=0)) == local  # a folder URL
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match="the manifest lists"):
+        open_dataset(f"shards:{png_shards}/shard-{{000000..000000}}.tar", resampled=False)
+
+
+def test_png_shards_open_with_plain_webdataset_and_timm(png_shards: Path):
+    import timm.data
+    import webdataset as wds
+
+    count = len(list(png_shards.glob("shard-*.tar")))
+    pattern = f"shard-{{000000..{count - 1:06d}}}.tar"
+    samples = list(wds.WebDataset(str(png_shards / pattern), shardshuffle=False).decode("pil").to_tuple("png", "json"))
+    assert len(samples) == 779 and samples[0][0].size == (28, 28) and "label" in samples[0][1]
+    dataset = timm.data.create_dataset("wds/breastmnist", root=str(png_shards), split=f"{pattern}|779",
+                                       target_key="label", input_img_mode="L")  # fmt: skip
+    image, target = next(iter(dataset))
+    assert image.size == (28, 28) and int(target) in (0, 1)
