@@ -342,7 +342,7 @@ def check_target(
 def _cell(stat: dict[str, float] | None) -> str:
     if stat is None:
         return "-"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["std"] > 0 else f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["std"] >= 0.0005 else f"{stat['mean']:.3f}"
 
 
 def budget_table(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:

@@ -205,3 +205,13 @@ def test_png_shards_open_with_plain_webdataset_and_timm(png_shards: Path):
                                        target_key="label", input_img_mode="L")  # fmt: skip
     image, target = next(iter(dataset))
     assert image.size == (28, 28) and int(target) in (0, 1)
+
+
+def test_the_manifest_is_found_beside_any_shard_pattern():
+    from data_shards.stream import beside, is_remote
+
+    assert beside("https://h/set/shard-{000000..000009}.tar", "manifest.json") == "https://h/set/manifest.json"
+    assert beside("https://h/set/", "manifest.json") == "https://h/set/manifest.json"
+    assert (beside("pipe:aws s3 cp s3://b/set/shard-{000000..000009}.tar -", "manifest.json")
+            == "pipe:aws s3 cp s3://b/set/manifest.json -")  # fmt: skip
+    assert is_remote("pipe:cat x") and is_remote("/data/shard-{0..3}.tar") and not is_remote("/data/shards")

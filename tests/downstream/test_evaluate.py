@@ -142,3 +142,16 @@ def test_a_general_purpose_baseline_beside_the_release_and_random_init(
     assert all(f"| {init} | knn |" in table for init in ("release", "random", "baseline"))
     with pytest.raises(ConfigError, match=r"backbone\.baseline"):
         evaluate(tiny_release, spec, tmp_path / "bad", "backbone.inits=[baseline]")
+
+
+def test_the_weights_checksum_covers_0_dim_buffers_of_batchnorm_models():
+    import torch
+
+    from downstream.features import state_checksum
+    from pretrain.backbones import build_backbone
+
+    model = build_backbone("resnet18", img_size=28)
+    before = state_checksum(model.state_dict())
+    model.bn1.num_batches_tracked += 1  # a 0-dim int64 buffer
+    assert state_checksum(model.state_dict()) != before
+    assert state_checksum({"x": torch.tensor(3)}) != state_checksum({"x": torch.tensor(4)})
