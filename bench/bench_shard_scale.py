@@ -120,7 +120,8 @@ def main() -> None:
         shards = -(-results["runs"][f"workers{workers}"]["samples"] // 500)
         killed = run_shard(tmp_dir / "corpus", tmp_dir / "resume", workers, [], kill_at=int(0.9 * shards))
         resumed = run_shard(tmp_dir / "corpus", tmp_dir / "resume", workers, ["--resume"])
-        results["resume"] = {"killed_at_shards": int(0.9 * shards), "of_shards": shards, "resume_s": resumed["total_s"],
+        results["resume"] = {"killed_at_shards": int(0.9 * shards), "killed_returncode": killed["returncode"],
+                             "of_shards": shards, "resume_s": resumed["total_s"],
                              "full_run_s": full, "fraction_of_full": resumed["total_s"] / full,
                              "samples": resumed["samples"]}  # fmt: skip
         print(f"resume of a run killed at 90 %: {resumed['total_s']:.1f} s = "
