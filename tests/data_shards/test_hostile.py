@@ -27,6 +27,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[2]
+# the planted values are deliberately not valid CS values: pydicom warns when writing them
+pytestmark = pytest.mark.filterwarnings("ignore:.*VR CS:UserWarning")
 PLANTED = "JOHN^DOE 1932 MRN 5551234"
 
 

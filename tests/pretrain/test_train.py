@@ -60,6 +60,7 @@ def test_mae_writes_pictures_tensorboard_and_knn(tiny, tmp_path, pneumonia):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "mae_reconstruction-step0000004.png",
         "mae_reconstruction-step0000008.png",
+        "training_curves.png",  # loss, lr, collapse signals and kNN accuracy, drawn at the end of the run
     ]
     assert any((tmp_path / "tensorboard").iterdir())
 
