@@ -132,7 +132,7 @@ class DicomFile:
         _check_windows(options.windows)
         ds = _read_dataset(self.path)
         num_frames = _declared_frames(ds)
-        check_pixel_budget(_declared_values(ds), options, f"the file ({num_frames:,} frames)")
+        check_pixel_budget(_declared_values(ds), options.max_pixels, f"the file ({num_frames:,} frames)")
         loaders = [lambda i=i: (ds, i) for i in range(num_frames)]
         names = [f"frame {i}" for i in range(num_frames)] if num_frames > 1 else [""]
         label = list(self.label) if isinstance(self.label, tuple) else self.label
@@ -161,7 +161,7 @@ class DicomSeries:
 
         def load(path: Path) -> tuple[Dataset, int]:
             ds = _read_dataset(path)
-            check_pixel_budget(_declared_values(ds), options, "the slice")
+            check_pixel_budget(_declared_values(ds), options.max_pixels, "the slice")
             return ds, 0
 
         loaders = [lambda p=p: load(p) for p in self.paths]

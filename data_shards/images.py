@@ -66,7 +66,7 @@ class ImageFile:
         try:
             with Image.open(self.path) as image:
                 width, height = image.size  # from the header: checked before decoding
-                check_pixel_budget(width * height * len(image.getbands()), options, "the image")
+                check_pixel_budget(width * height * len(image.getbands()), options.max_pixels, "the image")
                 image.load()  # decode now: a truncated file fails here (LOAD_TRUNCATED_IMAGES stays False)
                 unit, bits, window, photometric = _image_to_unit(ImageOps.exif_transpose(image))
         except FileNotFoundError as exc:
@@ -194,7 +194,7 @@ def _read_npy_rows(
             raise ValueError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
         row_values = math.prod(int(n) for n in shape[1:])
         if max_values is not None:
-            check_pixel_budget((stop - start) * row_values, ReadOptions(max_pixels=max_values), f"{key} rows [{start}, {stop})")  # fmt: skip
+            check_pixel_budget((stop - start) * row_values, max_values, f"{key} rows [{start}, {stop})")  # fmt: skip
         row_bytes = dtype.itemsize * row_values
         member.seek(start * row_bytes, io.SEEK_CUR)  # a deflated member decompresses forward, never whole
         data = member.read((stop - start) * row_bytes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,21 +54,10 @@ def check_parts(folders: list[Path]) -> list[tuple[Path, Manifest]]:
     return sorted(parts, key=lambda item: int(item[1].part.split("/")[0]))
 
 
-def _samples(shard: Path) -> Iterator[dict[str, bytes]]:
-    """The samples of one shard in order: ``{"__key__": ..., extension: bytes, ...}``."""
-    with tarfile.open(shard) as tar:
-        sample: dict[str, Any] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[extension] = tar.extractfile(member).read()
-        if sample:
-            yield sample
+def _samples(shard: Path) -> Iterator[dict[str, Any]]:
+    """The samples of one shard in order, as webdataset groups them: ``{"__key__": ..., extension: bytes}``."""
+    for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+        yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
 
 
 def merge_parts(folders: list[Path], out: Path, overwrite: bool = False) -> Manifest:

@@ -94,7 +94,9 @@ class NiftiFile:
         if len(shape) > 4:
             raise SkipInput(f"{len(shape)}D NIfTI data {shape}: only 3D and 4D volumes are supported")
         # one 3D volume is in memory at a time (4D files are read time point by time point)
-        check_pixel_budget(math.prod(int(n) for n in shape[:3]), options, f"a {'x'.join(map(str, shape[:3]))} volume")
+        check_pixel_budget(
+            math.prod(int(n) for n in shape[:3]), options.max_pixels, f"a {'x'.join(map(str, shape[:3]))} volume"
+        )
         # A 4D file with a single time point is a 3D volume with a trailing singleton axis.
         time_points = [None] if len(shape) == 3 or shape[3] == 1 else list(range(shape[3]))
 

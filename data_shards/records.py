@@ -95,12 +95,10 @@ class ReadOptions:
     max_pixels: int = 2**30
 
 
-def check_pixel_budget(declared: int, options: ReadOptions, what: str) -> None:
-    """SkipInput when a header declares more pixel values than ``options.max_pixels``."""
-    if declared > options.max_pixels:
-        raise SkipInput(
-            f"{what} declares {declared:,} pixel values, over the budget of {options.max_pixels:,} (--max-pixels)"
-        )
+def check_pixel_budget(declared: int, limit: int, what: str) -> None:
+    """SkipInput when a header declares more pixel values than ``limit`` (``ReadOptions.max_pixels``)."""
+    if declared > limit:
+        raise SkipInput(f"{what} declares {declared:,} pixel values, over the budget of {limit:,} (--max-pixels)")
 
 
 def relative_source(path: Path, root: Path) -> str:
