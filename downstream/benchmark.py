@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
+from data_shards.manifest import Manifest
 from downstream.config import save_config, to_dict
 from pretrain.config import Need, config_need, load_structured
 
@@ -295,7 +296,7 @@ def _pretrain_info(run_dir: Path) -> dict[str, Any]:
 
 
 def _pool_info(pool: Path) -> dict[str, Any]:
-    totals = (_read(pool / "manifest.json") or {}).get("totals", {})
+    totals = Manifest.read(pool).totals if Manifest.exists(pool) else {}
     return {key: totals.get(key) for key in ("samples", "by_source", "by_modality")}
 
 

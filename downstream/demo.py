@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards.manifest import Manifest
+
 RunStep = Callable[[list[str]], int]
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "pretrain" / "demo.yaml"
@@ -148,8 +150,7 @@ def write_report(plan: DemoPlan, seconds: float) -> Path:
         ("ROC (linear probe, random init)", out / "eval" / "random" / "linear" / "roc.png"),
         ("Embedding of the test images (release)", out / "eval" / "release" / "linear" / "embedding.png"),
     ]
-    manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    totals = manifest["totals"]
+    totals = Manifest.read(out / "shards").totals
     lines = [
         "# medfm demo",
         "",
