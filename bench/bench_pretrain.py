@@ -148,7 +148,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: Accelerator) -> 
         f"train.precision='{args.precision}'",  # quoted: YAML reads a bare no as false
         f"logging.every_steps={args.log_every}",
         "logging.progress_bar=false",
-        "logging.tensorboard=false",
+        "logging.trackers=[]",
         "logging.figure_every_steps=0",
         "knn.spec=null",
         "schedule.epochs=1",  # one epoch = the timed steps of one block
@@ -192,7 +192,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: Accelerator) -> 
                         bare_loop(bare_model, bare_opt, views, args.steps, clip, bare_autocast)
                     else:
                         monitor = Monitor(Path(run_dir), enabled=True, total_steps=args.steps, start_step=0,
-                                          tensorboard=False, progress_bar=False)  # fmt: skip
+                                          progress_bar=False)  # fmt: skip
                         batch = {"views": views}
                         train(cfg=cfg, accelerator=accelerator, model=engine_model, optimizer=engine_opt,
                               loader=FixedBatches(batch, args.steps), schedules=Schedules.from_config(cfg),
@@ -218,7 +218,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: Accelerator) -> 
     if args.count_syncs and accelerator.device.type == "cuda":
         with tempfile.TemporaryDirectory() as run_dir:
             monitor = Monitor(Path(run_dir), enabled=True, total_steps=args.steps, start_step=0,
-                              tensorboard=False, progress_bar=False)  # fmt: skip
+                              progress_bar=False)  # fmt: skip
 
             def engine_block() -> None:
                 train(cfg=cfg, accelerator=accelerator, model=engine_model, optimizer=engine_opt,

@@ -83,7 +83,7 @@ def overrides(args: argparse.Namespace, run_dir: Path, processes: int, gpu: bool
         f"checkpoint.every_steps={args.steps * 10}",  # the final checkpoint only
         f"logging.every_steps={max(1, args.steps // 4)}",
         "logging.figure_every_steps=0",
-        "logging.tensorboard=false",
+        "logging.trackers=[]",
         "logging.progress_bar=false",
         "simclr.hidden_dim=512",
         "simclr.output_dim=128",

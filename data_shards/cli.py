@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
 
 from data_shards.manifest import MANIFEST, Manifest, ManifestError
-from data_shards.records import ReadOptions
-from data_shards.windows import parse_window
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -129,78 +126,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from data_shards.discover import Part, plan_sources, read_plan, write_plan
-    from data_shards.writer import PLAN, ShardConfig, ShardError, ShardWriter
+    from data_shards.errors import ConfigError
+    from data_shards.inspect import summary_text
+    from data_shards.shard import shard
+    from data_shards.writer import ShardError
 
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    options = {name: getattr(args, name) for name in SHARD_OPTIONS}
     try:
-        windows = tuple(args.windows or ["header"])
-        for window in windows:
-            parse_window(window)
-        read = ReadOptions(
-            windows=windows,
+        manifest = shard(
+            args.sources,
+            args.out,
+            **options,
+            windows=tuple(args.windows or ["header"]),
             percentiles=tuple(args.percentiles),
-            nifti_axis=args.nifti_axis,
-            nifti_stride=args.nifti_stride,
-            nifti_intensity=args.nifti_intensity,
-            min_foreground=args.min_foreground,
-            max_side=args.max_side,
-            max_pixels=int(args.max_pixels),
+            command="medfm " + " ".join(shlex.quote(a) for a in argv),
         )
-        config = ShardConfig(
-            max_count=args.max_count,
-            max_bytes=int(args.max_mb * 1024**2),
-            codec=args.codec,
-            dedup=args.dedup,
-            near_threshold=args.near_threshold,
-            read=read,
-            unit_timeout_s=args.timeout,
-            max_memory_gb=args.max_memory_gb,
-        )
-        part = Part.parse(args.part) if args.part else None
-        # what the plan depends on: --resume reuses the saved plan only when these match
-        header = {"sources": args.sources, "part": args.part, "splits": args.splits}
-        plan = read_plan(args.out / PLAN, header) if args.resume and (args.out / PLAN).is_file() else None
-        resumed_plan = plan is not None
-        if plan is None:
-            plan = plan_sources(args.sources, part, workers=args.workers)
-    except (ValueError, FileNotFoundError) as error:
+    except ConfigError as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 2
-    # auto: hashed for DICOM, and for every part of a multi-machine run (the parts must agree, and one part
-    # cannot know whether another holds DICOM)
-    hash_paths = (plan.has_dicom() or part is not None) if args.hash_paths is None else args.hash_paths
-    if hash_paths and args.hash_paths is None:
-        why = "a part of a multi-machine run" if part is not None else "DICOM inputs"
-        print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
-    salt = os.environ.get("MEDFM_PATH_SALT", "") if hash_paths else ""
-    config = dataclasses.replace(config, hash_paths=hash_paths, path_salt=salt)
-    left_out = plan.keep_splits(tuple(args.splits)) if args.splits and not resumed_plan else 0
-    print(
-        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
-        + (f", {left_out} inputs of splits other than {'/'.join(args.splits)} left out" if left_out else "")
-        + (" (the interrupted run's plan: no header scanned again)" if resumed_plan else ""),
-        file=sys.stderr,
-    )
-    argv = list(getattr(args, "argv", sys.argv[1:]))
-    if hash_paths:  # a SOURCE folder can be named after the patient: the manifest keeps its hash only
-        from data_shards.writer import hash_path
-
-        argv = [hash_path(a, salt) if a in args.sources else a for a in argv]
-    command = "medfm " + " ".join(shlex.quote(a) for a in argv)
-    writer = ShardWriter(args.out, plan, config, command=command, workers=args.workers, part=args.part or "")
-    try:
-        writer.prepare(resume=args.resume, overwrite=args.overwrite)
-        if not resumed_plan:
-            write_plan(args.out / PLAN, plan, header)
-        manifest = writer.run()
     except ShardError as error:
         print(f"medfm shard: {error}", file=sys.stderr)
         return 1
-    from data_shards.inspect import summary_text
-
     print(summary_text(manifest))
     print(f"wrote {Manifest.path(args.out)}")
     return 0
+
+
+# argparse destinations passed to data_shards.shard.shard as they are
+SHARD_OPTIONS = (
+    "workers", "resume", "overwrite", "max_count", "max_mb", "codec", "dedup", "near_threshold", "nifti_axis",
+    "nifti_stride", "nifti_intensity", "min_foreground", "max_side", "hash_paths", "max_pixels", "timeout",
+    "max_memory_gb", "splits", "part",
+)  # fmt: skip
 
 
 def merge_command(args: argparse.Namespace) -> int:

@@ -10,12 +10,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from data_shards.errors import MedfmError
+
 MANIFEST = "manifest.json"
 FORMAT = "medfm-shards/1"
 REQUIRED = ("totals",)  # what every reader needs; the writer always writes every field
 
 
-class ManifestError(ValueError):
+class ManifestError(MedfmError, ValueError):
     """A manifest file that exists but is not one: not a JSON object, a required key missing, a wrong type."""
 
 

@@ -19,10 +19,11 @@ from typing import Any
 import webdataset as wds
 
 from data_shards.codec import file_sha256
+from data_shards.errors import MedfmError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 
 
-class MergeError(ValueError):
+class MergeError(MedfmError, ValueError):
     """Parts that do not make one run: missing or repeated K, different N or options, not finished."""
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from data_shards.discover import Plan
+from data_shards.errors import MedfmError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
 from data_shards.workers import init_worker
@@ -43,7 +44,7 @@ PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.write_
 DEDUP_MODES = ("none", "exact", "near")
 
 
-class ShardError(Exception):
+class ShardError(MedfmError):
     """A problem with the output folder or the run as a whole (not with a single input)."""
 
 

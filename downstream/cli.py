@@ -29,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", help="export this checkpoint file instead of the newest")
     export.add_argument("--results", nargs="*", default=[], metavar="RESULTS", help="results_summary.json / results.json files, or folders to search, for the card")  # fmt: skip
     export.add_argument("--overwrite", action="store_true", help="replace the files of an existing release folder")
+    export.add_argument("--license", default="other", help="the weights' license id for the model card, e.g. apache-2.0, cc-by-4.0 (default: other; the weights inherit the pretraining data's terms)")  # fmt: skip
+    export.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the release folder to this Hugging Face Hub model repo (created if needed; token from $HF_TOKEN or `hf auth login`)")  # fmt: skip
+    export.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public (default: private)")  # fmt: skip
     export.set_defaults(handler=run_export)
 
     evaluate = subparsers.add_parser(
@@ -79,11 +82,14 @@ def _run(command: str, body: Callable[[], None]) -> int:
 def run_export(args: argparse.Namespace) -> int:
     def body() -> None:
         from pretrain.export import export_run
+        from pretrain.hub import push_release
 
-        out = export_run(
-            args.run_dir, args.out, checkpoint=args.checkpoint, results=args.results, overwrite=args.overwrite
-        )
+        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, results=args.results,
+                         overwrite=args.overwrite, license=args.license)  # fmt: skip
         print(f"released {args.run_dir} -> {out} (model.safetensors, config.json, README.md)")
+        if args.push_to_hub:
+            url = push_release(out, args.push_to_hub, private=not args.public)
+            print(f"pushed to the Hugging Face Hub: {url}")
 
     return _run("export", body)
 

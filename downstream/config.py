@@ -5,6 +5,7 @@ with a message naming the key; the resolved config is saved in the output direct
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class TrainConfig:
     freeze_blocks: int = 0  # freeze the stem + the first K blocks / stages; -1: everything but the head
     clip_grad: float = 0.0
     eval_every_epochs: float = 1.0
-    precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    precision: str = "auto"  # auto (Accelerate's choice, else no), no, bf16 or fp16; an explicit value wins
     seed: int = 0
     max_steps: int | None = None  # cap on optimizer steps (smoke tests)
 
@@ -170,20 +171,23 @@ class FinetuneConfig:
         need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
         need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
-        need(t.precision in ("no", "bf16", "fp16"), "train.precision", "must be no, bf16 or fp16")
+        need(t.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "must be auto, no, bf16 or fp16 (quote 'no': YAML reads a bare no as false)")  # fmt: skip
         need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
         need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
         crop = list(cfg.augment.crop_scale)
         need(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "augment.crop_scale", "must be [low, high] in (0, 1]")
 
 
-def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML overrides <- CLI dotlist; raises ``ConfigError`` naming the key.
+def load_config(
+    schema: type, path: str | Path | None = None, overrides: list[str] = (), values: Mapping[str, Any] | None = None
+) -> DictConfig:
+    """Schema defaults <- YAML overrides <- ``values`` (Python API) <- CLI dotlist; raises ``ConfigError``
+    naming the key.
 
     ``schema`` is ``EvalConfig`` or ``FinetuneConfig``; its ``check_config`` holds the checks its types cannot
     express.
     """
-    cfg = load_structured(schema, path, overrides)
+    cfg = load_structured(schema, path, overrides, values=values)
     schema.check_config(cfg, config_need(cfg))
     return cfg
 

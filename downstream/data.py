@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
@@ -90,22 +91,52 @@ class EvalTransform(nn.Module):
 
 def stratified_split(labels: Sequence[Any], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Index arrays, one per fraction (the rest goes to the last group), stratified by label (the first
-    positive label for multi-label rows); at least one sample per non-empty group and class where possible."""
-    keys = [_strata(label) for label in labels]
-    rng = np.random.default_rng(seed)
-    groups: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    for key in sorted(set(keys), key=str):
-        members = np.array([i for i, k in enumerate(keys) if k == key])
-        members = members[rng.permutation(len(members))]
-        start = 0
-        for group, fraction in enumerate(fractions):
-            count = round(fraction * len(members))
-            if fraction > 0 and count == 0 and len(members) - start > 1:
-                count = 1
-            groups[group].extend(members[start : start + count].tolist())
-            start += count
-        groups[-1].extend(members[start:].tolist())
-    return [np.array(sorted(g), dtype=np.int64) for g in groups]
+    positive label for multi-label rows); at least one sample per non-empty group and class where possible.
+
+    The groups are taken in turn, each a :func:`stratified_take` of what the earlier ones left. Sorted,
+    deterministic in (labels, fractions, seed).
+    """
+    strata = np.array([str(_strata(label)) for label in labels])  # str: int, -1 and numpy keys compare alike
+    rest, left = np.arange(len(strata)), 1.0
+    groups = []
+    for group, fraction in enumerate(fractions):
+        taken = stratified_take(strata[rest], fraction / left if left > 0 else 0.0, seed + group)
+        groups.append(rest[taken])
+        rest, left = rest[~taken], left - fraction
+    return [np.sort(g).astype(np.int64) for g in [*groups, rest]]
+
+
+def stratified_take(strata: np.ndarray, share: float, seed: int, *, leave: int = 1) -> np.ndarray:
+    """(N,) bool mask of a random ``share`` of the samples, stratified by ``strata`` (N,), deterministic in seed.
+
+    sklearn's ``train_test_split(stratify=...)`` (StratifiedShuffleSplit) draws the split. It cannot express three
+    of our guarantees, so around it: (1) it refuses a class of one sample: such a sample is taken when
+    ``share > 0.5`` (what rounding its share gives); (2) it needs as many samples as classes on each side: the
+    requested size is clipped into that range; (3) its proportional allocation can give a rare class nothing: a
+    class left out gets one member moved in, where that leaves at least ``leave`` members out (1: a split never
+    takes a class's last sample from the groups after it; 0: every class is represented).
+    """
+    strata = np.asarray(strata)
+    taken = np.zeros(len(strata), dtype=bool)
+    if share <= 0 or share >= 1:
+        taken[:] = share >= 1
+        return taken
+    _, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    pooled = np.flatnonzero(counts[inverse] > 1)
+    rest = np.flatnonzero(counts[inverse] == 1)
+    if len(pooled):
+        classes = int((counts > 1).sum())
+        size = min(max(round(share * len(pooled)), classes), len(pooled) - classes)
+        chosen, rest_pooled = train_test_split(pooled, train_size=size, stratify=strata[pooled], random_state=seed)
+        taken[chosen] = True
+        rest = np.concatenate([rest_pooled, rest])  # in sklearn's shuffled order: the first left out moves in
+    taken[counts[inverse] == 1] = share > 0.5
+    for c in np.flatnonzero(np.bincount(inverse[taken], minlength=len(counts)) == 0):
+        out = rest[inverse[rest] == c]
+        if len(out) > leave:
+            taken[out[0]] = True
+    return taken
 
 
 def _strata(label: Any) -> Any:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from downstream.data import stratified_take
+
 
 def _strata(labels: Tensor) -> np.ndarray:
     """One stratum per sample: the class, or for multi-label rows the first positive label (-1 for none)."""
@@ -24,8 +26,9 @@ def _strata(labels: Tensor) -> np.ndarray:
 def label_subset(
     labels: Tensor, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0
 ) -> Tensor:
-    """Indices of a stratified subset: ``fraction`` of each class (at least one) or ``per_class`` of each class
-    (all when a class has fewer). Exactly one of the two. Sorted, deterministic in (labels, seed)."""
+    """Indices of a stratified subset: ``fraction`` of the samples, stratified by class with at least one per class
+    (:func:`downstream.data.stratified_take`), or ``per_class`` of each class (all when a class has fewer). Exactly
+    one of the two. Sorted, deterministic in (labels, seed)."""
     if (fraction is None) == (per_class is None):
         raise ValueError("give exactly one of fraction and per_class")
     if fraction is not None and not 0 < fraction <= 1:
@@ -33,13 +36,12 @@ def label_subset(
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     strata = _strata(labels)
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for value in np.unique(strata):
-        members = np.flatnonzero(strata == value)
-        count = per_class if per_class is not None else max(1, math.floor(fraction * len(members) + 0.5))
-        chosen.append(rng.permutation(members)[: min(count, len(members))])
-    return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
+    if fraction is not None:
+        chosen = np.flatnonzero(stratified_take(strata, fraction, seed, leave=0))
+    else:  # N per class is no sklearn splitter's contract: a seeded permutation of each class
+        rng = np.random.default_rng(seed)
+        chosen = np.concatenate([rng.permutation(np.flatnonzero(strata == v))[:per_class] for v in np.unique(strata)])
+    return torch.from_numpy(np.sort(chosen)).long()
 
 
 def budget_name(fraction: float | None = None, per_class: int | None = None) -> str:

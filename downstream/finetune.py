@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
 from pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
 from pretrain.data import EpochLoader
-from pretrain.distributed import build_accelerator
+from pretrain.distributed import build_accelerator, resolve_precision
 from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
 from pretrain.schedules import cosine_schedule, derive_steps
 from pretrain.transforms import augment_from_section
@@ -353,9 +354,11 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Every init in ``cfg.backbone.inits`` with the same recipe; returns ``{init: result}``, written under
     ``OUT_DIR/<init>/`` (results.json / .md, PNGs, metrics.jsonl, best.safetensors) plus ``OUT_DIR/summary.md``."""
     out_dir = Path(cfg.out_dir)
+    cfg.train.precision, precision_note = resolve_precision(cfg.train.precision)  # saved as it ran
     accelerator = build_accelerator(cfg.train.precision)
     main = accelerator.is_main_process  # one process writes the files
     if main:
+        print(f"medfm finetune: {precision_note}", file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     release = read_release(cfg.backbone.path, cfg.backbone.architecture)

@@ -2,7 +2,8 @@
 matrix, 2D PCA embedding).
 
 ``results.json`` holds everything: ``{"protocol", "dataset", "backbone", "task", "settings", "val", "test",
-"summary", ["label_efficiency"], ["robustness"]}``; NaN (an undefined AUC) is written as null.
+"summary", ["label_efficiency"], ["robustness"]}``; NaN (an undefined metric) is written as null, and the split's
+``undefined`` (and each per-class row's) says why; ``results.md`` lists those reasons.
 ``results_summary.json`` is the small file other tools read (``medfm export`` puts it into the model card): its
 format is defined in ``pretrain.release`` (protocol, dataset, init, backbone, test ``summary``).
 """
@@ -20,11 +21,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from sklearn.metrics import roc_curve
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from downstream.data import Task
-from downstream.metrics import SUMMARY_KEYS, binary_auc
+from downstream.metrics import SUMMARY_KEYS
 from pretrain.release import write_results_summary
 
 MAX_EMBEDDING_POINTS = 5000
@@ -92,6 +93,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"| {row['class']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in test["per_class"]
         ]
+    undefined = _undefined_lines(result)
+    if undefined:
+        lines += ["", "Undefined metrics (NaN, shown as -):", "", *undefined]
     efficiency = result.get("label_efficiency")
     if efficiency:
         lines += ["", "Label efficiency (test, mean ± std over seeds):", "", "| labels | n train | seeds | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|---|" + "---|" * len(SUMMARY_KEYS)]  # fmt: skip
@@ -107,6 +111,17 @@ def markdown(result: dict[str, Any]) -> str:
     if settings:
         lines += ["", "Settings: `" + json.dumps(_clean(settings)) + "`"]
     return "\n".join(lines) + "\n"
+
+
+def _undefined_lines(result: dict[str, Any]) -> list[str]:
+    """One bullet per undefined metric of val / test and of their per-class rows, with its reason."""
+    lines = []
+    for split in ("val", "test"):
+        metrics = result.get(split) or {}
+        lines += [f"- {split} {key}: {reason}" for key, reason in metrics.get("undefined", {}).items()]
+        for row in metrics.get("per_class", []):
+            lines += [f"- {split} {row['class']} {key}: {reason}" for key, reason in row.get("undefined", {}).items()]
+    return lines
 
 
 def write_results(out_dir: str | Path, result: dict[str, Any]) -> Path:
@@ -136,7 +151,7 @@ def plot_roc(task: Task, y_true: np.ndarray, scores: np.ndarray, path: Path, tit
         if truth.min() == truth.max():
             continue  # undefined without both outcomes
         fpr, tpr, _ = roc_curve(truth.astype(int), scores[:, c])
-        ax.plot(fpr, tpr, label=f"{task.class_names[c]} (AUC {binary_auc(truth, scores[:, c]):.3f})")
+        ax.plot(fpr, tpr, label=f"{task.class_names[c]} (AUC {roc_auc_score(truth.astype(int), scores[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize="small")
@@ -162,11 +177,16 @@ def plot_confusion(task: Task, confusion: list[list[int]], path: Path, title: st
 
 
 def pca_2d(features: np.ndarray) -> np.ndarray:
-    """(N, D) -> (N, 2): projection on the two leading principal components."""
-    # torch rather than numpy: torch's thread setting applies (an oversubscribed BLAS is 100x slower here).
-    centered = torch.from_numpy(features - features.mean(axis=0, keepdims=True))
-    _, eigenvectors = torch.linalg.eigh(centered.T @ centered)  # ascending eigenvalues: the last two lead
-    return (centered @ eigenvectors[:, -2:].flip(1)).numpy()
+    """(N, D) -> (N, 2): projection on the two leading principal components (sklearn's PCA, exact SVD, signs fixed
+    by sklearn's ``svd_flip``: deterministic). A component the data cannot define (N samples span at most N - 1
+    directions, D features at most D; constant features none) stays 0."""
+    features = np.asarray(features, dtype=np.float64)
+    points = np.zeros((len(features), 2))
+    components = min(2, len(features) - 1, features.shape[1])
+    # constant features: sklearn would divide by a zero total variance (a RuntimeWarning) for all-zero points
+    if components > 0 and np.ptp(features, axis=0).any():
+        points[:, :components] = PCA(n_components=components, svd_solver="covariance_eigh").fit_transform(features)
+    return points
 
 
 def plot_embedding(task: Task, features: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:

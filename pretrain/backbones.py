@@ -4,10 +4,15 @@
 touched here, so any timm classifier (ViT, ResNet, ConvNeXt...) works with the contrastive and DINO objectives.
 Input channels are native (``in_chans=1`` builds a 1-channel stem; gray is never copied to 3 channels).
 Downstream code rebuilds backbones through ``build_backbone`` to load released weights.
+
+A user's own ``nn.Module`` (``medfm.pretrain(model=module)``) is registered under an architecture name
+``module:NAME`` (``register_module``) and built from then on, in this process, as a copy of the module as it was
+given; a module without timm's interface is wrapped in ``ModuleBackbone``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,6 +24,77 @@ from torch import Tensor, nn
 
 # timm kwargs only models with a fixed token grid take; size-agnostic models (CNNs) reject them.
 _SIZE_KWARGS = ("img_size", "dynamic_img_size")
+MODULE_PREFIX = "module:"
+_registered: dict[str, nn.Module] = {}  # NAME of "module:NAME" -> the module as the user gave it (a copy)
+
+
+class ModuleBackbone(nn.Module):
+    """timm's backbone interface around any module mapping (B, C, H, W) images to (B, D) features or to a
+    (B, D, h, w) feature map (average-pooled): ``num_features``, ``forward_features``, ``forward_head`` and a
+    classifier that ``reset_classifier`` adds for fine-tuning. The user's module is ``self.model``."""
+
+    def __init__(self, model: nn.Module, num_features: int):
+        super().__init__()
+        self.model = model
+        self.num_features = num_features
+        self.num_classes = 0
+        self.head: nn.Module = nn.Identity()
+        self.pretrained_cfg = {"classifier": "head"}
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        features = self.model(images)
+        return features.mean(dim=(2, 3)) if features.ndim == 4 else features.flatten(1)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features if pre_logits else self.head(features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def register_module(module: nn.Module, name: str | None = None) -> str:
+    """Register a user's backbone; returns its architecture name ``module:NAME`` (default NAME: the class name).
+
+    Every ``build_backbone("module:NAME", ...)`` in this process returns a fresh copy of the module as it is now
+    (its weights are the "random init" of that architecture). Registering another module under a taken name
+    replaces it."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"a backbone must be a torch.nn.Module, got {type(module).__name__}")
+    name = name or type(module).__name__
+    _registered[name] = copy.deepcopy(module).cpu()
+    return MODULE_PREFIX + name
+
+
+def _build_registered(name: str, img_size: int, in_chans: int) -> nn.Module:
+    """A copy of a registered module, given timm's interface and checked on one (2, in_chans, img_size²) batch."""
+    key = name.removeprefix(MODULE_PREFIX)
+    if key not in _registered:
+        raise ValueError(
+            f"{name!r} is a user module that is not registered in this process: pass it again "
+            f"(medfm.pretrain(model=...), medfm.register_module(module, {key!r}))"
+        )
+    model = copy.deepcopy(_registered[key])
+    timm_like = all(hasattr(model, a) for a in ("num_features", "forward_features", "forward_head"))
+    if timm_like and getattr(model, "num_classes", 0):
+        model.reset_classifier(0)  # medfm trains and releases backbones without classifier
+    probe = model if timm_like else ModuleBackbone(model, num_features=0)
+    was_training = probe.training
+    try:
+        with torch.no_grad():
+            features = pooled_features(probe.eval(), torch.zeros(2, in_chans, img_size, img_size))
+    except Exception as err:
+        raise ValueError(f"{name}: the module fails on a (2, {in_chans}, {img_size}, {img_size}) batch: {err}") from err
+    finally:
+        probe.train(was_training)
+    if features.ndim != 2 or features.shape[0] != 2:
+        raise ValueError(f"{name}: the module must give (B, D) features or a (B, D, h, w) map, got {tuple(features.shape)}")  # fmt: skip
+    if timm_like:
+        return model
+    return ModuleBackbone(model, num_features=int(features.shape[1]))
 
 
 def build_backbone(
@@ -31,11 +107,17 @@ def build_backbone(
         img_size: training image side; sets the position-embedding grid of ViTs, ignored by CNNs.
         in_chans: input channels (1 for gray: a native 1-channel stem).
         dynamic_img_size: ViTs accept other sizes than ``img_size`` (DINO local crops); ignored by CNNs.
-        kwargs: passed to ``timm.create_model`` (e.g. ``patch_size=8``, ``depth=2``, ``drop_path_rate``).
+        kwargs: passed to ``timm.create_model`` (e.g. ``patch_size=8``, ``depth=2``, ``drop_path_rate``); a
+            registered ``module:NAME`` takes none (its own constructor set them).
 
     Returns:
         a module with ``num_features``; ``pooled_features(model, x)`` maps (B, in_chans, H, W) -> (B, num_features).
     """
+    if name.startswith(MODULE_PREFIX):
+        unused = {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
+        if unused:  # timm's own message for a kwarg a model does not take
+            raise TypeError(f"{name}.__init__() got unexpected keyword arguments {sorted(unused)}")
+        return _build_registered(name, img_size, in_chans)
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
     common = {"pretrained": False, "num_classes": 0, "in_chans": in_chans, **kwargs}

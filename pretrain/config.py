@@ -9,7 +9,7 @@ every number computed from others is computed there and nowhere else.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,12 +24,14 @@ from pretrain.schedules import derive_steps
 
 
 class Precision(str, Enum):
+    auto = "auto"  # Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`), else no
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
 class Backend(str, Enum):
+    auto = "auto"  # deepspeed when `accelerate launch` runs with an Accelerate config that chose it, else ddp
     ddp = "ddp"  # Accelerate's DistributedDataParallel (gloo on CPU, NCCL on GPUs); also a single process
     deepspeed = "deepspeed"  # DeepSpeed ZeRO through Accelerate's DeepSpeed plugin
 
@@ -94,7 +96,7 @@ class TrainConfig:
     run_dir: str = MISSING
     batch_size: int = 64  # per process and micro-step
     grad_accum: int = 1
-    precision: Precision = Precision.no
+    precision: Precision = Precision.auto  # an explicit no / bf16 / fp16 wins over Accelerate's
     seed: int = 0
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
 
@@ -103,7 +105,7 @@ class TrainConfig:
 class DistConfig:
     """How processes train together (``pretrain/distributed.py``); the launcher sets how many there are."""
 
-    backend: Backend = Backend.ddp
+    backend: Backend = Backend.auto  # deepspeed under an Accelerate config that chose it, else ddp; or explicit
     zero_stage: int | None = None  # deepspeed: 1, 2 or 3; None: the deepspeed_config file's stage, else 2
     deepspeed_config: str | None = None  # deepspeed: a JSON such as configs/deepspeed/zero3.json; None: generated
     # Rendezvous and every collective: a rank that died or never started ends the run with an error after this.
@@ -120,8 +122,20 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 20
     figure_every_steps: int = 1000  # method figures (MAE reconstructions); 0: off
-    tensorboard: bool = True
+    # experiment trackers through Accelerate (Accelerator(log_with=...)): tensorboard, wandb, mlflow; [] for none.
+    # wandb runs offline and mlflow writes RUN_DIR/mlruns unless their own environment variables say otherwise.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress_bar: bool = True
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # name -> pip package
+
+
+def tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[name]
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass
@@ -194,6 +208,8 @@ def config_error(schema: type, source: str, err: OmegaConfBaseException) -> Conf
     key = getattr(err, "full_key", None) or "?"
     message = str(getattr(err, "msg", None) or err).splitlines()[0]
     hint = ""
+    if "Invalid value 'False'" in message and "no," in message:
+        hint = " (YAML reads a bare no as false: write 'no' in quotes, e.g. train.precision=\"'no'\")"
     if "not in" in message:
         close = difflib.get_close_matches(key.split(".")[-1], _known_keys(schema, key), n=1)
         hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
@@ -213,12 +229,18 @@ def parse_overrides(overrides: list[str], schema: type | None = None) -> DictCon
 
 
 def load_structured(
-    schema: type, path: str | Path | None = None, overrides: list[str] = (), computed: tuple[str, ...] = ()
+    schema: type,
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    computed: tuple[str, ...] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> DictConfig:
-    """Schema defaults <- YAML file (overrides only) <- CLI dotlist, for any dataclass schema.
+    """Schema defaults <- YAML file (overrides only) <- ``values`` <- CLI dotlist, for any dataclass schema.
 
-    Unknown keys, wrong types and missing required values raise ``ConfigError`` naming the key; setting one
-    of the ``computed`` sections is an error too. Shared by the pretraining and downstream configs.
+    ``values``: the Python API's keyword arguments, nested (``{"schedule": {"epochs": 5}}``) or dotted
+    (``{"schedule.epochs": 5}``). Unknown keys, wrong types and missing required values raise ``ConfigError``
+    naming the key; setting one of the ``computed`` sections is an error too. Shared by the pretraining and
+    downstream configs.
     """
     cfg = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
@@ -229,6 +251,8 @@ def load_structured(
             raise config_error(schema, str(path), err) from err
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if values:
+        layers.append(("arguments", nested(values)))
     layers.append(("command line", parse_overrides(list(overrides), schema)))
     for source, layer in layers:
         for section in computed:
@@ -247,6 +271,22 @@ def load_structured(
     return cfg
 
 
+def nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "c": {"d": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": 2}}`` (dotted keys split, dicts merged)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping):
+            value = nested(value)
+            if isinstance(node.get(leaf), dict):
+                value = {**node[leaf], **value}
+        node[leaf] = value
+    return out
+
+
 Need = Callable[[bool, str, str], None]  # need(ok, key, what): the checks a schema's types cannot express
 
 
@@ -260,9 +300,12 @@ def config_need(cfg: DictConfig) -> Need:
     return need
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file (overrides only) <- CLI dotlist. Raises ``ConfigError`` naming the key."""
-    cfg = load_structured(PretrainConfig, path, overrides, computed=("derived",))
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), values: Mapping[str, Any] | None = None
+) -> DictConfig:
+    """Schema defaults <- YAML file (overrides only) <- ``values`` (Python API) <- CLI dotlist. Raises
+    ``ConfigError`` naming the key."""
+    cfg = load_structured(PretrainConfig, path, overrides, computed=("derived",), values=values)
     validate(cfg)
     return cfg
 
@@ -281,6 +324,9 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
     need(cfg.dist.zero_stage in (None, 1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
+    for tracker in cfg.logging.trackers:
+        need(tracker in TRACKERS, "logging.trackers", f"{tracker!r} is not one of {list(TRACKERS)}")
+        need(tracker_installed(tracker), "logging.trackers", f"{tracker} is not installed (pip install {TRACKERS[tracker]})")  # fmt: skip
     if cfg.dist.backend == Backend.deepspeed:
         # fp16 under DeepSpeed skips overflowing steps through its own loss scaler, which the engine's
         # non-finite-step accounting would count as divergence; bf16 needs no scaler.

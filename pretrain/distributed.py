@@ -37,6 +37,7 @@ from torch import nn
 
 from pretrain.config import Backend, Precision
 from pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
+from pretrain.monitor import offline_tracker_defaults
 
 __all__ = ["EXIT_DISTRIBUTED", "DistributedFailure", "make_accelerator", "shutdown"]
 DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
@@ -55,18 +56,97 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_accelerator(cfg: DictConfig) -> Accelerator:
-    """The Accelerator of a pretraining run (``cfg.dist`` / ``cfg.train``)."""
+def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
+    """The Accelerator of a pretraining run (``cfg.dist`` / ``cfg.train``), and lines saying where its precision
+    and backend came from. ``auto`` values are resolved (``resolve_precision``, ``resolve_backend``) and written
+    back into ``cfg``, so the saved config holds what ran."""
+    precision, precision_note = resolve_precision(cfg.train.precision.value)
+    cfg.train.precision = Precision(precision)
+    backend_note = resolve_backend(cfg)
+    if cfg.dist.backend == Backend.deepspeed and cfg.train.precision == Precision.fp16:
+        raise ConfigError(f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or no")  # fmt: skip
     deepspeed = deepspeed_config(cfg) if cfg.dist.backend == Backend.deepspeed else None
-    return build_accelerator(cfg.train.precision.value, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed)
+    trackers = list(cfg.logging.trackers)
+    tracker_notes = offline_tracker_defaults(trackers, Path(cfg.train.run_dir))
+    accelerator = build_accelerator(precision, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed,
+                                    log_with=trackers, project_dir=cfg.train.run_dir)  # fmt: skip
+    return accelerator, [precision_note, *([backend_note] if backend_note else []), *tracker_notes]
+
+
+# What `accelerate launch` sets from an Accelerate config that chose DeepSpeed (accelerate.utils.launch).
+_DEEPSPEED_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                  "ACCELERATE_GRADIENT_CLIPPING")  # fmt: skip
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """``(precision, where it came from)``. ``auto`` defers to Accelerate: the mixed precision that
+    ``accelerate config`` / ``accelerate launch --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else
+    ``no``, as ``Accelerator(mixed_precision=None)`` reads it; an explicit value wins over the Accelerate one."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    if requested == "auto":
+        value = launcher or "no"
+        origin = "the Accelerate config / launch" if launcher else "no Accelerate setting: fp32"
+        return value, f"precision {value} (train.precision=auto: {origin})"
+    ignored = f"; the Accelerate setting {launcher} is not used" if launcher and launcher != requested else ""
+    return requested, f"precision {requested} (train.precision={requested}{ignored})"
+
+
+def resolve_backend(cfg: DictConfig) -> str | None:
+    """``dist.backend=auto``: DeepSpeed when ``accelerate launch`` ran with an Accelerate config that chose it
+    (its ZeRO stage or DeepSpeed config file become ``dist.zero_stage`` / ``dist.deepspeed_config``), else DDP.
+    An explicit backend wins and the launcher's DeepSpeed settings are cleared (Accelerate would otherwise build a
+    DeepSpeed plugin from them behind a DDP run, or refuse ours). Returns a line for the log, or None."""
+    env = os.environ
+    launched_deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    requested = cfg.dist.backend
+    if requested == Backend.auto:
+        cfg.dist.backend = Backend.deepspeed if launched_deepspeed else Backend.ddp
+    if not launched_deepspeed:
+        return None
+    if requested != Backend.auto:
+        _clear_deepspeed_env()
+        return f"dist.backend={requested.value}: the Accelerate config's DeepSpeed settings are not used"
+    unsupported = {k: v for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED_OFFLOAD") and v != "none"}
+    if unsupported:
+        raise ConfigError(f"config key 'dist.backend': auto takes the ZeRO stage or config file of the Accelerate config, not {unsupported}: put offloading in a DeepSpeed JSON (dist.deepspeed_config)")  # fmt: skip
+    accumulation = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if accumulation is not None and int(accumulation) != cfg.train.grad_accum:
+        raise ConfigError(f"config key 'train.grad_accum': {cfg.train.grad_accum}, but the Accelerate config sets gradient_accumulation_steps={accumulation}: make them agree")  # fmt: skip
+    clipping = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clipping is not None and float(clipping) != float(cfg.optim.clip_grad):
+        raise ConfigError(f"config key 'optim.clip_grad': {cfg.optim.clip_grad}, but the Accelerate config sets gradient_clipping={clipping}: make them agree")  # fmt: skip
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        cfg.dist.deepspeed_config = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        origin = f"config file {cfg.dist.deepspeed_config}"
+    else:
+        cfg.dist.zero_stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        origin = f"ZeRO stage {cfg.dist.zero_stage}"
+    _clear_deepspeed_env()  # the plugin is built from dist.*, with the run's batch and accumulation filled in
+    return f"dist.backend=auto: DeepSpeed from the Accelerate config ({origin})"
+
+
+def _clear_deepspeed_env() -> None:
+    for key in [k for k in os.environ if k in _DEEPSPEED_ENV or k.startswith("ACCELERATE_DEEPSPEED_")]:
+        del os.environ[key]
 
 
 def build_accelerator(
-    precision: str, grad_accum: int = 1, timeout_s: float = 600.0, deepspeed_config: dict[str, Any] | None = None
+    precision: str,
+    grad_accum: int = 1,
+    timeout_s: float = 600.0,
+    deepspeed_config: dict[str, Any] | None = None,
+    *,
+    log_with: list[str] | None = None,
+    project_dir: str | Path | None = None,
 ) -> Accelerator:
     """The one way every medfm command (pretrain, finetune, bench) gets its Accelerator: CPU processes on gloo
     (``cpu=True``: without it a 2-process CPU launch gives two unsynchronised runs), DeepSpeed when
-    ``deepspeed_config`` is given, a rendezvous timeout. Raises DistributedFailure when the rendezvous fails."""
+    ``deepspeed_config`` is given, a rendezvous timeout. Raises DistributedFailure when the rendezvous fails.
+    ``precision``: ``no``, ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``)."""
+    before = set(os.environ)
+    precision = resolve_precision(precision)[0]
+    if deepspeed_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _clear_deepspeed_env()  # no DeepSpeed asked for here (fine-tuning, bench): a plain process group
     cuda = torch.cuda.is_available()
     deepspeed = deepspeed_config is not None
     if deepspeed and not _launched() and not torch_dist.is_initialized():
@@ -86,6 +166,8 @@ def build_accelerator(
             gradient_accumulation_steps=grad_accum,
             deepspeed_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(**init)],
+            log_with=log_with or None,
+            project_dir=str(project_dir) if project_dir is not None else None,
         )
     except (torch_dist.DistError, RuntimeError) as err:
         if not collective_failure(err) and not isinstance(err, torch_dist.DistError):
@@ -96,6 +178,9 @@ def build_accelerator(
             f"dist.timeout_s={timeout_s:g} s (rank {os.environ.get('RANK', '?')}): a process or machine "
             f"did not start or cannot reach the master address. Cause: {_first_line(err)}"
         ) from err
+    # the variables set here for this run (a process group of one, accelerate's ACCELERATE_USE_DEEPSPEED): shutdown
+    # removes them, so that a later run in the same Python process (the API, tests) starts from the user's env
+    accelerator.medfm_env_added = sorted(set(os.environ) - before)
     if _launched() and accelerator.num_processes != int(os.environ.get("WORLD_SIZE", accelerator.num_processes)):
         raise DistributedFailure(  # STACK.md: the silent trap of independent, unsynchronised copies
             f"launched as one of {os.environ['WORLD_SIZE']} processes but the Accelerator counts "
@@ -131,11 +216,14 @@ def _first_line(err: BaseException) -> str:
 def shutdown(accelerator: Accelerator, failed: bool = False) -> None:
     """End of a run: every process reaches the barrier, then the process group is destroyed.
 
-    After a collective failure the barrier would fail (or wait for a dead peer): destroy only."""
+    After a collective failure the barrier would fail (or wait for a dead peer): destroy only. The environment
+    variables ``build_accelerator`` added are removed."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         if not failed:
             accelerator.wait_for_everyone()
         torch_dist.destroy_process_group()
+    for key in getattr(accelerator, "medfm_env_added", ()):
+        os.environ.pop(key, None)
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What a medfm command can fail with, and the one mapping from those failures to exit codes.
 
-A leaf module (no torch, no other medfm import): configs, methods, the engine, the checkpoint store, the release
-module and every subcommand raise these, and ``run_command`` turns them into one line on stderr and an exit code.
+A leaf module (no torch; only ``data_shards.errors``: ``MedfmError``, the base of them all, and ``ConfigError``):
+configs, methods, the engine, the checkpoint store, the release module and every subcommand raise these, and ``run_command`` turns them into one line on stderr and an exit code.
 
 Exit codes: 0 done, 1 diverged or a file / weights problem (the message names the file and keys), 2 bad config
 (the message names the key), 3 distributed failure (a peer died or hung, or the rendezvous did not complete),
@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from data_shards.errors import ConfigError as ConfigError  # re-exported: every package raises this one
+from data_shards.errors import MedfmError
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -20,23 +23,19 @@ EXIT_DISTRIBUTED = 3
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", what a requeued job does
 
 
-class ConfigError(ValueError):
-    """A config that cannot be run: unknown key, wrong type, missing or inconsistent value."""
-
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MedfmError, RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
 
-class DistributedFailure(RuntimeError):
+class DistributedFailure(MedfmError, RuntimeError):
     """A rendezvous that did not complete, or a peer that died or stopped answering."""
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(MedfmError, RuntimeError):
     """Weights that cannot be released or loaded as asked: no checkpoint, refused pickle, keys that do not match."""
 
 
-class Preempted(Exception):
+class Preempted(MedfmError):
     """Raised by the training loop after the checkpoint of ``step`` is written (``checkpointed``), or after a stop
     that landed on a skipped step, when the newest checkpoint on disk is an older one."""
 
@@ -56,7 +55,7 @@ def exit_code(err: BaseException) -> int | None:
         return EXIT_DISTRIBUTED
     if isinstance(err, Preempted):
         return EXIT_REQUEUE
-    if isinstance(err, (TrainingDiverged, ReleaseError, FileNotFoundError, ValueError)):
+    if isinstance(err, (MedfmError, FileNotFoundError, ValueError)):  # diverged, release, shard, manifest ...
         return EXIT_FAILED
     return None
 

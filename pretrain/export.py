@@ -21,6 +21,7 @@ def export_run(
     checkpoint: str | Path | None = None,
     results: list[str | Path] = (),
     overwrite: bool = False,
+    license: str = "other",
 ) -> Path:
     """Write the release folder (weights, config.json, README.md) for a run; returns ``out_dir``.
 
@@ -30,7 +31,8 @@ def export_run(
         checkpoint: export this checkpoint instead of the newest one.
         results: extra results files (``protocol``, ``dataset``, ``summary``) or folders holding
             ``results_summary.json`` files, for the card (besides those under ``run_dir``).
+        license: the weights' license id in the card (a Hub license id, e.g. ``apache-2.0``, ``cc-by-4.0``).
     """
     check_out_dir(out_dir, overwrite)  # before the (slow) checkpoint read
     run = load_run(run_dir, checkpoint)
-    return write_run_release(run, out_dir, run_dir=run_dir, results=results, overwrite=overwrite)
+    return write_run_release(run, out_dir, run_dir=run_dir, results=results, overwrite=overwrite, license=license)

@@ -1,7 +1,7 @@
 """Wiring: config -> data -> model -> Accelerator -> engine. ``python -m pretrain.main --config FILE [k=v ...]``.
 
 The run directory (``train.run_dir``) receives ``config.yaml`` (resolved, with derived values), checkpoints
-(``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, ``tensorboard/``, ``figures/`` and, at the end, the release
+(``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, the trackers' folders (``tensorboard/``; ``wandb/``, ``mlruns/``), ``figures/`` and, at the end, the release
 folder ``release/`` (``pretrain.release``: what ``medfm export`` writes). Running the same command again resumes
 from ``last.pt``.
 
@@ -55,7 +55,7 @@ _FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", Distrib
 
 def run_pretraining(cfg: DictConfig) -> int:
     """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
-    accelerator = dist.make_accelerator(cfg)
+    accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
     monitor, failed = None, False
     try:
         loader, model, evaluate = build(cfg, accelerator)
@@ -69,13 +69,15 @@ def run_pretraining(cfg: DictConfig) -> int:
             evaluate, cfg.logging.figure_every_steps = None, 0
             notes.append("ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")
         monitor = Monitor(run_dir, enabled=accelerator.is_main_process, total_steps=cfg.derived.total_steps,
-                          start_step=start_step, tensorboard=cfg.logging.tensorboard,
-                          progress_bar=cfg.logging.progress_bar)  # fmt: skip
+                          start_step=start_step, progress_bar=cfg.logging.progress_bar, accelerator=accelerator,
+                          config=to_dict(cfg))  # fmt: skip
         if accelerator.is_main_process:
             save_config(cfg, run_dir / "config.yaml")
         derived = ", ".join(f"{k}={v}" for k, v in cfg.derived.items())
         start = {"event": "start", "step": start_step, "derived": to_dict(cfg)["derived"]}
         monitor.message(f"{cfg.method} on {cfg.model.backbone}: {derived}", **start)
+        for line in setup:
+            monitor.message(line, event="setup", message=line)
         if resumed_from is not None:
             monitor.message(f"resumed from {resumed_from} at step {start_step}", event="resume", step=start_step)
         for note in notes:

@@ -1,4 +1,9 @@
-"""What a run reports, on the main process only: progress bar, JSON lines, TensorBoard, pictures, messages.
+"""What a run reports, on the main process only: progress bar, JSON lines, experiment trackers, pictures, messages.
+
+Trackers (``logging.trackers``: tensorboard, wandb, mlflow) are Accelerate's (``Accelerator(log_with=...)``,
+``init_trackers``, ``log``). They run without a network by default: ``offline_tracker_defaults`` sets, only where
+the user set nothing, ``WANDB_MODE=offline`` (sync later with ``wandb sync RUN_DIR/wandb/offline-run-*``) and an
+MLflow file store in ``RUN_DIR/mlruns`` without telemetry. TensorBoard writes ``RUN_DIR/tensorboard``.
 
 Collapse metrics follow Chen & He 2021 (std of L2-normalised embeddings: 0 when collapsed, about
 1/sqrt(D) for an isotropic gaussian) and Garrido et al. 2023 (RankMe effective rank: 1 when collapsed).
@@ -6,8 +11,10 @@ Collapse metrics follow Chen & He 2021 (std of L2-normalised embeddings: 0 when 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,22 +41,73 @@ def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def offline_tracker_defaults(trackers: list[str], run_dir: Path) -> list[str]:
+    """Environment defaults that keep wandb and mlflow off the network (set only where unset); returns notes."""
+    notes, env = [], os.environ
+    if "wandb" in trackers and "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
+        env["WANDB_MODE"] = "offline"  # also silences wandb's telemetry, which init_kwargs alone does not
+        notes.append(f"wandb offline (WANDB_MODE unset): sync with `wandb sync {run_dir}/wandb/offline-run-*`")
+    if "mlflow" in trackers and "MLFLOW_TRACKING_URI" not in env:
+        env["MLFLOW_TRACKING_URI"] = (Path(run_dir).resolve() / "mlruns").as_uri()
+        env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 keeps the file store behind this flag
+        env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        notes.append(f"mlflow file store {run_dir}/mlruns (MLFLOW_TRACKING_URI unset): `mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}`")  # fmt: skip
+    return notes
+
+
+def tracker_init_kwargs(trackers: list[str], run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per-tracker ``init_trackers`` arguments: a resumed run continues the same wandb run (id from the folder)."""
+    kwargs: dict[str, dict[str, Any]] = {}
+    if "wandb" in trackers:
+        run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        kwargs["wandb"] = {"dir": str(run_dir), "id": run_id, "resume": "allow", "name": Path(run_dir).name}
+    if "mlflow" in trackers:
+        kwargs["mlflow"] = {"run_name": Path(run_dir).name}
+    return kwargs
+
+
+def flat_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """A nested config as ``{"optim.lr": 1e-3, "optim.betas": "[0.9, 0.95]"}``: what every tracker stores
+    (TensorBoard's hparams take scalars only; None is left out)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = json.dumps(value)
+    return flat
+
+
 class Monitor:
-    """Writes ``metrics.jsonl``, TensorBoard events and ``figures/*.png`` into the run directory."""
+    """Writes ``metrics.jsonl``, ``figures/*.png`` into the run directory, and sends metrics and figures to the
+    Accelerator's trackers (started here with the run's config)."""
 
     def __init__(
-        self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool,
+        accelerator: Any = None,
+        config: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.bar = self.tb = self.jsonl = None
+        self.bar = self.jsonl = None
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if not enabled:
             return
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.accelerator is not None:
+            names = [str(t.value if hasattr(t, "value") else t).lower() for t in self.accelerator.log_with]
+            self.accelerator.init_trackers(
+                "tensorboard", config=flat_scalars(config or {}), init_kwargs=tracker_init_kwargs(names, run_dir)
+            )
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -58,10 +116,9 @@ class Monitor:
             return
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{name}", value, step)
+        if self.accelerator is not None:
+            values = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.accelerator.log(values, step=step)
         if self.bar is not None:
             shown = {k: metrics[k] for k in ("loss", "lr", "img_s") if k in metrics}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -76,9 +133,17 @@ class Monitor:
             return
         folder = self.run_dir / "figures"
         folder.mkdir(exist_ok=True)
-        save_image(image, folder / f"{name}-step{step:07d}.png")
-        if self.tb is not None:
-            self.tb.add_image(f"figures/{name}", image, step)
+        path = folder / f"{name}-step{step:07d}.png"
+        save_image(image, path)
+        for tracker in self.accelerator.trackers if self.accelerator is not None else ():
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(f"figures/{name}", image, step)
+            elif tracker.name == "wandb":
+                tracker.log_images({f"figures/{name}": [image.permute(1, 2, 0).cpu().numpy()]}, step=step)
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.log_artifact(str(path), artifact_path="figures")
 
     def message(self, text: str, **event: Any) -> None:
         """A line for the user (stderr, above the bar) and, with ``event`` fields, a JSON line."""
@@ -95,9 +160,12 @@ class Monitor:
             self.jsonl.flush()
 
     def close(self) -> None:
-        for item in (self.bar, self.tb, self.jsonl):
+        for item in (self.bar, self.jsonl):
             if item is not None:
                 item.close()
+        if self.enabled and self.accelerator is not None:
+            for tracker in self.accelerator.trackers:  # also after a failure: what was logged reaches the disk
+                tracker.finish()
 
 
 CURVES = ("loss", "lr", "embedding_std", "effective_rank", "knn_acc")

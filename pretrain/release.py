@@ -48,17 +48,20 @@ from typing import Any
 
 import timm
 import torch
+from huggingface_hub import EvalResult, ModelCardData
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pretrain import checkpoint as ckpt
+from pretrain.backbones import MODULE_PREFIX, build_backbone
 from pretrain.config import PretrainConfig, to_dict
 from pretrain.errors import ConfigError, ReleaseError
 from pretrain.methods import METHODS
 from pretrain.weights import (
     CONFIG_NAME,
+    HF_PREFIX,
     PICKLE_SUFFIXES,
     WEIGHTS_NAME,
     LoadError,
@@ -92,9 +95,15 @@ class ExportError(ReleaseError):
 def check_release_keys(
     architecture: str, model_args: dict[str, Any], state: Mapping[str, Tensor], source: str | Path
 ) -> None:
-    """The released keys and shapes are exactly those of ``timm.create_model(architecture, num_classes=0, ...)``."""
-    reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args).state_dict()
-    what = f"timm.create_model({architecture!r}, num_classes=0, **{model_args})"
+    """The released keys and shapes are exactly those of ``timm.create_model(architecture, num_classes=0, ...)``
+    (a registered user module: those of ``build_backbone(architecture)``)."""
+    if architecture.startswith(MODULE_PREFIX):
+        img_size = model_args.get("img_size", 224)
+        reference = build_backbone(architecture, img_size, model_args.get("in_chans", 1)).state_dict()
+        what = f"the registered module {architecture!r}"
+    else:
+        reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args).state_dict()
+        what = f"timm.create_model({architecture!r}, num_classes=0, **{model_args})"
     check_keys(reference, state, source, model=what, error=ExportError)
 
 
@@ -185,7 +194,8 @@ def model_args(cfg: DictConfig, backbone: nn.Module) -> dict[str, Any]:
     extra = {k: v for k, v in to_dict(cfg)["model"]["backbone_kwargs"].items() if k not in _RUNTIME_KWARGS}
     args: dict[str, Any] = {"in_chans": cfg.data.in_chans}
     # Models with a fixed token grid (ViTs) take img_size: it sets the position-embedding shape.
-    if "img_size" in inspect.signature(type(backbone).__init__).parameters:
+    user_module = cfg.model.backbone.startswith(MODULE_PREFIX)  # rebuilt by medfm at this size, not by timm
+    if user_module or "img_size" in inspect.signature(type(backbone).__init__).parameters:
         args["img_size"] = cfg.data.img_size
     return {**args, **extra}
 
@@ -345,13 +355,16 @@ def write_run_release(
     run_dir: str | Path,
     results: list[str | Path] = (),
     overwrite: bool = False,
+    license: str = "other",
 ) -> Path:
     """Write the release folder of ``run`` (:func:`write_release`); returns ``out_dir``.
 
     The card lists the ``results_summary.json`` files under ``run_dir`` and the ``results`` paths
-    (:func:`find_results`).
+    (:func:`find_results`). ``license``: the weights' license id for the card (``other`` until the data's terms
+    are known: the weights inherit them).
     """
     config, state = release_contents(run)
+    config["medfm"]["license"] = license
     found = find_results(run_dir, results)
     return write_release(out_dir, config, state, results=found, overwrite=overwrite)
 
@@ -525,18 +538,115 @@ def _init_text(init: dict[str, Any] | None) -> str:
     return f"warm start from `{short_source(init['source'])}` (weights sha256 `{init.get('sha256')}`)"
 
 
-def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]) -> str:
-    """The release's README.md (Hugging Face model card with YAML front matter)."""
+# model-index metric types (the Hub's names) of the SUMMARY_KEYS
+_HUB_METRICS = {"acc": "accuracy", "balanced_acc": "balanced_accuracy", "auc": "roc_auc", "f1": "f1"}
+
+
+def hub_base_model(init: dict[str, Any] | None) -> str | None:
+    """The Hub id of a warm start: ``hf-hub:ORG/NAME[@REV]``, or a Hugging Face cache snapshot
+    (``.../models--ORG--NAME/snapshots/...``); None for random init or a local file with no Hub origin."""
+    if not init:
+        return None
+    source = str(init["source"])
+    if source.startswith(HF_PREFIX):
+        return source.removeprefix(HF_PREFIX).split("@")[0]
+    cached = re.search(r"models--([^/]+?)--([^/]+)", source)
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else None
+
+
+def dataset_name(spec: str) -> str:
+    """A dataset's short name for the card: the file or folder name of a spec, without suffix."""
+    rest = str(spec).partition(":")[2] if ":" in str(spec) else str(spec)
+    return Path(rest.rstrip("/")).stem or str(spec)
+
+
+def card_data(
+    config: dict[str, Any], results: list[tuple[str, dict[str, Any]]], license: str = "other"
+) -> ModelCardData:
+    """The card's YAML front matter (``huggingface_hub.ModelCardData``): license, library, pipeline tag,
+    ``base_model`` (the warm start's Hub id), datasets, and a ``model-index`` with the release's test results."""
+    m, arch = config["medfm"], config["architecture"]
+    name = f"medfm-{m['objective']}-{arch.removeprefix(MODULE_PREFIX)}"
+    evaluations = []
+    for label, result in results:
+        if result.get("init") not in (None, "release"):  # random-init and baseline rows are comparisons
+            continue
+        dataset = dataset_name(result["dataset"])
+        for key, value in result["summary"].items():
+            if key in _HUB_METRICS and isinstance(value, (int, float)) and math.isfinite(value):
+                evaluations.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        dataset_type=dataset,
+                        dataset_name=dataset,
+                        dataset_split="test",
+                        metric_type=_HUB_METRICS[key],
+                        metric_value=round(float(value), 4),
+                        metric_name=f"{result['protocol']} {key} ({label})",
+                    )
+                )
+    datasets = sorted({dataset_name(m["data"]["spec"]), *(dataset_name(r["dataset"]) for _, r in results)})
+    timm_model = not arch.startswith(MODULE_PREFIX)
+    return ModelCardData(
+        license=license,
+        library_name="timm" if timm_model else "pytorch",
+        pipeline_tag="image-feature-extraction",
+        base_model=hub_base_model(m.get("init")),
+        datasets=datasets,
+        tags=["medfm", "self-supervised", "medical-imaging", m["objective"], *(["timm"] if timm_model else [])],
+        model_name=name if evaluations else None,
+        eval_results=evaluations or None,
+    )
+
+
+def _load_lines(arch: str, chans: int, size: int, args_py: str) -> list[str]:
+    """The card's "Load" section: timm alone for a timm architecture; a user module needs its class."""
+    if arch.startswith(MODULE_PREFIX):
+        name = arch.removeprefix(MODULE_PREFIX)
+        return [
+            f"The backbone is a user-defined module (`{name}`), trained through `medfm.pretrain(model=...)`; its "
+            "weights sit under `model.` in `model.safetensors`. Register the same class, then load (every key checked):",
+            "",
+            "```python",
+            "import medfm",
+            f'medfm.register_module({name}(), "{name}")',
+            'model = medfm.load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
+            "```",
+            "",
+        ]
+    return [
+        "With timm only (this folder has the layout of a Hub repo):",
+        "",
+        "```python",
+        "import timm",
+        'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True, num_classes=2)',
+        "# or, by architecture name:",
+        f'model = timm.create_model("{arch}", pretrained=True, num_classes=2, in_chans={chans}, img_size={size}{args_py},',
+        '    pretrained_cfg_overlay=dict(file="PATH/TO/model.safetensors", custom_load=False, num_classes=0))',
+        "```",
+        "",
+        "With medfm (strict: every key is checked; ViT position embeddings are interpolated for another size):",
+        "",
+        "```python",
+        "import medfm",
+        'model = medfm.load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
+        "```",
+        "",
+    ]
+
+
+def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]], license: str | None = None) -> str:
+    """The release's README.md: a Hugging Face model card, front matter from ``card_data``."""
     m, p = config["medfm"], config["pretrained_cfg"]
     arch, args = config["architecture"], config["model_args"]
     chans, size = p["input_size"][0], p["input_size"][1]
     args_py = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in ("in_chans", "img_size"))
     args_py = f", {args_py}" if args_py else ""
     data = m["data"]
+    front = card_data(config, results, license or m.get("license") or "other").to_yaml()
     lines = [
         "---",
-        "library_name: timm",
-        "tags: [timm, medfm, self-supervised, medical-imaging, image-feature-extraction]",
+        front,
         "---",
         "",
         f"# {arch} pretrained with {m['objective'].upper()} on medical images (medfm)",
@@ -556,23 +666,7 @@ def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]
         "",
         "## Load",
         "",
-        "With timm only (this folder has the layout of a Hub repo):",
-        "",
-        "```python",
-        "import timm",
-        'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True, num_classes=2)',
-        "# or, by architecture name:",
-        f'model = timm.create_model("{arch}", pretrained=True, num_classes=2, in_chans={chans}, img_size={size}{args_py},',
-        '    pretrained_cfg_overlay=dict(file="PATH/TO/model.safetensors", custom_load=False, num_classes=0))',
-        "```",
-        "",
-        "With medfm (strict: every key is checked; ViT position embeddings are interpolated for another size):",
-        "",
-        "```python",
-        "from downstream.load import load_backbone",
-        'model = load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
-        "```",
-        "",
+        *_load_lines(arch, chans, size, args_py),
         "## Intended use",
         "",
         "Feature extraction, linear probing, kNN retrieval and fine-tuning on medical images of the modality and "

@@ -96,7 +96,7 @@ def tiny_overrides(
         "checkpoint.every_steps": 2,
         "logging.every_steps": 2,
         "logging.figure_every_steps": 0,
-        "logging.tensorboard": False,
+        "logging.trackers": "[]",
         "logging.progress_bar": False,
         **TINY_HEADS[method],
         **({"distill.teacher": str(tiny_teacher())} if method == "distill" else {}),

@@ -1,6 +1,6 @@
-"""Imports go one way, ``data_shards`` <- ``pretrain`` <- ``downstream``, and no files of a package import each
-other around a circle, at module level or inside functions (a lazy import only hides a circle). Parses the
-source; imports nothing."""
+"""Imports go one way, ``data_shards`` <- ``pretrain`` <- ``downstream`` <- ``medfm`` (the Python API), and no
+files of a package import each other around a circle, at module level or inside functions (a lazy import only
+hides a circle). Parses the source; imports nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("data_shards", "pretrain", "downstream")  # each package may import only the ones before it
+LAYERS = ("data_shards", "pretrain", "downstream", "medfm")  # each package may import only the ones before it
 
 
 def module_files(root: Path, packages: tuple[str, ...] = LAYERS) -> dict[str, Path]:

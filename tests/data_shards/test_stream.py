@@ -194,8 +194,13 @@ def test_remote_shards_read_like_a_folder_brace_pipe_and_http(png_shards: Path):
 
 
 def test_png_shards_open_with_plain_webdataset_and_timm(png_shards: Path):
+    import timm
     import timm.data
     import webdataset as wds
+    from packaging.version import Version
+
+    if Version(timm.__version__) < Version("1.0.31"):
+        pytest.skip(f"timm {timm.__version__}: its wds reader takes labels from a .cls member only (json from 1.0.31)")
 
     count = len(list(png_shards.glob("shard-*.tar")))
     pattern = f"shard-{{000000..{count - 1:06d}}}.tar"

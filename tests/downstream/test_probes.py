@@ -98,6 +98,42 @@ def test_stratified_split_partitions_every_class():
     assert sum(labels[i] for i in val) == 2 and len(val) == 12
 
 
+def test_stratified_split_is_deterministic_and_stratified():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation([0] * 300 + [1] * 150 + [2] * 42 + [3] * 8).tolist()
+    groups = stratified_split(labels, [0.7, 0.1], seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(groups, stratified_split(labels, [0.7, 0.1], seed=3), strict=True))
+    assert not np.array_equal(groups[0], stratified_split(labels, [0.7, 0.1], seed=4)[0])
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
+    counts = [np.bincount(np.asarray(labels)[g], minlength=4) for g in groups]
+    totals = np.bincount(labels)
+    for share, count in zip([0.7, 0.1, 0.2], counts, strict=True):
+        assert np.abs(count - share * totals).max() <= 1.5  # each class split in the given proportions
+        assert (count >= 1).all()  # even the class of 8 is in every group
+
+
+def test_stratified_split_small_classes_and_multilabel_rows():
+    labels = [0] * 4 + [1] * 4 + [2] * 4 + [3]  # val (10 %) is smaller than the number of classes
+    train, val, test = stratified_split(labels, [0.7, 0.1], seed=0)
+    assert sorted([*train, *val, *test]) == list(range(13))
+    assert 12 in train  # a class of one goes where its share rounds to: train
+    assert {labels[i] for i in train} == {0, 1, 2, 3} and len(val) >= 1 and {labels[i] for i in test} == {0, 1, 2}
+    rows = [(1, 0, 0)] * 10 + [(0, 1, 1)] * 10 + [(0, 0, 0)] * 10  # strata: first positive label, none
+    train, val = stratified_split(rows, [0.8], seed=0)
+    assert [sum(1 for i in val if i // 10 == s) for s in range(3)] == [2, 2, 2]
+
+
+def test_label_subsets_keep_every_class_even_a_class_of_one():
+    labels = torch.tensor([0] * 500 + [1] * 30 + [2] * 2 + [3])
+    for seed in range(3):
+        subset = label_subset(labels, fraction=0.05, seed=seed)
+        assert torch.bincount(labels[subset], minlength=4).min() >= 1
+        assert torch.equal(subset, label_subset(labels, fraction=0.05, seed=seed))
+    multilabel = torch.tensor([[1.0, 0.0]] * 50 + [[0.0, 1.0]] * 3 + [[0.0, 0.0]] * 20)
+    subset = label_subset(multilabel, fraction=0.02, seed=0)
+    assert {0, 1, 2} <= {0 if i < 50 else 1 if i < 53 else 2 for i in subset.tolist()}
+
+
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_corruptions_are_deterministic_in_range_and_grow_with_severity(name):
     image = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25

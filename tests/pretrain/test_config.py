@@ -23,7 +23,7 @@ def error_of(path: Path | None, overrides: list[str]) -> str:
 
 def test_defaults_plus_required_values_load():
     cfg = load_config(None, REQUIRED)
-    assert cfg.method == "mae" and cfg.mae.mask_ratio == 0.75 and cfg.train.precision.value == "no"
+    assert cfg.method == "mae" and cfg.mae.mask_ratio == 0.75 and cfg.train.precision.value == "auto"
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -95,7 +95,7 @@ def test_derive_global_batch_lr_and_steps(tmp_path):
     assert d.steps_per_epoch == 3 and d.total_steps == 8 and d.warmup_steps == 2
     save_config(cfg, tmp_path / "config.yaml")
     saved = OmegaConf.load(tmp_path / "config.yaml")
-    assert saved.derived.total_steps == 8 and saved.train.precision == "no"
+    assert saved.derived.total_steps == 8 and saved.train.precision == "auto"
 
 
 def test_derive_rejects_a_batch_larger_than_an_epoch():

@@ -50,7 +50,7 @@ def test_each_objective_trains_checkpoints_and_resumes(method, tiny, tmp_path):
 
 
 def test_mae_writes_pictures_tensorboard_and_knn(tiny, tmp_path, pneumonia):
-    extra = {"logging.figure_every_steps": 4, "logging.tensorboard": True, "knn.spec": f"medmnist:{pneumonia}",
+    extra = {"logging.figure_every_steps": 4, "logging.trackers": "[tensorboard]", "knn.spec": f"medmnist:{pneumonia}",
              "knn.every_steps": 4, "knn.max_samples": 64}  # fmt: skip
     overrides = tiny("mae", tmp_path, **extra)
     assert (

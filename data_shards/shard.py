@@ -1,0 +1,124 @@
+"""``shard(sources, out, ...)``: what ``medfm shard`` and ``medfm.shard`` run (plan, write, manifest).
+
+Raises ``ConfigError`` for options that cannot be run (a bad window, ``--part``, a missing input) and
+``ShardError`` for a shard set that cannot be written; every unreadable input becomes a line of the manifest's
+skip list instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from data_shards.errors import ConfigError
+from data_shards.manifest import Manifest
+from data_shards.records import ReadOptions
+from data_shards.windows import parse_window
+
+
+def shard(
+    sources: Sequence[str],
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_count: int = 2000,
+    max_mb: float = 256.0,
+    codec: str = "npy",
+    dedup: str = "exact",
+    near_threshold: int = 4,
+    windows: Sequence[str] = ("header",),
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    nifti_axis: str = "axial",
+    nifti_stride: int = 1,
+    nifti_intensity: str = "auto",
+    min_foreground: float = 0.02,
+    max_side: int | None = None,
+    hash_paths: bool | None = None,
+    max_pixels: float = 2**30,
+    timeout: int = 900,
+    max_memory_gb: float | None = None,
+    splits: Sequence[str] | None = None,
+    part: str | None = None,
+    command: str | None = None,
+) -> Manifest:
+    """Write ``sources`` as WebDataset shards + ``manifest.json`` in ``out``; returns the manifest.
+
+    The keyword arguments are ``medfm shard``'s options (``medfm shard --help``); ``hash_paths=None`` hashes
+    source paths when any input is DICOM or ``part`` is set. ``command`` is recorded in the manifest (default:
+    the equivalent ``medfm shard`` command line).
+    """
+    from data_shards.discover import Part, plan_sources, read_plan, write_plan
+    from data_shards.writer import PLAN, ShardConfig, ShardWriter, hash_path
+
+    out = Path(out)
+    workers = workers or os.cpu_count() or 1
+    sources = [str(s) for s in sources]
+    try:
+        windows = tuple(windows)
+        for window in windows:
+            parse_window(window)
+        if codec not in ("npy", "png"):
+            raise ValueError(f"codec must be npy or png, got {codec!r}")
+        if dedup not in ("none", "exact", "near"):
+            raise ValueError(f"dedup must be none, exact or near, got {dedup!r}")
+        read = ReadOptions(
+            windows=windows,
+            percentiles=tuple(percentiles),
+            nifti_axis=nifti_axis,
+            nifti_stride=nifti_stride,
+            nifti_intensity=nifti_intensity,
+            min_foreground=min_foreground,
+            max_side=max_side,
+            max_pixels=int(max_pixels),
+        )
+        config = ShardConfig(
+            max_count=max_count,
+            max_bytes=int(max_mb * 1024**2),
+            codec=codec,
+            dedup=dedup,
+            near_threshold=near_threshold,
+            read=read,
+            unit_timeout_s=timeout,
+            max_memory_gb=max_memory_gb,
+        )
+        parsed_part = Part.parse(part) if part else None
+        # what the plan depends on: resume reuses the saved plan only when these match
+        header = {"sources": sources, "part": part, "splits": list(splits) if splits else None}
+        plan = read_plan(out / PLAN, header) if resume and (out / PLAN).is_file() else None
+        resumed_plan = plan is not None
+        if plan is None:
+            plan = plan_sources(sources, parsed_part, workers=workers)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+    # auto: hashed for DICOM, and for every part of a multi-machine run (the parts must agree, and one part
+    # cannot know whether another holds DICOM)
+    hashed = (plan.has_dicom() or parsed_part is not None) if hash_paths is None else hash_paths
+    if hashed and hash_paths is None:
+        why = "a part of a multi-machine run" if parsed_part is not None else "DICOM inputs"
+        print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
+    salt = os.environ.get("MEDFM_PATH_SALT", "") if hashed else ""
+    config = dataclasses.replace(config, hash_paths=hashed, path_salt=salt)
+    left_out = plan.keep_splits(tuple(splits)) if splits and not resumed_plan else 0
+    print(
+        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
+        + (f", {left_out} inputs of splits other than {'/'.join(splits)} left out" if left_out else "")
+        + (" (the interrupted run's plan: no header scanned again)" if resumed_plan else ""),
+        file=sys.stderr,
+    )
+    if command is None:
+        command = "medfm shard " + " ".join(shlex.quote(s) for s in sources) + f" --out {shlex.quote(str(out))}"
+    if hashed:  # a SOURCE folder can be named after the patient: the manifest keeps its hash only
+        command = " ".join(shlex.quote(hash_path(a, salt) if a in sources else a) for a in shlex.split(command))
+    writer = ShardWriter(out, plan, config, command=command, workers=workers, part=part or "")
+    writer.prepare(resume=resume, overwrite=overwrite)
+    if not resumed_plan:
+        write_plan(out / PLAN, plan, header)
+    return writer.run()

@@ -1,0 +1,111 @@
+"""Accelerate's conventions: ``train.precision=auto`` / ``dist.backend=auto`` defer to what ``accelerate config`` /
+``accelerate launch`` chose (an explicit value wins and is logged), and the experiment trackers run offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain import distributed as dist
+from pretrain.config import load_config
+from pretrain.errors import ConfigError
+from pretrain.main import pretrain
+
+# what `accelerate launch` sets from an Accelerate config with `distributed_type: DEEPSPEED`, zero_stage 1, bf16
+LAUNCHED_DEEPSPEED = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_CONFIG_DS_FIELDS": "offload_optimizer_device,offload_param_device,zero3_init_flag,zero_stage,mixed_precision",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+    "ACCELERATE_MIXED_PRECISION": "bf16",
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No Accelerate launch settings or tracker settings from the machine; every change undone afterwards."""
+    for key in [*LAUNCHED_DEEPSPEED, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "WANDB_MODE", "WANDB_API_KEY",
+                "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY", "WANDB_DIR"]:  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_precision_auto_defers_to_accelerate_and_an_explicit_value_wins(clean_env) -> None:
+    assert dist.resolve_precision("auto") == ("no", "precision no (train.precision=auto: no Accelerate setting: fp32)")
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    value, note = dist.resolve_precision("auto")
+    assert value == "bf16" and "Accelerate config" in note
+    value, note = dist.resolve_precision("no")
+    assert value == "no" and "the Accelerate setting bf16 is not used" in note
+
+
+def test_a_run_records_the_precision_accelerate_chose(tiny, tmp_path: Path, clean_env) -> None:
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
+    assert pretrain(None, tiny("simclr", tmp_path, **{"data.samples_per_epoch": 16})) == 0
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["train"]["precision"], saved["dist"]["backend"]) == ("bf16", "ddp")
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    setup = [e["message"] for e in events if e.get("event") == "setup"]
+    assert setup == ["precision bf16 (train.precision=auto: the Accelerate config / launch)"]
+
+
+def test_backend_auto_takes_deepspeed_from_the_accelerate_config(tiny, tmp_path: Path, clean_env) -> None:
+    for key, value in LAUNCHED_DEEPSPEED.items():
+        clean_env.setenv(key, value)
+    cfg = load_config(None, tiny("simclr", tmp_path))
+    accelerator, notes = dist.make_accelerator(cfg)
+    try:
+        assert dist.uses_deepspeed(accelerator) and dist.zero_stage(accelerator) == 1
+        assert (cfg.dist.backend.value, cfg.dist.zero_stage, cfg.train.precision.value) == ("deepspeed", 1, "bf16")
+        assert "dist.backend=auto: DeepSpeed from the Accelerate config (ZeRO stage 1)" in notes
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["bf16"]["enabled"] is True
+    finally:
+        dist.shutdown(accelerator)
+
+
+def test_an_explicit_backend_wins_over_the_accelerate_config(tiny, tmp_path: Path, clean_env) -> None:
+    for key, value in LAUNCHED_DEEPSPEED.items():
+        clean_env.setenv(key, value)
+    cfg = load_config(None, [*tiny("simclr", tmp_path), "dist.backend=ddp", "train.precision='no'"])
+    accelerator, notes = dist.make_accelerator(cfg)
+    assert not dist.uses_deepspeed(accelerator) and accelerator.mixed_precision == "no"
+    assert "dist.backend=ddp: the Accelerate config's DeepSpeed settings are not used" in notes
+    assert "precision no (train.precision=no; the Accelerate setting bf16 is not used)" in notes
+
+
+def test_accelerate_settings_that_contradict_the_config_name_the_key(tiny, tmp_path: Path, clean_env) -> None:
+    for key, value in {**LAUNCHED_DEEPSPEED, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}.items():
+        clean_env.setenv(key, value)
+    cfg = load_config(None, tiny("simclr", tmp_path))
+    with pytest.raises(ConfigError, match=r"train\.grad_accum.*gradient_accumulation_steps=4"):
+        dist.make_accelerator(cfg)
+
+
+def test_trackers_run_offline_into_the_run_directory(tiny, tmp_path: Path, clean_env) -> None:
+    pytest.importorskip("wandb", reason="the dev extra installs wandb")
+    pytest.importorskip("mlflow", reason="the dev extra installs mlflow-skinny")
+    overrides = tiny("mae", tmp_path, **{"logging.trackers": "[tensorboard,wandb,mlflow]",
+                                         "logging.figure_every_steps": 4})  # fmt: skip
+    assert pretrain(None, overrides) == 0
+    assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert any(wandb_run.glob("run-*.wandb"))
+    losses = list((tmp_path / "mlruns").rglob("metrics/train/loss"))
+    assert len(losses) == 1 and len(losses[0].read_text().splitlines()) == 4  # logged every 2 of 8 steps
+    assert any((tmp_path / "mlruns").rglob("artifacts/figures/*.png"))
+    params = {p.name for p in (tmp_path / "mlruns").rglob("params/*")}
+    assert {"method", "train.batch_size", "optim.betas"} <= params
+
+
+def test_an_unknown_or_missing_tracker_is_a_config_error(tiny, tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match=r"logging\.trackers.*'comet' is not one of"):
+        load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[comet]"])
+    monkeypatch.setattr("pretrain.config.tracker_installed", lambda name: name != "wandb")
+    with pytest.raises(ConfigError, match=r"wandb is not installed \(pip install wandb\)"):
+        load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[tensorboard,wandb]"])
