@@ -43,8 +43,9 @@ from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
 from pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
 from pretrain.data import EpochLoader
-from pretrain.distributed import build_accelerator, resolve_precision
+from pretrain.distributed import build_accelerator, resolve_precision, shutdown
 from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
+from pretrain.errors import ConfigError
 from pretrain.schedules import cosine_schedule, derive_steps
 from pretrain.transforms import augment_from_section
 
@@ -63,6 +64,8 @@ def freeze_blocks(model: nn.Module, blocks: int) -> list[str]:
     if blocks < 0:
         frozen = [n for n, _ in model.named_parameters() if not any(n.startswith(f"{c}.") for c in names)]
     else:
+        if not hasattr(model, "group_matcher"):
+            raise ConfigError(f"config key 'train.freeze_blocks': {type(model).__name__} has no timm group_matcher to count blocks by; use 0 or -1")  # fmt: skip
         layer_of = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
         frozen = [n for n, _ in model.named_parameters() if layer_of.get(n, math.inf) <= blocks]
     parameters = dict(model.named_parameters())
@@ -418,7 +421,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if main:
         (out_dir / "summary.md").write_text(summary_table(results))
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # done: every result is written
-    accelerator.wait_for_everyone()
+    shutdown(accelerator)  # barrier; a later run in this process (the Python API) may choose another precision
     return results
 
 

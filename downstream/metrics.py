@@ -41,13 +41,15 @@ def classification_metrics(task: Task, y_true: np.ndarray, scores: np.ndarray) -
     """Metrics of one split: ``acc``, ``balanced_acc``, ``auc``, ``f1``, ``per_class`` rows, ``confusion``
     (single-label) or ``exact_match`` (multilabel), ``undefined`` (metric -> reason, for each NaN headline metric).
 
-    y_true: (N,) ints (binary / multiclass) or (N, K) 0/1 (multilabel); scores: (N, C) or (N, K); N >= 1.
+    y_true: (N,) ints (binary / multiclass) or (N, K) 0/1 (multilabel); scores: (N, C) or (N, K); N = 0 gives NaNs.
     """
     y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] != task.num_outputs or len(scores) != len(y_true):
         raise ValueError(f"scores {scores.shape} do not fit {len(y_true)} samples of a {task.num_outputs}-output task")
-    if not len(y_true):
-        raise ValueError("no samples to compute metrics on")
+    if not len(y_true):  # e.g. a val split that stratification left empty: every metric undefined, not a crash
+        reason = "no samples in this split"
+        return {"n": 0, **dict.fromkeys(SUMMARY_KEYS, math.nan), "per_class": [],
+                "undefined": dict.fromkeys(SUMMARY_KEYS, reason)}  # fmt: skip
     if task.multilabel:
         return _multilabel_metrics(task, y_true.astype(np.int64), scores)
     y_true = y_true.astype(np.int64).reshape(-1)

@@ -152,8 +152,9 @@ def pretrain(
         model: a timm model name (``model.backbone``), or your own ``nn.Module``: a timm model or any module
             mapping (B, C, H, W) images to (B, D) features or a (B, D, h, w) map (``register_module``).
         config: a YAML recipe (``configs/pretrain/``); ``values`` and ``overrides`` go on top of it.
-        values: config keys: ``schedule={"epochs": 5}``, ``**{"train.batch_size": 32}``; keys of the ``data``
-            and ``model`` sections besides the two above go dotted: ``**{"data.img_size": 28}``.
+        values: config keys: ``schedule={"epochs": 5}``, ``**{"train.batch_size": 32}``. ``data`` and ``model``
+            given as dicts are those sections (``data={"spec": ..., "img_size": 28}``); their other keys can also
+            go dotted beside the shortcut: ``**{"data.img_size": 28}``.
         overrides: ``["key=value", ...]`` as on the command line.
     """
     from pretrain.backbones import register_module as register
@@ -163,12 +164,10 @@ def pretrain(
     given: dict[str, Any] = dict(values)
     if out is not None:
         given["train.run_dir"] = str(out)
-    if data is not None:
-        given["data.spec"] = data.spec if isinstance(data, ShardResult) else str(data)
     if method is not None:
         given["method"] = method
-    if model is not None:
-        given["model.backbone"] = model if isinstance(model, str) else register(model)
+    _section_or(given, "data", data, "spec", _spec)
+    _section_or(given, "model", model, "backbone", lambda m: m if isinstance(m, str) else register(m))
     cfg = load_config(config, list(overrides), values=given)
     step = run_pretraining(cfg)
     return PretrainResult(run_dir=Path(cfg.train.run_dir), step=step, config=to_dict(cfg))
@@ -202,6 +201,21 @@ def export(
     return ExportResult(out=Path(folder), files=files, repo_url=url)
 
 
+def _section_or(given: dict[str, Any], section: str, value: Any, key: str, convert: Any) -> None:
+    """A shortcut argument named like a config section (``data``, ``model``, ``backbone``): a dict is that
+    section's keys (``data={"img_size": 28}``), anything else the section's main key (``data.spec``)."""
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        given[section] = {**given.get(section, {}), **value} if isinstance(given.get(section), Mapping) else value
+    else:
+        given[f"{section}.{key}"] = convert(value)
+
+
+def _spec(data: str | Path | ShardResult) -> str:
+    return data.spec if isinstance(data, ShardResult) else str(data)
+
+
 def _backbone_path(backbone: str | Path | PretrainResult | ExportResult) -> str:
     if isinstance(backbone, PretrainResult):
         return str(backbone.run_dir)
@@ -210,12 +224,10 @@ def _backbone_path(backbone: str | Path | PretrainResult | ExportResult) -> str:
     return str(backbone)
 
 
-def _downstream_values(backbone: Any, data: str | None, out: str | Path | None, values: Mapping[str, Any]) -> dict:
+def _downstream_values(backbone: Any, data: Any, out: str | Path | None, values: Mapping[str, Any]) -> dict:
     given: dict[str, Any] = dict(values)
-    if backbone is not None:
-        given["backbone.path"] = _backbone_path(backbone)
-    if data is not None:
-        given["data.spec"] = str(data)
+    _section_or(given, "backbone", backbone, "path", _backbone_path)
+    _section_or(given, "data", data, "spec", _spec)
     if out is not None:
         given["out_dir"] = str(out)
     return given
@@ -230,9 +242,12 @@ def evaluate(
     overrides: Sequence[str] = (),
     **values: Any,
 ) -> EvalResult:
-    """kNN and linear probe on frozen features (``medfm eval``), release vs random init by default.
+    """kNN and linear probe on frozen features (``medfm eval``) of the release (add the random-init comparison
+    with ``**{"backbone.inits": ["release", "random"]}``).
 
-    ``values``: keys of the eval schema, e.g. ``protocols=["linear"]``, ``efficiency={"fractions": [0.1, 1.0]}``."""
+    ``backbone``: a release folder, run directory, weights file or result object, or the ``backbone`` section as a
+    dict; ``data``: a labeled spec, a ``ShardResult`` or the ``data`` section. ``values``: keys of the eval schema,
+    e.g. ``protocols=["linear"]``, ``efficiency={"fractions": [0.1, 1.0]}``."""
     from downstream.config import EvalConfig, load_config
     from downstream.evaluate import run_eval
 

@@ -255,6 +255,7 @@ def load_structured(
         layers.append(("arguments", nested(values)))
     layers.append(("command line", parse_overrides(list(overrides), schema)))
     for source, layer in layers:
+        layer = migrate_legacy_keys(layer)
         for section in computed:
             if section in layer:
                 raise ConfigError(
@@ -272,19 +273,38 @@ def load_structured(
 
 
 def nested(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1, "c": {"d": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": 2}}`` (dotted keys split, dicts merged)."""
+    """``{"a.b": 1, "c": {"d": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": 2}}`` (dotted keys split, dicts merged at
+    every depth; a later value wins)."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         *parents, leaf = str(key).split(".")
         node = out
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         if isinstance(value, Mapping):
-            value = nested(value)
-            if isinstance(node.get(leaf), dict):
-                value = {**node[leaf], **value}
+            value = _merged(node[leaf], nested(value)) if isinstance(node.get(leaf), dict) else nested(value)
         node[leaf] = value
     return out
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def migrate_legacy_keys(layer: Any) -> Any:
+    """Keys of earlier medfm versions, rewritten in a config layer (a recipe, a run's saved config):
+    ``logging.tensorboard: true/false`` became ``logging.trackers: [tensorboard] / []``."""
+    logging = layer.get("logging") if isinstance(layer, (dict, DictConfig)) else None
+    if isinstance(logging, (dict, DictConfig)) and "tensorboard" in logging:
+        enabled = logging.pop("tensorboard")
+        if "trackers" not in logging:
+            logging["trackers"] = ["tensorboard"] if enabled else []
+    return layer
 
 
 Need = Callable[[bool, str, str], None]  # need(ok, key, what): the checks a schema's types cannot express

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from omegaconf import DictConfig
 from torch import nn
 
@@ -58,11 +59,12 @@ def _free_port() -> int:
 
 def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
     """The Accelerator of a pretraining run (``cfg.dist`` / ``cfg.train``), and lines saying where its precision
-    and backend came from. ``auto`` values are resolved (``resolve_precision``, ``resolve_backend``) and written
-    back into ``cfg``, so the saved config holds what ran."""
-    precision, precision_note = resolve_precision(cfg.train.precision.value)
+    and backend came from. ``auto`` values are resolved (``resolve_backend``, ``resolve_precision``) and written
+    back into ``cfg``, so the saved config holds what ran. ``shutdown`` restores the environment as it was here."""
+    environ = dict(os.environ)
+    backend_note = resolve_backend(cfg)  # first: a DeepSpeed config file can carry the precision
+    precision, precision_note = resolve_precision(cfg.train.precision.value, deepspeed_file_precision(cfg))
     cfg.train.precision = Precision(precision)
-    backend_note = resolve_backend(cfg)
     if cfg.dist.backend == Backend.deepspeed and cfg.train.precision == Precision.fp16:
         raise ConfigError(f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or no")  # fmt: skip
     deepspeed = deepspeed_config(cfg) if cfg.dist.backend == Backend.deepspeed else None
@@ -70,7 +72,28 @@ def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
     tracker_notes = offline_tracker_defaults(trackers, Path(cfg.train.run_dir))
     accelerator = build_accelerator(precision, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed,
                                     log_with=trackers, project_dir=cfg.train.run_dir)  # fmt: skip
+    accelerator.medfm_environ = environ
     return accelerator, [precision_note, *([backend_note] if backend_note else []), *tracker_notes]
+
+
+def deepspeed_file_precision(cfg: DictConfig) -> str | None:
+    """The precision a DeepSpeed JSON (``dist.deepspeed_config``) enables: ``bf16``, ``no`` (bf16 disabled), or
+    None when it leaves it to the run ("auto" or absent). fp16 is refused: DeepSpeed's loss scaler skips steps
+    that the engine's non-finite-step accounting would count as divergence."""
+    if cfg.dist.backend != Backend.deepspeed or cfg.dist.deepspeed_config is None:
+        return None
+    ds = _read_deepspeed_json(cfg.dist.deepspeed_config)
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"config key 'dist.deepspeed_config': {cfg.dist.deepspeed_config} enables fp16; use bf16 (or no)")  # fmt: skip
+    enabled = ds.get("bf16", {}).get("enabled", "auto")
+    return None if enabled == "auto" else ("bf16" if enabled else "no")
+
+
+def _read_deepspeed_json(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'dist.deepspeed_config': cannot read {path}: {err}") from err
 
 
 # What `accelerate launch` sets from an Accelerate config that chose DeepSpeed (accelerate.utils.launch).
@@ -78,11 +101,14 @@ _DEEPSPEED_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "AC
                   "ACCELERATE_GRADIENT_CLIPPING")  # fmt: skip
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """``(precision, where it came from)``. ``auto`` defers to Accelerate: the mixed precision that
-    ``accelerate config`` / ``accelerate launch --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else
-    ``no``, as ``Accelerator(mixed_precision=None)`` reads it; an explicit value wins over the Accelerate one."""
+def resolve_precision(requested: str, deepspeed_file: str | None = None) -> tuple[str, str]:
+    """``(precision, where it came from)``. ``auto`` defers to Accelerate: the precision the run's DeepSpeed config
+    file enables (``deepspeed_file``), else the mixed precision that ``accelerate config`` / ``accelerate launch
+    --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else ``no``, as ``Accelerator(mixed_precision=None)``
+    reads it; an explicit value wins over both."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    if requested == "auto" and deepspeed_file is not None:
+        return deepspeed_file, f"precision {deepspeed_file} (train.precision=auto: the DeepSpeed config file)"
     if requested == "auto":
         value = launcher or "no"
         origin = "the Accelerate config / launch" if launcher else "no Accelerate setting: fp32"
@@ -143,7 +169,7 @@ def build_accelerator(
     (``cpu=True``: without it a 2-process CPU launch gives two unsynchronised runs), DeepSpeed when
     ``deepspeed_config`` is given, a rendezvous timeout. Raises DistributedFailure when the rendezvous fails.
     ``precision``: ``no``, ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``)."""
-    before = set(os.environ)
+    environ = dict(os.environ)
     precision = resolve_precision(precision)[0]
     if deepspeed_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         _clear_deepspeed_env()  # no DeepSpeed asked for here (fine-tuning, bench): a plain process group
@@ -167,7 +193,10 @@ def build_accelerator(
             deepspeed_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(**init)],
             log_with=log_with or None,
-            project_dir=str(project_dir) if project_dir is not None else None,
+            # trackers: TensorBoard writes PROJECT_DIR/tensorboard/medfm; wandb / mlflow name the project "medfm"
+            project_config=None
+            if project_dir is None
+            else ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "tensorboard")),
         )
     except (torch_dist.DistError, RuntimeError) as err:
         if not collective_failure(err) and not isinstance(err, torch_dist.DistError):
@@ -178,9 +207,10 @@ def build_accelerator(
             f"dist.timeout_s={timeout_s:g} s (rank {os.environ.get('RANK', '?')}): a process or machine "
             f"did not start or cannot reach the master address. Cause: {_first_line(err)}"
         ) from err
-    # the variables set here for this run (a process group of one, accelerate's ACCELERATE_USE_DEEPSPEED): shutdown
-    # removes them, so that a later run in the same Python process (the API, tests) starts from the user's env
-    accelerator.medfm_env_added = sorted(set(os.environ) - before)
+    # the environment before this run changed it (a process group of one, accelerate's ACCELERATE_USE_DEEPSPEED, the
+    # launcher's DeepSpeed variables cleared): shutdown restores it, so that a later run in the same Python process
+    # (the API, tests) starts from the user's environment
+    accelerator.medfm_environ = environ
     if _launched() and accelerator.num_processes != int(os.environ.get("WORLD_SIZE", accelerator.num_processes)):
         raise DistributedFailure(  # STACK.md: the silent trap of independent, unsynchronised copies
             f"launched as one of {os.environ['WORLD_SIZE']} processes but the Accelerator counts "
@@ -216,14 +246,20 @@ def _first_line(err: BaseException) -> str:
 def shutdown(accelerator: Accelerator, failed: bool = False) -> None:
     """End of a run: every process reaches the barrier, then the process group is destroyed.
 
-    After a collective failure the barrier would fail (or wait for a dead peer): destroy only. The environment
-    variables ``build_accelerator`` added are removed."""
+    After a collective failure the barrier would fail (or wait for a dead peer): destroy only. Then Accelerate's
+    process-wide state is reset and the environment restored as it was before the run (``make_accelerator``,
+    ``build_accelerator``): another run in the same Python process starts afresh, with other settings."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         if not failed:
             accelerator.wait_for_everyone()
         torch_dist.destroy_process_group()
-    for key in getattr(accelerator, "medfm_env_added", ()):
-        os.environ.pop(key, None)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    environ = getattr(accelerator, "medfm_environ", None)
+    if environ is not None:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------------------------
@@ -263,10 +299,9 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     train.grad_accum, clipping = optim.clip_grad, bf16 = train.precision. Any other "auto" is an error."""
     d = cfg.dist
     if d.deepspeed_config is not None:
-        try:
-            ds = json.loads(Path(d.deepspeed_config).read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"config key 'dist.deepspeed_config': cannot read {d.deepspeed_config}: {err}") from err
+        ds = _read_deepspeed_json(d.deepspeed_config)
+        if ds.get("fp16", {}).get("enabled") is True:
+            raise ConfigError(f"config key 'dist.deepspeed_config': {d.deepspeed_config} enables fp16; use bf16 (or no)")  # fmt: skip
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if d.zero_stage is not None and d.zero_stage != stage:
             raise ConfigError(

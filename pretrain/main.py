@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as dist
 from pretrain.cli import configure
-from pretrain.config import derive, load_config, save_config, to_dict
+from pretrain.config import Backend, Precision, derive, load_config, save_config, to_dict
 from pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
 from pretrain.engine import Schedules, build_optimizer, train
 from pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
@@ -55,7 +55,9 @@ _FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", Distrib
 
 def run_pretraining(cfg: DictConfig) -> int:
     """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
+    resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend and precision it started with
     accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
+    setup = [*resumed, *setup]
     monitor, failed = None, False
     try:
         loader, model, evaluate = build(cfg, accelerator)
@@ -104,6 +106,35 @@ def run_pretraining(cfg: DictConfig) -> int:
         if monitor is not None:
             monitor.close()
         dist.shutdown(accelerator, failed=failed)
+
+
+def settle_from_run_dir(cfg: DictConfig) -> list[str]:
+    """Resuming: ``auto`` settings take the values the run started with (its saved ``config.yaml``), whatever
+    launched it this time (torchrun after ``accelerate launch``, a requeued Slurm job); an explicit backend that
+    cannot read the run's checkpoints is an error naming ``dist.backend``. Returns a line for the log, if any."""
+    run_dir = Path(cfg.train.run_dir)
+    torch_checkpoint, deepspeed_checkpoint = ckpt.find_resume(run_dir), ckpt.find_deepspeed_resume(run_dir)
+    if torch_checkpoint is None and deepspeed_checkpoint is None:
+        return []
+    kind = Backend.deepspeed if deepspeed_checkpoint is not None and torch_checkpoint is None else Backend.ddp
+    saved_path = run_dir / "config.yaml"
+    saved = OmegaConf.load(saved_path) if saved_path.is_file() else None
+    if saved is not None and OmegaConf.select(saved, "dist.backend") in (Backend.ddp.value, Backend.deepspeed.value):
+        kind = Backend(saved.dist.backend)
+    if cfg.dist.backend not in (Backend.auto, kind):
+        found = "DeepSpeed checkpoint directories" if kind == Backend.deepspeed else "torch checkpoints (last.pt)"
+        raise ConfigError(f"config key 'dist.backend': {cfg.dist.backend.value} cannot resume {run_dir}, which holds {found}: use {kind.value} or auto")  # fmt: skip
+    adopted = []
+    if cfg.dist.backend == Backend.auto:
+        cfg.dist.backend = kind
+        if kind == Backend.deepspeed and saved is not None and cfg.dist.zero_stage is None and cfg.dist.deepspeed_config is None:  # fmt: skip
+            cfg.dist.zero_stage, cfg.dist.deepspeed_config = saved.dist.zero_stage, saved.dist.deepspeed_config
+        adopted.append(f"dist.backend={kind.value}")
+    saved_precision = OmegaConf.select(saved, "train.precision") if saved is not None else None
+    if cfg.train.precision == Precision.auto and saved_precision not in (None, Precision.auto.value):
+        cfg.train.precision = Precision(saved_precision)
+        adopted.append(f"train.precision={saved_precision}")
+    return [f"resuming: {' and '.join(adopted)} as the run started"] if adopted else []
 
 
 def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMethod, Callable | None]:

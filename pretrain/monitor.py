@@ -3,7 +3,8 @@
 Trackers (``logging.trackers``: tensorboard, wandb, mlflow) are Accelerate's (``Accelerator(log_with=...)``,
 ``init_trackers``, ``log``). They run without a network by default: ``offline_tracker_defaults`` sets, only where
 the user set nothing, ``WANDB_MODE=offline`` (sync later with ``wandb sync RUN_DIR/wandb/offline-run-*``) and an
-MLflow file store in ``RUN_DIR/mlruns`` without telemetry. TensorBoard writes ``RUN_DIR/tensorboard``.
+MLflow file store in ``RUN_DIR/mlruns`` without telemetry. TensorBoard writes ``RUN_DIR/tensorboard/medfm``; the wandb
+project and the MLflow experiment are named ``medfm``, the run after its folder.
 
 Collapse metrics follow Chen & He 2021 (std of L2-normalised embeddings: 0 when collapsed, about
 1/sqrt(D) for an isotropic gaussian) and Garrido et al. 2023 (RankMe effective rank: 1 when collapsed).
@@ -106,7 +107,7 @@ class Monitor:
         if self.accelerator is not None:
             names = [str(t.value if hasattr(t, "value") else t).lower() for t in self.accelerator.log_with]
             self.accelerator.init_trackers(
-                "tensorboard", config=flat_scalars(config or {}), init_kwargs=tracker_init_kwargs(names, run_dir)
+                "medfm", config=flat_scalars(config or {}), init_kwargs=tracker_init_kwargs(names, run_dir)
             )
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

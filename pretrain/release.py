@@ -35,6 +35,7 @@ searched for ``results_summary.json``. Nothing here knows downstream's folder la
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import MODULE_PREFIX, build_backbone
-from pretrain.config import PretrainConfig, to_dict
+from pretrain.config import PretrainConfig, migrate_legacy_keys, to_dict
 from pretrain.errors import ConfigError, ReleaseError
 from pretrain.methods import METHODS
 from pretrain.weights import (
@@ -136,7 +137,7 @@ def run_backbone(method: nn.Module, cfg: DictConfig, step: int, checkpoint: Path
 def run_config(saved: dict[str, Any], source: str | Path) -> DictConfig:
     """A checkpoint's plain-dict config merged onto the schema: an unknown or mistyped key is an error."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(PretrainConfig), saved)
+        return OmegaConf.merge(OmegaConf.structured(PretrainConfig), migrate_legacy_keys(copy.deepcopy(saved)))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
@@ -589,6 +590,8 @@ def card_data(
     timm_model = not arch.startswith(MODULE_PREFIX)
     return ModelCardData(
         license=license,
+        # the Hub asks an "other" license to be named: the weights inherit the pretraining data's terms
+        license_name="pretraining-data-terms" if license == "other" else None,
         library_name="timm" if timm_model else "pytorch",
         pipeline_tag="image-feature-extraction",
         base_model=hub_base_model(m.get("init")),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_the_lowest_declared_timm_and_lightly_pass_their_slice_of_the_suite(tmp_
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     probe = "import timm, lightly; print(timm.__version__, lightly.__version__)"
     versions = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert versions.stdout.split() == [floors["timm"], floors["lightly"]]
+    assert [Version(v) for v in versions.stdout.split()] == [Version(floors["timm"]), Version(floors["lightly"])]
     suite = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *SLICE],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,

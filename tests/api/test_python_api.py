@@ -86,8 +86,9 @@ def test_shard_pretrain_export_evaluate_chain(tmp_path: Path, pneumonia: Path, p
 
 def test_pretrain_a_users_own_module_then_load_and_finetune_it(tmp_path: Path, pneumonia: Path) -> None:
     net = SmallNet()
+    # bf16 here, then fine-tuning at auto (no): two Accelerators with different settings in one process
     run = medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=net,
-                         **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
+                         **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}, **{"train.precision": "bf16"}))  # fmt: skip
     assert run.config["model"]["backbone"] == "module:SmallNet"
     config = (run.release_dir / "config.json").read_text()
     assert '"architecture": "module:SmallNet"' in config
@@ -121,3 +122,13 @@ def test_a_module_that_fails_on_the_input_is_a_config_error(tmp_path: Path, pneu
     with pytest.raises(medfm.ConfigError, match=r"model.backbone.*fails on a \(2, 1, 28, 28\) batch"):
         medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=rgb_only,
                        **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
+
+
+def test_section_arguments_and_dotted_keys_merge_at_every_depth() -> None:
+    from medfm.api import _downstream_values
+    from pretrain.config import nested
+
+    assert nested({"a.b.c": 1, "a": {"b": {"d": 2}}}) == {"a": {"b": {"c": 1, "d": 2}}}
+    given = _downstream_values({"inits": ["release", "random"]}, {"spec": "medmnist:x.npz", "batch_size": 8}, "o", {})
+    assert given == {"backbone": {"inits": ["release", "random"]},
+                     "data": {"spec": "medmnist:x.npz", "batch_size": 8}, "out_dir": "o"}  # fmt: skip

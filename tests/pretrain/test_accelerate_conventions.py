@@ -109,3 +109,84 @@ def test_an_unknown_or_missing_tracker_is_a_config_error(tiny, tmp_path: Path, m
     monkeypatch.setattr("pretrain.config.tracker_installed", lambda name: name != "wandb")
     with pytest.raises(ConfigError, match=r"wandb is not installed \(pip install wandb\)"):
         load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[tensorboard,wandb]"])
+
+
+def test_accelerate_launch_with_a_config_file_sets_the_precision(tiny, tmp_path: Path, clean_env) -> None:
+    """The real launcher: `accelerate launch --config_file` with `mixed_precision: bf16` -> a bf16 run."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+                      "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")  # fmt: skip
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "pretrain.main",
+               "--config", "configs/pretrain/simclr_resnet18_pneumonia28.yaml",
+               *tiny("simclr", run_dir, **{"data.samples_per_epoch": 16})]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "precision bf16 (train.precision=auto: the Accelerate config / launch)" in done.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_a_deepspeed_config_trains_with_zero2_bf16(tiny, tmp_path: Path, clean_env) -> None:
+    """`accelerate config` chose DeepSpeed ZeRO-2 + bf16 on 2 processes; the recipe leaves both on auto.
+    (MAE: CPU autocast runs no BatchNorm in bf16 under DeepSpeed, so SimCLR's BN head is left to GPU runs.)"""
+    import subprocess
+    import sys
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n"
+        "  offload_optimizer_device: none\n  offload_param_device: none\n  zero3_init_flag: false\n"
+        "mixed_precision: bf16\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n"
+    )
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "pretrain.main",
+               "--config", "configs/pretrain/mae_vit_tiny_pneumonia28.yaml",
+               *tiny("mae", run_dir, **{"data.samples_per_epoch": 32})]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["precision"], saved["dist"]["backend"], saved["dist"]["zero_stage"]) == ("bf16", "deepspeed", 2)  # fmt: skip
+    assert saved["derived"]["world_size"] == 2
+    assert (run_dir / "release" / "model.safetensors").is_file() and (run_dir / "last").exists()
+
+
+def test_shutdown_restores_the_environment_and_accelerate_state(tiny, tmp_path: Path, clean_env) -> None:
+    """A later run in the same Python process starts from the user's environment, with any precision."""
+    import os
+
+    for key, value in LAUNCHED_DEEPSPEED.items():
+        clean_env.setenv(key, value)
+    before = dict(os.environ)
+    cfg = load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[tensorboard,mlflow]", "dist.backend=ddp"])
+    accelerator, _ = dist.make_accelerator(cfg)
+    assert "MLFLOW_TRACKING_URI" in os.environ and "ACCELERATE_USE_DEEPSPEED" not in os.environ
+    dist.shutdown(accelerator)
+    assert dict(os.environ) == before
+    clean_env.delenv("ACCELERATE_MIXED_PRECISION")
+    assert dist.build_accelerator("no").mixed_precision == "no"  # a second Accelerator, another precision
+
+
+def test_a_resumed_run_keeps_the_settings_it_started_with(tiny, tmp_path: Path, clean_env, capsys) -> None:
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    overrides = tiny("simclr", tmp_path, **{"data.samples_per_epoch": 16})
+    assert pretrain(None, overrides) == 0
+    clean_env.delenv("ACCELERATE_MIXED_PRECISION")  # relaunched with plain python: auto alone would say "no"
+    assert pretrain(None, [*overrides, "schedule.epochs=2"]) == 0
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    assert "resuming: dist.backend=ddp and train.precision=bf16 as the run started" in capsys.readouterr().err
+    assert pretrain(None, [*overrides, "schedule.epochs=2", "dist.backend=deepspeed"]) == 2
+    assert "dist.backend': deepspeed cannot resume" in capsys.readouterr().err
+
+
+def test_configs_of_earlier_versions_still_load(tiny, tmp_path: Path) -> None:
+    from pretrain.release import run_config
+
+    cfg = load_config(None, [*tiny("simclr", tmp_path), "logging.tensorboard=false"])
+    assert list(cfg.logging.trackers) == []
+    saved = {"method": "simclr", "logging": {"tensorboard": True}, "train": {"run_dir": str(tmp_path)},
+             "data": {"spec": "x"}}  # fmt: skip
+    assert list(run_config(saved, "old/config.yaml").logging.trackers) == ["tensorboard"]
