@@ -108,14 +108,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     def body() -> None:
-        from accelerate import PartialState
+        import os
 
         from downstream.config import FinetuneConfig, load_config
         from downstream.finetune import run_finetune, summary_table
 
         cfg = load_config(FinetuneConfig, args.config, _overrides(args))
-        results = run_finetune(cfg)
-        if PartialState().is_main_process:  # one summary under `accelerate launch`
+        results = run_finetune(cfg)  # ends with the process group shut down: the launcher's RANK says who prints
+        if os.environ.get("RANK", "0") == "0":  # one summary under `accelerate launch`
             print(summary_table(results), end="")
             print(f"results: {cfg.out_dir}")
 
