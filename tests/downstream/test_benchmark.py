@@ -121,4 +121,8 @@ def test_the_target_check_compares_the_best_linear_probe_and_the_label_budgets(t
     assert check["finetune"][0]["matches"] is False  # AUC 0.90 < 0.91
     rows[0] = row("release", "linear", 1.0, 0.86, 0.93)  # ACC beats, AUC does not
     assert check_target(cfg, rows, published)[0]["beats_reference"] is False
+    # a recipe with the higher ACC + AUC that misses one metric does not hide another that beats both
+    rows += [{**row("release", "linear", 1.0, 0.88, 0.939), "recipe": "r2"}, {**row("release", "linear", 1.0, 0.855, 0.945), "recipe": "r3"}]  # fmt: skip
+    (check,) = check_target(cfg, rows, published)
+    assert check["beats_reference"] is True and check["linear_probe"]["recipe"] == "r3"
     assert build_report(cfg)["rows"] == []  # nothing run yet
