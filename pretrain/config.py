@@ -132,10 +132,12 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-sk
 
 
 def tracker_installed(name: str) -> bool:
-    import importlib.util
+    """Accelerate's own availability check of a tracker (imported here only: accelerate is slow to import)."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[name]
-    return importlib.util.find_spec(module) is not None
+    return bool(
+        {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}[name]()
+    )
 
 
 @dataclass
@@ -273,27 +275,12 @@ def load_structured(
 
 
 def nested(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1, "c": {"d": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": 2}}`` (dotted keys split, dicts merged at
-    every depth; a later value wins)."""
-    out: dict[str, Any] = {}
+    """``{"a.b": 1, "c": {"d": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": 2}}``: OmegaConf's dotted-key update, dicts
+    merged at every depth, a later value winning."""
+    layer = OmegaConf.create()
     for key, value in values.items():
-        *parents, leaf = str(key).split(".")
-        node = out
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        if isinstance(value, Mapping):
-            value = _merged(node[leaf], nested(value)) if isinstance(node.get(leaf), dict) else nested(value)
-        node[leaf] = value
-    return out
-
-
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
+        OmegaConf.update(layer, str(key), value, merge=True)
+    return OmegaConf.to_container(layer)
 
 
 def migrate_legacy_keys(layer: Any) -> Any:
