@@ -21,7 +21,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -111,6 +112,21 @@ def time_limit(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _StuckReader(Exception):
+    """The oldest input in flight outlived the watchdog; its pool's processes were killed."""
+
+
+def _result_or_kill(future: Future, pool: ProcessPoolExecutor, timeout_s: float | None) -> UnitResult:
+    """``future.result()``, or, past ``timeout_s``, kill the pool's reader processes and raise _StuckReader."""
+    try:
+        return future.result(timeout=timeout_s)
+    except FuturesTimeout:
+        # ProcessPoolExecutor has no public way to stop a running task before Python 3.14 (kill_workers)
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        raise _StuckReader from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -318,27 +334,42 @@ class ShardWriter:
 
     # -- main loop -----------------------------------------------------------------------------------
     def _results(self) -> Iterator[UnitResult]:
-        """Unit results in plan order, read by a pool of workers with a bounded number in flight."""
+        """Unit results in plan order, read by a pool of reader processes with a bounded number in flight.
+
+        Always in child processes, even for one worker: a reader that dies (OOM killer, codec segfault) or hangs
+        inside a decoder's C code, where the SIGALRM of ``time_limit`` cannot reach it, costs one input, not the run.
+        """
         start = self.state.next_unit
         jobs = [
             (i, self.plan.units[i], self.config, self.state.next_record if i == start else 0)
             for i in range(start, len(self.plan.units))
         ]
-        if self.workers <= 1:
-            for job in jobs:
-                yield read_unit(*job)
-            return
         position = 0
         while position < len(jobs):
             try:
                 for result in self._pooled(jobs, position):
                     yield result
                     position += 1
+            except _StuckReader:  # its process was killed: the input is skipped, the others are read again
+                yield UnitResult(jobs[position][0], [], self._stuck_reason())
+                position += 1
             except BrokenProcessPool:
                 # A reader process died (the OOM killer, a segfault in a codec): the unit at `position` or one
                 # in flight with it. Read it alone; if that kills its process too, it is the culprit: skip it.
                 yield self._isolated(jobs[position])
                 position += 1
+
+    def _watchdog_s(self) -> float | None:
+        """How long the parent waits for the oldest input in flight before killing its reader: the reader's own
+        alarm (``unit_timeout_s``) plus a grace for the alarm to be handled; None when there is no time limit."""
+        timeout = self.config.unit_timeout_s
+        return timeout + min(30, timeout) if timeout > 0 else None
+
+    def _stuck_reason(self) -> str:
+        return (
+            f"timed out: the reader was still busy after {self._watchdog_s():.0f} s, stuck where its alarm cannot "
+            "interrupt it (inside a decoder's C code), and was killed"
+        )
 
     def _pool(self, workers: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -350,7 +381,9 @@ class ShardWriter:
         with self._pool(self.workers) as pool:
             futures = {p: pool.submit(read_unit, *jobs[p]) for p in range(start, min(start + window, len(jobs)))}
             for position in range(start, len(jobs)):
-                result = futures.pop(position).result()
+                # every earlier input is done, so this one has been running at least since now: the wait bounds
+                # its reading time
+                result = _result_or_kill(futures.pop(position), pool, self._watchdog_s())
                 if position + window < len(jobs):
                     futures[position + window] = pool.submit(read_unit, *jobs[position + window])
                 yield result
@@ -358,9 +391,11 @@ class ShardWriter:
     def _isolated(self, job: tuple) -> UnitResult:
         try:
             with self._pool(1) as pool:
-                return pool.submit(read_unit, *job).result()
+                return _result_or_kill(pool.submit(read_unit, *job), pool, self._watchdog_s())
         except BrokenProcessPool:
             return UnitResult(job[0], [], "the reader process died while reading it (killed, e.g. out of memory)")
+        except _StuckReader:
+            return UnitResult(job[0], [], self._stuck_reason())
 
     def _is_duplicate(self, sample: EncodedSample) -> str | None:
         if self.config.dedup == "none":

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
 from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
@@ -163,6 +165,26 @@ def test_series_is_grouped_and_read_in_slice_order(series_dir: Path):
     assert images[0].pixels.shape == (128, 128) and images[0].meta["orig_size"] == [512, 512]
     # max_side shrank 512 -> 128, so each stored pixel covers 4x the native 0.41 mm.
     assert images[0].meta["pixel_spacing"] == pytest.approx([4 * 0.41015625] * 2)
+
+
+def test_planning_header_read_agrees_with_a_full_pydicom_read(series_dir: Path, single: Path, tmp_path: Path):
+    """Planning stops after Columns and reads DS/IS numbers from the raw bytes (its hot path): the stack key must be
+    what pydicom's own conversion of the whole header gives, and odd values must not be stackable."""
+    from data_shards.dicom import _read_planning_header, _stack_key
+
+    paths = sorted(series_dir.glob("*.dcm"))[:4] + sorted(single.glob("*.dcm"))
+    for path in paths:
+        full = pydicom.dcmread(path, stop_before_pixels=True)
+        assert _stack_key(_read_planning_header(path)) == _stack_key(full), path.name
+    ds = pydicom.dcmread(paths[0])
+    for keyword, value, stackable in [("InstanceNumber", "", True), ("ImagePositionPatient", "1\\x\\2", False),
+                                      ("ImagePositionPatient", "1\\2", False), ("ImageOrientationPatient", "nan", False)]:  # fmt: skip
+        copy, tag, raw = ds.copy(), Tag(keyword), value.encode()
+        # a raw element: pydicom refuses to assign a malformed DS value, and writes raw bytes as they are
+        copy._dict[tag] = RawDataElement(tag, None, len(raw), raw, 0, ds.original_encoding[0], True)
+        copy.save_as(tmp_path / "odd.dcm", implicit_vr=True, little_endian=True)
+        key, _, _ = _stack_key(_read_planning_header(tmp_path / "odd.dcm"))
+        assert (key is not None) == stackable, (keyword, value)
 
 
 def test_grouping_splits_odd_sizes_keeps_copies_apart_and_reports_unparsable_files(series_dir: Path, tmp_path: Path):

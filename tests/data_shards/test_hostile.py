@@ -19,6 +19,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,54 @@ def test_thousands_of_fuzzed_files(tmp_path):
     done = run_shard(inputs, tmp_path / "out", timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]
     check_every_input_has_a_result(inputs, tmp_path / "out")
+
+
+@dataclass(frozen=True)
+class StuckInCode:
+    """An input whose reader never returns to Python, as in a decoder looping in C: SIGALRM is blocked, so the
+    reader's own alarm cannot interrupt it."""
+
+    source: str
+
+    def read(self, options):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(3600)
+        yield from ()
+
+
+@dataclass(frozen=True)
+class KillsItsReader:
+    """An input whose reading kills the reader process (a codec segfault, the OOM killer)."""
+
+    source: str
+
+    def read(self, options):
+        os._exit(139)
+        yield from ()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers):
+    from PIL import Image
+
+    from data_shards.discover import Plan
+    from data_shards.images import ImageFile
+    from data_shards.writer import ShardConfig, ShardWriter
+
+    units = []
+    for index in range(6):
+        path = tmp_path / f"ok{index}.png"
+        Image.fromarray(np.full((8, 8), 40 * index, np.uint8)).save(path)
+        units.append(ImageFile(path, path.name))
+    units[2:2] = [StuckInCode("stuck.dcm")]
+    units[5:5] = [KillsItsReader("segfault.dcm")]
+    plan = Plan(units=units, origins=["test"] * len(units))
+    writer = ShardWriter(tmp_path / "out", plan, ShardConfig(unit_timeout_s=1, dedup="none"), "test", workers=workers)
+    writer.prepare(resume=False, overwrite=False)
+    started = time.monotonic()
+    manifest = writer.run()
+    assert time.monotonic() - started < 60
+    reasons = {entry["source"]: entry["reason"] for entry in manifest.skipped}
+    assert reasons.keys() == {"stuck.dcm", "segfault.dcm"}
+    assert "was killed" in reasons["stuck.dcm"] and "process died" in reasons["segfault.dcm"]
+    assert manifest.totals["samples"] == 6
