@@ -65,8 +65,10 @@ def run_shard(corpus: Path, out: Path, workers: int, extra: list[str], kill_at: 
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    planned_at = None
+    planned_at = planning_from = None
     for line in process.stderr:
+        if "medfm shard: planning" in line and planning_from is None:
+            planning_from = time.perf_counter() - start  # after the interpreter and imports started
         if "inputs planned" in line and planned_at is None:
             planned_at = time.perf_counter() - start
             break
@@ -82,8 +84,8 @@ def run_shard(corpus: Path, out: Path, workers: int, extra: list[str], kill_at: 
     manifest = out / "manifest.json"
     samples = json.loads(manifest.read_text())["totals"]["samples"] if manifest.exists() else None
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"plan_s": planned_at, "total_s": total, "samples": samples, "returncode": process.returncode,
-            "peak_rss_mib": max(peak, before) / 1024}  # fmt: skip
+    return {"plan_s": planned_at, "startup_s": planning_from, "total_s": total, "samples": samples,
+            "returncode": process.returncode, "peak_rss_mib": max(peak, before) / 1024}  # fmt: skip
 
 
 def main() -> None:
@@ -106,26 +108,39 @@ def main() -> None:
         results["files"] = files
         results["corpus_seconds"] = time.perf_counter() - start
         print(f"corpus: {files} DICOM files in {args.series} series ({results['corpus_seconds']:.0f} s)", flush=True)
+        # flat memory: the same run on an archive a quarter the size; first, because the peak RSS of a process's
+        # children (getrusage) only grows
+        make_corpus(series_dir, tmp_dir / "quarter_corpus", max(1, args.series // 4), args.slices, args.size)
+        small = run_shard(tmp_dir / "quarter_corpus", tmp_dir / "quarter", max(args.workers), [])
+        shutil.rmtree(tmp_dir / "quarter_corpus")
+        results["rss_quarter_archive_mib"] = small["peak_rss_mib"]
+        print(f"peak RSS with a quarter of the files: {small['peak_rss_mib']:.0f} MiB", flush=True)
         for workers in args.workers:
             run = run_shard(tmp_dir / "corpus", tmp_dir / f"out{workers}", workers, [])
-            run["plan_files_s"] = files / run["plan_s"]
+            # planning: from the "planning" line (the interpreter and imports have started) to "inputs planned"
+            run["plan_files_s"] = files / (run["plan_s"] - run["startup_s"])
             run["plan_files_s_per_worker"] = run["plan_files_s"] / workers
             run["write_img_s"] = run["samples"] / (run["total_s"] - run["plan_s"])
             results["runs"][f"workers{workers}"] = run
-            print(f"workers {workers}: planning {run['plan_files_s']:,.0f} files/s ({run['plan_s']:.1f} s), "
-                  f"writing {run['write_img_s']:,.0f} images/s, total {run['total_s']:.1f} s, "
-                  f"peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+            print(f"workers {workers}: start-up {run['startup_s']:.1f} s, planning {run['plan_files_s']:,.0f} files/s "
+                  f"({run['plan_s'] - run['startup_s']:.1f} s), writing {run['write_img_s']:,.0f} images/s, "
+                  f"total {run['total_s']:.1f} s, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
         workers = max(args.workers)
         full = results["runs"][f"workers{workers}"]["total_s"]
         shards = -(-results["runs"][f"workers{workers}"]["samples"] // 500)
         killed = run_shard(tmp_dir / "corpus", tmp_dir / "resume", workers, [], kill_at=int(0.9 * shards))
         resumed = run_shard(tmp_dir / "corpus", tmp_dir / "resume", workers, ["--resume"])
+        # the resumed run prints "inputs planned" once it has started and opened the saved plan
+        after_startup = resumed["total_s"] - resumed["plan_s"]
         results["resume"] = {"killed_at_shards": int(0.9 * shards), "killed_returncode": killed["returncode"],
-                             "of_shards": shards, "resume_s": resumed["total_s"],
+                             "of_shards": shards, "resume_s": resumed["total_s"], "startup_s": resumed["plan_s"],
                              "full_run_s": full, "fraction_of_full": resumed["total_s"] / full,
+                             "fraction_of_full_after_startup": after_startup / (full - results["runs"][f"workers{workers}"]["startup_s"]),
                              "samples": resumed["samples"]}  # fmt: skip
         print(f"resume of a run killed at 90 %: {resumed['total_s']:.1f} s = "
-              f"{100 * resumed['total_s'] / full:.0f} % of a full run ({full:.1f} s)", flush=True)  # fmt: skip
+              f"{100 * resumed['total_s'] / full:.0f} % of a full run ({full:.1f} s); after the start-up "
+              f"({resumed['plan_s']:.1f} s, the interpreter and imports): "
+              f"{100 * results['resume']['fraction_of_full_after_startup']:.0f} %", flush=True)  # fmt: skip
         shutil.rmtree(tmp_dir / "corpus")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

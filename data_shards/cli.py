@@ -86,7 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "volume's voxels) than this, before decoding it (default 2^30)",
     )
     parser.add_argument(
-        "--timeout", type=int, default=900, help="skip an input still being read after this many seconds (default 900)"
+        "--timeout",
+        type=int,
+        default=900,
+        help="skip an input still being read after this many seconds; a reader stuck in a decoder is killed "
+        "min(30, T) s later (default 900)",
     )
     parser.add_argument(
         "--max-memory-gb",

@@ -13,9 +13,8 @@ Only an allowlist of header fields reaches ``Image2D.meta``: patient identifiers
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,23 +211,20 @@ def _facts(path: Path) -> _Facts:
         return path, None, None, 0.0, 0, ""
 
 
-def header_facts(paths: list[Path], workers: int = 1) -> Iterator[_Facts]:
-    """``_facts`` of every path in order; the headers are read by ``workers`` processes (which die with this one)."""
-    if workers <= 1 or len(paths) < 256:
-        yield from map(_facts, paths)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .workers import init_worker
-
-    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(os.getpid(), None)) as pool:
-        yield from pool.map(_facts, paths, chunksize=128)
+def header_facts(paths: list[Path]) -> list[_Facts]:
+    """``_facts`` of every path, in order (what one planning task of a reader process runs)."""
+    return [_facts(path) for path in paths]
 
 
-def group_dicom_files(
-    paths: list[Path], root: Path, workers: int = 1
+def group_dicom_files(paths: list[Path], root: Path) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
+    """:func:`group_dicom_facts` of ``paths``, named relative to ``root`` (headers read in this process)."""
+    return group_dicom_facts(header_facts(sorted(paths)), lambda path: relative_source(path, root))
+
+
+def group_dicom_facts(
+    facts: Iterable[_Facts], name: Callable[[Path], str]
 ) -> tuple[list[DicomFile | DicomSeries], list[tuple[str, str]]]:
-    """Group files into units from their headers alone (pixels are not read).
+    """Group files into units from their headers alone (pixels are not read); ``name(path)`` is a file's source.
 
     Single-frame files of one folder that share SeriesInstanceUID, Rows/Columns and ImageOrientationPatient and
     have an ImagePositionPatient form one :class:`DicomSeries` when there are 2 or more of them (files in other
@@ -246,12 +242,12 @@ def group_dicom_files(
     skipped: list[tuple[str, str]] = []
     # Members sort by (position, InstanceNumber, path); the SOPInstanceUID (last) tells copies apart.
     stacks: dict[tuple, list[tuple[float, int, str, Path, str]]] = defaultdict(list)
-    for path, reason, key, position, instance, uid in header_facts(sorted(paths), workers):
+    for path, reason, key, position, instance, uid in facts:
         if reason is not None:
-            skipped.append((relative_source(path, root), reason))
+            skipped.append((name(path), reason))
             continue
         if key is None:
-            units.append(DicomFile(path, relative_source(path, root)))
+            units.append(DicomFile(path, name(path)))
         else:  # one folder per stack: a file elsewhere that claims the series' UID is not merged into it
             stacks[(str(path.parent), *key)].append((position, instance, str(path), path, uid))
     series: dict[str, list[tuple[Path, ...]]] = defaultdict(list)
@@ -259,11 +255,11 @@ def group_dicom_files(
         copies = Counter(uid for *_, uid in members)
         slices = sorted(member for member in members if copies[member[4]] == 1)
         in_series = {member[3] for member in slices} if len(slices) >= 2 else set()
-        units.extend(DicomFile(m[3], relative_source(m[3], root)) for m in members if m[3] not in in_series)
+        units.extend(DicomFile(m[3], name(m[3])) for m in members if m[3] not in in_series)
         if in_series:
             ordered = tuple(member[3] for member in slices)
-            folder = Path(os.path.commonpath([path.parent for path in ordered]))
-            series[relative_source(folder, root)].append(ordered)
+            folder = name(ordered[0]).rpartition("/")[0] or "."  # the stack's folder: its files share it
+            series[folder].append(ordered)
     for folder, stacks_in_folder in series.items():
         stacks_in_folder.sort(key=lambda ordered: str(min(ordered)))
         for number, ordered in enumerate(stacks_in_folder, start=1):

@@ -13,13 +13,18 @@ import hashlib
 import json
 import os
 import stat
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
+from data_shards.dicom import DicomFile, DicomSeries, group_dicom_facts, group_dicom_files, header_facts, is_dicom
 from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import InputUnit, SkipInput, relative_source
+from data_shards.workers import init_worker
 
 
 @dataclass(frozen=True)
@@ -50,34 +55,6 @@ class Part:
         return f"{self.index}/{self.count}"
 
 
-@dataclass
-class Plan:
-    """What the writer will read: ``units[i]`` came from the SOURCE argument ``origins[i]``."""
-
-    units: list[InputUnit] = field(default_factory=list)
-    origins: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
-
-    def add(self, units: list, origin: str) -> None:
-        self.units.extend(units)
-        self.origins.extend([origin] * len(units))
-
-    def has_dicom(self) -> bool:
-        """Whether any unit is DICOM (whose paths are hashed by default: folder names carry patient names)."""
-        return any(isinstance(unit, (DicomFile, DicomSeries)) for unit in self.units)
-
-    def keep_splits(self, splits: tuple[str, ...]) -> int:
-        """Drop units of a split not in ``splits`` (units without a split are kept); returns how many went.
-
-        How a pretraining pool is built from labeled sources without their val / test images leaking into it.
-        """
-        kept = [i for i, unit in enumerate(self.units) if getattr(unit, "split", None) in (None, *splits)]
-        dropped = len(self.units) - len(kept)
-        self.units = [self.units[i] for i in kept]
-        self.origins = [self.origins[i] for i in kept]
-        return dropped
-
-
 def sample_files() -> list[Path]:
     """Real CT, MR, JPEG 2000 CT, ultrasound and NIfTI images that ship inside the pydicom and nibabel wheels."""
     import nibabel
@@ -93,37 +70,37 @@ def sample_files() -> list[Path]:
     return names
 
 
-def plan_sources(sources: list[str], part: Part | None = None, workers: int = 1) -> Plan:
-    """Expand SOURCE arguments into units (only ``part``'s share when given; DICOM headers read by ``workers``
-    processes). Raises FileNotFoundError / ValueError naming a bad SOURCE."""
-    plan = Plan()
-    for source in sources:
-        kind, sep, rest = source.partition(":")
-        if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
-            if kind == "sample":
-                files = sample_files()
-                plan_files(plan, files, root=files[0].parent.parent, origin="sample", part=part, workers=workers)
+def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None, workers: int = 1) -> None:
+    """Expand SOURCE arguments into units written to ``sink`` as they are found (only ``part``'s share when
+    given; DICOM headers read by ``workers`` processes). Raises FileNotFoundError / ValueError naming a bad
+    SOURCE."""
+    with _HeaderScan(workers) as scan:
+        for source in sources:
+            kind, sep, rest = source.partition(":")
+            if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
+                if kind == "sample":
+                    files = sample_files()
+                    plan_files(sink, files, root=files[0].parent.parent, origin="sample", part=part)
+                    continue
+                path = _existing(Path(rest).expanduser(), source)
+                if kind == "medmnist":
+                    try:
+                        units = npz_units(path, path.parent)
+                    except SkipInput as skip:
+                        units = []
+                        if part is None or part.owns(path.name):
+                            sink.skip(path.name, skip.reason)
+                elif kind == "imagefolder":
+                    units = imagefolder_units(path)
+                else:
+                    units = csv_units(path)
+                sink.add([u for u in units if part is None or part.owns(_unit_key(u))], source)
                 continue
-            path = _existing(Path(rest).expanduser(), source)
-            if kind == "medmnist":
-                try:
-                    units = npz_units(path, path.parent)
-                except SkipInput as skip:
-                    units = []
-                    if part is None or part.owns(path.name):
-                        plan.skipped.append((path.name, skip.reason))
-            elif kind == "imagefolder":
-                units = imagefolder_units(path)
+            path = _existing(Path(source).expanduser(), source)
+            if path.is_dir():
+                plan_folder(sink, path, origin=source, scan=scan, part=part)
             else:
-                units = csv_units(path)
-            plan.add([u for u in units if part is None or part.owns(_unit_key(u))], source)
-            continue
-        path = _existing(Path(source).expanduser(), source)
-        if path.is_dir():
-            plan_folder(plan, path, origin=source, part=part, workers=workers)
-        else:
-            plan_files(plan, [path], root=path.parent, origin=source, part=part, workers=workers)
-    return plan
+                plan_files(sink, [path], root=path.parent, origin=source, part=part)
 
 
 def _unit_key(unit: InputUnit) -> str:
@@ -137,19 +114,111 @@ def _existing(path: Path, source: str) -> Path:
     return path
 
 
-def plan_folder(plan: Plan, folder: Path, origin: str, part: Part | None = None, workers: int = 1) -> None:
-    """Walk ``folder``; sources are named relative to its parent so that they start with the folder's name.
-    With ``part``, only the files of the folders it owns are listed (their headers are read in plan_files)."""
-    files: list[Path] = []
-    for directory, subdirs, names in os.walk(folder):
-        subdirs.sort()
-        if part is not None and not part.owns(relative_source(Path(directory), folder.parent)):
+def plan_folder(sink: PlanWriter, folder: Path, origin: str, scan: _HeaderScan, part: Part | None = None) -> None:
+    """Walk ``folder`` one directory at a time (depth first, in name order) and write each directory's units to
+    ``sink`` as soon as its DICOM headers are read: memory holds the directories in flight, never the archive's
+    file list. Sources are named relative to the folder's parent, so that they start with the folder's name.
+    With ``part``, only the directories it owns are listed (the others' headers are never read)."""
+    pending: deque[_Directory] = deque()
+    in_flight = 0
+    for directory in _walk(folder, relative_source(folder, folder.parent), part):
+        if directory.empty:
+            sink.skip(directory.name + "/", "empty folder")
             continue
-        visible = [n for n in names if not n.startswith(".")]
-        if not visible and not subdirs:
-            plan.skipped.append((relative_source(Path(directory), folder.parent) + "/", "empty folder"))
-        files.extend(Path(directory) / n for n in sorted(visible))
-    plan_files(plan, files, root=folder.parent, origin=origin, workers=workers)
+        directory.classify()
+        directory.facts = scan.submit(directory.dicom)
+        pending.append(directory)
+        in_flight += len(directory.dicom)
+        # the oldest directory is written once its headers are in; the look-ahead keeps the readers busy
+        while pending and (in_flight > scan.look_ahead or len(pending) > 256 or scan.ready(pending[0].facts)):
+            in_flight -= pending[0].write(sink, origin, scan)
+            pending.popleft()
+    while pending:
+        pending.popleft().write(sink, origin, scan)
+
+
+@dataclass
+class _Directory:
+    """One directory of a walked folder: its files by kind, then (from the header scan) its DICOM units."""
+
+    path: Path
+    name: str  # relative to the walked folder's parent
+    files: list[str]  # visible file names, sorted
+    empty: bool = False
+    units: list[InputUnit] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dicom: list[Path] = field(default_factory=list)
+    facts: Any = None
+
+    def source(self, file: str) -> str:
+        return f"{self.name}/{file}"
+
+    def classify(self) -> None:
+        for file in self.files:
+            unit, reason, is_dicom_file = _classify(self.path / file, self.source(file))
+            if unit is not None:
+                self.units.extend(unit)
+            elif reason is not None:
+                self.skipped.append((self.source(file), reason))
+            elif is_dicom_file:
+                self.dicom.append(self.path / file)
+
+    def write(self, sink: PlanWriter, origin: str, scan: _HeaderScan) -> int:
+        """Group the DICOM files, write every unit and skip; returns how many headers it waited for."""
+        dicom_units, dicom_skipped = group_dicom_facts(scan.result(self.facts), lambda path: self.source(path.name))
+        self.units.extend(dicom_units)
+        self.units.sort(key=lambda unit: unit.source)
+        sink.add(self.units, origin)
+        for source, reason in self.skipped + dicom_skipped:
+            sink.skip(source, reason)
+        return len(self.dicom)
+
+
+def _walk(folder: Path, name: str, part: Part | None) -> Iterator[_Directory]:
+    """Directories under ``folder`` (itself first), depth first in name order, as ``os.walk`` would give them
+    (symlinked directories are not followed; hidden files are left out, hidden directories are walked)."""
+    stack = [(folder, name)]
+    while stack:
+        path, name = stack.pop()
+        try:
+            with os.scandir(path) as scanner:
+                entries = sorted(scanner, key=lambda entry: entry.name)
+        except OSError:
+            continue  # os.walk's default: an unreadable directory is passed over
+        subdirs = [entry for entry in entries if _is_directory(entry)]
+        stack.extend((Path(entry.path), f"{name}/{entry.name}") for entry in reversed(subdirs))
+        if part is not None and not part.owns(name):
+            continue
+        directories = {entry.name for entry in subdirs}
+        files = [entry.name for entry in entries if entry.name not in directories and not entry.name.startswith(".")]
+        yield _Directory(path, name, files, empty=not files and not subdirs)
+
+
+def _is_directory(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a symlink to a directory counts (os.walk lists it, and does not descend)
+    except OSError:
+        return False
+
+
+def _classify(path: Path, source: str) -> tuple[list[InputUnit] | None, str | None, bool]:
+    """(units, skip reason, is DICOM) of one listed file: the non-DICOM units are made here, DICOM files wait
+    for the header scan."""
+    name = path.name.lower()
+    if (reason := not_regular_reason(path)) is not None:
+        return None, reason, False
+    if is_nifti(path):
+        return [NiftiFile(path, source)], None, False
+    if name.endswith(IMAGE_SUFFIXES):
+        return [ImageFile(path, source)], None, False
+    if name.endswith(".npz"):
+        try:
+            return npz_units(path, path.parent, source=source), None, False
+        except SkipInput as skip:
+            return None, skip.reason, False
+    if is_dicom(path):
+        return None, None, True
+    return None, f"not a supported image file ({path.suffix or 'no suffix'})", False
 
 
 def not_regular_reason(path: Path) -> str | None:
@@ -166,37 +235,58 @@ def not_regular_reason(path: Path) -> str | None:
     return None
 
 
-def plan_files(
-    plan: Plan, files: list[Path], root: Path, origin: str, part: Part | None = None, workers: int = 1
-) -> None:
-    dicom_files: list[Path] = []
+def plan_files(sink: PlanWriter, files: list[Path], root: Path, origin: str, part: Part | None = None) -> None:
+    """Plan explicitly listed files (a file SOURCE, ``sample:``), named relative to ``root``."""
     units: list[InputUnit] = []
+    dicom_files: list[Path] = []
     if part is not None:
         files = [path for path in files if part.owns(relative_source(path.parent, root))]
     for path in files:
-        name = path.name.lower()
-        if (reason := not_regular_reason(path)) is not None:
-            plan.skipped.append((relative_source(path, root), reason))
-        elif is_nifti(path):
-            units.append(NiftiFile(path, relative_source(path, root)))
-        elif name.endswith(IMAGE_SUFFIXES):
-            units.append(ImageFile(path, relative_source(path, root)))
-        elif name.endswith(".npz"):
-            try:
-                units.extend(npz_units(path, root))
-            except SkipInput as skip:
-                plan.skipped.append((relative_source(path, root), skip.reason))
-        elif is_dicom(path):
+        source = relative_source(path, root)
+        unit, reason, is_dicom_file = _classify(path, source)
+        if unit is not None:
+            units.extend(unit)
+        elif reason is not None:
+            sink.skip(source, reason)
+        elif is_dicom_file:
             dicom_files.append(path)
-        else:
-            plan.skipped.append(
-                (relative_source(path, root), f"not a supported image file ({path.suffix or 'no suffix'})")
-            )
-    dicom_units, dicom_skipped = group_dicom_files(dicom_files, root, workers)
-    plan.skipped.extend(dicom_skipped)
-    units.extend(dicom_units)
-    units.sort(key=lambda unit: unit.source)
-    plan.add(units, origin)
+    dicom_units, dicom_skipped = group_dicom_files(dicom_files, root)
+    for source, reason in dicom_skipped:
+        sink.skip(source, reason)
+    sink.add(sorted(units + dicom_units, key=lambda unit: unit.source), origin)
+
+
+class _HeaderScan:
+    """DICOM header reads for planning: in ``workers`` reader processes (started at the first header, dying with
+    this one), in chunks, results taken in submission order; in this process for one worker."""
+
+    CHUNK = 64
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.look_ahead = max(workers, 1) * 1024  # headers in flight before the oldest directory is waited for
+
+    def __enter__(self) -> _HeaderScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def submit(self, paths: list[Path]) -> list:
+        """A handle on the ``_Facts`` of ``paths``: the facts themselves, or futures of chunks of them."""
+        if self.workers <= 1 or not paths:
+            return header_facts(paths)
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, initializer=init_worker, initargs=(os.getpid(), None))
+        return [self.pool.submit(header_facts, paths[i : i + self.CHUNK]) for i in range(0, len(paths), self.CHUNK)]
+
+    def ready(self, handle: list) -> bool:
+        return all(not isinstance(item, Future) or item.done() for item in handle)
+
+    def result(self, handle: list) -> list:
+        return [facts for item in handle for facts in (item.result() if isinstance(item, Future) else [item])]
 
 
 # --- the plan on disk: `--resume` reads it instead of scanning every header again ---------------------------------
@@ -230,32 +320,99 @@ def _unit_from(record: dict) -> InputUnit:
     return cls(**values)
 
 
-def write_plan(path: Path, plan: Plan, header: dict) -> None:
-    """``path``: a header line (what the plan was made from), then one line per unit and per listing skip."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps({"header": header}) + "\n")
-        for unit, origin in zip(plan.units, plan.origins, strict=True):
-            handle.write(json.dumps({"unit": _unit_record(unit), "origin": origin}) + "\n")
-        for source, reason in plan.skipped:
-            handle.write(json.dumps({"skipped": [source, reason]}) + "\n")
-    os.replace(tmp, path)
+class PlanWriter:
+    """Streams the plan to ``path`` (JSON lines) while it is made: a header line (what the plan is made from),
+    one line per unit and per listing skip, and an ``end`` line with the totals. Written as ``path.tmp`` and
+    renamed by :meth:`close`, so a plan cut by a crash is never taken for a whole one. With ``splits``, units of
+    other splits are left out (units without a split are kept)."""
+
+    def __init__(self, path: Path, header: dict, splits: tuple[str, ...] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.splits = splits
+        self.units = self.skipped = self.left_out = 0
+        self.has_dicom = False
+        self.origins: set[str] = set()
+        self._digest = hashlib.sha256()
+        self._handle = open(self.tmp, "w")  # noqa: SIM115 (closed in close)
+        self._handle.write(json.dumps({"header": header}) + "\n")
+
+    def add(self, units: list[InputUnit], origin: str) -> None:
+        for unit in units:
+            if self.splits is not None and getattr(unit, "split", None) not in (None, *self.splits):
+                self.left_out += 1
+                continue
+            self._handle.write(json.dumps({"unit": _unit_record(unit), "origin": origin}) + "\n")
+            self._digest.update(_unit_identity(unit).encode() + b"\n")
+            self.units += 1
+            self.has_dicom |= isinstance(unit, (DicomFile, DicomSeries))
+            self.origins.add(origin)
+
+    def skip(self, source: str, reason: str) -> None:
+        self._handle.write(json.dumps({"skipped": [source, reason]}) + "\n")
+        self.skipped += 1
+
+    def close(self) -> PlanFile:
+        end = {"units": self.units, "skipped": self.skipped, "left_out": self.left_out, "has_dicom": self.has_dicom,
+               "origins": sorted(self.origins), "digest": self._digest.hexdigest()}  # fmt: skip
+        self._handle.write(json.dumps({"end": end}) + "\n")
+        self._handle.close()
+        os.replace(self.tmp, self.path)
+        return PlanFile(self.path, **end)
+
+    def abandon(self) -> None:
+        self._handle.close()
+        self.tmp.unlink(missing_ok=True)
 
 
-def read_plan(path: Path, header: dict) -> Plan | None:
-    """The plan saved by ``write_plan`` when it was made from the same ``header``; None otherwise."""
-    try:
-        lines = iter(path.read_text().splitlines())
-        if json.loads(next(lines)).get("header") != json.loads(json.dumps(header)):
-            return None
-        plan = Plan()
-        for line in lines:
-            entry = json.loads(line)
-            if "unit" in entry:
-                plan.units.append(_unit_from(entry["unit"]))
-                plan.origins.append(entry["origin"])
-            else:
-                plan.skipped.append(tuple(entry["skipped"]))
-        return plan
-    except (OSError, StopIteration, ValueError, KeyError, TypeError):
-        return None  # a plan cut by a crash: scan again
+def _unit_identity(unit: InputUnit) -> str:
+    """What the shard writer's resume fingerprint covers of a unit: its type, source and npz rows."""
+    return f"{type(unit).__name__}:{unit.source}:{getattr(unit, 'start', '')}"
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A complete plan on disk (see :class:`PlanWriter`); units and skips are read from it lazily."""
+
+    path: Path
+    units: int
+    skipped: int
+    left_out: int
+    has_dicom: bool
+    origins: list[str]
+    digest: str  # over every unit's identity, in order
+
+    @classmethod
+    def open(cls, path: Path, header: dict) -> PlanFile | None:
+        """The plan at ``path`` when it is complete and was made from the same ``header``; None otherwise."""
+        try:
+            with open(path, "rb") as handle:
+                if json.loads(handle.readline()).get("header") != json.loads(json.dumps(header)):
+                    return None
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - 2**20))
+                end = json.loads(handle.read().rstrip(b"\n").rpartition(b"\n")[2])["end"]
+            return cls(path, **end)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a plan from another version, or damaged: scan again
+
+    def iter_units(self, start: int = 0) -> Iterator[tuple[int, InputUnit, str]]:
+        """(index, unit, SOURCE argument it came from) from the ``start``-th unit on."""
+        index = 0
+        with open(self.path) as handle:
+            next(handle)
+            for line in handle:
+                if not line.startswith('{"unit"'):
+                    continue
+                if index >= start:
+                    entry = json.loads(line)
+                    yield index, _unit_from(entry["unit"]), entry["origin"]
+                index += 1
+
+    def iter_skipped(self) -> Iterator[tuple[str, str]]:
+        """(source, reason) of every input skipped while listing."""
+        with open(self.path) as handle:
+            for line in handle:
+                if line.startswith('{"skipped"'):
+                    source, reason = json.loads(line)["skipped"]
+                    yield source, reason

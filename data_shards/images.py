@@ -203,15 +203,16 @@ def _read_npy_rows(
     return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
 
 
-def npz_units(path: Path, root: Path, chunk_size: int = 2048) -> list[NpzChunk]:
-    """Chunks of at most ``chunk_size`` rows for every split present (train, val, test order).
+def npz_units(path: Path, root: Path, chunk_size: int = 2048, source: str | None = None) -> list[NpzChunk]:
+    """Chunks of at most ``chunk_size`` rows for every split present (train, val, test order); their source is
+    ``source``, else the path relative to ``root``.
 
     Only the ``.npy`` headers are read. Raises SkipInput naming the problem when the file is not an npz, is
     truncated or corrupt, has no ``{split}_images`` key, or holds no image at all.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    source = relative_source(path, root)
+    source = relative_source(path, root) if source is None else source
     units = []
     try:
         with zipfile.ZipFile(path) as archive:

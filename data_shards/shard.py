@@ -53,8 +53,8 @@ def shard(
     source paths when any input is DICOM or ``part`` is set. ``command`` is recorded in the manifest (default:
     the equivalent ``medfm shard`` command line).
     """
-    from data_shards.discover import Part, plan_sources, read_plan, write_plan
-    from data_shards.writer import PLAN, ShardConfig, ShardWriter, hash_path
+    from data_shards.discover import Part, PlanFile, PlanWriter, plan_sources
+    from data_shards.writer import PLAN, ShardConfig, ShardWriter, hash_path, prepare_folder
 
     out = Path(out)
     workers = workers or os.cpu_count() or 1
@@ -88,28 +88,38 @@ def shard(
             max_memory_gb=max_memory_gb,
         )
         parsed_part = Part.parse(part) if part else None
-        # what the plan depends on: resume reuses the saved plan only when these match
-        header = {"sources": sources, "part": part, "splits": list(splits) if splits else None}
-        plan = read_plan(out / PLAN, header) if resume and (out / PLAN).is_file() else None
-        resumed_plan = plan is not None
-        if plan is None:
-            plan = plan_sources(sources, parsed_part, workers=workers)
-    except ConfigError:
-        raise
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         raise ConfigError(str(error)) from error
+    created = not out.exists()
+    prepare_folder(out, resume=resume, overwrite=overwrite)
+    # what the plan depends on: resume reuses the saved plan only when these match
+    header = {"sources": sources, "part": part, "splits": list(splits) if splits else None}
+    plan = PlanFile.open(out / PLAN, header) if resume else None
+    resumed_plan = plan is not None
+    if plan is None:  # streamed to disk as it is made: memory stays flat however large the archive
+        print(f"medfm shard: planning {len(sources)} SOURCE(s) with {workers} header reader(s)", file=sys.stderr)
+        sink = PlanWriter(out / PLAN, header, tuple(splits) if splits else None)
+        try:
+            plan_sources(sources, sink, parsed_part, workers=workers)
+            plan = sink.close()
+        except BaseException as error:
+            sink.abandon()
+            if created:
+                out.rmdir()  # nothing was written: leave no empty folder behind a typo
+            if isinstance(error, ValueError | FileNotFoundError):
+                raise ConfigError(str(error)) from error
+            raise
     # auto: hashed for DICOM, and for every part of a multi-machine run (the parts must agree, and one part
     # cannot know whether another holds DICOM)
-    hashed = (plan.has_dicom() or parsed_part is not None) if hash_paths is None else hash_paths
+    hashed = (plan.has_dicom or parsed_part is not None) if hash_paths is None else hash_paths
     if hashed and hash_paths is None:
         why = "a part of a multi-machine run" if parsed_part is not None else "DICOM inputs"
         print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
     salt = os.environ.get("MEDFM_PATH_SALT", "") if hashed else ""
     config = dataclasses.replace(config, hash_paths=hashed, path_salt=salt)
-    left_out = plan.keep_splits(tuple(splits)) if splits and not resumed_plan else 0
     print(
-        f"medfm shard: {len(plan.units)} inputs planned, {len(plan.skipped)} skipped while listing"
-        + (f", {left_out} inputs of splits other than {'/'.join(splits)} left out" if left_out else "")
+        f"medfm shard: {plan.units} inputs planned, {plan.skipped} skipped while listing"
+        + (f", {plan.left_out} inputs of splits other than {'/'.join(splits)} left out" if plan.left_out else "")
         + (" (the interrupted run's plan: no header scanned again)" if resumed_plan else ""),
         file=sys.stderr,
     )
@@ -118,7 +128,5 @@ def shard(
     if hashed:  # a SOURCE folder can be named after the patient: the manifest keeps its hash only
         command = " ".join(shlex.quote(hash_path(a, salt) if a in sources else a) for a in shlex.split(command))
     writer = ShardWriter(out, plan, config, command=command, workers=workers, part=part or "")
-    writer.prepare(resume=resume, overwrite=overwrite)
-    if not resumed_plan:
-        write_plan(out / PLAN, plan, header)
+    writer.prepare(resume=resume)
     return writer.run()

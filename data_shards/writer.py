@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -34,7 +34,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
-from data_shards.discover import Plan
+from data_shards.discover import PlanFile
 from data_shards.errors import MedfmError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
@@ -196,10 +196,31 @@ class _State:
     skipped: list[dict] = field(default_factory=list)
 
 
+def prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check (and create) the output folder before planning: never overwrite silently. With ``overwrite``, an
+    earlier shard set is deleted; with ``resume``, an interrupted run is kept for :meth:`ShardWriter.prepare`."""
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / JOURNAL
+    if overwrite:
+        for path in out.glob("shard-*.tar*"):
+            path.unlink()
+        for name in (MANIFEST, JOURNAL, PLAN):
+            (out / name).unlink(missing_ok=True)
+        return
+    if (out / MANIFEST).exists():
+        raise ShardError(f"{out} already holds a complete shard set ({MANIFEST}); pass --overwrite to replace it")
+    if journal.exists():
+        if not resume:
+            raise ShardError(f"{out} holds an interrupted run; pass --resume to finish it or --overwrite to restart")
+        return
+    if any(path.name not in (JOURNAL, PLAN, PLAN + ".tmp") for path in out.iterdir()):
+        raise ShardError(f"{out} is not empty and holds no shard set; choose an empty folder or pass --overwrite")
+
+
 class ShardWriter:
     """Writes one shard set. Use :meth:`run`; see the module docstring for the guarantees."""
 
-    def __init__(self, out: Path, plan: Plan, config: ShardConfig, command: str, workers: int = 1, part: str = ""):
+    def __init__(self, out: Path, plan: PlanFile, config: ShardConfig, command: str, workers: int = 1, part: str = ""):
         self.out = Path(out)
         self.part = part
         self.plan = plan
@@ -217,38 +238,17 @@ class ShardWriter:
     def _fingerprint(self) -> str:
         payload = {
             "config": asdict(self.config),
-            "units": [f"{type(u).__name__}:{u.source}:{getattr(u, 'start', '')}" for u in self.plan.units],
+            "units": self.plan.digest,
             "part": self.part,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     # -- output folder state ---------------------------------------------------------------------------
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Check the output folder: never overwrite silently; load the journal on ``--resume``."""
-        self.out.mkdir(parents=True, exist_ok=True)
+    def prepare(self, resume: bool) -> None:
+        """Load the interrupted run's journal on ``resume`` (the folder was checked by :func:`prepare_folder`)."""
         journal = self.out / JOURNAL
-        existing = [p for p in self.out.iterdir() if p.name not in (JOURNAL, PLAN)]
-        if overwrite:
-            for path in self.out.glob("shard-*.tar*"):
-                path.unlink()
-            for name in (MANIFEST, JOURNAL, PLAN):
-                (self.out / name).unlink(missing_ok=True)
-            return
-        if (self.out / MANIFEST).exists():
-            raise ShardError(
-                f"{self.out} already holds a complete shard set ({MANIFEST}); pass --overwrite to replace it"
-            )
-        if journal.exists():
-            if not resume:
-                raise ShardError(
-                    f"{self.out} holds an interrupted run; pass --resume to finish it or --overwrite to restart"
-                )
+        if resume and journal.exists():
             self._load_journal(journal)
-            return
-        if existing:
-            raise ShardError(
-                f"{self.out} is not empty and holds no shard set; choose an empty folder or pass --overwrite"
-            )
 
     def _load_journal(self, journal: Path) -> None:
         lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
@@ -333,31 +333,31 @@ class ShardWriter:
         self._tar = self._handle = None
 
     # -- main loop -----------------------------------------------------------------------------------
-    def _results(self) -> Iterator[UnitResult]:
-        """Unit results in plan order, read by a pool of reader processes with a bounded number in flight.
+    def _results(self) -> Iterator[tuple[UnitResult, InputUnit, str]]:
+        """(result, unit, SOURCE argument) in plan order, the units streamed from the plan file and read by a pool
+        of reader processes with a bounded number in flight.
 
         Always in child processes, even for one worker: a reader that dies (OOM killer, codec segfault) or hangs
         inside a decoder's C code, where the SIGALRM of ``time_limit`` cannot reach it, costs one input, not the run.
         """
         start = self.state.next_unit
-        jobs = [
-            (i, self.plan.units[i], self.config, self.state.next_record if i == start else 0)
-            for i in range(start, len(self.plan.units))
-        ]
-        position = 0
-        while position < len(jobs):
+        jobs = (
+            (index, unit, origin, self.state.next_record if index == start else 0)
+            for index, unit, origin in self.plan.iter_units(start)
+        )
+        in_flight: deque[tuple] = deque()  # submitted to the current pool, oldest first
+        while True:
             try:
-                for result in self._pooled(jobs, position):
-                    yield result
-                    position += 1
+                yield from self._pooled(jobs, in_flight)
+                return
             except _StuckReader:  # its process was killed: the input is skipped, the others are read again
-                yield UnitResult(jobs[position][0], [], self._stuck_reason())
-                position += 1
+                job = in_flight.popleft()
+                yield UnitResult(job[0], [], self._stuck_reason()), job[1], job[2]
             except BrokenProcessPool:
-                # A reader process died (the OOM killer, a segfault in a codec): the unit at `position` or one
-                # in flight with it. Read it alone; if that kills its process too, it is the culprit: skip it.
-                yield self._isolated(jobs[position])
-                position += 1
+                # A reader process died (the OOM killer, a segfault in a codec): the oldest unit in flight or one
+                # read with it. Read it alone; if that kills its process too, it is the culprit: skip it.
+                job = in_flight.popleft()
+                yield self._isolated(job), job[1], job[2]
 
     def _watchdog_s(self) -> float | None:
         """How long the parent waits for the oldest input in flight before killing its reader: the reader's own
@@ -376,22 +376,32 @@ class ShardWriter:
             max_workers=workers, initializer=init_worker, initargs=(os.getpid(), self.config.max_memory_gb)
         )
 
-    def _pooled(self, jobs: list[tuple], start: int) -> Iterator[UnitResult]:
-        window = self.workers * 4
-        with self._pool(self.workers) as pool:
-            futures = {p: pool.submit(read_unit, *jobs[p]) for p in range(start, min(start + window, len(jobs)))}
-            for position in range(start, len(jobs)):
-                # every earlier input is done, so this one has been running at least since now: the wait bounds
-                # its reading time
-                result = _result_or_kill(futures.pop(position), pool, self._watchdog_s())
-                if position + window < len(jobs):
-                    futures[position + window] = pool.submit(read_unit, *jobs[position + window])
-                yield result
+    def _pooled(self, jobs: Iterator[tuple], in_flight: deque[tuple]) -> Iterator[tuple[UnitResult, InputUnit, str]]:
+        """Read ``in_flight`` (survivors of a broken pool) and then ``jobs`` in a new pool, in order."""
+        window = max(self.workers, 1) * 4
+        with self._pool(max(self.workers, 1)) as pool:
+            futures = deque(self._submit(pool, job) for job in in_flight)
+            while True:
+                while len(in_flight) < window and (job := next(jobs, None)) is not None:
+                    in_flight.append(job)
+                    futures.append(self._submit(pool, job))
+                if not in_flight:
+                    return
+                # every earlier input is done, so the oldest has been running at least since now: the wait
+                # bounds its reading time
+                result = _result_or_kill(futures[0], pool, self._watchdog_s())
+                futures.popleft()
+                job = in_flight.popleft()
+                yield result, job[1], job[2]
+
+    def _submit(self, pool: ProcessPoolExecutor, job: tuple) -> Future:
+        index, unit, _, skip_records = job
+        return pool.submit(read_unit, index, unit, self.config, skip_records)
 
     def _isolated(self, job: tuple) -> UnitResult:
         try:
             with self._pool(1) as pool:
-                return _result_or_kill(pool.submit(read_unit, *job), pool, self._watchdog_s())
+                return _result_or_kill(self._submit(pool, job), pool, self._watchdog_s())
         except BrokenProcessPool:
             return UnitResult(job[0], [], "the reader process died while reading it (killed, e.g. out of memory)")
         except _StuckReader:
@@ -417,7 +427,7 @@ class ShardWriter:
         started = time.perf_counter()
         written = 0
         progress = tqdm(
-            total=len(self.plan.units),
+            total=self.plan.units,
             initial=state.next_unit,
             unit="input",
             desc="shard",
@@ -425,17 +435,14 @@ class ShardWriter:
             disable=None,
             dynamic_ncols=True,
         )
-        for result in self._results():
+        for result, unit, origin in self._results():
             unit_index = result.index
-            origin = self.plan.origins[unit_index]
             first_record = state.next_record if unit_index == state.next_unit else 0
             if first_record == 0:
                 state.near_last = None
             if result.skip_reason is not None:
                 state.counters["inputs_skipped"] += 1
-                self._pending_skips.append(
-                    {"source": self._shown(self.plan.units[unit_index].source), "reason": result.skip_reason}
-                )
+                self._pending_skips.append({"source": self._shown(unit.source), "reason": result.skip_reason})
             elif first_record == 0:
                 state.counters["inputs_read"] += 1
             for source, reason in result.parts_skipped:  # unreadable slices of a unit whose others were kept
@@ -462,7 +469,7 @@ class ShardWriter:
             progress.set_postfix(images=state.counters["samples"], img_s=f"{written / max(elapsed, 1e-9):.0f}")
         progress.close()
         if self._tar is not None:
-            self._close_shard(len(self.plan.units), 0)
+            self._close_shard(self.plan.units, 0)
         manifest = self._manifest()
         if manifest.totals["samples"] == 0 and not self.part:  # a part of a small input set may be empty
             raise ShardError(
@@ -496,7 +503,7 @@ class ShardWriter:
 
     def _manifest(self) -> Manifest:
         state = self.state
-        planned = [{"source": self._shown(s), "reason": r} for s, r in self.plan.skipped]
+        planned = [{"source": self._shown(s), "reason": r} for s, r in self.plan.iter_skipped()]
         return Manifest(
             format=FORMAT,
             command=self.command,
@@ -507,7 +514,7 @@ class ShardWriter:
                 "shards": len(state.shards),
                 "bytes": sum(s["bytes"] for s in state.shards),
                 "labeled": state.counters["labeled"],
-                "inputs_planned": len(self.plan.units),
+                "inputs_planned": self.plan.units,
                 "inputs_read": state.counters["inputs_read"],
                 "inputs_skipped": state.counters["inputs_skipped"] + len(planned),
                 "duplicates_exact": state.counters["duplicates_exact"],

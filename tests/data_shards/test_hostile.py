@@ -255,12 +255,15 @@ class KillsItsReader:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers):
+def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers, monkeypatch):
     from PIL import Image
 
-    from data_shards.discover import Plan
+    from data_shards import discover
     from data_shards.images import ImageFile
-    from data_shards.writer import ShardConfig, ShardWriter
+    from data_shards.writer import ShardConfig, ShardWriter, prepare_folder
+
+    for kind in (StuckInCode, KillsItsReader):  # the plan file names unit types
+        monkeypatch.setitem(discover._UNIT_TYPES, kind.__name__, kind)
 
     units = []
     for index in range(6):
@@ -269,9 +272,10 @@ def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers):
         units.append(ImageFile(path, path.name))
     units[2:2] = [StuckInCode("stuck.dcm")]
     units[5:5] = [KillsItsReader("segfault.dcm")]
-    plan = Plan(units=units, origins=["test"] * len(units))
-    writer = ShardWriter(tmp_path / "out", plan, ShardConfig(unit_timeout_s=1, dedup="none"), "test", workers=workers)
-    writer.prepare(resume=False, overwrite=False)
+    prepare_folder(tmp_path / "out", resume=False, overwrite=False)
+    sink = discover.PlanWriter(tmp_path / "out" / "plan.jsonl", header={})
+    sink.add(units, "test")
+    writer = ShardWriter(tmp_path / "out", sink.close(), ShardConfig(unit_timeout_s=1, dedup="none"), "test", workers)
     started = time.monotonic()
     manifest = writer.run()
     assert time.monotonic() - started < 60

@@ -321,12 +321,42 @@ def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(shared_da
     assert not (tmp_path / "out" / ".plan.jsonl").exists()
 
 
-def test_headers_are_scanned_in_parallel_with_the_same_result(shared_data: Path, tmp_path: Path):
-    from data_shards.discover import plan_sources
+def planned(sources: list[str], path: Path, workers: int = 1):
+    from data_shards.discover import PlanWriter, plan_sources
 
+    sink = PlanWriter(path, header={})
+    plan_sources(sources, sink, workers=workers)
+    plan = sink.close()
+    return [unit for _, unit, _ in plan.iter_units()], list(plan.iter_skipped())
+
+
+def test_headers_are_scanned_in_parallel_with_the_same_result(shared_data: Path, tmp_path: Path):
     folder = tmp_path / "many"
-    for copy in range(10):  # 33 files x 10 folders: enough for the parallel path (256+ DICOM files)
+    for copy in range(10):  # 33 files x 10 folders: enough for several chunks of headers in flight
         shutil.copytree(shared_data / "dicom", folder / f"copy{copy}")
-    one, two = plan_sources([str(folder)], workers=1), plan_sources([str(folder)], workers=2)
-    assert one.units == two.units and one.skipped == two.skipped
-    assert sum(type(u).__name__ == "DicomSeries" for u in one.units) == 10
+    one, two = planned([str(folder)], tmp_path / "one.jsonl"), planned([str(folder)], tmp_path / "two.jsonl", 2)
+    assert one == two
+    assert sum(type(u).__name__ == "DicomSeries" for u in one[0]) == 10
+
+
+def test_the_plan_is_streamed_to_disk_while_the_folder_is_walked(shared_data: Path, tmp_path: Path, monkeypatch):
+    """Memory holds the directories in flight, not the archive: units of the first studies reach the plan file
+    before the walk has listed the last one."""
+    from data_shards import discover
+
+    folder = tmp_path / "archive"
+    for study in range(5):
+        shutil.copytree(shared_data / "dicom" / "series", folder / f"study{study}")
+    sink = discover.PlanWriter(tmp_path / "plan.jsonl", header={})
+    walk, on_disk = discover._walk, []
+
+    def spying_walk(*args):
+        for directory in walk(*args):
+            on_disk.append(sink.units)
+            yield directory
+
+    monkeypatch.setattr(discover, "_walk", spying_walk)
+    discover.plan_sources([str(folder)], sink, workers=1)
+    plan = sink.close()
+    assert plan.units == 5 and on_disk[-1] == 4, on_disk
+    assert [unit.source for _, unit, _ in plan.iter_units()] == [f"archive/study{s}/vs_seg_001_t1_mprage" for s in range(5)]  # fmt: skip
