@@ -35,8 +35,8 @@ from downstream import report
 from downstream.config import save_config, to_dict
 from downstream.data import EvalTransform, Task, class_names_of, infer_task, open_split, split_labels
 from downstream.efficiency import budget_name, label_efficiency_rows, label_subset
-from downstream.features import collate
-from downstream.linear import class_weight_tensor, loss_function
+from downstream.features import collate, extract_features
+from downstream.linear import class_weight_tensor, loss_function, select_linear_probe
 from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from downstream.report import write_plots, write_results
@@ -190,6 +190,14 @@ def finetune_once(
         label_tensor = label_tensor[torch.tensor(train_set.indices)]
 
     model.reset_classifier(task.num_outputs)
+    if t.head_init == "linear_probe":
+        probe_train = open_split(d.spec, "train", EvalTransform(size, mean, std), **split_args)
+        if isinstance(train_set, Subset):
+            probe_train = Subset(probe_train, train_set.indices)
+        note = init_head_from_probe(model, probe_train, eval_sets["val"], task, metric=cfg.selection_metric,
+                                    class_weights=t.class_weights, batch_size=d.batch_size,
+                                    device=accelerator.device)  # fmt: skip
+        accelerator.print(f"finetune ({init}, seed {seed}): head from the linear probe ({note})")
     frozen = freeze_blocks(model, t.freeze_blocks)
     optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay, t.layer_decay), betas=(0.9, 0.999))
     world = accelerator.num_processes
@@ -240,6 +248,40 @@ def finetune_once(
         eval_transform=EvalTransform(size, mean, std),
         split_args=split_args,
     )
+
+
+def init_head_from_probe(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    task: Task,
+    *,
+    metric: str,
+    class_weights: bool,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> str:
+    """Set ``model``'s classifier to the linear probe fitted on its frozen pre-logits features of ``train`` (weight
+    decay chosen on ``val`` by ``metric``), folding the probe's standardisation into the layer. Returns a note."""
+    classifier = model.get_classifier()
+    if not isinstance(classifier, nn.Linear) or classifier.out_features != task.num_outputs or classifier.bias is None:
+        raise ConfigError(f"train.head_init=linear_probe: the model's classifier is {type(classifier).__name__}, "
+                          f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=zero")  # fmt: skip
+    train_features = extract_features(model, train, batch_size=batch_size, pooling="head", device=device)
+    val_features = extract_features(model, val, batch_size=batch_size, pooling="head", device=device)
+    selection = select_linear_probe(
+        (train_features.features, train_features.labels),
+        (val_features.features, val_features.labels),
+        task,
+        metric=metric,
+        class_weights=class_weights,
+    )
+    probe = selection.probe
+    with torch.no_grad():  # W ((x - mean) / std) + b  =  (W / std) x + (b - (W / std) mean)
+        weight = (probe.linear.weight / probe.std).to(classifier.weight)
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(probe.linear.bias.to(weight) - weight @ probe.mean.to(weight))
+    return f"weight decay {selection.weight_decay:g}, val {metric} {selection.val_metric:.3f}"
 
 
 @dataclass

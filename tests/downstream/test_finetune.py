@@ -14,6 +14,7 @@ from downstream.config import FinetuneConfig, load_config
 from downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
 from downstream.load import load_backbone
 from pretrain.backbones import build_backbone
+from pretrain.errors import ConfigError
 
 
 def test_layer_wise_lr_decay_scales_by_depth(tiny_release: Path):
@@ -150,3 +151,32 @@ def test_finetuning_the_general_purpose_baseline_with_the_same_recipe(
     assert results["baseline"]["backbone"]["input_size"] == results["release"]["backbone"]["input_size"]
     assert results["baseline"]["settings"]["recipe"] == results["release"]["settings"]["recipe"]
     assert "| baseline |" in (tmp_path / "ft" / "summary.md").read_text()
+
+
+def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_release, medmnist, tmp_path):
+    """LP-FT: the classifier is the probe fitted on the frozen features, its standardisation folded into the layer,
+    so that before any step the model's scores are the probe's; then a budgeted run trains from there."""
+    from downstream.data import EvalTransform, infer_task, open_split, split_labels
+    from downstream.features import extract_features
+    from downstream.finetune import init_head_from_probe
+    from downstream.linear import select_linear_probe
+
+    spec = f"medmnist:{medmnist('breastmnist')}"
+    model = load_backbone(tiny_release, num_classes=2)
+    cfg = model.pretrained_cfg
+    transform = EvalTransform(cfg["input_size"][-1], cfg["mean"], cfg["std"])
+    train, val = (open_split(spec, split, transform, channels=1) for split in ("train", "val"))
+    task = infer_task(split_labels(train))
+    init_head_from_probe(model, train, val, task, metric="auc", class_weights=True, batch_size=256)
+    features = {name: extract_features(model, split) for name, split in (("train", train), ("val", val))}
+    probe = select_linear_probe(*(((f.features, f.labels)) for f in features.values()), task, class_weights=True).probe
+    images = torch.stack([val[i]["image"] for i in range(32)])
+    with torch.no_grad():
+        scores = model.eval()(images).softmax(dim=1)
+    assert torch.allclose(scores, probe.scores(features["val"].features[:32]), atol=1e-4)
+
+    results = finetune(tiny_release, spec, tmp_path / "ft", "train.max_steps=2", "train.head_init=linear_probe",
+                       "efficiency.per_class=[5]", "efficiency.seeds=[0]", "plots=false")  # fmt: skip
+    assert results["release"]["label_efficiency"][0]["n_train"] == 10
+    with pytest.raises(ConfigError, match=r"train\.head_init"):
+        finetune(tiny_release, spec, tmp_path / "bad", "train.head_init=probe")
