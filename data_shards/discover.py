@@ -122,8 +122,8 @@ def plan_folder(sink: PlanWriter, folder: Path, origin: str, scan: _HeaderScan, 
     pending: deque[_Directory] = deque()
     in_flight = 0
     for directory in _walk(folder, relative_source(folder, folder.parent), part):
-        if directory.empty:
-            sink.skip(directory.name + "/", "empty folder")
+        if directory.empty or directory.unreadable:
+            sink.skip(directory.name + "/", directory.unreadable or "empty folder")
             continue
         directory.classify()
         directory.facts = scan.submit(directory.dicom)
@@ -145,6 +145,7 @@ class _Directory:
     name: str  # relative to the walked folder's parent
     files: list[str]  # visible file names, sorted
     empty: bool = False
+    unreadable: str = ""  # why the directory could not be listed
     units: list[InputUnit] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dicom: list[Path] = field(default_factory=list)
@@ -176,17 +177,20 @@ class _Directory:
 
 def _walk(folder: Path, name: str, part: Part | None) -> Iterator[_Directory]:
     """Directories under ``folder`` (itself first), depth first in name order, as ``os.walk`` would give them
-    (symlinked directories are not followed; hidden files are left out, hidden directories are walked)."""
+    (symlinked directories are not followed; hidden files are left out, hidden directories are walked). A
+    directory that cannot be listed is yielded with the reason."""
     stack = [(folder, name)]
     while stack:
         path, name = stack.pop()
         try:
             with os.scandir(path) as scanner:
                 entries = sorted(scanner, key=lambda entry: entry.name)
-        except OSError:
-            continue  # os.walk's default: an unreadable directory is passed over
+        except OSError as err:
+            if part is None or part.owns(name):
+                yield _Directory(path, name, [], unreadable=f"unreadable folder: {err.strerror or type(err).__name__}")
+            continue
         subdirs = [entry for entry in entries if _is_directory(entry)]
-        stack.extend((Path(entry.path), f"{name}/{entry.name}") for entry in reversed(subdirs))
+        stack.extend((Path(e.path), f"{name}/{e.name}") for e in reversed(subdirs) if not e.is_symlink())
         if part is not None and not part.owns(name):
             continue
         directories = {entry.name for entry in subdirs}

@@ -360,3 +360,25 @@ def test_the_plan_is_streamed_to_disk_while_the_folder_is_walked(shared_data: Pa
     plan = sink.close()
     assert plan.units == 5 and on_disk[-1] == 4, on_disk
     assert [unit.source for _, unit, _ in plan.iter_units()] == [f"archive/study{s}/vs_seg_001_t1_mprage" for s in range(5)]  # fmt: skip
+
+
+def test_the_walk_does_not_follow_directory_links_and_lists_unreadable_folders(shared_data, tmp_path, monkeypatch):
+    from data_shards import discover
+
+    folder = tmp_path / "archive"
+    shutil.copytree(shared_data / "dicom" / "series", folder / "study")
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # a link to an ancestor: never walked into
+    (folder / "locked").mkdir()
+    scandir = os.scandir
+
+    def scandir_refusing_locked(path):
+        if Path(path).name == "locked":  # tests run as root, for whom no mode bit refuses a listing
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(discover.os, "scandir", scandir_refusing_locked)
+    sink = discover.PlanWriter(tmp_path / "plan.jsonl", header={})
+    discover.plan_sources([str(folder)], sink)
+    plan = sink.close()
+    assert [unit.source for _, unit, _ in plan.iter_units()] == ["archive/study/vs_seg_001_t1_mprage"]
+    assert dict(plan.iter_skipped()) == {"archive/locked/": "unreadable folder: Permission denied"}
