@@ -143,7 +143,8 @@ class TrainConfig:
     freeze_blocks: int = 0  # freeze the stem + the first K blocks / stages; -1: everything but the head
     # zero: a new head (timm's init); linear_probe: the head starts as the linear probe fitted on the frozen features
     # of the training labels (weight decay chosen on val), then everything is fine-tuned (LP-FT, Kumar et al. 2022:
-    # the features are not torn up by a random head's gradients, which matters most with few labels)
+    # the features are not torn up by a random head's gradients, which matters most with few labels). Pretrained
+    # inits only: random init keeps timm's head init
     head_init: str = "zero"
     clip_grad: float = 0.0
     eval_every_epochs: float = 1.0

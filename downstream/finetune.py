@@ -190,7 +190,10 @@ def finetune_once(
         label_tensor = label_tensor[torch.tensor(train_set.indices)]
 
     model.reset_classifier(task.num_outputs)
-    if t.head_init == "linear_probe":
+    # LP-FT starts from features worth probing: random init keeps timm's head init (a probe fitted on random
+    # features is no starting point: on PneumoniaMNIST it cut random init's 100 % fine-tune from 0.939 to 0.81 AUC)
+    head_init = t.head_init if init != "random" else "zero"
+    if head_init == "linear_probe":
         probe_train = open_split(d.spec, "train", EvalTransform(size, mean, std), **split_args)
         if isinstance(train_set, Subset):
             probe_train = Subset(probe_train, train_set.indices)
@@ -203,7 +206,7 @@ def finetune_once(
     world = accelerator.num_processes
     weights = class_weight_tensor(label_tensor, task) if t.class_weights else None
     criterion = loss_function(task, weights, label_smoothing=t.label_smoothing)
-    derived = derive(t, world, len(train_set))
+    derived = {**derive(t, world, len(train_set)), "head_init": head_init}
     augment = augment_from_section(cfg.augment, size, mean, std)
     train_loader = EpochLoader(
         train_set, lambda image: [augment(image)], batch_size=t.batch_size,

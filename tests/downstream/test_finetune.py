@@ -176,7 +176,11 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
     assert torch.allclose(scores, probe.scores(features["val"].features[:32]), atol=1e-4)
 
     results = finetune(tiny_release, spec, tmp_path / "ft", "train.max_steps=2", "train.head_init=linear_probe",
-                       "efficiency.per_class=[5]", "efficiency.seeds=[0]", "plots=false")  # fmt: skip
+                       "efficiency.per_class=[5]", "efficiency.seeds=[0]", "plots=false",
+                       "backbone.inits=[release,random]")  # fmt: skip
     assert results["release"]["label_efficiency"][0]["n_train"] == 10
+    derived = {init: results[init]["settings"]["derived"] for init in ("release", "random")}
+    assert derived == {"release": derived["release"], "random": {**derived["release"], "head_init": "zero"}}
+    assert derived["release"]["head_init"] == "linear_probe"  # random features are no probe to start from
     with pytest.raises(ConfigError, match=r"train\.head_init"):
         finetune(tiny_release, spec, tmp_path / "bad", "train.head_init=probe")
