@@ -82,8 +82,10 @@ def _run(command: str, body: Callable[[], None]) -> int:
 def run_export(args: argparse.Namespace) -> int:
     def body() -> None:
         from pretrain.export import export_run
-        from pretrain.hub import push_release
+        from pretrain.hub import check_repo_id, push_release
 
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)  # before the release is written
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, results=args.results,
                          overwrite=args.overwrite, license=args.license)  # fmt: skip
         print(f"released {args.run_dir} -> {out} (model.safetensors, config.json, README.md)")

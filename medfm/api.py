@@ -191,6 +191,10 @@ def export(
     from pretrain.export import export_run
 
     source = run_dir.run_dir if isinstance(run_dir, PretrainResult) else run_dir
+    if push_to_hub:
+        from pretrain.hub import check_repo_id
+
+        check_repo_id(push_to_hub)  # before the release is written
     folder = export_run(source, out, checkpoint=checkpoint, results=list(results), overwrite=overwrite, license=license)
     url = None
     if push_to_hub:

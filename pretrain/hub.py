@@ -20,6 +20,12 @@ class PushError(ReleaseError):
     """A release that could not be uploaded (offline, refused token, a Hub error); the message says which."""
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id that is not ORG/NAME before anything is written or sent."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise PushError(f"--push-to-hub {repo_id!r}: expected ORG/NAME")
+
+
 def push_release(
     folder: str | Path,
     repo_id: str,
@@ -35,8 +41,7 @@ def push_release(
     missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
     if missing:
         raise PushError(f"{folder} is not a release folder (missing {', '.join(missing)}): write it with medfm export")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise PushError(f"--push-to-hub {repo_id!r}: expected ORG/NAME")
+    check_repo_id(repo_id)
     if constants.HF_HUB_OFFLINE:
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set (the release is written in {folder})")
     api = HfApi(token=token)

@@ -121,4 +121,4 @@ def test_push_offline_fails_clearly_and_keeps_the_release(run_dir: Path, tmp_pat
 def test_push_names_a_bad_repo_id(run_dir: Path, tmp_path: Path, hub: MockHub, capsys) -> None:
     assert main(["export", str(run_dir), "--out", str(tmp_path / "rel"), "--push-to-hub", "no-org"]) == 1
     assert "expected ORG/NAME" in capsys.readouterr().err
-    assert hub.calls == []
+    assert hub.calls == [] and not (tmp_path / "rel").exists()  # refused before the release is written
