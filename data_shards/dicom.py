@@ -298,7 +298,8 @@ def _decimal_strings(ds: Dataset, tag: Tag) -> list[float]:
     conversion is ~20 % of planning time per file. Empty: []. Raises on a malformed value, as pydicom would."""
     value = ds.get_item(tag).value
     if isinstance(value, bytes):
-        return [float(number) for number in value.split(b"\\")] if value.strip(b" \x00") else []
+        value = value.rstrip(b" \x00")  # DS / IS are padded to even length with a space, some writers use NUL
+        return [float(number) for number in value.split(b"\\")] if value.strip() else []
     if value is None or value == "":
         return []
     return [float(number) for number in (value if isinstance(value, MultiValue | list | tuple) else [value])]

@@ -70,6 +70,17 @@ def sample_files() -> list[Path]:
     return names
 
 
+def check_sources(sources: list[str]) -> None:
+    """Raise FileNotFoundError naming the first SOURCE whose path does not exist (before anything is written)."""
+    for source in sources:
+        kind, sep, rest = source.partition(":")
+        if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
+            if kind != "sample":
+                _existing(Path(rest).expanduser(), source)
+        else:
+            _existing(Path(source).expanduser(), source)
+
+
 def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None, workers: int = 1) -> None:
     """Expand SOURCE arguments into units written to ``sink`` as they are found (only ``part``'s share when
     given; DICOM headers read by ``workers`` processes). Raises FileNotFoundError / ValueError naming a bad
@@ -122,11 +133,9 @@ def plan_folder(sink: PlanWriter, folder: Path, origin: str, scan: _HeaderScan, 
     pending: deque[_Directory] = deque()
     in_flight = 0
     for directory in _walk(folder, relative_source(folder, folder.parent), part):
-        if directory.empty or directory.unreadable:
-            sink.skip(directory.name + "/", directory.unreadable or "empty folder")
-            continue
-        directory.classify()
-        directory.facts = scan.submit(directory.dicom)
+        if not directory.empty and not directory.unreadable:
+            directory.classify()
+        directory.facts = scan.submit(directory.dicom)  # written in walk order, skips included
         pending.append(directory)
         in_flight += len(directory.dicom)
         # the oldest directory is written once its headers are in; the look-ahead keeps the readers busy
@@ -152,7 +161,7 @@ class _Directory:
     facts: Any = None
 
     def source(self, file: str) -> str:
-        return f"{self.name}/{file}"
+        return _joined(self.name, file)
 
     def classify(self) -> None:
         for file in self.files:
@@ -166,6 +175,9 @@ class _Directory:
 
     def write(self, sink: PlanWriter, origin: str, scan: _HeaderScan) -> int:
         """Group the DICOM files, write every unit and skip; returns how many headers it waited for."""
+        if self.empty or self.unreadable:
+            sink.skip(self.name + "/", self.unreadable or "empty folder")
+            return 0
         dicom_units, dicom_skipped = group_dicom_facts(scan.result(self.facts), lambda path: self.source(path.name))
         self.units.extend(dicom_units)
         self.units.sort(key=lambda unit: unit.source)
@@ -190,12 +202,17 @@ def _walk(folder: Path, name: str, part: Part | None) -> Iterator[_Directory]:
                 yield _Directory(path, name, [], unreadable=f"unreadable folder: {err.strerror or type(err).__name__}")
             continue
         subdirs = [entry for entry in entries if _is_directory(entry)]
-        stack.extend((Path(e.path), f"{name}/{e.name}") for e in reversed(subdirs) if not e.is_symlink())
+        stack.extend((Path(e.path), _joined(name, e.name)) for e in reversed(subdirs) if not e.is_symlink())
         if part is not None and not part.owns(name):
             continue
         directories = {entry.name for entry in subdirs}
         files = [entry.name for entry in entries if entry.name not in directories and not entry.name.startswith(".")]
         yield _Directory(path, name, files, empty=not files and not subdirs)
+
+
+def _joined(folder: str, name: str) -> str:
+    """``folder/name``; just ``name`` in the SOURCE folder itself when it has no name of its own (``.``, ``/``)."""
+    return name if folder in (".", "/", "") else f"{folder}/{name}"
 
 
 def _is_directory(entry: os.DirEntry) -> bool:
@@ -360,6 +377,8 @@ class PlanWriter:
         end = {"units": self.units, "skipped": self.skipped, "left_out": self.left_out, "has_dicom": self.has_dicom,
                "origins": sorted(self.origins), "digest": self._digest.hexdigest()}  # fmt: skip
         self._handle.write(json.dumps({"end": end}) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
         self._handle.close()
         os.replace(self.tmp, self.path)
         return PlanFile(self.path, **end)
@@ -412,6 +431,8 @@ class PlanFile:
                     entry = json.loads(line)
                     yield index, _unit_from(entry["unit"]), entry["origin"]
                 index += 1
+        if index != self.units:  # the journal's unit indexes would point at the wrong inputs
+            raise ValueError(f"{self.path}: {index} units where the plan ends with {self.units}: damaged; rerun with --overwrite")  # fmt: skip
 
     def iter_skipped(self) -> Iterator[tuple[str, str]]:
         """(source, reason) of every input skipped while listing."""

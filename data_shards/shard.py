@@ -53,7 +53,7 @@ def shard(
     source paths when any input is DICOM or ``part`` is set. ``command`` is recorded in the manifest (default:
     the equivalent ``medfm shard`` command line).
     """
-    from data_shards.discover import Part, PlanFile, PlanWriter, plan_sources
+    from data_shards.discover import Part, PlanFile, PlanWriter, check_sources, plan_sources
     from data_shards.writer import PLAN, ShardConfig, ShardWriter, hash_path, prepare_folder
 
     out = Path(out)
@@ -88,7 +88,8 @@ def shard(
             max_memory_gb=max_memory_gb,
         )
         parsed_part = Part.parse(part) if part else None
-    except ValueError as error:
+        check_sources(sources)  # a mistyped SOURCE must not cost the shard set that --overwrite would replace
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
     created = not out.exists()
     prepare_folder(out, resume=resume, overwrite=overwrite)

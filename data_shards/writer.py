@@ -41,7 +41,7 @@ from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipI
 from data_shards.workers import init_worker
 
 JOURNAL = ".progress.jsonl"
-PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.write_plan): --resume does not rescan
+PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.PlanWriter): --resume does not rescan
 DEDUP_MODES = ("none", "exact", "near")
 
 

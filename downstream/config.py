@@ -141,11 +141,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: bool = False
     freeze_blocks: int = 0  # freeze the stem + the first K blocks / stages; -1: everything but the head
-    # zero: a new head (timm's init); linear_probe: the head starts as the linear probe fitted on the frozen features
+    # new: a new head (timm's init); linear_probe: the head starts as the linear probe fitted on the frozen features
     # of the training labels (weight decay chosen on val), then everything is fine-tuned (LP-FT, Kumar et al. 2022:
     # the features are not torn up by a random head's gradients, which matters most with few labels). Pretrained
     # inits only: random init keeps timm's head init
-    head_init: str = "zero"
+    head_init: str = "new"
     clip_grad: float = 0.0
     eval_every_epochs: float = 1.0
     precision: str = "auto"  # auto (Accelerate's choice, else no), no, bf16 or fp16; an explicit value wins
@@ -176,7 +176,7 @@ class FinetuneConfig:
         need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
         need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
-        need(t.head_init in ("zero", "linear_probe"), "train.head_init", "must be zero or linear_probe")
+        need(t.head_init in ("new", "linear_probe"), "train.head_init", "must be new or linear_probe")
         need(t.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "must be auto, no, bf16 or fp16 (quote 'no': YAML reads a bare no as false)")  # fmt: skip
         need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
         need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")

@@ -192,7 +192,7 @@ def finetune_once(
     model.reset_classifier(task.num_outputs)
     # LP-FT starts from features worth probing: random init keeps timm's head init (a probe fitted on random
     # features is no starting point: on PneumoniaMNIST it cut random init's 100 % fine-tune from 0.939 to 0.81 AUC)
-    head_init = t.head_init if init != "random" else "zero"
+    head_init = t.head_init if init != "random" else "new"
     if head_init == "linear_probe":
         probe_train = open_split(d.spec, "train", EvalTransform(size, mean, std), **split_args)
         if isinstance(train_set, Subset):
@@ -269,7 +269,7 @@ def init_head_from_probe(
     classifier = model.get_classifier()
     if not isinstance(classifier, nn.Linear) or classifier.out_features != task.num_outputs or classifier.bias is None:
         raise ConfigError(f"train.head_init=linear_probe: the model's classifier is {type(classifier).__name__}, "
-                          f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=zero")  # fmt: skip
+                          f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=new")  # fmt: skip
     train_features = extract_features(model, train, batch_size=batch_size, pooling="head", device=device)
     val_features = extract_features(model, val, batch_size=batch_size, pooling="head", device=device)
     selection = select_linear_probe(

@@ -382,3 +382,12 @@ def test_the_walk_does_not_follow_directory_links_and_lists_unreadable_folders(s
     plan = sink.close()
     assert [unit.source for _, unit, _ in plan.iter_units()] == ["archive/study/vs_seg_001_t1_mprage"]
     assert dict(plan.iter_skipped()) == {"archive/locked/": "unreadable folder: Permission denied"}
+
+
+def test_a_source_folder_given_as_dot_names_its_files_without_a_prefix(shared_data, tmp_path, monkeypatch):
+    shutil.copytree(shared_data / "dicom" / "series", tmp_path / "archive" / "study")
+    (tmp_path / "archive" / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "archive")
+    units, skipped = planned(["."], tmp_path / "plan.jsonl")
+    assert [unit.source for unit in units] == ["study/vs_seg_001_t1_mprage"]
+    assert skipped == [("empty/", "empty folder")]

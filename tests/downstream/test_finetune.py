@@ -180,7 +180,7 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
                        "backbone.inits=[release,random]")  # fmt: skip
     assert results["release"]["label_efficiency"][0]["n_train"] == 10
     derived = {init: results[init]["settings"]["derived"] for init in ("release", "random")}
-    assert derived == {"release": derived["release"], "random": {**derived["release"], "head_init": "zero"}}
+    assert derived == {"release": derived["release"], "random": {**derived["release"], "head_init": "new"}}
     assert derived["release"]["head_init"] == "linear_probe"  # random features are no probe to start from
     with pytest.raises(ConfigError, match=r"train\.head_init"):
         finetune(tiny_release, spec, tmp_path / "bad", "train.head_init=probe")
