@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_shards.dicom import DicomFile, DicomSeries, group_dicom_facts, group_dicom_files, header_facts, is_dicom
+from data_shards.errors import ShardError
 from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import InputUnit, SkipInput, relative_source
@@ -432,7 +433,7 @@ class PlanFile:
                     yield index, _unit_from(entry["unit"]), entry["origin"]
                 index += 1
         if index != self.units:  # the journal's unit indexes would point at the wrong inputs
-            raise ValueError(f"{self.path}: {index} units where the plan ends with {self.units}: damaged; rerun with --overwrite")  # fmt: skip
+            raise ShardError(f"{self.path}: {index} units where the plan ends with {self.units}: damaged; rerun with --overwrite")  # fmt: skip
 
     def iter_skipped(self) -> Iterator[tuple[str, str]]:
         """(source, reason) of every input skipped while listing."""

@@ -15,3 +15,7 @@ class MedfmError(Exception):
 class ConfigError(MedfmError, ValueError):
     """A config or option that cannot be run: unknown key, wrong type, missing or inconsistent value (the message
     names it). Re-exported by ``pretrain.errors``, whose commands map it to exit code 2."""
+
+
+class ShardError(MedfmError):
+    """A problem with a shard run's output folder or the run as a whole (not with a single input)."""

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from data_shards.discover import PlanFile
-from data_shards.errors import MedfmError
+from data_shards.errors import ShardError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
 from data_shards.workers import init_worker
@@ -43,10 +43,6 @@ from data_shards.workers import init_worker
 JOURNAL = ".progress.jsonl"
 PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.PlanWriter): --resume does not rescan
 DEDUP_MODES = ("none", "exact", "near")
-
-
-class ShardError(MedfmError):
-    """A problem with the output folder or the run as a whole (not with a single input)."""
 
 
 @dataclass(frozen=True)
