@@ -71,15 +71,24 @@ def sample_files() -> list[Path]:
     return names
 
 
+def _parse_source(source: str) -> tuple[str, Path | None]:
+    """(kind, path) of a SOURCE argument: kind "" for a plain file or folder, path None for ``sample:``.
+    Raises FileNotFoundError naming a SOURCE whose path does not exist."""
+    kind, sep, rest = source.partition(":")
+    if not (sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1):
+        kind, rest = "", source
+    if kind == "sample":
+        return kind, None
+    path = Path(rest).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"SOURCE {source!r}: {path} does not exist")
+    return kind, path
+
+
 def check_sources(sources: list[str]) -> None:
     """Raise FileNotFoundError naming the first SOURCE whose path does not exist (before anything is written)."""
     for source in sources:
-        kind, sep, rest = source.partition(":")
-        if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
-            if kind != "sample":
-                _existing(Path(rest).expanduser(), source)
-        else:
-            _existing(Path(source).expanduser(), source)
+        _parse_source(source)
 
 
 def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None, workers: int = 1) -> None:
@@ -88,13 +97,11 @@ def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None,
     SOURCE."""
     with _HeaderScan(workers) as scan:
         for source in sources:
-            kind, sep, rest = source.partition(":")
-            if sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1:
-                if kind == "sample":
-                    files = sample_files()
-                    plan_files(sink, files, root=files[0].parent.parent, origin="sample", part=part)
-                    continue
-                path = _existing(Path(rest).expanduser(), source)
+            kind, path = _parse_source(source)
+            if kind == "sample":
+                files = sample_files()
+                plan_files(sink, files, root=files[0].parent.parent, origin="sample", part=part)
+            elif kind:
                 if kind == "medmnist":
                     try:
                         units = npz_units(path, path.parent)
@@ -107,9 +114,7 @@ def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None,
                 else:
                     units = csv_units(path)
                 sink.add([u for u in units if part is None or part.owns(_unit_key(u))], source)
-                continue
-            path = _existing(Path(source).expanduser(), source)
-            if path.is_dir():
+            elif path.is_dir():
                 plan_folder(sink, path, origin=source, scan=scan, part=part)
             else:
                 plan_files(sink, [path], root=path.parent, origin=source, part=part)
@@ -118,12 +123,6 @@ def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None,
 def _unit_key(unit: InputUnit) -> str:
     """What ``Part.owns`` hashes for an entry of an npz / image folder / CSV: its name (and rows)."""
     return f"{unit.source}:{getattr(unit, 'split', '')}:{getattr(unit, 'start', '')}"
-
-
-def _existing(path: Path, source: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"SOURCE {source!r}: {path} does not exist")
-    return path
 
 
 def plan_folder(sink: PlanWriter, folder: Path, origin: str, scan: _HeaderScan, part: Part | None = None) -> None:
@@ -189,38 +188,38 @@ class _Directory:
 
 
 def _walk(folder: Path, name: str, part: Part | None) -> Iterator[_Directory]:
-    """Directories under ``folder`` (itself first), depth first in name order, as ``os.walk`` would give them
-    (symlinked directories are not followed; hidden files are left out, hidden directories are walked). A
-    directory that cannot be listed is yielded with the reason."""
-    stack = [(folder, name)]
-    while stack:
-        path, name = stack.pop()
-        try:
-            with os.scandir(path) as scanner:
-                entries = sorted(scanner, key=lambda entry: entry.name)
-        except OSError as err:
-            if part is None or part.owns(name):
-                yield _Directory(path, name, [], unreadable=f"unreadable folder: {err.strerror or type(err).__name__}")
+    """``os.walk`` of ``folder`` in name order (symlinked directories are not followed; hidden files are left out,
+    hidden directories are walked) as :class:`_Directory` records named from ``name``; a directory that cannot
+    be listed comes with the reason."""
+
+    def named(path: str) -> str:
+        relative = os.path.relpath(path, folder)
+        return name if relative == "." else _joined(name, Path(relative).as_posix())
+
+    unreadable: list[OSError] = []
+
+    def listed_unreadable() -> Iterator[_Directory]:  # os.walk reports a folder it cannot list to onerror
+        while unreadable:
+            error = unreadable.pop(0)
+            directory = named(error.filename)
+            if part is None or part.owns(directory):
+                reason = f"unreadable folder: {error.strerror or type(error).__name__}"
+                yield _Directory(Path(error.filename), directory, [], unreadable=reason)
+
+    for path, subdirs, names in os.walk(folder, onerror=unreadable.append):
+        yield from listed_unreadable()
+        subdirs.sort()  # os.walk descends in the order left here
+        directory = named(path)
+        if part is not None and not part.owns(directory):
             continue
-        subdirs = [entry for entry in entries if _is_directory(entry)]
-        stack.extend((Path(e.path), _joined(name, e.name)) for e in reversed(subdirs) if not e.is_symlink())
-        if part is not None and not part.owns(name):
-            continue
-        directories = {entry.name for entry in subdirs}
-        files = [entry.name for entry in entries if entry.name not in directories and not entry.name.startswith(".")]
-        yield _Directory(path, name, files, empty=not files and not subdirs)
+        files = sorted(n for n in names if not n.startswith("."))
+        yield _Directory(Path(path), directory, files, empty=not files and not subdirs)
+    yield from listed_unreadable()
 
 
 def _joined(folder: str, name: str) -> str:
     """``folder/name``; just ``name`` in the SOURCE folder itself when it has no name of its own (``.``, ``/``)."""
     return name if folder in (".", "/", "") else f"{folder}/{name}"
-
-
-def _is_directory(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()  # a symlink to a directory counts (os.walk lists it, and does not descend)
-    except OSError:
-        return False
 
 
 def _classify(path: Path, source: str) -> tuple[list[InputUnit] | None, str | None, bool]:

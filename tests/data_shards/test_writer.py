@@ -373,7 +373,7 @@ def test_the_walk_does_not_follow_directory_links_and_lists_unreadable_folders(s
 
     def scandir_refusing_locked(path):
         if Path(path).name == "locked":  # tests run as root, for whom no mode bit refuses a listing
-            raise PermissionError(13, "Permission denied")
+            raise PermissionError(13, "Permission denied", path)
         return scandir(path)
 
     monkeypatch.setattr(discover.os, "scandir", scandir_refusing_locked)
