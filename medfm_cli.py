@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(resolve_handler(args.handler)(args) or 0)
+
+    def run() -> int:
+        return int(resolve_handler(args.handler)(args) or 0)
+
+    # A subcommand's optional wrapper decides how its handler runs (``pretrain.supervise.run``: here, or supervised).
+    wrapper = getattr(args, "wrapper", None)
+    return int(resolve_handler(wrapper)(args, run)) if wrapper else run()
 
 
 def resolve_handler(handler: str | Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -29,7 +29,7 @@ from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
-from pretrain.knn import knn_scores
+from pretrain.knn import feature_precision, knn_scores
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
 
@@ -60,6 +60,7 @@ class FrozenSetup:
             "splitting": (self.data.val_fraction, self.data.test_fraction, self.data.split_seed),
             "channels": self.transform_channels,
             "pooling": (self.pooling.pooling, self.pooling.layers) if self.pooling.pooling != "head" else "head",
+            "precision": feature_precision(self.device),
         }
 
         def compute() -> Features:

@@ -108,10 +108,12 @@ def derive(train: DictConfig, world_size: int, train_samples: int) -> dict[str, 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(
     model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, scores) over a prepared loader, gathered from every process (padding dropped)."""
+    """(labels, scores) over a prepared loader, gathered from every process (padding dropped); no autograd graph
+    (the prepared model runs in the run's precision: Accelerate wraps its forward in autocast)."""
     model.eval()
     labels, scores = [], []
     for batch in loader:

@@ -6,8 +6,11 @@ The run contract, one module per concern:
   ``schedules.derive_steps``, shared with fine-tuning); ``data``: spec -> seeded, resumable batches of views.
 - ``methods/``: one file per objective (MAE, DINO, SimCLR, MoCo v3) behind ``SSLMethod``, registry ``METHODS``.
 - ``engine``: ``train_step`` (one optimizer step, also used by fine-tuning) and pretraining's loop ``train``.
-- ``checkpoint``: one store (``save`` / ``latest`` / ``load`` / ``prune``) with a torch-file and a DeepSpeed
-  backend; ``distributed``: the one Accelerator builder, process groups, failure detection, ZeRO setup.
+- ``backends/``: the one interface behind which plain / DDP and DeepSpeed runs differ (preparation and precision
+  casts, autocast for the step and for every other forward, EMA gathering, the checkpoint store, the release);
+  DeepSpeed is imported there only. ``checkpoint``: the checkpoint contract and its torch-file store;
+  ``distributed``: the one Accelerator builder, process groups, failure detection; ``supervise``: ``medfm
+  pretrain`` under a multi-process GPU launch (an NCCL watchdog abort becomes exit 3).
 - ``release``: the release folder (write, read, one key checker, results files, model card); ``export``:
   ``medfm export``; ``main``: wiring; ``monitor`` / ``knn``: what a run reports.
 Imports go one way: data_shards <- pretrain <- downstream, with no circle inside a package (tests/test_imports.py).

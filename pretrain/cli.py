@@ -19,9 +19,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="self-supervised pretraining (MAE, DINO, SimCLR, MoCo v3) of a timm backbone",
         description=(
             "Train a backbone with a self-supervised objective. Re-running the same command on the same "
-            "train.run_dir resumes from its last checkpoint. Launch on several processes with `accelerate launch`."
+            "train.run_dir resumes from its last checkpoint. Launch on several processes with `accelerate launch`. "
+            "Under a multi-process launch on GPUs the training runs as a supervised child process "
+            "(MEDFM_SUPERVISE=0 opts out, =1 forces): see pretrain/supervise.py."
         ),
     )
     configure(parser)
-    parser.set_defaults(handler="pretrain.main:run")  # imported by the medfm command once chosen
+    # Both imported by the medfm command once chosen. The wrapper (no torch) runs the handler in this process, or
+    # pretrain.main as a supervised child under a multi-process GPU launch (an NCCL watchdog abort becomes exit 3).
+    parser.set_defaults(handler="pretrain.main:run", wrapper="pretrain.supervise:run")
     return parser

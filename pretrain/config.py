@@ -99,6 +99,11 @@ class TrainConfig:
     precision: Precision = Precision.auto  # an explicit no / bf16 / fp16 wins over Accelerate's
     seed: int = 0
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    # GPU speed: NHWC memory format (null: on CUDA for convolutional models), cuDNN autotuning (fixed input sizes),
+    # torch.compile of the method's forward (in place: checkpoint keys unchanged; not with dist.backend=deepspeed).
+    channels_last: bool | None = None
+    cudnn_benchmark: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -338,6 +343,8 @@ def validate(cfg: DictConfig) -> None:
         # fp16 under DeepSpeed skips overflowing steps through its own loss scaler, which the engine's
         # non-finite-step accounting would count as divergence; bf16 needs no scaler.
         need(cfg.train.precision != Precision.fp16, "train.precision", "must be no or bf16 with dist.backend=deepspeed")
+        # DeepSpeed compiles through its own engine (engine.compile), which medfm does not drive yet.
+        need(not cfg.train.compile, "train.compile", "is not supported with dist.backend=deepspeed (use ddp)")
     else:
         for key in ("dist.zero_stage", "dist.deepspeed_config"):
             need(OmegaConf.select(cfg, key) is None, key, "is only used with dist.backend=deepspeed")

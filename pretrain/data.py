@@ -103,9 +103,12 @@ class StreamViews(IterableDataset):
 
 def _views(sample: dict[str, Any], transform: ViewsTransform, in_chans: int, seed: int) -> dict[str, Any]:
     image = match_channels(sample["image"], in_chans)
-    # fork_rng: the per-sample seed must not disturb the caller's generator (the training loop's masks).
+    # The per-sample seed must not disturb the caller's generators (the training loop's masks, drop path): fork the
+    # CPU generator and seed only it. torch.manual_seed would also reseed every CUDA generator, which
+    # fork_rng(devices=[]) does not protect: with num_workers=0 on a GPU, masks and drop path were reseeded to the
+    # last sample's seed every batch. The augmentations draw from the CPU generator only.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         views = transform(image)
     return {"views": views, "label": sample["label"], "key": sample["key"]}
 
@@ -115,6 +118,8 @@ class EpochLoader:
 
     Each batch: ``{"views": [(B, C, H, W), ...], "label": (B,) or (B, K), "key": [str] * B}``.
     Not passed through ``accelerator.prepare``: sharding across ranks happens here, deterministically.
+    A views transform with a ``collate(samples) -> batch`` method makes the batches itself (in the loader's
+    workers, on the host: DINOv2 adds its masks' indices, which the step then needs no host sync to count).
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class EpochLoader:
             # A private generator: creating an iterator must not consume the global RNG, whose state is part
             # of the checkpoint (a resumed run creates its iterator at a different point than the original).
             "generator": torch.Generator(),
+            "collate_fn": getattr(transform, "collate", None),  # None: torch's default collate
         }
         if self.streaming:
             self.dataset = StreamViews(source, transform, in_chans, seed, rank)

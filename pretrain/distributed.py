@@ -1,14 +1,15 @@
-"""Distributed and precision setup: the one place that knows about process groups, timeouts and DeepSpeed.
+"""Distributed and precision setup: the one place that knows about process groups, launchers and timeouts.
 
 - ``make_accelerator(cfg)``: the run's ``Accelerator``: DDP (gloo on CPU, NCCL on GPUs) or DeepSpeed ZeRO 1/2/3
-  through Accelerate's DeepSpeed plugin (``dist.backend``), with ``dist.timeout_s`` on the rendezvous and on every
-  collective. A rendezvous that does not complete raises :class:`DistributedFailure` after the timeout.
+  through Accelerate's DeepSpeed plugin (``dist.backend``; the plugin's config comes from
+  ``pretrain.backends.deepspeed``), with ``dist.timeout_s`` on the rendezvous and on every collective. A
+  rendezvous that does not complete raises :class:`DistributedFailure` after the timeout.
 - ``collective_failure(err)``: tells a dead / hung peer apart from other errors, so that the run ends with a
   clear message and :data:`EXIT_DISTRIBUTED` rather than a traceback deep in gloo or a hang.
-- DeepSpeed setup (the engine owns parameters and optimizer state): ``keep_momentum_outside_engine`` (the EMA
-  teacher / momentum encoder stays an fp32, unsharded module beside the engine), ``gathered_parameters`` (full
-  student parameters for the EMA update under ZeRO-3). Its checkpoints are ``pretrain.checkpoint``'s business.
 - ``shutdown(accelerator)``: barrier + ``destroy_process_group`` (a 2-process ZeRO-3 run aborted at exit without).
+
+How a run trains once its Accelerator exists (precision casts, autocast, EMA gathering, checkpoints) is the
+business of its backend (``pretrain.backends``).
 
 Accelerate 1.15 with DeepSpeed on CPU: with ``Accelerator(cpu=True)`` accelerate never takes its DeepSpeed path,
 and with ``cpu=False`` it picks no process-group backend when there is no GPU, so it counts one process while
@@ -19,11 +20,10 @@ DeepSpeed counts all of them (batch-size check ``16 != 16 * 1 * 2``). The workar
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,18 +32,15 @@ import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 from omegaconf import DictConfig
-from torch import nn
 
+from pretrain.backends.deepspeed import deepspeed_config, deepspeed_file_precision
 from pretrain.config import Backend, Precision
 from pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
 from pretrain.monitor import offline_tracker_defaults
 
 __all__ = ["EXIT_DISTRIBUTED", "DistributedFailure", "make_accelerator", "shutdown"]
-DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
-META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
-LAST_DIR = "last"  # symlink to the newest DeepSpeed checkpoint directory
 
 
 def _launched() -> bool:
@@ -76,26 +73,6 @@ def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
     return accelerator, [precision_note, *([backend_note] if backend_note else []), *tracker_notes]
 
 
-def deepspeed_file_precision(cfg: DictConfig) -> str | None:
-    """The precision a DeepSpeed JSON (``dist.deepspeed_config``) enables: ``bf16``, ``no`` (bf16 disabled), or
-    None when it leaves it to the run ("auto" or absent). fp16 is refused: DeepSpeed's loss scaler skips steps
-    that the engine's non-finite-step accounting would count as divergence."""
-    if cfg.dist.backend != Backend.deepspeed or cfg.dist.deepspeed_config is None:
-        return None
-    ds = _read_deepspeed_json(cfg.dist.deepspeed_config)
-    if ds.get("fp16", {}).get("enabled") is True:
-        raise ConfigError(f"config key 'dist.deepspeed_config': {cfg.dist.deepspeed_config} enables fp16; use bf16 (or no)")  # fmt: skip
-    enabled = ds.get("bf16", {}).get("enabled", "auto")
-    return None if enabled == "auto" else ("bf16" if enabled else "no")
-
-
-def _read_deepspeed_json(path: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"config key 'dist.deepspeed_config': cannot read {path}: {err}") from err
-
-
 # What `accelerate launch` sets from an Accelerate config that chose DeepSpeed (accelerate.utils.launch).
 _DEEPSPEED_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
                   "ACCELERATE_GRADIENT_CLIPPING")  # fmt: skip
@@ -104,17 +81,29 @@ _DEEPSPEED_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "AC
 def resolve_precision(requested: str, deepspeed_file: str | None = None) -> tuple[str, str]:
     """``(precision, where it came from)``. ``auto`` defers to Accelerate: the precision the run's DeepSpeed config
     file enables (``deepspeed_file``), else the mixed precision that ``accelerate config`` / ``accelerate launch
-    --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else ``no``, as ``Accelerator(mixed_precision=None)``
-    reads it; an explicit value wins over both."""
+    --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else bf16 on a GPU that supports it (Ampere and
+    later: fp32 there wastes most of the tensor cores), else ``no``; an explicit value wins over all of them."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
     if requested == "auto" and deepspeed_file is not None:
         return deepspeed_file, f"precision {deepspeed_file} (train.precision=auto: the DeepSpeed config file)"
+    if requested == "auto" and launcher:
+        return launcher, f"precision {launcher} (train.precision=auto: the Accelerate config / launch)"
+    if requested == "auto" and gpu_supports_bf16():
+        return "bf16", "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)"
     if requested == "auto":
-        value = launcher or "no"
-        origin = "the Accelerate config / launch" if launcher else "no Accelerate setting: fp32"
-        return value, f"precision {value} (train.precision=auto: {origin})"
+        return "no", "precision no (train.precision=auto: no Accelerate setting: fp32)"
     ignored = f"; the Accelerate setting {launcher} is not used" if launcher and launcher != requested else ""
     return requested, f"precision {requested} (train.precision={requested}{ignored})"
+
+
+def gpu_supports_bf16() -> bool:
+    """A GPU with native bf16 (Ampere and later); emulated bf16 (V100, T4) would be slower than fp32."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4 counts native support only
+        return torch.cuda.is_bf16_supported()
 
 
 def resolve_backend(cfg: DictConfig) -> str | None:
@@ -260,179 +249,6 @@ def shutdown(accelerator: Accelerator, failed: bool = False) -> None:
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         os.environ.update(environ)
-
-
-# --- DeepSpeed ---------------------------------------------------------------------------------------------------
-
-# What the files in configs/deepspeed/ hold; "auto" values are filled from the run's config by deepspeed_config.
-_ZERO = {
-    1: {"stage": 1, "overlap_comm": False, "contiguous_gradients": True},
-    2: {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
-    3: {
-        "stage": 3,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "stage3_max_live_parameters": 1000000000,
-        "stage3_max_reuse_distance": 1000000000,
-        "stage3_gather_16bit_weights_on_model_save": False,
-    },
-}
-
-
-def default_deepspeed_config(stage: int) -> dict[str, Any]:
-    """The DeepSpeed config of ``configs/deepspeed/zero{stage}.json`` (batch sizes, clipping, bf16: "auto")."""
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": dict(_ZERO[stage]),
-        "steps_per_print": 1000000000,
-        "wall_clock_breakdown": False,
-    }
-
-
-def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict for a run: ``dist.deepspeed_config`` (or the default of ``dist.zero_stage``) with
-    its "auto" values taken from ``train`` and ``optim``: micro batch = train.batch_size, accumulation =
-    train.grad_accum, clipping = optim.clip_grad, bf16 = train.precision. Any other "auto" is an error."""
-    d = cfg.dist
-    if d.deepspeed_config is not None:
-        ds = _read_deepspeed_json(d.deepspeed_config)
-        if ds.get("fp16", {}).get("enabled") is True:
-            raise ConfigError(f"config key 'dist.deepspeed_config': {d.deepspeed_config} enables fp16; use bf16 (or no)")  # fmt: skip
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if d.zero_stage is not None and d.zero_stage != stage:
-            raise ConfigError(
-                f"config key 'dist.zero_stage': {d.zero_stage} contradicts zero_optimization.stage={stage} in "
-                f"{d.deepspeed_config} (set one of them)"
-            )
-        if stage not in (1, 2, 3):
-            raise ConfigError(f"config key 'dist.deepspeed_config': {d.deepspeed_config} needs ZeRO stage 1, 2 or 3")
-    else:
-        ds = default_deepspeed_config(d.zero_stage or 2)
-    fill = {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": float(cfg.optim.clip_grad),
-    }
-    for key, value in fill.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise ConfigError(
-                f"config key 'dist.deepspeed_config': {key}={ds[key]!r} in {d.deepspeed_config} differs from the "
-                f'run\'s {value!r}; set it to "auto"'
-            )
-    if ds.get("train_batch_size") == "auto":
-        del ds["train_batch_size"]  # DeepSpeed computes micro batch x accumulation x processes
-    bf16 = cfg.train.precision == Precision.bf16
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW (param groups with wd_scale)
-    autos = [key for key, value in _flatten(ds).items() if value == "auto"]
-    if autos:
-        raise ConfigError(f"config key 'dist.deepspeed_config': no value known for {', '.join(autos)} (\"auto\")")
-    return ds
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def uses_deepspeed(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    """The ZeRO stage of a DeepSpeed run; 0 otherwise."""
-    if not uses_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
-
-
-def autocast(accelerator: Accelerator, cfg: DictConfig):
-    """The forward's precision context. DeepSpeed bf16 holds the engine's parameters in bf16 and does not cast
-    inputs (accelerate's autocast is then a no-op): torch autocast casts the fp32 images and runs the fp32 EMA
-    modules in bf16 too."""
-    if uses_deepspeed(accelerator) and cfg.train.precision == Precision.bf16:
-        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
-    return accelerator.autocast()
-
-
-def keep_momentum_outside_engine(method: nn.Module, device: torch.device) -> dict[str, nn.Module]:
-    """Unregister the method's EMA modules (``method.momentum_modules``) so that DeepSpeed neither shards, casts
-    to bf16 nor checkpoints them; they stay plain fp32 modules, reachable under the same attribute names.
-
-    Why: under ZeRO-3 each rank holds a shard of every engine parameter (an EMA update of ``.data`` silently
-    changes nothing), and a bf16 teacher cannot follow an EMA with momentum ~0.996 (updates below bf16's
-    resolution round away). Returns ``{name: module}``; their states travel in our checkpoint part (``medfm.pt``).
-    """
-    outside = {}
-    for name in method.momentum_modules:
-        module = getattr(method, name)
-        delattr(method, name)  # out of method._modules: not in parameters(), state_dict() or the engine
-        object.__setattr__(method, name, module.to(device))  # still method.<name> for forward and export
-        outside[name] = module
-    return outside
-
-
-def prepare_deepspeed(
-    accelerator: Accelerator, cfg: DictConfig, method: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[Any, Any]:
-    """``accelerator.prepare`` for DeepSpeed: EMA modules kept outside the engine; under ZeRO-3 + bf16 the floating
-    buffers cast to bf16 (ZeRO-1/2 cast the whole module, ZeRO-3 only the parameters it partitions: a BatchNorm
-    with bf16 weights and fp32 running statistics does not run); parameters read outside their module's forward
-    registered. Returns (engine, optimizer)."""
-    keep_momentum_outside_engine(method, accelerator.device)
-    stage3 = zero_stage(accelerator) == 3
-    if stage3 and cfg.train.precision == Precision.bf16:
-        for buffer in method.buffers():
-            if buffer.is_floating_point():
-                buffer.data = buffer.data.to(torch.bfloat16)
-    engine, optimizer = accelerator.prepare(method, optimizer)
-    if stage3:
-        register_external_parameters(accelerator.unwrap_model(engine))
-    return engine, optimizer
-
-
-def sync_batchnorm(module: nn.Module, accelerator: Accelerator) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when several CUDA processes train, as the DINO and MoCo v3 references do: a
-    per-GPU batch of 32-64 gives noisy statistics, and MoCo's BN heads see their batch only. CPU processes (gloo)
-    keep BatchNorm: torch has no SyncBatchNorm kernel for them. Call before building the optimizer."""
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
-
-
-def gathered_parameters(accelerator: Accelerator, model: nn.Module):
-    """Context in which ``model``'s parameters are whole on every rank (read-only): ZeRO-3 only."""
-    if zero_stage(accelerator) != 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def register_external_parameters(model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's own parameters when that module's forward is called. Parameters read elsewhere
-    (a timm ViT's ``pos_embed`` / ``cls_token``, read in ``forward_features`` that the methods call directly;
-    weight-norm's ``weight_g`` / ``weight_v``, read by a forward pre-hook) are declared as used by the root
-    module, so they are gathered for its whole forward. They are small (embeddings, tokens, one head layer)."""
-    import deepspeed
-
-    for module in model.modules():
-        if module is model:
-            continue
-        if next(module.children(), None) is not None or module._forward_pre_hooks:
-            for param in module.parameters(recurse=False):
-                deepspeed.zero.register_external_parameter(model, param)
 
 
 @contextmanager

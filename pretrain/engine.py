@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain, islice
@@ -28,7 +27,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
 
-from pretrain import distributed
+from pretrain.backends import TrainingBackend
 from pretrain.data import EpochLoader
 from pretrain.errors import Preempted, TrainingDiverged
 from pretrain.monitor import Monitor, effective_rank, embedding_std
@@ -69,18 +68,21 @@ class StepHooks(Protocol):
 
 @dataclass
 class Optimization:
-    """What every optimizer step uses: the prepared model and optimizer, clipping, precision and the hooks."""
+    """What every optimizer step uses: the prepared model and optimizer, clipping, the backend (precision, EMA
+    gathering) and the hooks."""
 
     accelerator: Accelerator
     model: nn.Module
     optimizer: torch.optim.Optimizer
     clip_grad: float = 0.0  # max global grad norm; 0: no clipping (the norm is still measured)
-    autocast: Callable[[], AbstractContextManager] | None = None  # default: accelerator.autocast
+    backend: TrainingBackend | None = None  # default: the plain / DDP backend of the accelerator
     hooks: StepHooks | None = None
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = self.clip_grad if self.clip_grad > 0 else math.inf
+        if self.backend is None:
+            self.backend = TrainingBackend(self.accelerator)
 
 
 @dataclass
@@ -119,14 +121,17 @@ def train_step(
     Schedules -> micro-steps (forward under autocast, backward; gradients synchronised on the last one only) ->
     one collective carrying the finite flag and the stop flag (every process decides alike) -> clip, hook,
     ``optimizer.step()`` or, when not finite, drop the gradients -> EMA update when the parameters moved.
+
+    One host synchronisation per step: the flags and the gradient norm come to the host together; every other
+    value (the loss, the outputs) stays on the device.
     """
-    accelerator, model, optimizer = opt.accelerator, opt.model, opt.optimizer
+    accelerator, model, optimizer, backend = opt.accelerator, opt.model, opt.optimizer, opt.backend
     set_schedule(optimizer, lr, weight_decay)  # before the first backward: DeepSpeed steps inside the last one
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
     total, count = finite.new_zeros((), dtype=torch.float32), 0
     for batch in micro_batches:
         with accelerator.accumulate(model):  # DDP: no gradient sync before the last micro-step
-            with (opt.autocast or accelerator.autocast)():
+            with backend.autocast():
                 out = forward(batch)
             loss = out["loss"]
             finite &= torch.isfinite(loss.detach())
@@ -136,10 +141,17 @@ def train_step(
     # DDP: the norm before clipping. DeepSpeed has clipped and stepped inside backward (or skipped a non-finite
     # step itself, norm inf); this is the norm it measured (None: none measured).
     norm = accelerator.clip_grad_norm_(opt.params, opt.clip)
-    grad_norm = math.nan if norm is None else float(norm)
-    flags = accelerator.reduce(torch.stack([finite.float(), finite.new_tensor(float(stop_requested))]), "sum")
+    # new_full fills on the device (new_tensor of a Python number would be a blocking host-to-device copy).
+    stop_flag = finite.new_full((), float(stop_requested), dtype=torch.float32)
+    flags = accelerator.reduce(torch.stack([finite.float(), stop_flag]), "sum")
+    # The step's one host sync: both flags and the norm together (a tensor under DDP; DeepSpeed gives a float or
+    # None, already on the host).
+    if torch.is_tensor(norm):
+        finite_count, stops, grad_norm = torch.cat([flags, norm.detach().float().reshape(1)]).tolist()
+    else:
+        (finite_count, stops), grad_norm = flags.tolist(), math.nan if norm is None else float(norm)
     # fp16: overflowing gradients are routine and the grad scaler skips those steps itself.
-    ok = bool(flags[0] == accelerator.num_processes)
+    ok = finite_count == accelerator.num_processes
     ok = ok and (norm is None or math.isfinite(grad_norm) or accelerator.scaler is not None)
     if ok and opt.hooks is not None:
         opt.hooks.before_optimizer_step(step)  # no effect under DeepSpeed, which has stepped already
@@ -149,9 +161,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     updated = ok and not accelerator.optimizer_step_was_skipped
     if updated and opt.hooks is not None:
-        with distributed.gathered_parameters(accelerator, model):  # ZeRO-3: the whole student
+        with backend.gathered(model):  # ZeRO-3: the whole student
             opt.hooks.update_momentum(step)
-    return StepOutcome(total / max(1, count), grad_norm, ok, updated, bool(flags[1] > 0), out, batch)
+    return StepOutcome(total / max(1, count), grad_norm, ok, updated, stops > 0, out, batch)
 
 
 class NonFiniteGuard:
@@ -190,6 +202,7 @@ def train(
     *,
     cfg: DictConfig,
     accelerator: Accelerator,
+    backend: TrainingBackend,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: EpochLoader,
@@ -202,20 +215,20 @@ def train(
 ) -> int:
     """Train from ``start_step`` to ``cfg.derived.total_steps``; returns the final step.
 
-    ``evaluate(exported_backbone) -> metrics`` runs on the main process every ``cfg.knn.every_steps``.
+    ``evaluate(exported_backbone) -> metrics`` runs on the main process every ``cfg.knn.every_steps``; it and the
+    method's figures run under ``backend.inference()`` (the step's precision, no gradients).
     ``stop``: when any process has received a stop signal, every process finishes the current optimizer
     step, the checkpoint of that step is saved (unless the step was skipped) and :class:`Preempted` is raised.
     """
     method = accelerator.unwrap_model(model)
     total, per_epoch, accum = cfg.derived.total_steps, cfg.derived.steps_per_epoch, cfg.train.grad_accum
-    opt = Optimization(accelerator, model, optimizer, cfg.optim.clip_grad,
-                       lambda: distributed.autocast(accelerator, cfg), hooks=method)  # fmt: skip
+    opt = Optimization(accelerator, model, optimizer, cfg.optim.clip_grad, backend, hooks=method)
     guard, window, step = NonFiniteGuard(cfg.train.max_nonfinite_steps, monitor.message), _Window(), start_step
     model.train()
     while step < total:
         epoch, done = divmod(step, per_epoch)
         for micro_batches in optimizer_steps(loader.epoch(epoch, skip=done * accum), accum):
-            forward = partial(_views_forward, model, accelerator.device, step)
+            forward = partial(_views_forward, model, backend, step)
             outcome = train_step(opt, step, micro_batches, forward, lr=schedules.lr[step],
                                  weight_decay=schedules.weight_decay[step], stop_requested=stop is not None and stop.requested)  # fmt: skip
             guard.check(step, outcome)
@@ -226,7 +239,7 @@ def train(
             if step % cfg.logging.every_steps == 0 or step == total:
                 _log(cfg, accelerator, monitor, window, outcome.out, step, schedules)
                 window = _Window()
-            _after_step(cfg, accelerator, method, monitor, outcome, step, evaluate)
+            _after_step(cfg, backend, method, monitor, outcome, step, evaluate)
             if (step % cfg.checkpoint.every_steps == 0 or step == total or outcome.stop) and guard.in_a_row == 0:
                 save(step)
             if outcome.stop:
@@ -239,22 +252,27 @@ def train(
     return step
 
 
-def _views_forward(model: nn.Module, device: torch.device, step: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return model([v.to(device, non_blocking=True) for v in batch["views"]], step)
+def _views_forward(model: nn.Module, backend: TrainingBackend, step: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # fmt: skip
+    return model([backend.to_device(v) for v in batch["views"]], step)
 
 
-def _after_step(cfg, accelerator, method, monitor, outcome: StepOutcome, step: int, evaluate) -> None:
-    """Pictures and the kNN monitor, on the main process, at their cadences."""
-    if not accelerator.is_main_process:
+def _after_step(cfg, backend: TrainingBackend, method, monitor, outcome: StepOutcome, step: int, evaluate) -> None:
+    """Pictures and the kNN monitor, on the main process, at their cadences, in the backend's inference context
+    (under DeepSpeed bf16 the parameters are bf16: an fp32 forward would fail on a dtype mismatch)."""
+    if not backend.accelerator.is_main_process:
         return
     every = cfg.logging.figure_every_steps
     if every and step % every == 0:
-        views = [v.to(accelerator.device) for v in outcome.batch["views"]]
-        for name, image in method.figures(views).items():
-            monitor.figure(step, name, image)
+        views = [backend.to_device(v) for v in outcome.batch["views"]]
+        with backend.inference():
+            figures = method.figures(views)
+        for name, image in figures.items():
+            monitor.figure(step, name, image.float())
     every = cfg.knn.every_steps
     if evaluate is not None and every and step % every == 0:
-        monitor.log(step, evaluate(method.export_backbone()))
+        with backend.inference():
+            metrics = evaluate(method.export_backbone())
+        monitor.log(step, metrics)
 
 
 @dataclass

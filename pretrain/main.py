@@ -9,7 +9,7 @@ Several processes: launch the same command with ``accelerate launch --multi_gpu 
 [--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
 per process (``slurm/pretrain.sbatch``). ``dist.backend=deepspeed`` (``dist.zero_stage`` 1-3 or
 ``dist.deepspeed_config``) trains with DeepSpeed ZeRO; its checkpoints are directories (``step-XXXXXXX/``, ``last``
--> the newest), resumed on the same number of processes, consolidated by ``pretrain.checkpoint.consolidate_deepspeed``.
+-> the newest), resumed on the same number of processes, consolidated by ``pretrain.backends.zero_checkpoint.consolidate_deepspeed``.
 Exit codes: 0 done, 1 diverged, 2 bad config, 3 distributed failure (a peer died or hung, or the rendezvous did not
 complete within ``dist.timeout_s``), 75 checkpointed on a stop signal (requeue).
 """
@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.utils.data import IterableDataset
 
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as dist
+from pretrain.backends import backend_for
+from pretrain.backends.zero_checkpoint import find_deepspeed_resume
 from pretrain.cli import configure
 from pretrain.config import Backend, Precision, derive, load_config, save_config, to_dict
 from pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
@@ -40,7 +41,8 @@ from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
 from pretrain.monitor import Monitor, plot_training_curves
 from pretrain.preemption import StopRequest
-from pretrain.release import RELEASE_DIR, RunBackbone, load_run, run_backbone, write_run_release
+from pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
+from pretrain.supervise import report_run_dir
 from pretrain.weights import file_sha256, init_weights_path
 
 
@@ -55,21 +57,24 @@ _FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", Distrib
 
 def run_pretraining(cfg: DictConfig) -> int:
     """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
+    report_run_dir(cfg.train.run_dir)  # to the supervisor (pretrain.supervise), if one runs this process
     resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend and precision it started with
     accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
     setup = [*resumed, *setup]
     monitor, failed = None, False
     try:
+        backend = backend_for(accelerator, cfg)
         loader, model, evaluate = build(cfg, accelerator)
         run_dir = Path(cfg.train.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with dist.as_collective_failure(cfg):
-            model, optimizer, store = prepare(cfg, accelerator, model, run_dir)
+            model, optimizer = backend.prepare(model, lambda method: build_optimizer(method, cfg))
+            store = backend.store(run_dir, cfg.checkpoint.keep, model, optimizer)
             start_step, resumed_from, notes = resume(cfg, accelerator, store)
-        if dist.zero_stage(accelerator) == 3 and (evaluate is not None or cfg.logging.figure_every_steps):
+        if not backend.runs_models_on_one_process and (evaluate is not None or cfg.logging.figure_every_steps):
             # Figures and the kNN monitor run a model on the main process only; ZeRO-3 needs every rank for that.
             evaluate, cfg.logging.figure_every_steps = None, 0
-            notes.append("ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")
+            notes.append(f"{backend.name} ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")  # fmt: skip
         monitor = Monitor(run_dir, enabled=accelerator.is_main_process, total_steps=cfg.derived.total_steps,
                           start_step=start_step, progress_bar=cfg.logging.progress_bar, accelerator=accelerator,
                           config=to_dict(cfg))  # fmt: skip
@@ -85,11 +90,11 @@ def run_pretraining(cfg: DictConfig) -> int:
         for note in notes:
             monitor.message(f"warning: {note}", event="warning", message=note)
         with StopRequest() as stop, dist.as_collective_failure(cfg):
-            step = train(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
+            step = train(cfg=cfg, accelerator=accelerator, backend=backend, model=model, optimizer=optimizer, loader=loader,
                          schedules=Schedules.from_config(cfg), monitor=monitor, save=saver(cfg, store),
                          start_step=start_step, evaluate=evaluate, stop=stop)  # fmt: skip
         if accelerator.is_main_process:
-            export(released_backbone(cfg, accelerator, model, run_dir, step), run_dir)
+            export(backend.released_backbone(model, run_dir, step), run_dir)
             plot_training_curves(run_dir)
         release_dir = run_dir / RELEASE_DIR
         monitor.message(f"done at step {step}; release: {release_dir}", event="done", step=step)
@@ -113,7 +118,7 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
     launched it this time (torchrun after ``accelerate launch``, a requeued Slurm job); an explicit backend that
     cannot read the run's checkpoints is an error naming ``dist.backend``. Returns a line for the log, if any."""
     run_dir = Path(cfg.train.run_dir)
-    torch_checkpoint, deepspeed_checkpoint = ckpt.find_resume(run_dir), ckpt.find_deepspeed_resume(run_dir)
+    torch_checkpoint, deepspeed_checkpoint = ckpt.find_resume(run_dir), find_deepspeed_resume(run_dir)
     if torch_checkpoint is None and deepspeed_checkpoint is None:
         return []
     kind = Backend.deepspeed if deepspeed_checkpoint is not None and torch_checkpoint is None else Backend.ddp
@@ -168,7 +173,7 @@ def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMe
         evaluate = lambda backbone: {"knn_acc": knn(backbone)}  # noqa: E731
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
-    resuming = ckpt.find_resume(run_dir) is not None or ckpt.find_deepspeed_resume(run_dir) is not None
+    resuming = ckpt.find_resume(run_dir) is not None or find_deepspeed_resume(run_dir) is not None
     if cfg.model.init is not None and not resuming:
         cfg.derived.init_sha256 = file_sha256(init_weights_path(cfg.model.init))
     # A resumed run's weights come from its checkpoint: the warm-start source is not read again (nor needed).
@@ -176,26 +181,8 @@ def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMe
     return loader, method_cls.from_config(build_cfg), evaluate
 
 
-def prepare(
-    cfg: DictConfig, accelerator: Accelerator, method: SSLMethod, run_dir: Path
-) -> tuple[nn.Module, torch.optim.Optimizer, ckpt.TorchStore | ckpt.DeepSpeedStore]:
-    """``accelerator.prepare`` (DeepSpeed: EMA modules kept outside the engine) and the run's checkpoint store."""
-    method = dist.sync_batchnorm(method, accelerator)
-    optimizer = build_optimizer(method, cfg)
-    deepspeed = dist.uses_deepspeed(accelerator)
-    if deepspeed:
-        model, optimizer = dist.prepare_deepspeed(accelerator, cfg, method, optimizer)
-    else:
-        model, optimizer = accelerator.prepare(method, optimizer)
-    return (
-        model,
-        optimizer,
-        ckpt.checkpoint_store(accelerator, run_dir, cfg.checkpoint.keep, model, optimizer, deepspeed),
-    )
-
-
 def resume(
-    cfg: DictConfig, accelerator: Accelerator, store: ckpt.TorchStore | ckpt.DeepSpeedStore
+    cfg: DictConfig, accelerator: Accelerator, store: ckpt.CheckpointStore
 ) -> tuple[int, Path | None, list[str]]:
     """Load the store's latest checkpoint if any and set the random streams.
 
@@ -216,18 +203,7 @@ def resume(
     return meta["step"], path, notes
 
 
-def released_backbone(
-    cfg: DictConfig, accelerator: Accelerator, model: nn.Module, run_dir: Path, step: int
-) -> RunBackbone:
-    """The trained method's release backbone, whole and in fp32, on the main process."""
-    if not dist.uses_deepspeed(accelerator):
-        return run_backbone(accelerator.unwrap_model(model), cfg, step, ckpt.find_resume(run_dir))
-    # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state of
-    # the newest checkpoint, strictly loaded, as `medfm export` does.
-    return load_run(run_dir)
-
-
-def saver(cfg: DictConfig, store: ckpt.TorchStore | ckpt.DeepSpeedStore) -> Callable[[int], None]:
+def saver(cfg: DictConfig, store: ckpt.CheckpointStore) -> Callable[[int], None]:
     """``save(step)``: every process sends its RNG states (a collective), then the store writes (a collective)."""
     per_epoch = cfg.derived.steps_per_epoch
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import MODULE_PREFIX, build_backbone
+from pretrain.backends import zero_checkpoint
 from pretrain.config import PretrainConfig, migrate_legacy_keys, to_dict
 from pretrain.errors import ConfigError, ReleaseError
 from pretrain.methods import METHODS
@@ -151,7 +152,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deeps
 
     The checkpoint is read with ``weights_only=True`` (no pickled code runs) and loaded strictly: a key that the
     rebuilt method does not have, or lacks, is an error naming it. DeepSpeed ZeRO runs save checkpoint
-    directories; with ``deepspeed=True`` they are consolidated (``pretrain.checkpoint.consolidate_deepspeed``,
+    directories; with ``deepspeed=True`` they are consolidated (``pretrain.backends.zero_checkpoint.consolidate_deepspeed``,
     fp32 full weights) to the same contract, reading DeepSpeed's own files with ``weights_only=True`` too (a file
     that needs pickled code is refused, naming it); downstream loading passes ``deepspeed=False`` and asks for an
     export.
@@ -171,7 +172,7 @@ def _checkpoint_state(run_dir: Path, checkpoint: str | Path | None, deepspeed: b
     if path is not None and path.is_file():
         return ckpt.load_checkpoint(path), path
 
-    found = path if path is not None and path.is_dir() else ckpt.find_deepspeed_resume(run_dir)
+    found = path if path is not None and path.is_dir() else zero_checkpoint.find_deepspeed_resume(run_dir)
     if found is None:
         raise ExportError(
             f"{run_dir}: no checkpoint to export (expected {ckpt.LAST}, step-*.pt or a DeepSpeed step-*/)"
@@ -181,7 +182,7 @@ def _checkpoint_state(run_dir: Path, checkpoint: str | Path | None, deepspeed: b
             f"{found}: a DeepSpeed ZeRO checkpoint (its shard files are full pickles) and no {RELEASE_DIR}/ "
             f"of that step: release it first with `medfm export {run_dir} --out RELEASE_DIR`, then load the release"
         )
-    return ckpt.consolidate_deepspeed(found), found
+    return zero_checkpoint.consolidate_deepspeed(found), found
 
 
 def _load_method_state(method: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

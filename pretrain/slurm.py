@@ -2,7 +2,9 @@
 
 The templates in ``slurm/`` are complete, shellcheck-clean scripts; rendering only rewrites their
 ``#SBATCH`` resource lines and sets the default arguments (config + overrides), so a rendered script and
-the template never drift apart.
+the template never drift apart. The scripts pass ``--cpus-per-task`` to srun themselves (Slurm >= 22.05 no longer
+hands sbatch's value down to the tasks); rendering warns when the config's ``data.num_workers`` leaves no core of
+them for the training process.
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ def render(job: str, config: str, overrides: list[str], resources: Resources) ->
     return "\n".join(lines) + "\n"
 
 
+def loader_workers(config: str, overrides: list[str]) -> int | None:
+    """``data.num_workers`` as the command line or the config file sets it (None: the schema default or unreadable)."""
+    for override in reversed(overrides):
+        key, _, value = override.partition("=")
+        if key == "data.num_workers":
+            return int(value) if value.strip().isdigit() else None
+    import yaml  # PyYAML (omegaconf's dependency); this module stays free of the training imports
+
+    try:
+        value = ((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}).get("num_workers")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "slurm",
@@ -99,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
         job_name=args.job_name,
         signal_seconds=args.signal_seconds,
     )
+    workers = loader_workers(args.config, args.overrides)
+    if args.job == "pretrain" and workers is not None and workers >= args.cpus_per_task:
+        print(
+            f"medfm slurm: warning: data.num_workers={workers} loader processes on --cpus-per-task "
+            f"{args.cpus_per_task} leave no core for the training process; add data.num_workers="
+            f"{max(args.cpus_per_task - 1, 0)} or raise --cpus-per-task",
+            file=sys.stderr,
+        )
     script = render(args.job, args.config, args.overrides, resources)
     if args.out is None:
         sys.stdout.write(script)

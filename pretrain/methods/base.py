@@ -7,7 +7,7 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
 - ``before_optimizer_step(step)``: edit gradients after clipping (DINO freezes its last layer).
 - ``update_momentum(step)``: EMA teacher / momentum encoder update after the optimizer step.
 - ``momentum_modules``: attribute names of the EMA submodules (not trained by the optimizer); DeepSpeed runs keep
-  them outside the engine (``pretrain.distributed.keep_momentum_outside_engine``).
+  them outside the engine (``pretrain.backends.deepspeed.keep_momentum_outside_engine``).
 - ``export_backbone()``: the module to release (teacher, momentum encoder or encoder).
 - ``figures(views)``: pictures to log, ``{name: (3, H, W) in [0, 1]}``.
 - ``Config``: the dataclass of its config section, declared beside the method (``pretrain.config`` adds it to the

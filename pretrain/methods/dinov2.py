@@ -3,13 +3,17 @@
 Student / EMA teacher ViTs (lightly's ``MaskedVisionTransformerTIMM`` around a timm ViT, mask token included):
 the teacher sees the two global crops unmasked; the student sees them with random block masks (``BlockMasks``:
 half the global crops masked at 10-50 % of their patches by ``lightly.models.utils.random_block_mask_image``,
-drawn per sample in the data pipeline as the reference draws them in its collate function) plus the local crops. Loss = DINO loss on the class tokens (``DINOLoss``, every teacher global x student view pair of
-different crops) + iBOT loss on the masked patch tokens (``IBOTPatchLoss``) + KoLeo on the student's global class
-tokens (``KoLeoLoss``), with ``DINOv2ProjectionHead`` heads (shared by both losses unless
-``ibot_separate_head``). Teacher outputs are centred (running mean, lightly's only mode: lightly has no
-Sinkhorn-Knopp centring for these losses); the teacher temperature warms up linearly; the teacher follows the
-student by a cosine EMA schedule; the head's last layer is frozen for the first epoch. Layer-wise lr decay and
-drop path apply to the student only; the teacher has no drop path.
+drawn per sample in the data pipeline as the reference draws them in its collate function) plus the local crops.
+Loss = DINO loss on the class tokens (``DINOLoss``, every teacher global x student view pair of different crops)
++ iBOT loss on the masked patch tokens (``IBOTPatchLoss``'s centre and formula, fed precomputed per-token weights)
++ KoLeo on the student's global class tokens (``KoLeoLoss``), with ``DINOv2ProjectionHead`` heads (shared by both
+losses unless ``ibot_separate_head``). As in the reference's collate, the loader's collate makes the masked
+patches' indices on the host (``WithBlockMasks.collate``): the step picks the masked tokens with ``index_select``
+and has no host sync (boolean-mask indexing would make the host wait for the GPU to count them). Teacher outputs
+are centred (running mean, lightly's only mode: lightly has no Sinkhorn-Knopp centring for these losses); the
+teacher temperature warms up linearly; the teacher follows the student by a cosine EMA schedule; the head's last
+layer is frozen for the first epoch. Layer-wise lr decay and drop path apply to the student only; the teacher has
+no drop path.
 
 Reference: facebookresearch/dinov2 ``train/ssl_meta_arch.py``; lightly's ``examples/pytorch/dinov2.py``.
 Deviation: no solarization or colour jitter in the views (gray-level medical images).
@@ -29,6 +33,8 @@ from lightly.models.utils import deactivate_requires_grad, random_block_mask_ima
 from omegaconf import DictConfig
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import default_collate
 
 from pretrain.backbones import is_vit
 from pretrain.errors import ConfigError
@@ -161,37 +167,52 @@ class DINOv2(SSLMethod):
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: 2 global (B, C, H, W), N local (B, C, h, w), then (optional) the block masks of the global crops
-        (B, 2, H / patch, W / patch) bool as ``DINOv2.build_transform`` draws them -> weighted DINO + iBOT + KoLeo
-        loss; embeddings: the teacher's class tokens of the first global view (B, D)."""
-        masks = views[-1] if views[-1].dtype == torch.bool else None
-        views = views[:-1] if masks is not None else views
+        (B, 2, H / patch, W / patch) bool as ``DINOv2.build_transform`` draws them, then (optional) their
+        ``mask_indices`` (M,) int64 as the loader's collate (``WithBlockMasks.collate``) adds them -> weighted
+        DINO + iBOT + KoLeo loss; embeddings: the teacher's class tokens of the first global view (B, D).
+
+        No host sync: the masked patch tokens are picked with ``index_select`` on the indices made on the host,
+        whose length M the host knows (boolean-mask indexing would wait for the GPU to count them). Masks without
+        indices cost one sync (``nonzero`` on the device); views without masks draw them here, on the host."""
+        views, masks, mask_index = split_views(views)
         batch_size = views[0].shape[0]
         self.last_layer.set_step(step)
         global_views = torch.cat(views[:NUM_GLOBAL_CROPS])
         vit = self.student_backbone.vit
         patch_h, patch_w = vit.patch_embed.patch_size
         grid = (global_views.shape[-2] // patch_h, global_views.shape[-1] // patch_w)
-        if masks is None:
-            block_mask = self.block_masks(global_views.shape[0], *grid).to(global_views.device)
+        if masks is None:  # drawn on the host, indexed there, then copied without waiting
+            block_mask = self.block_masks(global_views.shape[0], *grid)
+            mask_index = block_mask.flatten().nonzero().flatten().to(global_views.device, non_blocking=True)
+            block_mask = block_mask.to(global_views.device, non_blocking=True)
         else:  # (B, 2, h, w) -> (2B, h, w) in the order of global_views
             block_mask = masks.transpose(0, 1).flatten(0, 1)
-        token_mask = torch.zeros(block_mask.shape[0], vit.num_prefix_tokens + grid[0] * grid[1], dtype=torch.bool,
+            if mask_index is None:
+                mask_index = block_mask.flatten().nonzero().flatten()  # one host sync: the collate avoids it
+        prefix, num_patches = vit.num_prefix_tokens, grid[0] * grid[1]
+        token_mask = torch.zeros(block_mask.shape[0], prefix + num_patches, dtype=torch.bool,
                                  device=block_mask.device)  # fmt: skip
-        token_mask[:, vit.num_prefix_tokens :] = block_mask.flatten(1)  # class / register tokens never masked
+        token_mask[:, prefix:] = block_mask.flatten(1)  # class / register tokens never masked
+        # the masked patch tokens' rows in the (2B * (prefix + num_patches), D) tokens: a view, no copy of the rest
+        token_rows = mask_index + (torch.div(mask_index, num_patches, rounding_mode="floor") + 1) * prefix
+
+        def masked_patches(tokens: Tensor) -> Tensor:  # (2B, prefix + num_patches, D) -> (M, D)
+            return tokens.flatten(0, 1).index_select(0, token_rows)
+
         with torch.no_grad():
             teacher_tokens = self.teacher_backbone.encode(global_views)
             teacher_cls = self.teacher_head["dino_head"](teacher_tokens[:, 0])
-            teacher_patches = self._ibot_head(self.teacher_head)(teacher_tokens[token_mask])
+            teacher_patches = self._ibot_head(self.teacher_head)(masked_patches(teacher_tokens))
         student_tokens = self.student_backbone.encode(global_views, mask=token_mask)
         student_cls_tokens = student_tokens[:, 0]
         student_cls = [self.student_head["dino_head"](student_cls_tokens)]
         if len(views) > NUM_GLOBAL_CROPS:
             local_tokens = self.student_backbone.encode(torch.cat(views[NUM_GLOBAL_CROPS:]))
             student_cls.append(self.student_head["dino_head"](local_tokens[:, 0]))
-        student_patches = self._ibot_head(self.student_head)(student_tokens[token_mask])
+        student_patches = self._ibot_head(self.student_head)(masked_patches(student_tokens))
         terms = self.loss_terms(
             teacher_cls, torch.cat(student_cls), teacher_patches, student_patches, block_mask, student_cls_tokens,
-            num_views=len(views), teacher_temp=at_step(self.teacher_temp_schedule, step),
+            num_views=len(views), teacher_temp=at_step(self.teacher_temp_schedule, step), mask_index=mask_index,
         )  # fmt: skip
         return {**terms, "embeddings": teacher_tokens[:batch_size, 0].detach()}
 
@@ -206,17 +227,22 @@ class DINOv2(SSLMethod):
         *,
         num_views: int,
         teacher_temp: float,
+        mask_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The three terms and their weighted sum.
 
         teacher_cls (2B, K): head outputs of the global crops; student_cls (V*B, K): of every view, globals first;
         teacher_patches / student_patches (M, K): of the M masked patch tokens; block_mask (2B, h, w);
-        student_cls_tokens (2B, D): the student's global class tokens before the head (KoLeo).
+        student_cls_tokens (2B, D): the student's global class tokens before the head (KoLeo); mask_index (M,):
+        the masked patches' positions in ``block_mask.flatten()`` (None: found with ``nonzero``, a host sync).
         """
         dino = self.dino_loss(list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)),
                               teacher_temp=teacher_temp)  # fmt: skip
         if teacher_patches.shape[0]:
-            ibot = self.ibot_loss(teacher_patches, student_patches, mask=block_mask, teacher_temp=teacher_temp)
+            if mask_index is None:
+                mask_index = block_mask.flatten().nonzero().flatten()
+            weights, crops = mask_weights(block_mask, mask_index), len(block_mask)
+            ibot = ibot_patch_loss(self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp)
         else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
             self.ibot_loss.center.update(self.ibot_loss.center.value)  # joins the centre's all-reduce, no change
             ibot = student_patches.sum() * 0.0
@@ -322,7 +348,8 @@ class BlockMasks:
 
 
 class WithBlockMasks(MultiView):
-    """DINOv2's views: the multi-crop views, then the global crops' block masks (``BlockMasks``)."""
+    """DINOv2's views: the multi-crop views, then the global crops' block masks (``BlockMasks``); its ``collate``
+    (the loader's batch function) adds the masked patches' indices, made on the host."""
 
     def __init__(self, views: MultiView, masks: BlockMasks):
         super().__init__(views.transforms)
@@ -331,3 +358,54 @@ class WithBlockMasks(MultiView):
     def forward(self, image: Tensor) -> list[Tensor]:
         """(C, H, W) -> [global, global, local ..., masks (2, h, w) bool]."""
         return [*super().forward(image), self.masks()]
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Samples -> a batch as torch's default collate makes it, with ``mask_indices`` of the stacked masks
+        (B, 2, h, w) appended to the views, as the reference's collate (``dinov2/data/collate.py``) makes
+        ``mask_indices_list``: computed here, on the host, the step needs no host sync to know their number."""
+        batch = default_collate(samples)
+        batch["views"].append(mask_indices(batch["views"][-1]))
+        return batch
+
+
+def mask_indices(masks: Tensor) -> Tensor:
+    """(B, 2, h, w) bool block masks -> (M,) int64 positions of the masked patches in the (2B * h * w) patches of
+    the concatenated global views (view 1 of every sample, then view 2), in ascending order: the order of
+    boolean-mask indexing."""
+    return masks.transpose(0, 1).flatten().nonzero().flatten()
+
+
+def split_views(views: list[Tensor]) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """DINOv2's views -> (images, block masks (B, 2, h, w) bool or None, mask indices (M,) int64 or None)."""
+    masks = mask_index = None
+    if views[-1].dtype == torch.int64 and views[-2].dtype == torch.bool:
+        views, mask_index = views[:-1], views[-1]
+    if views[-1].dtype == torch.bool:
+        views, masks = views[:-1], views[-1]
+    if mask_index is not None and masks is None:
+        raise ValueError("DINOv2: mask indices without the block masks they index")
+    return views, masks, mask_index
+
+
+def mask_weights(block_mask: Tensor, mask_index: Tensor) -> Tensor:
+    """(2B, h, w) masks, (M,) indices -> (M,) weight of each masked patch: 1 / (masked patches of its crop), as
+    iBOT weights them (the reference's ``masks_weight``), computed on the device without a host sync."""
+    per_crop = 1.0 / block_mask.flatten(1).sum(1).clamp(min=1.0)
+    return per_crop.index_select(0, torch.div(mask_index, block_mask[0].numel(), rounding_mode="floor"))
+
+
+def ibot_patch_loss(
+    loss: IBOTPatchLoss, teacher: Tensor, student: Tensor, weights: Tensor, num_crops: int, teacher_temp: float
+) -> Tensor:
+    """lightly's ``IBOTPatchLoss.forward`` (its centre, temperatures and formula) with the per-token weights given
+    instead of derived from the mask: lightly computes them as ``(1 / count).expand_as(mask)[mask]``, a
+    boolean-mask index whose size the host must read from the GPU, and it cannot be fed a mask that avoids it.
+    teacher / student (M, K): head outputs of the masked patches; weights (M,) from :func:`mask_weights`;
+    num_crops: the crops of the batch (lightly's ``mask.shape[0]``, crops without masked patches included) ->
+    the weighted cross-entropy summed, over ``num_crops``; the centre follows the teacher outputs."""
+    teacher_softmax = F.softmax((teacher - loss.center.value) / teacher_temp, dim=-1)
+    student_log_softmax = F.log_softmax(student / loss.student_temp, dim=-1)
+    per_token = -torch.sum(teacher_softmax * student_log_softmax, dim=-1)
+    loss.center.update(teacher)
+    return (per_token * weights).sum() / num_crops

@@ -147,11 +147,12 @@ class MAE(SSLMethod):
         images = views[0][:8].float()
         idx_keep, idx_mask = self.random_mask(images.shape[0], images.device)
         prediction, _ = self.reconstruct(images, idx_keep, idx_mask)
+        prediction = prediction.float()  # bf16 under the backend's inference autocast; the pictures are fp32
         _, mean, std = self.targets(images, idx_mask)
         patches = utils.patchify(images, self.patch_size)
         index = idx_mask - self.num_prefix
         masked = utils.set_at_index(patches, index, torch.zeros_like(prediction) + images.min())
-        recon = utils.set_at_index(patches, index, prediction.float() * std + mean)
+        recon = utils.set_at_index(patches, index, prediction * std + mean)
         rows = [utils.unpatchify(p, self.patch_size, self.in_chans) for p in (masked, recon, patches)]
         grid = torch.cat(rows).clamp(images.min(), images.max())
         grid = make_grid(grid, nrow=images.shape[0], normalize=True, value_range=(images.min(), images.max()))

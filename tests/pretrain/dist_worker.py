@@ -5,7 +5,7 @@ It runs the real entry point (``pretrain.main.pretrain``) with ``train`` wrapped
 - ``grads0``: the flattened gradients of the first optimizer step after DDP's reduction (DDP only; DeepSpeed keeps
   gradients in its own partitioned buffers);
 - ``ema_errors``: per step, max |teacher_after - (m * teacher_before + (1 - m) * student)| over all EMA pairs,
-  with the student's parameters read inside the engine's ``gathered_parameters`` context, and
+  with the student's parameters read inside the backend's ``gathered`` context, and
   ``ema_sizes``: (student elements seen, teacher elements): under ZeRO-3 a student that was not gathered is empty;
 - ``params``: every parameter of the method (the student gathered under ZeRO-3, the EMA modules) after training;
 - ``world_size``, ``rank``, ``exit_code``.
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 import pretrain.main as entry
-from pretrain import distributed as dist
 from pretrain.methods.base import at_step
 
 # EMA module -> the module it follows (DINO, MoCo).
@@ -42,12 +41,12 @@ def main(out: Path, overrides: list[str]) -> int:
     real_train = entry.train
 
     def traced_train(**kw):
-        accelerator, model = kw["accelerator"], kw["model"]
+        accelerator, backend, model = kw["accelerator"], kw["backend"], kw["model"]
         method = accelerator.unwrap_model(model)
         before_step, update = method.before_optimizer_step, method.update_momentum
 
         def probe_before(step: int) -> None:
-            if record["grads0"] is None and not dist.uses_deepspeed(accelerator):
+            if record["grads0"] is None and backend.name != "deepspeed":
                 grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
                 record["grads0"] = torch.cat(grads).clone()
             before_step(step)
@@ -68,7 +67,7 @@ def main(out: Path, overrides: list[str]) -> int:
 
         method.before_optimizer_step, method.update_momentum = probe_before, probe_update
         step = real_train(**kw)
-        with dist.gathered_parameters(accelerator, model):
+        with backend.gathered(model):
             record["params"] = {k: v.detach().float().clone() for k, v in method.named_parameters()}
         for name in method.momentum_modules:
             for key, value in getattr(method, name).named_parameters():

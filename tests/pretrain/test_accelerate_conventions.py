@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pretrain import distributed as dist
+from pretrain.backends.deepspeed import uses_deepspeed, zero_stage
 from pretrain.config import load_config
 from pretrain.errors import ConfigError
 from pretrain.main import pretrain
@@ -44,6 +45,18 @@ def test_precision_auto_defers_to_accelerate_and_an_explicit_value_wins(clean_en
     assert value == "no" and "the Accelerate setting bf16 is not used" in note
 
 
+def test_precision_auto_is_bf16_on_a_gpu_that_supports_it(clean_env, monkeypatch) -> None:
+    """medfm finetune / pretrain with precision auto on an H100 ran plain fp32 matmuls."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert dist.resolve_precision("auto") == ("bf16", "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)")  # fmt: skip
+    assert dist.resolve_precision("no")[0] == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # V100, T4
+    assert dist.resolve_precision("auto")[0] == "no"
+
+
 def test_a_run_records_the_precision_accelerate_chose(tiny, tmp_path: Path, clean_env) -> None:
     clean_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
     assert pretrain(None, tiny("simclr", tmp_path, **{"data.samples_per_epoch": 16})) == 0
@@ -60,7 +73,7 @@ def test_backend_auto_takes_deepspeed_from_the_accelerate_config(tiny, tmp_path:
     cfg = load_config(None, tiny("simclr", tmp_path))
     accelerator, notes = dist.make_accelerator(cfg)
     try:
-        assert dist.uses_deepspeed(accelerator) and dist.zero_stage(accelerator) == 1
+        assert uses_deepspeed(accelerator) and zero_stage(accelerator) == 1
         assert (cfg.dist.backend.value, cfg.dist.zero_stage, cfg.train.precision.value) == ("deepspeed", 1, "bf16")
         assert "dist.backend=auto: DeepSpeed from the Accelerate config (ZeRO stage 1)" in notes
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -74,7 +87,7 @@ def test_an_explicit_backend_wins_over_the_accelerate_config(tiny, tmp_path: Pat
         clean_env.setenv(key, value)
     cfg = load_config(None, [*tiny("simclr", tmp_path), "dist.backend=ddp", "train.precision='no'"])
     accelerator, notes = dist.make_accelerator(cfg)
-    assert not dist.uses_deepspeed(accelerator) and accelerator.mixed_precision == "no"
+    assert not uses_deepspeed(accelerator) and accelerator.mixed_precision == "no"
     assert "dist.backend=ddp: the Accelerate config's DeepSpeed settings are not used" in notes
     assert "precision no (train.precision=no; the Accelerate setting bf16 is not used)" in notes
 

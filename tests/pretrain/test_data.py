@@ -61,6 +61,17 @@ def test_loading_does_not_touch_the_global_generator(pneumonia):
     assert torch.equal(torch.rand(2), expected)
 
 
+def test_loading_never_reseeds_the_gpu_generators(pneumonia, monkeypatch):
+    """torch.manual_seed(per-sample seed) reseeded every CUDA generator, which fork_rng(devices=[]) does not
+    protect: with num_workers=0 on a GPU, MAE masks and drop path took the last sample's seed every batch."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    first, again = (next(loader(pneumonia, workers=0).epoch(0)) for _ in range(2))
+    assert reseeded == []
+    assert all(torch.equal(a, b) for a, b in zip(first["views"], again["views"], strict=True))  # still seeded
+
+
 class ToyStream(IterableDataset):
     """Stands in for ShardStream: deterministic per epoch, ``set_epoch``."""
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.backbones import build_backbone
 from pretrain.methods import DINOv2
-from pretrain.methods.dinov2 import BlockMasks
+from pretrain.methods.dinov2 import BlockMasks, WithBlockMasks, mask_indices
 
 
 def tiny_dinov2(name: str = "vit_tiny_patch16_224", **kwargs) -> DINOv2:
@@ -161,3 +161,65 @@ def test_a_batch_without_any_masked_crop_gives_no_ibot_term_and_keeps_the_centre
     assert float(out["ibot_loss"]) == 0.0 and math.isfinite(float(out["loss"].detach()))
     assert torch.equal(model.ibot_loss.center.value, centre)
     out["loss"].backward()  # still one graph
+
+
+def boolean_mask_loss(model: DINOv2, views: list[torch.Tensor], masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DINOv2's loss as it was computed before the host-sync removal: masked tokens picked by boolean-mask
+    indexing, lightly's ``IBOTPatchLoss`` given the mask (step 0, teacher temperature 0.04)."""
+    vit, head = model.student_backbone.vit, "dino_head"
+    global_views = torch.cat(views[:2])
+    block_mask = masks.transpose(0, 1).flatten(0, 1)
+    token_mask = torch.zeros(len(block_mask), vit.num_prefix_tokens + block_mask[0].numel(), dtype=torch.bool)
+    token_mask[:, vit.num_prefix_tokens :] = block_mask.flatten(1)
+    with torch.no_grad():
+        teacher_tokens = model.teacher_backbone.encode(global_views)
+        teacher_cls = model.teacher_head[head](teacher_tokens[:, 0])
+        teacher_patches = model.teacher_head[head](teacher_tokens[token_mask])
+    student_tokens = model.student_backbone.encode(global_views, mask=token_mask)
+    local_tokens = model.student_backbone.encode(torch.cat(views[2:]))
+    student_cls = model.student_head[head](torch.cat([student_tokens[:, 0], local_tokens[:, 0]]))
+    student_patches = model.student_head[head](student_tokens[token_mask])
+    dino = model.dino_loss(list(teacher_cls.chunk(2)), list(student_cls.chunk(len(views))), teacher_temp=0.04)
+    ibot = model.ibot_loss(teacher_patches, student_patches, mask=block_mask, teacher_temp=0.04)
+    koleo = sum(model.koleo_loss(tokens) for tokens in student_tokens[:, 0].chunk(2))
+    return {"loss": dino + 0.7 * ibot + 0.2 * koleo, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo}
+
+
+def test_indexing_with_the_collates_indices_gives_the_boolean_mask_loss_and_gradients():
+    torch.manual_seed(0)
+    new, old = tiny_dinov2(), tiny_dinov2()
+    old.load_state_dict(new.state_dict())
+    views = [torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.randn(4, 1, 14, 14)]
+    masks = torch.rand(4, 2, 4, 4) < 0.4
+    masks[1, 0] = False  # a crop without masked patches: weighted as lightly weights it (clamp to 1)
+    samples = [{"views": [v[i] for v in views] + [masks[i]], "label": 0, "key": str(i)} for i in range(4)]
+    batch = WithBlockMasks.collate(samples)
+    assert torch.equal(batch["views"][-1], mask_indices(masks)) and len(batch["views"][-1]) == int(masks.sum())
+    out = new(batch["views"], step=0)
+    reference = boolean_mask_loss(old, views, masks)
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        assert float(out[key].detach()) == pytest.approx(float(reference[key].detach()), rel=1e-6, abs=1e-7), key
+    out["loss"].backward()
+    reference["loss"].backward()
+    for (name, p), q in zip(new.named_parameters(), old.parameters(), strict=True):
+        if p.grad is not None or q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(new.ibot_loss.center.value, old.ibot_loss.center.value, atol=1e-7)
+
+
+def test_ibot_patch_loss_with_given_weights_is_lightlys():
+    from lightly.loss import IBOTPatchLoss
+
+    from pretrain.methods.dinov2 import ibot_patch_loss, mask_weights
+
+    torch.manual_seed(1)
+    mask = torch.rand(6, 3, 3) < 0.3
+    mask[2] = False
+    teacher, student = torch.randn(int(mask.sum()), 32), torch.randn(int(mask.sum()), 32)
+    theirs, ours = IBOTPatchLoss(output_dim=32), IBOTPatchLoss(output_dim=32)
+    for loss in (theirs, ours):
+        loss.center.center.normal_(generator=torch.Generator().manual_seed(2))
+    expected = theirs(teacher, student, mask=mask, teacher_temp=0.05)
+    weights = mask_weights(mask, mask.flatten().nonzero().flatten())
+    assert float(ibot_patch_loss(ours, teacher, student, weights, len(mask), 0.05)) == pytest.approx(float(expected), rel=1e-6)  # fmt: skip
+    assert torch.equal(ours.center.value, theirs.center.value)

@@ -18,13 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.backends.deepspeed import deepspeed_config, default_deepspeed_config, keep_momentum_outside_engine
 from pretrain.config import ConfigError, derive, load_config
-from pretrain.distributed import (
-    EXIT_DISTRIBUTED,
-    deepspeed_config,
-    default_deepspeed_config,
-    keep_momentum_outside_engine,
-)
+from pretrain.distributed import EXIT_DISTRIBUTED
 from pretrain.methods import DINO, METHODS
 
 REPO = Path(__file__).resolve().parents[2]

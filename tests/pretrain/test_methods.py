@@ -236,17 +236,3 @@ def test_moco_heads_follow_the_reference_build_mlp():
     cnn_moco = MoCo(build_backbone("resnet18", 32, 1), [0.99], hidden_dim=64, output_dim=32)
     assert isinstance(list(cnn_moco.prediction_head.modules())[-1], nn.Linear)
     assert sum(isinstance(m, nn.Linear) for m in cnn_moco.projection_head.modules()) == 2
-
-
-def test_batchnorm_becomes_syncbatchnorm_on_several_gpus_only():
-    from types import SimpleNamespace
-
-    from pretrain.distributed import sync_batchnorm
-
-    def bn_kinds(model: nn.Module) -> set[type]:
-        return {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-    gpus = SimpleNamespace(num_processes=2, device=torch.device("cuda"))
-    assert bn_kinds(sync_batchnorm(tiny("moco"), gpus)) == {nn.SyncBatchNorm}
-    cpus = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
-    assert nn.SyncBatchNorm not in bn_kinds(sync_batchnorm(tiny("moco"), cpus))

@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.checkpoint import consolidate_deepspeed
-from pretrain.distributed import default_deepspeed_config
+from pretrain.backends.deepspeed import default_deepspeed_config
+from pretrain.backends.zero_checkpoint import consolidate_deepspeed
 from pretrain.methods import METHODS
 from pretrain.release import run_config
 
