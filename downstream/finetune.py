@@ -108,7 +108,6 @@ def derive(train: DictConfig, world_size: int, train_samples: int) -> dict[str, 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict(
     model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -77,6 +77,7 @@ def knn_features(
     batch_size: int = 256,
     max_samples: int | None = None,
     device: torch.device | str = "cpu",
+    num_workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised pooled features (N, D) and integer labels (N,) for the kNN monitor.
 
@@ -94,7 +95,8 @@ def knn_features(
             images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
         return (images - mean_t) / std_t
 
-    features, labels, _ = extract_features(backbone, dataset, batch_size=batch_size, device=device, prepare=prepare)
+    features, labels, _ = extract_features(backbone, dataset, batch_size=batch_size, device=device, prepare=prepare,
+                                           num_workers=num_workers)  # fmt: skip
     return F.normalize(features, dim=1), torch.cat([label.view(-1) for label in labels]).long()
 
 
@@ -160,10 +162,13 @@ class KNNMonitor:
         temperature: float = 0.07,
         max_samples: int | None = 5000,
         device: torch.device | str = "cpu",
+        num_workers: int = 0,
     ):
         self.bank, self.query, self.k, self.temperature = bank, query, k, temperature
+        # num_workers: the other ranks wait at their next collective while the main process runs the monitor, so
+        # its images are read by loader workers, as the training batches are.
         self.options = {"mean": mean, "std": std, "in_chans": in_chans, "img_size": img_size, "device": device,
-                        "max_samples": max_samples}  # fmt: skip
+                        "max_samples": max_samples, "num_workers": num_workers}  # fmt: skip
 
     def __call__(self, backbone: nn.Module) -> float:
         bank = knn_features(backbone, self.bank, **self.options)

@@ -231,6 +231,7 @@ def knn_monitor(cfg: DictConfig, device: torch.device) -> KNNMonitor:
         temperature=k.temperature,
         max_samples=k.max_samples,
         device=device,
+        num_workers=min(cfg.data.num_workers, 4),
     )
 
 

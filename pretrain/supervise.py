@@ -300,6 +300,9 @@ def supervise(
         with tempfile.TemporaryDirectory(prefix="medfm-supervise-") as tmp:
             run_dir_file = Path(tmp) / "run_dir"
             child_env = {**environ, SUPERVISED: "1", RUN_DIR_FILE: str(run_dir_file)}
+            # NCCL writes its NCCL_DEBUG lines (the WARN that may name the failed peer) to stdout unless told
+            # otherwise: to stderr, where the scanner reads them.
+            child_env.setdefault("NCCL_DEBUG_FILE", "/dev/stderr")
             child_env.pop(EXIT_RECORD_DIR, None)  # the supervisor records the task's exit, not the child
             started = time.time()
             child = subprocess.Popen(

@@ -65,6 +65,8 @@ class DeepSpeedBackend(TrainingBackend):
     def prepare(
         self, method: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.cfg is not None and self.cfg.train.compile:  # backend auto: DeepSpeed chosen after config checks
+            raise ConfigError("config key 'train.compile': not supported with DeepSpeed (dist.backend=ddp compiles)")
         method = self.before_prepare(method)
         optimizer = make_optimizer(method)
         keep_momentum_outside_engine(method, self.device)

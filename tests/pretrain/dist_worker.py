@@ -65,7 +65,9 @@ def main(out: Path, overrides: list[str]) -> int:
             record["ema_errors"].append(error)
             record["ema_sizes"].append((seen, full))
 
-        method.before_optimizer_step, method.update_momentum = probe_before, probe_update
+        method.before_optimizer_step = probe_before
+        if method.momentum_modules:  # SimCLR has none
+            method.update_momentum = probe_update
         step = real_train(**kw)
         with backend.gathered(model):
             record["params"] = {k: v.detach().float().clone() for k, v in method.named_parameters()}

@@ -144,8 +144,8 @@ def test_accelerate_launch_with_a_config_file_sets_the_precision(tiny, tmp_path:
 
 @pytest.mark.slow
 def test_accelerate_launch_with_a_deepspeed_config_trains_with_zero2_bf16(tiny, tmp_path: Path, clean_env) -> None:
-    """`accelerate config` chose DeepSpeed ZeRO-2 + bf16 on 2 processes; the recipe leaves both on auto.
-    (MAE: CPU autocast runs no BatchNorm in bf16 under DeepSpeed, so SimCLR's BN head is left to GPU runs.)"""
+    """`accelerate config` chose DeepSpeed ZeRO-2 + bf16 on 2 processes; the recipe leaves both on auto. (BatchNorm
+    models under DeepSpeed bf16: tests/pretrain/test_backends.py and test_scale.py.)"""
     import subprocess
     import sys
 

@@ -185,3 +185,13 @@ def test_train_compile_compiles_the_step_and_keeps_checkpoint_keys(pretrain_over
     assert pretrain(None, [*overrides, "schedule.epochs=2"]) == 0  # resumes, compiled again
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 8
     torch._dynamo.reset()
+
+
+def test_compile_is_refused_when_deepspeed_is_chosen_after_the_config_checks() -> None:
+    """dist.backend=auto becomes DeepSpeed from an Accelerate config or a resumed run, after load_config."""
+    from pretrain.errors import ConfigError
+
+    cfg = SimpleNamespace(train=SimpleNamespace(compile=True))
+    backend = DeepSpeedBackend(SimpleNamespace(device=torch.device("cpu"), num_processes=1), cfg)
+    with pytest.raises(ConfigError, match=r"train\.compile"):
+        backend.prepare(nn.Linear(2, 2), lambda m: torch.optim.AdamW(m.parameters()))

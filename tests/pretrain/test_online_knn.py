@@ -38,3 +38,5 @@ def test_monitor_on_real_images(pneumonia):
     backbone = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).train()
     accuracy = monitor(backbone)
     assert 0.0 <= accuracy <= 1.0 and backbone.training  # train mode restored
+    monitor.options["num_workers"] = 2  # as a pretraining run reads them (min(data.num_workers, 4))
+    assert monitor(backbone) == accuracy

@@ -124,7 +124,10 @@ def zero_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("method", "stage"), [("dino", 1), ("dino", 2), ("dino", 3), ("moco", 3), ("dinov2", 3)])
+# simclr / moco: BatchNorm heads (bf16 weights from DeepSpeed, statistics cast by the backend)
+@pytest.mark.parametrize(
+    ("method", "stage"), [("dino", 1), ("dino", 2), ("dino", 3), ("moco", 3), ("dinov2", 3), ("simclr", 2)]
+)
 def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
     run_dir = tmp_path / "run"
     extra = {"train.batch_size": 8, "train.precision": "bf16", "dist.backend": "deepspeed",
@@ -134,7 +137,7 @@ def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
     ranks = [torch.load(tmp_path / f"probe/rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["exit_code"] for r in ranks] == [0, 0]
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(run_dir)) and len(losses(run_dir)) == 2
-    for rank in ranks:
+    for rank in ranks if METHODS[method].momentum_modules else []:
         assert len(rank["ema_errors"]) == 2 and max(rank["ema_errors"]) < 1e-6
         assert all(seen == full for seen, full in rank["ema_sizes"]), "EMA saw a sharded (empty) student"
     for key, value in ranks[0]["params"].items():
@@ -149,7 +152,9 @@ def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
         # The engine's parameters are bf16 copies of the fp32 master weights that zero_to_fp32 returns.
         assert torch.allclose(state["model"][key], value, rtol=1e-2, atol=1e-2), key
     teacher = {k: v for k, v in ranks[0]["params"].items() if k.split(".")[0] in fresh.momentum_modules}
-    assert teacher and all(torch.equal(state["model"][k], v) for k, v in teacher.items())
+    assert bool(teacher) == bool(fresh.momentum_modules) and all(
+        torch.equal(state["model"][k], v) for k, v in teacher.items()
+    )
 
     # Resume on the same number of processes: the second launch continues from step 2.
     run(

@@ -80,6 +80,7 @@ def fake_cluster(tmp_path: Path, exits: list[str] | None = None) -> tuple[dict[s
         "PYTHONPATH": str(REPO),
         "CALLS": str(log),
         "SLURM_JOB_ID": "4242",
+        "MEDFM_EXIT_RECORD_WAIT_S": "0",  # the shared-file-system grace period of a failed srun
         "SLURM_JOB_NAME": "medfm-pretrain",
         "SLURM_JOB_NODELIST": "node001",
         "SLURM_NNODES": "1",
