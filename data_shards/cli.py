@@ -6,9 +6,11 @@ import argparse
 import os
 import shlex
 import sys
+import unicodedata
 from pathlib import Path
 
-from data_shards.manifest import MANIFEST, Manifest, ManifestError
+from data_shards.errors import EXIT_CONFIG, MedfmError, exit_code
+from data_shards.manifest import MANIFEST, Manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -112,17 +114,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "join the N outputs with `medfm shard merge PART_DIR... --out DIR` (slurm/shard_array.sbatch)",
     )
     parser.add_argument("--per-modality", type=int, default=16, help="inspect: samples per modality grid")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="inspect: read every shard and check its bytes, sha256 and sample count against the manifest and "
+        "every sample's pixels against their sha256; exit 1 naming each bad shard",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Dispatch; a known failure (``data_shards.errors.exit_code``) becomes one line on stderr and its exit code."""
+    try:
+        return dispatch(args)
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise  # a bug: its traceback is the report
+        command = "medfm shard" + (f" {args.sources[0]}" if args.sources[0] in ("merge", "inspect") else "")
+        print(f"{command}: {err}", file=sys.stderr)
+        return code
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.out is not None and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in str(args.out)):
+        # A newline or an escape in a folder medfm creates: the folder made would not be the one the user reads back.
+        print(f"medfm shard: --out must not contain control characters (got {str(args.out)!r})", file=sys.stderr)
+        return EXIT_CONFIG
     if args.sources[0] == "merge":
         return merge_command(args)
     if args.sources[0] == "inspect":
         if len(args.sources) != 2:
-            print("usage: medfm shard inspect DIR", file=sys.stderr)
+            print("usage: medfm shard inspect DIR [--verify]", file=sys.stderr)
             return 2
-        return inspect_command(Path(args.sources[1]), args.per_modality)
+        return inspect_command(Path(args.sources[1]), args.per_modality, verify=args.verify)
     if args.out is None:
         print("medfm shard: --out DIR is required", file=sys.stderr)
         return 2
@@ -130,28 +155,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from data_shards.errors import ConfigError
     from data_shards.inspect import summary_text
     from data_shards.shard import shard
-    from data_shards.writer import ShardError
 
     argv = list(getattr(args, "argv", sys.argv[1:]))
     options = {name: getattr(args, name) for name in SHARD_OPTIONS}
-    try:
-        manifest = shard(
-            args.sources,
-            args.out,
-            **options,
-            windows=tuple(args.windows or ["header"]),
-            percentiles=tuple(args.percentiles),
-            command="medfm " + " ".join(shlex.quote(a) for a in argv),
-        )
-    except ConfigError as error:
-        print(f"medfm shard: {error}", file=sys.stderr)
-        return 2
-    except ShardError as error:
-        print(f"medfm shard: {error}", file=sys.stderr)
-        return 1
+    manifest = shard(
+        args.sources,
+        args.out,
+        **options,
+        windows=tuple(args.windows or ["header"]),
+        percentiles=tuple(args.percentiles),
+        command="medfm " + " ".join(shlex.quote(a) for a in argv),
+    )
     print(summary_text(manifest))
     print(f"wrote {Manifest.path(args.out)}")
     return 0
@@ -167,16 +183,12 @@ SHARD_OPTIONS = (
 
 def merge_command(args: argparse.Namespace) -> int:
     from data_shards.inspect import summary_text
-    from data_shards.merge import MergeError, merge_parts
+    from data_shards.merge import merge_parts
 
     if len(args.sources) < 2 or args.out is None:
         print("usage: medfm shard merge PART_DIR... --out DIR", file=sys.stderr)
         return 2
-    try:
-        manifest = merge_parts([Path(p) for p in args.sources[1:]], args.out, overwrite=args.overwrite)
-    except (MergeError, OSError) as error:
-        print(f"medfm shard merge: {error}", file=sys.stderr)
-        return 2
+    manifest = merge_parts([Path(p) for p in args.sources[1:]], args.out, overwrite=args.overwrite)
     print(summary_text(manifest))
     print(
         f"{manifest.totals['duplicates_across_parts']} duplicates across parts dropped; wrote {Manifest.path(args.out)}"
@@ -184,19 +196,28 @@ def merge_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_command(shard_dir: Path, per_modality: int) -> int:
-    from data_shards.inspect import summary_text, write_grids
+def inspect_command(shard_dir: Path, per_modality: int, verify: bool = False) -> int:
+    from data_shards.inspect import summary_text, verify_shards, write_grids
 
-    try:
-        manifest = Manifest.read(shard_dir)
-    except (FileNotFoundError, ManifestError) as error:
-        print(f"medfm shard inspect: {error}", file=sys.stderr)
-        return 1
+    manifest = Manifest.read(shard_dir)
     print(summary_text(manifest))
     for entry in manifest.skipped[:20]:
         print(f"  skipped {entry['source']}: {entry['reason']}")
     if len(manifest.skipped) > 20:
         print(f"  ... {len(manifest.skipped) - 20} more in {MANIFEST}")
-    for path in write_grids(shard_dir, shard_dir / "inspect", per_modality=per_modality):
+    if verify:
+        problems = verify_shards(shard_dir, manifest)
+        for problem in problems:
+            print(f"medfm shard inspect: {problem}", file=sys.stderr)
+        if problems:
+            print(f"medfm shard inspect: {len(problems)} of {len(manifest.shards)} shards damaged", file=sys.stderr)
+            return 1
+        print(f"verified {len(manifest.shards)} shards, {manifest.totals['samples']} samples: all match {MANIFEST}")
+    try:
+        written = write_grids(shard_dir, shard_dir / "inspect", per_modality=per_modality)
+    except MedfmError as error:  # a damaged shard among those sampled
+        print(f"medfm shard inspect: {error} (`medfm shard inspect --verify {shard_dir}` checks every shard)", file=sys.stderr)  # fmt: skip
+        return 1
+    for path in written:
         print(f"wrote {path}")
     return 0

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from scipy.fft import dctn
 
+from data_shards.errors import ConfigError, InputError
+
 # zlib level 3 writes ~3x faster than the default 6 for a few % larger medical PNGs; decoding speed is the same.
 PNG_COMPRESS_LEVEL = 3
 CODECS = ("npy", "png")
@@ -36,7 +38,7 @@ def encode_pixels(pixels: np.ndarray, codec: str = "npy") -> tuple[str, bytes]:
     if pixels.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"stored pixels must be uint8 or uint16, got {pixels.dtype}")
     if codec not in CODECS:
-        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+        raise ConfigError(f"codec must be one of {CODECS}, got {codec!r}")
     png_ok = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8)
     buffer = io.BytesIO()
     if codec == "png" and png_ok:
@@ -55,7 +57,7 @@ def decode_pixels(extension: str, data: bytes) -> np.ndarray:
         return array.astype(np.uint16) if array.dtype == np.int32 else array
     if extension == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
-    raise ValueError(f"unknown image extension {extension!r} (expected png or npy)")
+    raise InputError(f"unknown image extension {extension!r} (expected png or npy)")
 
 
 def content_hash(pixels: np.ndarray) -> str:
@@ -123,7 +125,7 @@ def match_channels(image: torch.Tensor, channels: int | None) -> torch.Tensor:
         return image.mean(0, keepdim=True)
     if image.shape[0] == 1:
         return image.expand(channels, -1, -1).contiguous()
-    raise ValueError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
+    raise InputError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -29,6 +29,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.tag import Tag
 
+from data_shards.errors import ConfigError
+
 from .records import Image2D, ReadOptions, SkipInput, SkippedPart, check_pixel_budget, relative_source
 from .windows import (
     NAMED_WINDOWS,
@@ -326,7 +328,7 @@ def _declared_values(ds: Dataset) -> int:
 def _check_windows(windows: Sequence[str]) -> None:
     """Fail fast (ValueError, not SkipInput) on a misspelled window: it is a configuration error."""
     if not windows:
-        raise ValueError("ReadOptions.windows is empty: give at least one window")
+        raise ConfigError("ReadOptions.windows is empty: give at least one window")
     for name in windows:
         parse_window(name)
 

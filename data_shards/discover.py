@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from data_shards.dicom import DicomFile, DicomSeries, group_dicom_facts, group_dicom_files, header_facts, is_dicom
-from data_shards.errors import ShardError
-from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, imagefolder_units, npz_units
+from data_shards.errors import ConfigError, MissingInputError, ShardError
+from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, npz_units, scan_imagefolder
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import InputUnit, SkipInput, relative_source
 from data_shards.workers import init_worker
@@ -43,9 +43,9 @@ class Part:
         try:
             part = cls(int(index), int(count))
         except ValueError:
-            raise ValueError(f"--part {text!r}: expected K/N with integers, e.g. 3/8") from None
+            raise ConfigError(f"--part {text!r}: expected K/N with integers, e.g. 3/8") from None
         if not sep or not 1 <= part.index <= part.count:
-            raise ValueError(f"--part {text!r}: expected K/N with 1 <= K <= N")
+            raise ConfigError(f"--part {text!r}: expected K/N with 1 <= K <= N")
         return part
 
     def owns(self, key: str) -> bool:
@@ -67,13 +67,13 @@ def sample_files() -> list[Path]:
     names += [nifti_dir / n for n in ("anatomical.nii", "example4d.nii.gz")]
     missing = [str(p) for p in names if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"embedded sample images missing from the installed wheels: {missing}")
+        raise MissingInputError(f"embedded sample images missing from the installed wheels: {missing}")
     return names
 
 
 def _parse_source(source: str) -> tuple[str, Path | None]:
     """(kind, path) of a SOURCE argument: kind "" for a plain file or folder, path None for ``sample:``.
-    Raises FileNotFoundError naming a SOURCE whose path does not exist."""
+    Raises MissingInputError naming a SOURCE whose path does not exist."""
     kind, sep, rest = source.partition(":")
     if not (sep and kind in ("medmnist", "imagefolder", "csv", "sample") and len(kind) > 1):
         kind, rest = "", source
@@ -81,20 +81,20 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
         return kind, None
     path = Path(rest).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"SOURCE {source!r}: {path} does not exist")
+        raise MissingInputError(f"SOURCE {source!r}: {path} does not exist")
     return kind, path
 
 
 def check_sources(sources: list[str]) -> None:
-    """Raise FileNotFoundError naming the first SOURCE whose path does not exist (before anything is written)."""
+    """Raise MissingInputError naming the first SOURCE whose path does not exist (before anything is written)."""
     for source in sources:
         _parse_source(source)
 
 
 def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None, workers: int = 1) -> None:
     """Expand SOURCE arguments into units written to ``sink`` as they are found (only ``part``'s share when
-    given; DICOM headers read by ``workers`` processes). Raises FileNotFoundError / ValueError naming a bad
-    SOURCE."""
+    given; DICOM headers read by ``workers`` processes). An image folder's class folders without an image are
+    listed as skips. Raises MissingInputError / InputError naming a bad SOURCE (a CSV's file and lines)."""
     with _HeaderScan(workers) as scan:
         for source in sources:
             kind, path = _parse_source(source)
@@ -110,7 +110,11 @@ def plan_sources(sources: list[str], sink: PlanWriter, part: Part | None = None,
                         if part is None or part.owns(path.name):
                             sink.skip(path.name, skip.reason)
                 elif kind == "imagefolder":
-                    units = imagefolder_units(path)
+                    tree = scan_imagefolder(path)
+                    units = tree.units
+                    for folder in tree.empty_class_folders:  # left out of the class indices: say so
+                        if part is None or part.owns(folder):
+                            sink.skip(f"{folder}/", "empty class folder (no image): not a class")
                 else:
                     units = csv_units(path)
                 sink.add([u for u in units if part is None or part.owns(_unit_key(u))], source)

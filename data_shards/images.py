@@ -2,24 +2,34 @@
 
 - :class:`ImageFile`: one PNG / JPEG / TIFF / BMP (8- or 16-bit, gray or colour) -> one :class:`Image2D`.
 - :class:`NpzChunk`: rows ``[start, stop)`` of one split of a MedMNIST ``.npz``; :func:`npz_units` plans them.
-- :func:`imagefolder_units`: a torchvision ``ImageFolder`` tree (optionally with split folders) -> ImageFiles.
-- :func:`csv_units`: a CSV of paths and labels -> ImageFile / DicomFile / NiftiFile units.
+- :func:`imagefolder_units`: a torchvision ``ImageFolder`` tree (optionally with split folders) -> ImageFiles;
+  :func:`scan_imagefolder` also names the class folders left out for holding no image.
+- :func:`csv_units`: a CSV of paths, labels and an optional split column -> ImageFile / DicomFile / NiftiFile
+  units; :func:`csv_rows` keeps each unit's line and split.
+
+A labeled source defines the task, so its labels are checked here, where the file and line are known: a missing
+label (empty, ``nan``, ``NA``, ...) is an error naming the lines, never a class of its own; class indices are
+contiguous (an empty class folder is left out, not a phantom class); CSV paths stay under the CSV's folder.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_shards.errors import InputError
 from data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, check_pixel_budget, relative_source
 from data_shards.windows import to_pixels
 
@@ -36,6 +46,22 @@ SPLIT_FOLDERS = {
     "testing": "test",
 }
 CSV_PATH_COLUMNS = ("path", "image", "file")
+CSV_SPLIT_COLUMN = "split"  # train / val / test, with the aliases of SPLIT_FOLDERS
+# Cells that mean "no label": pandas' default ``na_values`` (what ``read_csv`` turns into NaN), compared in lower
+# case. ``None`` and ``nan`` are what ``str()`` writes for a missing value; as class names they would add a class.
+MISSING_LABELS = frozenset(
+    ["", "#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>", "n/a", "na", "nan",
+     "null", "none"]
+)  # fmt: skip
+# Set to 1 to let a CSV name files outside its own folder (absolute paths, ``../``): refused by default, so that a
+# CSV cannot make medfm read (and write into shards) any file the user can read, such as ../../etc/passwd.
+ALLOW_OUTSIDE_ENV = "MEDFM_CSV_ALLOW_OUTSIDE"
+_SHOWN_LINES = 5  # lines named in a message about several rows
+
+
+class CsvError(InputError):
+    """A CSV of paths and labels that cannot be used as it is (the message names the file and lines)."""
+
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -63,20 +89,12 @@ class ImageFile:
         common for MRI JPEGs). EXIF orientation is applied. Raises SkipInput for a missing, truncated or
         non-image file.
         """
-        try:
-            with Image.open(self.path) as image:
-                width, height = image.size  # from the header: checked before decoding
-                check_pixel_budget(width * height * len(image.getbands()), options.max_pixels, "the image")
+        with self._opened(options) as image:
+            try:
                 image.load()  # decode now: a truncated file fails here (LOAD_TRUNCATED_IMAGES stays False)
                 unit, bits, window, photometric = _image_to_unit(ImageOps.exif_transpose(image))
-        except FileNotFoundError as exc:
-            raise SkipInput(f"file not found: {self.path}") from exc
-        except UnidentifiedImageError as exc:
-            raise SkipInput(f"not an image file Pillow can identify: {self.path.name}") from exc
-        except Image.DecompressionBombError as exc:
-            raise SkipInput(f"image too large: {exc}") from exc
-        except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports broken data with all three
-            raise SkipInput(f"cannot decode image (truncated or corrupt?): {exc}") from exc
+            except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports broken data with all three
+                raise SkipInput(f"cannot decode image (truncated or corrupt?): {exc}") from exc
         pixels = to_pixels(unit, bits, options.max_side)
         meta = {
             "modality": "OT",
@@ -91,6 +109,30 @@ class ImageFile:
         if self.class_name is not None:
             meta["class_name"] = self.class_name
         yield Image2D(pixels=pixels, meta=meta, label=_as_record_label(self.label))
+
+    def check_header(self, options: ReadOptions) -> None:
+        """Raise SkipInput (as :meth:`read` would) when the file is missing, not an image, or declares more pixels
+        than ``options.max_pixels`` or Pillow's decompression-bomb limit; only the header is read."""
+        with self._opened(options):
+            pass
+
+    @contextmanager
+    def _opened(self, options: ReadOptions) -> Iterator[Image.Image]:
+        """The image opened (header parsed, pixel budget checked, nothing decoded yet)."""
+        try:
+            image = Image.open(self.path)
+        except FileNotFoundError as exc:
+            raise SkipInput(f"file not found: {self.path}") from exc
+        except UnidentifiedImageError as exc:
+            raise SkipInput(f"not an image file Pillow can identify: {self.path.name}") from exc
+        except Image.DecompressionBombError as exc:  # Pillow's guard, raised from the header alone
+            raise SkipInput(f"image too large: {exc}") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SkipInput(f"cannot decode image (truncated or corrupt?): {exc}") from exc
+        with image:
+            width, height = image.size  # from the header: checked before decoding
+            check_pixel_budget(width * height * len(image.getbands()), options.max_pixels, "the image")
+            yield image
 
 
 def _image_to_unit(image: Image.Image) -> tuple[np.ndarray, int, str, str]:
@@ -170,7 +212,7 @@ def _npy_header(member: io.BufferedIOBase) -> tuple[tuple[int, ...], bool, np.dt
         return np.lib.format.read_array_header_1_0(member)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(member)
-    raise ValueError(f"unsupported .npy format version {version}")
+    raise InputError(f"unsupported .npy format version {version}")
 
 
 def _member(archive: zipfile.ZipFile, key: str) -> str:
@@ -189,9 +231,9 @@ def _read_npy_rows(
     with archive.open(_member(archive, key)) as member:
         shape, fortran_order, dtype = _npy_header(member)
         if dtype.hasobject or (fortran_order and len(shape) > 1):
-            raise ValueError(f"{key}: object or Fortran-ordered arrays are not supported")
+            raise InputError(f"{key}: object or Fortran-ordered arrays are not supported")
         if not shape or stop > shape[0]:
-            raise ValueError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
+            raise InputError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
         row_values = math.prod(int(n) for n in shape[1:])
         if max_values is not None:
             check_pixel_budget((stop - start) * row_values, max_values, f"{key} rows [{start}, {stop})")  # fmt: skip
@@ -199,7 +241,7 @@ def _read_npy_rows(
         member.seek(start * row_bytes, io.SEEK_CUR)  # a deflated member decompresses forward, never whole
         data = member.read((stop - start) * row_bytes)
     if len(data) != (stop - start) * row_bytes:
-        raise ValueError(f"{key}: truncated data")
+        raise InputError(f"{key}: truncated data")
     return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
 
 
@@ -211,7 +253,7 @@ def npz_units(path: Path, root: Path, chunk_size: int = 2048, source: str | None
     truncated or corrupt, has no ``{split}_images`` key, or holds no image at all.
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"npz_units: chunk_size must be >= 1, got {chunk_size}")
     source = relative_source(path, root) if source is None else source
     units = []
     try:
@@ -246,16 +288,31 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@dataclass(frozen=True)
+class ImageFolderTree:
+    """An ImageFolder tree as read: its ImageFiles, and the class folders left out for holding no image."""
+
+    units: list[ImageFile]
+    empty_class_folders: list[str]  # relative to the tree, e.g. "train/effusion"
+
+
 def imagefolder_units(folder: Path) -> list[ImageFile]:
+    """ImageFiles of a torchvision ImageFolder tree (see :func:`scan_imagefolder`)."""
+    return scan_imagefolder(folder).units
+
+
+def scan_imagefolder(folder: Path) -> ImageFolderTree:
     """ImageFiles of a torchvision ImageFolder tree: ``folder/{class}/...`` or ``folder/{split}/{class}/...``.
 
     The split layout is used when every first-level folder is a split name (train, training, val, valid,
     validation, test, testing; any case), normalised to train / val / test. The class index is the position
-    of the class name in the sorted union of class names over all splits, so it is the same in every split.
+    of the class name in the sorted union of the class names that hold an image in some split, so it is the same
+    in every split and contiguous: a class folder without an image (torchvision would count it, giving labels 0
+    and 2 and a phantom class 1) is left out and named in ``empty_class_folders`` for the caller to report.
     Files are found recursively below each class folder (as torchvision does), in train, val, test order,
     then sorted by class folder and path. Hidden files and folders (``.*``) are ignored; ``source`` is the
     path relative to ``folder``.
-    Raises ValueError when there is no class folder.
+    Raises InputError when there is no class folder, or no image in any of them.
     """
     first_level = _subfolders(folder)
     if first_level and all(p.name.lower() in SPLIT_FOLDERS for p in first_level):
@@ -264,62 +321,98 @@ def imagefolder_units(folder: Path) -> list[ImageFile]:
     else:
         groups = [(None, c) for c in first_level]
     if not groups:
-        raise ValueError(f"{folder}: no class folders (expected {folder}/CLASS/*.jpg or {folder}/SPLIT/CLASS/...)")
-    class_index = {name: i for i, name in enumerate(sorted({class_dir.name for _, class_dir in groups}))}
-    units = []
-    for split, class_dir in groups:
-        files = sorted(p for p in class_dir.rglob("*") if _is_image(p) and not _hidden_below(p, class_dir))
-        units += [
-            ImageFile(
-                path=p,
-                source=relative_source(p, folder),
-                label=class_index[class_dir.name],
-                class_name=class_dir.name,
-                split=split,
-            )
-            for p in files
-        ]
-    return units
+        raise InputError(f"{folder}: no class folders (expected {folder}/CLASS/*.jpg or {folder}/SPLIT/CLASS/...)")
+    found = [
+        (split, class_dir, sorted(p for p in class_dir.rglob("*") if _is_image(p) and not _hidden_below(p, class_dir)))
+        for split, class_dir in groups
+    ]
+    empty = [relative_source(class_dir, folder) for _, class_dir, files in found if not files]
+    classes = sorted({class_dir.name for _, class_dir, files in found if files})
+    if not classes:
+        raise InputError(f"{folder}: no image in any class folder ({', '.join(empty[:_SHOWN_LINES])})")
+    class_index = {name: i for i, name in enumerate(classes)}
+    units = [
+        ImageFile(
+            path=p,
+            source=relative_source(p, folder),
+            label=class_index[class_dir.name],
+            class_name=class_dir.name,
+            split=split,
+        )
+        for split, class_dir, files in found
+        for p in files
+    ]
+    return ImageFolderTree(units, empty)
 
 
 def _hidden_below(path: Path, top: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(top).parts)
 
 
-def csv_units(csv_path: Path) -> list[InputUnit]:
-    """Units (ImageFile / DicomFile / NiftiFile by file type) for the rows of a CSV with a header.
+@dataclass(frozen=True)
+class CsvRow:
+    """One row of a CSV of paths and labels: its line in the file (the header is line 1), unit and split."""
+
+    line: int
+    unit: InputUnit
+    split: str | None  # train / val / test from the split column; None without one
+
+
+def csv_units(csv_path: Path, *, allow_outside: bool | None = None) -> list[InputUnit]:
+    """Units (ImageFile / DicomFile / NiftiFile by file type) for the rows of a CSV (see :func:`csv_rows`)."""
+    return [row.unit for row in csv_rows(csv_path, allow_outside=allow_outside)]
+
+
+def csv_rows(csv_path: Path, *, allow_outside: bool | None = None) -> list[CsvRow]:
+    """The rows of a CSV with a header, as units with their line and split.
 
     The path column is ``path``, ``image`` or ``file`` (first found, any case); paths are relative to the
-    CSV's folder or absolute. Other columns are labels: none -> unlabeled; one -> single-label, integers kept
-    as they are, anything else mapped to its index among the sorted unique values (and kept as class_name
-    for images); several -> a multi-label tuple of 0/1 in column order. Rows whose file is missing are kept
-    (their reader raises SkipInput). Files are typed by suffix: image suffixes -> ImageFile, .nii/.nii.gz ->
-    NiftiFile, anything else -> DicomFile (DICOM files often have no suffix; that reader rejects non-DICOM).
-    Raises ValueError naming the line and column for an empty path or label, or a non-0/1 multi-label value.
+    CSV's folder, or absolute inside it. A path that leaves the folder (``../``, an absolute path elsewhere) is
+    refused unless ``allow_outside`` (default: the environment variable ``MEDFM_CSV_ALLOW_OUTSIDE=1``). A
+    ``split`` column (train / val / test and their aliases, any case) sets each row's split (kept on ImageFiles).
+    Other columns are labels: none -> unlabeled; one -> single-label, integers (0 or more) kept as they are,
+    anything else mapped to its index among the sorted unique values (and kept as class_name for images);
+    several -> a multi-label tuple of 0/1 in column order. Rows whose file is missing are kept (their reader
+    raises SkipInput). Files are typed by suffix: image suffixes -> ImageFile, .nii/.nii.gz -> NiftiFile,
+    anything else -> DicomFile (DICOM files often have no suffix; that reader rejects non-DICOM).
+
+    Raises CsvError naming the file and lines for: no path column, an empty path, a path outside the folder, a
+    missing label (empty or ``nan`` / ``NA`` / ``None`` ..., see MISSING_LABELS: a missing label is never read
+    as a class), a negative class index, a non-0/1 multi-label value, a split value other than train/val/test.
     """
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         path_column = next((c for c in columns if c.strip().lower() in CSV_PATH_COLUMNS), None)
         if path_column is None:
-            raise ValueError(f"{csv_path}: no path column (one of {CSV_PATH_COLUMNS}) in header {columns}")
-        label_columns = [c for c in columns if c != path_column]
+            raise CsvError(f"{csv_path}: no path column (one of {CSV_PATH_COLUMNS}) in header {columns}")
+        split_column = next((c for c in columns if c.strip().lower() == CSV_SPLIT_COLUMN), None)
+        label_columns = [c for c in columns if c not in (path_column, split_column)]
         rows = [(reader.line_num, row) for row in reader]
 
-    for line, row in rows:
-        if not (row.get(path_column) or "").strip():
-            raise ValueError(f"{csv_path}:{line}: empty path in column {path_column!r}")
-        for column in label_columns:
-            if not (row.get(column) or "").strip():
-                raise ValueError(f"{csv_path}:{line}: empty value in label column {column!r}")
+    _refuse_lines(csv_path, [(line, "") for line, row in rows if not _cell(row, path_column)],
+                  f"empty path in column {path_column!r}")  # fmt: skip
+    base = csv_path.parent
+    if allow_outside is None:
+        allow_outside = os.environ.get(ALLOW_OUTSIDE_ENV, "") == "1"
+    if not allow_outside:
+        outside = [(line, _cell(row, path_column)) for line, row in rows if not _inside(_cell(row, path_column), base)]
+        _refuse_lines(csv_path, outside, f"path outside the CSV's folder {os.path.abspath(base)} (refused; set "
+                      f"{ALLOW_OUTSIDE_ENV}=1 to allow absolute and ../ paths)")  # fmt: skip
+    for column in label_columns:
+        missing = [(line, _cell(row, column)) for line, row in rows if _cell(row, column).lower() in MISSING_LABELS]
+        _refuse_lines(csv_path, missing, f"no label in column {column!r} (give every row a label, or remove the row)")
+    splits = [_split_of(csv_path, line, row, split_column) for line, row in rows]
 
     labels: list = [None] * len(rows)
     class_names: list = [None] * len(rows)
     if len(label_columns) == 1:
         column = label_columns[0]
-        values = [row[column].strip() for _, row in rows]
+        values = [_cell(row, column) for _, row in rows]
         if all(_is_int(v) for v in values):
             labels = [int(v) for v in values]
+            negative = [(line, v) for (line, _), v in zip(rows, values, strict=True) if int(v) < 0]
+            _refuse_lines(csv_path, negative, f"negative class index in column {column!r} (classes are 0, 1, ...)")
         else:
             index = {name: i for i, name in enumerate(sorted(set(values)))}
             labels = [index[v] for v in values]
@@ -327,13 +420,47 @@ def csv_units(csv_path: Path) -> list[InputUnit]:
     elif len(label_columns) > 1:
         labels = [tuple(_binary(row[c], c, csv_path, line) for c in label_columns) for line, row in rows]
 
-    base = csv_path.parent
-    units = []
-    for (_, row), label, class_name in zip(rows, labels, class_names, strict=True):
-        path = Path(row[path_column].strip())
+    table = []
+    for (line, row), label, class_name, split in zip(rows, labels, class_names, splits, strict=True):
+        path = Path(_cell(row, path_column))
         path = path if path.is_absolute() else base / path
-        units.append(_unit_for(path, relative_source(path, base), label, class_name))
-    return units
+        unit = _unit_for(path, relative_source(path, base), label, class_name)
+        if split is not None and isinstance(unit, ImageFile):
+            unit = dataclasses.replace(unit, split=split)
+        table.append(CsvRow(line, unit, split))
+    return table
+
+
+def _cell(row: dict, column: str) -> str:
+    return (row.get(column) or "").strip()
+
+
+def _inside(path: str, base: Path) -> bool:
+    """Whether ``path`` (relative to ``base``, or absolute) names something below ``base``, judged on the names
+    alone (``os.path`` normalisation): a symlink the folder's owner put inside the folder is followed."""
+    top = os.path.abspath(base)
+    full = os.path.normpath(os.path.join(top, path))
+    return os.path.commonpath([top, full]) == top
+
+
+def _split_of(csv_path: Path, line: int, row: dict, column: str | None) -> str | None:
+    if column is None:
+        return None
+    value = _cell(row, column)
+    split = SPLIT_FOLDERS.get(value.lower())
+    if split is None:
+        raise CsvError(f"{csv_path}:{line}: column {column!r} has {value!r}; expected train/val/test")
+    return split
+
+
+def _refuse_lines(csv_path: Path, lines: list[tuple[int, str]], problem: str) -> None:
+    """CsvError naming the first lines with ``problem`` (and how many more), when there is any."""
+    if not lines:
+        return
+    shown = ", ".join(f"{line} ({value!r})" if value else str(line) for line, value in lines[:_SHOWN_LINES])
+    more = f" and {len(lines) - _SHOWN_LINES} more" if len(lines) > _SHOWN_LINES else ""
+    noun = "line" if len(lines) == 1 else "lines"
+    raise CsvError(f"{csv_path}: {noun} {shown}{more}: {problem}")
 
 
 def _unit_for(path: Path, source: str, label: int | tuple[int, ...] | None, class_name: str | None) -> InputUnit:
@@ -364,5 +491,5 @@ def _binary(value: str, column: str, csv_path: Path, line: int) -> int:
     except ValueError:
         number = None
     if number not in (0.0, 1.0):
-        raise ValueError(f"{csv_path}:{line}: column {column!r} has {value!r}; multi-label values must be 0 or 1")
+        raise CsvError(f"{csv_path}:{line}: column {column!r} has {value!r}; multi-label values must be 0 or 1")
     return int(number)

@@ -1,4 +1,5 @@
-"""``medfm shard inspect DIR``: manifest summary and a PNG grid of random samples per modality.
+"""``medfm shard inspect DIR``: manifest summary and a PNG grid of random samples per modality; with ``--verify``,
+every shard checked against the manifest first.
 
 The grids are how a user checks that windowing and polarity are right (bright bone on every X-ray,
 lungs dark on a lung window) before spending GPU hours on the shards.
@@ -6,17 +7,16 @@ lungs dark on a lung window) before spending GPU hours on the shards.
 
 from __future__ import annotations
 
-import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
-from data_shards.codec import decode_pixels
 from data_shards.manifest import Manifest
-from data_shards.stream import IMAGE_EXTENSIONS, shard_paths
+from data_shards.stream import SampleDamaged, ShardDamaged, read_shard, sample_pixels, sample_record, shard_paths
 
 TILE = 160
 MAX_SHARDS_SCANNED = 16  # reservoir-sample from at most this many shards so inspect stays quick on huge sets
@@ -61,23 +61,24 @@ def display_tile(pixels: np.ndarray) -> Image.Image:
 def sample_by_modality(shard_dir: Path, per_modality: int, seed: int) -> dict[str, list[tuple[np.ndarray, dict]]]:
     """Reservoir sample of up to ``per_modality`` (pixels, record) per modality from a few random shards."""
     rng = random.Random(seed)
-    urls = shard_paths(shard_dir)
-    urls = rng.sample(urls, min(len(urls), MAX_SHARDS_SCANNED))
+    manifest = Manifest.read(shard_dir)
+    shards = list(zip(shard_paths(shard_dir, manifest), manifest.shards, strict=True))
+    shards = sorted(rng.sample(shards, min(len(shards), MAX_SHARDS_SCANNED)))
     seen: dict[str, int] = {}
     chosen: dict[str, list[tuple[np.ndarray, dict]]] = {}
-    for raw in wds.tarfile_to_samples()({"url": u} for u in sorted(urls)):
-        record = json.loads(raw["json"])
-        modality = record.get("modality", "OT")
-        seen[modality] = seen.get(modality, 0) + 1
-        bucket = chosen.setdefault(modality, [])
-        slot = len(bucket) if len(bucket) < per_modality else rng.randrange(seen[modality])
-        if slot < per_modality:
-            extension = next(e for e in IMAGE_EXTENSIONS if e in raw)
-            item = (decode_pixels(extension, raw[extension]), record)
-            if slot == len(bucket):
-                bucket.append(item)
-            else:
-                bucket[slot] = item
+    for path, entry in shards:
+        for raw in read_shard(path, entry, whole=False):
+            record = sample_record(raw, path)
+            modality = record.get("modality", "OT")
+            seen[modality] = seen.get(modality, 0) + 1
+            bucket = chosen.setdefault(modality, [])
+            slot = len(bucket) if len(bucket) < per_modality else rng.randrange(seen[modality])
+            if slot < per_modality:
+                item = (sample_pixels(raw, record, path), record)
+                if slot == len(bucket):
+                    bucket.append(item)
+                else:
+                    bucket[slot] = item
     return chosen
 
 
@@ -107,3 +108,33 @@ def write_grids(shard_dir: Path, out_dir: Path, per_modality: int = 16, seed: in
         grid.save(path)
         written.append(path)
     return written
+
+
+def verify_shards(shard_dir: Path, manifest: Manifest) -> list[str]:
+    """Every shard against the manifest (file present, its ``bytes``, ``sha256`` and ``count``) and every sample
+    against the sha256 of its record; one line per bad shard saying what is wrong (empty: all good). Reads each
+    shard once, with a progress bar in samples."""
+    problems = []
+    progress = tqdm(total=manifest.totals["samples"], unit="sample", desc="verify", file=sys.stderr, disable=None)
+    with progress:
+        for entry in manifest.shards:
+            path = Path(shard_dir) / entry["name"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            bad: list[str] = []
+            found = []
+            try:
+                for raw in read_shard(str(path), entry, whole=True):
+                    progress.update(1)
+                    try:
+                        sample_pixels(raw, sample_record(raw, str(path)), str(path))
+                    except SampleDamaged as err:
+                        bad.append(str(err).removeprefix(f"{path}: "))
+            except ShardDamaged as err:
+                found.append(str(err).removeprefix(f"{path}: "))
+            if bad:
+                found.append(f"{len(bad)} damaged sample(s), first: {bad[0]}")
+            if found:
+                problems.append(f"{path}: {'; '.join(found)}")
+    return problems

@@ -4,13 +4,15 @@ into one shard set.
 The parts are read in K order, their shards in write order, and each sample is copied (bytes unchanged, key
 renumbered) unless its pixel hash was already written by an earlier part: exact dedup across parts, so the result
 holds the same samples as one machine's run over all inputs. Shards are written as ``*.tar.tmp`` and renamed,
-the manifest last (a merge that died leaves no manifest: run it again with ``--overwrite``).
+the manifest last (a merge that died leaves no manifest: run it again with ``--overwrite``). One writer per
+``--out`` (``data_shards.outputs.lock_folder``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +21,16 @@ from typing import Any
 import webdataset as wds
 
 from data_shards.codec import file_sha256
-from data_shards.errors import MedfmError
+from data_shards.errors import EXIT_CONFIG, MedfmError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
+from data_shards.outputs import LOCK_NAME, lock_folder
 
 
 class MergeError(MedfmError, ValueError):
-    """Parts that do not make one run: missing or repeated K, different N or options, not finished."""
+    """Parts that do not make one run: missing or repeated K, different N or options, not finished. Exit code 2:
+    the PART_DIR arguments are what to change."""
+
+    exit_code = EXIT_CONFIG
 
 
 def check_parts(folders: list[Path]) -> list[tuple[Path, Manifest]]:
@@ -62,9 +68,17 @@ def _samples(shard: Path) -> Iterator[dict[str, Any]]:
 
 
 def merge_parts(folders: list[Path], out: Path, overwrite: bool = False) -> Manifest:
+    """Join ``folders`` (every part of one run) into ``out``, which holds the lock of one writer meanwhile (a second
+    ``medfm shard merge`` or ``medfm shard`` into it is refused: :class:`FolderInUse`)."""
     parts = check_parts(folders)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
+    with lock_folder(out, "medfm shard merge") as lock:
+        if lock.warning:
+            print(f"medfm shard merge: warning: {lock.warning}", file=sys.stderr)
+        return _merge_into(parts, folders, out, overwrite)
+
+
+def _merge_into(parts: list[tuple[Path, Manifest]], folders: list[Path], out: Path, overwrite: bool) -> Manifest:
+    if any(path.name != LOCK_NAME for path in out.iterdir()):
         if not overwrite:
             raise MergeError(f"{out} is not empty; choose an empty folder or pass --overwrite")
         for path in [*out.glob("shard-*.tar*"), out / MANIFEST]:

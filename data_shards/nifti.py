@@ -42,6 +42,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from data_shards.errors import ConfigError
 from data_shards.records import Image2D, ReadOptions, SkipInput, check_pixel_budget
 from data_shards.windows import (
     NAMED_WINDOWS,
@@ -154,11 +155,11 @@ def _volume_slices(
 def _check_options(options: ReadOptions) -> int:
     """Validate the NIfTI options (a configuration error, not a bad input) and return the axis index."""
     if options.nifti_axis not in _AXES:
-        raise ValueError(f"nifti_axis {options.nifti_axis!r}: use one of {sorted(_AXES)}")
+        raise ConfigError(f"nifti_axis {options.nifti_axis!r}: use one of {sorted(_AXES)}")
     if options.nifti_stride < 1:
-        raise ValueError(f"nifti_stride must be >= 1, got {options.nifti_stride}")
+        raise ConfigError(f"nifti_stride must be >= 1, got {options.nifti_stride}")
     if options.nifti_intensity not in _INTENSITIES:
-        raise ValueError(f"nifti_intensity {options.nifti_intensity!r}: use one of {list(_INTENSITIES)}")
+        raise ConfigError(f"nifti_intensity {options.nifti_intensity!r}: use one of {list(_INTENSITIES)}")
     for name in options.windows:
         parse_window(name)  # raises ValueError naming an unknown window
     return _AXES[options.nifti_axis]

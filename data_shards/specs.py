@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
+from data_shards.errors import ConfigError, InputError, MissingInputError
 from data_shards.manifest import Manifest
 from data_shards.records import ReadOptions, SkipInput
 from data_shards.stream import ShardStream, is_remote
@@ -42,12 +43,12 @@ def parse_spec(spec: str) -> DatasetSpec:
             return DatasetSpec("shards", path)
         if path.suffix == ".npz":
             return DatasetSpec("medmnist", path)
-        raise ValueError(f"dataset spec {spec!r}: expected one of {', '.join(k + ':PATH' for k in SPEC_KINDS)}")
+        raise ConfigError(f"dataset spec {spec!r}: expected one of {', '.join(k + ':PATH' for k in SPEC_KINDS)}")
     if kind == "shards" and is_remote(rest):  # URL, pipe: command or brace pattern: webdataset opens it
         return DatasetSpec(kind, rest)
     path = Path(rest).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset spec {spec!r}: {path} does not exist")
+        raise MissingInputError(f"dataset spec {spec!r}: {path} does not exist")
     return DatasetSpec(kind, path)
 
 
@@ -60,7 +61,7 @@ class MedMNISTDataset(Dataset):
         with np.load(path) as archive:
             key = f"{split}_images"
             if key not in archive:
-                raise KeyError(f"{path}: no {key!r} array (has {', '.join(archive.files)})")
+                raise InputError(f"{path}: no {key!r} array (has {', '.join(archive.files)})")
             self.images = archive[key]
             self.labels = archive.get(f"{split}_labels")
         self.split = split
@@ -101,7 +102,7 @@ class UnitImageDataset(Dataset):
         try:
             record = next(iter(unit.read(self.options)))
         except SkipInput as skip:
-            raise RuntimeError(f"{unit.source}: {skip.reason}") from None
+            raise InputError(f"{unit.source}: {skip.reason}") from None
         image = match_channels(pixels_to_tensor(record.pixels), self.channels)
         if self.transform is not None:
             image = self.transform(image)
@@ -145,5 +146,5 @@ def open_dataset(
     if split is not None:
         units = [u for u in units if getattr(u, "split", None) == split]
         if not units:
-            raise ValueError(f"dataset {spec!r} has no {split!r} split")
+            raise InputError(f"dataset {spec!r} has no {split!r} split")
     return UnitImageDataset(units, transform, channels)

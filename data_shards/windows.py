@@ -9,6 +9,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_windowing
 
+from data_shards.errors import ConfigError
+
 # Common radiology windows as (center, width) in Hounsfield units.
 NAMED_WINDOWS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
@@ -42,10 +44,10 @@ def parse_window(name: str) -> tuple[float, float] | None:
             pass
         else:
             if width <= 0:
-                raise ValueError(f"window {name!r}: width must be > 0")
+                raise ConfigError(f"window {name!r}: width must be > 0")
             return center, width
     known = ", ".join(sorted(NAMED_WINDOWS))
-    raise ValueError(f"unknown window {name!r}: use header, auto, one of [{known}] or CENTER/WIDTH")
+    raise ConfigError(f"unknown window {name!r}: use header, auto, one of [{known}] or CENTER/WIDTH")
 
 
 def window_label(name: str, center: float, width: float) -> str:
@@ -85,7 +87,7 @@ def percentile_scale(values: np.ndarray, low: float = 0.5, high: float = 99.5, m
 def quantize(unit: np.ndarray, bits: int) -> np.ndarray:
     """Map [0, 1] floats to uint8 (bits=8) or uint16 (bits=16), rounding to nearest."""
     if bits not in (8, 16):
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
+        raise ConfigError(f"bits must be 8 or 16, got {bits}")
     top = 255.0 if bits == 8 else 65535.0
     dtype = np.uint8 if bits == 8 else np.uint16
     return np.rint(np.clip(unit, 0.0, 1.0) * top).astype(dtype)

@@ -6,12 +6,17 @@ Guarantees:
 - Atomic and resumable: a shard is written as ``NAME.tar.tmp`` and renamed when complete; after each
   rename a line is appended to ``.progress.jsonl`` with the position of the next record and the dedup
   state. ``--resume`` continues from the last complete shard; the result equals an uninterrupted run.
+- A full disk stops the run with :class:`ShardDiskFull` (one line: the complete shards and the journal are
+  intact, rerun with ``--resume``), after removing the shard being written and any partial journal line.
+- One writer per output folder: ``shard`` holds the folder's lock (``data_shards.outputs``) from before
+  ``--overwrite`` deletes anything until the manifest is written.
 - Private: only allowlisted metadata keys (``records.ALLOWED_META_KEYS``) reach a shard or the manifest.
 - Bad input never stops the run: each skipped input is listed with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,14 +40,19 @@ from tqdm import tqdm
 
 from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from data_shards.discover import PlanFile
-from data_shards.errors import ShardError
+from data_shards.errors import ConfigError, DiskFull, ShardError
 from data_shards.manifest import FORMAT, MANIFEST, Manifest
+from data_shards.outputs import LOCK_NAME, disk_full, is_disk_full
 from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
 from data_shards.workers import init_worker
 
 JOURNAL = ".progress.jsonl"
 PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.PlanWriter): --resume does not rescan
 DEDUP_MODES = ("none", "exact", "near")
+
+
+class ShardDiskFull(ShardError, DiskFull):
+    """A full disk while writing a shard set (a ``ShardError`` for ``medfm shard``, a ``DiskFull`` for callers)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,11 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+            raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.dedup not in DEDUP_MODES:
-            raise ValueError(f"dedup must be one of {DEDUP_MODES}, got {self.dedup!r}")
+            raise ConfigError(f"dedup must be one of {DEDUP_MODES}, got {self.dedup!r}")
         if self.max_count < 1 or self.max_bytes < 1:
-            raise ValueError("max_count and max_bytes must be positive")
+            raise ConfigError("max_count and max_bytes must be positive")
 
 
 @dataclass
@@ -209,7 +219,7 @@ def prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
         if not resume:
             raise ShardError(f"{out} holds an interrupted run; pass --resume to finish it or --overwrite to restart")
         return
-    if any(path.name not in (JOURNAL, PLAN, PLAN + ".tmp") for path in out.iterdir()):
+    if any(path.name not in (JOURNAL, PLAN, PLAN + ".tmp", LOCK_NAME) for path in out.iterdir()):
         raise ShardError(f"{out} is not empty and holds no shard set; choose an empty folder or pass --overwrite")
 
 
@@ -230,6 +240,7 @@ class ShardWriter:
         self._shard_count = 0
         self._shard_hashes: list[str] = []
         self._pending_skips: list[dict] = []
+        self._writing_manifest = False
 
     def _fingerprint(self) -> str:
         payload = {
@@ -320,9 +331,14 @@ class ShardWriter:
             "classes": state.classes,
         }
         with open(self.out / JOURNAL, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+            size = handle.tell()
+            try:
+                handle.write(json.dumps(entry) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:  # a full disk: no torn line for --resume to trip on (truncating needs no space)
+                handle.truncate(size)
+                raise
         state.skipped.extend(self._pending_skips)
         self._pending_skips = []
         self._shard_count += 1
@@ -417,7 +433,39 @@ class ShardWriter:
         return None
 
     def run(self) -> Manifest:
-        """Write all remaining shards and the manifest; return the manifest."""
+        """Write all remaining shards and the manifest; return the manifest. A full disk raises
+        :class:`ShardDiskFull` and leaves the complete shards and the journal for ``--resume``."""
+        try:
+            return self._run()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            self._discard_partial()
+            done = len(self.state.shards)
+            what = MANIFEST if self._writing_manifest else self._shard_name()
+            raise ShardDiskFull(str(disk_full(
+                f"{what} in {self.out}", f"the {done} complete shard(s) and the progress journal are intact",
+                "rerun the same command with --resume (instead of --overwrite) to continue",
+            ))) from err  # fmt: skip
+
+    def _discard_partial(self) -> None:
+        """The shard being written, a half-written manifest, a journal whose header did not reach the disk."""
+        if self._handle is not None:
+            for item in (self._tar, self._handle):  # the tar stream first: it writes to the handle when collected
+                with contextlib.suppress(Exception):
+                    item.close()
+            self._tar = self._handle = None
+        for path in self.out.glob("shard-*.tar.tmp"):
+            path.unlink(missing_ok=True)
+        Manifest.path(self.out).with_name(MANIFEST + ".tmp").unlink(missing_ok=True)
+        journal = self.out / JOURNAL
+        if not self.state.shards and journal.is_file():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                json.loads(journal.read_text().splitlines()[0])
+                return
+            journal.unlink()
+
+    def _run(self) -> Manifest:
         self._start_journal()
         state = self.state
         started = time.perf_counter()
@@ -471,6 +519,7 @@ class ShardWriter:
             raise ShardError(
                 f"no readable image in the inputs ({len(manifest.skipped)} skipped; see the reasons above)"
             )
+        self._writing_manifest = True
         manifest.write(self.out)
         (self.out / JOURNAL).unlink()
         (self.out / PLAN).unlink(missing_ok=True)

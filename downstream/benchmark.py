@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig
 
 from data_shards.manifest import Manifest
 from downstream.config import save_config, to_dict
-from pretrain.config import Need, config_need, load_structured
+from pretrain.config import OUTPUT_PATH, Need, config_need, load_structured
 
 RunStep = Callable[[list[str]], int]  # one medfm command line (without "medfm") -> exit code
 METRICS = ("acc", "auc")
@@ -100,7 +100,8 @@ class Target:
 
 @dataclass
 class QualityConfig:
-    out_dir: str = "runs/bench_quality"  # everything the benchmark writes; steps/ records the finished steps
+    # everything the benchmark writes; steps/ records the finished steps
+    out_dir: str = field(default="runs/bench_quality", metadata=OUTPUT_PATH)
     budget_minutes: float = 60.0  # what the YAML is sized for; the report states the measured wall time against it
     workers: int = 2  # shard reader processes
     pool: PoolConfig = field(default_factory=PoolConfig)

@@ -81,9 +81,11 @@ def _run(command: str, body: Callable[[], None]) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     def body() -> None:
+        from pretrain.config import check_output_path
         from pretrain.export import export_run
         from pretrain.hub import check_repo_id, push_release
 
+        check_output_path(args.out, "--out")
         if args.push_to_hub:
             check_repo_id(args.push_to_hub)  # before the release is written
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, results=args.results,

@@ -13,7 +13,17 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pretrain.backbones import POOLINGS
-from pretrain.config import Need, config_need, load_structured
+from pretrain.config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    OUTPUT_PATH,
+    POSITIVE,
+    PROBABILITY,
+    Need,
+    config_need,
+    load_structured,
+    within,
+)
 
 PROTOCOLS = ("knn", "linear")
 INITS = ("release", "random", "baseline")
@@ -38,11 +48,12 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     spec: str = MISSING  # medmnist:FILE.npz, imagefolder:DIR, csv:FILE, shards:DIR
-    val_fraction: float = 0.1  # carved from train (stratified) where the source has no val split
-    test_fraction: float = 0.2  # sources without any split
+    # carved from train (stratified) where the source has no val split
+    val_fraction: float = field(default=0.1, metadata=within("[0, 1)"))
+    test_fraction: float = field(default=0.2, metadata=within("[0, 1)"))  # sources without any split
     split_seed: int = 0
-    batch_size: int = 256  # feature extraction and evaluation batches
-    num_workers: int = 0
+    batch_size: int = field(default=256, metadata=AT_LEAST_ONE)  # feature extraction and evaluation batches
+    num_workers: int = field(default=0, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -53,28 +64,30 @@ class FeatureConfig:
     # layers: the last `layers` blocks / stages concatenated (ViT: their class tokens + the last mean patch token,
     # DINO's linear evaluation; CNN: each stage average-pooled), usually better on small medical images.
     pooling: str = "head"
-    layers: int = 4
+    layers: int = field(default=4, metadata=AT_LEAST_ONE)
 
 
 @dataclass
 class KNNConfig:
-    k: int = 20  # DINO: 20
-    temperature: float = 0.07  # DINO: 0.07
+    k: int = field(default=20, metadata=AT_LEAST_ONE)  # DINO: 20
+    temperature: float = field(default=0.07, metadata=POSITIVE)  # DINO: 0.07
 
 
 @dataclass
 class LinearConfig:
-    weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    weight_decays: list[float] = field(
+        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], metadata=NON_NEGATIVE
+    )
     class_weights: bool = False
-    max_iter: int = 200
+    max_iter: int = field(default=200, metadata=AT_LEAST_ONE)
 
 
 @dataclass
 class EfficiencyConfig:
     """Label budgets for the training split; empty lists: train on all labels only."""
 
-    fractions: list[float] = field(default_factory=list)  # e.g. [0.01, 0.1, 1.0]
-    per_class: list[int] = field(default_factory=list)  # e.g. [5, 25]
+    fractions: list[float] = field(default_factory=list, metadata=within("(0, 1]"))  # e.g. [0.01, 0.1, 1.0]
+    per_class: list[int] = field(default_factory=list, metadata=AT_LEAST_ONE)  # e.g. [5, 25]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
@@ -86,7 +99,7 @@ class RobustnessConfig:
 
 @dataclass
 class EvalConfig:
-    out_dir: str = MISSING
+    out_dir: str = field(default=MISSING, metadata=OUTPUT_PATH)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
@@ -96,7 +109,8 @@ class EvalConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
-    cache_dir: str | None = None  # frozen-feature cache; None: OUT_DIR/feature_cache
+    # frozen-feature cache; None: OUT_DIR/feature_cache
+    cache_dir: str | None = field(default=None, metadata=OUTPUT_PATH)
     plots: bool = True
     seed: int = 0  # random-init baselines are reproducible
 
@@ -106,9 +120,6 @@ class EvalConfig:
         check_shared(cfg, need)
         need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
         need(cfg.features.pooling in POOLINGS, "features.pooling", f"must be one of {POOLINGS}")
-        need(cfg.features.layers >= 1, "features.layers", "must be >= 1")
-        need(cfg.knn.k >= 1, "knn.k", "must be >= 1")
-        need(cfg.knn.temperature > 0, "knn.temperature", "must be > 0")
         need(len(cfg.linear.weight_decays) > 0, "linear.weight_decays", "needs at least one value")
 
 
@@ -116,29 +127,31 @@ class EvalConfig:
 class AugmentConfig:
     """Fine-tuning augmentation (pretrain.transforms.MedicalAugment); mild by default."""
 
-    crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.0  # set > 0 only where laterality does not matter
-    vflip: float = 0.0
-    intensity_prob: float = 0.5
-    brightness: float = 0.1
-    contrast: float = 0.1
-    gamma: float = 0.1
-    blur_prob: float = 0.0
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0], metadata=within("(0, 1]"))  # [low, high]
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata=POSITIVE)
+    hflip: float = field(default=0.0, metadata=PROBABILITY)  # set > 0 only where laterality does not matter
+    vflip: float = field(default=0.0, metadata=PROBABILITY)
+    intensity_prob: float = field(default=0.5, metadata=PROBABILITY)
+    brightness: float = field(default=0.1, metadata=NON_NEGATIVE)
+    contrast: float = field(default=0.1, metadata=PROBABILITY)
+    gamma: float = field(default=0.1, metadata=NON_NEGATIVE)
+    blur_prob: float = field(default=0.0, metadata=PROBABILITY)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0], metadata=POSITIVE)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 20.0
-    batch_size: int = 64
-    lr: float = 5e-4  # peak, for a batch of 256 (scaled linearly, as in MAE's fine-tuning)
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75  # layer-wise lr decay (1.0: off); MAE on chest X-ray: 0.55
-    drop_path: float = 0.1
-    label_smoothing: float = 0.0
+    epochs: float = field(default=20.0, metadata=POSITIVE)
+    batch_size: int = field(default=64, metadata=AT_LEAST_ONE)
+    # peak, for a batch of 256 (scaled linearly, as in MAE's fine-tuning)
+    lr: float = field(default=5e-4, metadata=POSITIVE)
+    min_lr: float = field(default=1e-6, metadata=NON_NEGATIVE)
+    warmup_epochs: float = field(default=1.0, metadata=NON_NEGATIVE)  # at most epochs
+    weight_decay: float = field(default=0.05, metadata=NON_NEGATIVE)
+    # layer-wise lr decay (1.0: off); MAE on chest X-ray: 0.55
+    layer_decay: float = field(default=0.75, metadata=within("(0, 1]"))
+    drop_path: float = field(default=0.1, metadata=within("[0, 1)"))
+    label_smoothing: float = field(default=0.0, metadata=within("[0, 1)"))
     class_weights: bool = False
     freeze_blocks: int = 0  # freeze the stem + the first K blocks / stages; -1: everything but the head
     # new: a new head (timm's init); linear_probe: the head starts as the linear probe fitted on the frozen features
@@ -146,16 +159,16 @@ class TrainConfig:
     # the features are not torn up by a random head's gradients, which matters most with few labels). Pretrained
     # inits only: random init keeps timm's head init
     head_init: str = "new"
-    clip_grad: float = 0.0
-    eval_every_epochs: float = 1.0
+    clip_grad: float = field(default=0.0, metadata=NON_NEGATIVE)  # max global grad norm; 0: no clipping
+    eval_every_epochs: float = field(default=1.0, metadata=POSITIVE)
     precision: str = "auto"  # auto (Accelerate's choice, else no), no, bf16 or fp16; an explicit value wins
     seed: int = 0
-    max_steps: int | None = None  # cap on optimizer steps (smoke tests)
+    max_steps: int | None = field(default=None, metadata=AT_LEAST_ONE)  # cap on optimizer steps (smoke tests)
 
 
 @dataclass
 class FinetuneConfig:
-    out_dir: str = MISSING
+    out_dir: str = field(default=MISSING, metadata=OUTPUT_PATH)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=256))
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -170,18 +183,13 @@ class FinetuneConfig:
         """Checks the types cannot express: ``need(ok, key, what)``."""
         check_shared(cfg, need)
         t = cfg.train
-        need(t.epochs > 0, "train.epochs", "must be > 0")
-        need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
-        need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-        need(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1]")
-        need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        need(t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
         need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
         need(t.head_init in ("new", "linear_probe"), "train.head_init", "must be new or linear_probe")
         need(t.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "must be auto, no, bf16 or fp16 (quote 'no': YAML reads a bare no as false)")  # fmt: skip
-        need(t.eval_every_epochs > 0, "train.eval_every_epochs", "must be > 0")
-        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
-        crop = list(cfg.augment.crop_scale)
-        need(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "augment.crop_scale", "must be [low, high] in (0, 1]")
+        for key in ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma"):
+            value = list(OmegaConf.select(cfg, key))
+            need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")
 
 
 def load_config(
@@ -210,23 +218,22 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
         "is needed for init 'baseline'",
     )
     need(cfg.selection_metric in METRICS, "selection_metric", f"must be one of {METRICS}")
-    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     need(
-        0 <= cfg.data.test_fraction < 1 - cfg.data.val_fraction,
+        cfg.data.test_fraction < 1 - cfg.data.val_fraction,
         "data.test_fraction",
         "must be in [0, 1 - val_fraction)",
     )
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(all(0 < f <= 1 for f in cfg.efficiency.fractions), "efficiency.fractions", "must be in (0, 1]")
-    need(all(n >= 1 for n in cfg.efficiency.per_class), "efficiency.per_class", "must be >= 1")
     need(len(cfg.efficiency.seeds) >= 1, "efficiency.seeds", "needs at least one seed")
     need(all(c in CORRUPTIONS for c in cfg.robustness.corruptions), "robustness.corruptions", f"must be in {sorted(CORRUPTIONS)}")  # fmt: skip
     need(all(s in SEVERITIES for s in cfg.robustness.severities), "robustness.severities", f"must be in {SEVERITIES}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """Plain-python copy: what results and checkpoints store. Interpolations stay as written, never their values
+    (``pretrain.config.to_dict``): a secret in the environment is not copied into the output."""
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg))
+    """Write the config as YAML, interpolations as written."""
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=False))

@@ -15,11 +15,12 @@ Splits made by fractions are stratified and depend only on (labels, seed): every
 from __future__ import annotations
 
 import csv
-import dataclasses
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,23 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from data_shards.images import csv_units, imagefolder_units
+from data_shards.errors import ConfigError, InputError
+from data_shards.images import CSV_PATH_COLUMNS, CSV_SPLIT_COLUMN, ImageFile, csv_rows, scan_imagefolder
+from data_shards.records import ReadOptions, SkipInput
 from data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
 from data_shards.stream import read_manifest_at
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMN = "split"
-_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+_SHOWN = 5  # files / classes named in one message
+
+
+class LabelError(InputError):
+    """Labels that do not define the task they seem to: a split with fewer than 2 classes, a class without any
+    sample (the message names the dataset, split and classes)."""
+
+
+class UnreadableInputs(InputError):
+    """Files of a labeled split that are missing or cannot be read (the message names the CSV lines or files)."""
 
 
 @dataclass(frozen=True)
@@ -150,78 +161,44 @@ def _unit_label(unit: Any) -> Any:
     return -1 if unit.label is None else unit.label
 
 
-def _csv_units_with_split(path: Path) -> tuple[list, list[str | None]]:
-    """``csv_units`` plus the ``split`` column, which csv_units would read as a label column.
-
-    Bridge until data_shards reads a split column itself: the CSV is rewritten without it (absolute paths)
-    into a temporary file, so labels are indexed over all rows exactly as csv_units does.
-    """
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
-    split_column = next((c for c in columns if c.strip().lower() == SPLIT_COLUMN), None)
-    if split_column is None:
-        return csv_units(path), [None] * len(rows)
-    splits = []
-    for line, row in enumerate(rows, start=2):
-        value = (row[split_column] or "").strip().lower()
-        value = _SPLIT_ALIASES.get(value, value)
-        if value not in SPLITS:
-            raise ValueError(
-                f"{path}:{line}: column {split_column!r} has {row[split_column]!r}; expected train/val/test"
-            )
-        splits.append(value)
-    kept = [c for c in columns if c != split_column]
-    path_column = next((c for c in kept if c.strip().lower() in ("path", "image", "file")), None)
-    with tempfile.TemporaryDirectory() as tmp:
-        rewritten = Path(tmp) / path.name
-        with open(rewritten, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=kept)
-            writer.writeheader()
-            for row in rows:
-                out = {c: row[c] for c in kept}
-                if path_column is not None and out[path_column] and not Path(out[path_column].strip()).is_absolute():
-                    out[path_column] = str((path.parent / out[path_column].strip()).resolve())
-                writer.writerow(out)
-        units = csv_units(rewritten)
-    units = [_with_source(u, path.parent) for u in units]
-    return units, splits
-
-
-def _with_source(unit: Any, base: Path) -> Any:
-    """Restore the CSV-relative ``source`` (the rewritten CSV had absolute paths)."""
-    if not dataclasses.is_dataclass(unit) or not hasattr(unit, "path"):
-        return unit
-    try:
-        source = Path(unit.path).resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        return unit
-    return dataclasses.replace(unit, source=source)
-
-
 @dataclass(frozen=True)
 class SplitPlan:
     units: list
     indices: dict[str, np.ndarray]  # split -> indices into units
     origin: str  # how the splits were made (for the results JSON)
+    where: list[str]  # per unit, where it is listed (for messages): "FILE.csv:LINE", or the folder's file
+
+
+def _spec_units(spec: str) -> tuple[list, list[str | None], list[str]]:
+    """(units, given split per unit, where each unit is listed) of an ``imagefolder:`` or ``csv:`` spec; an image
+    folder's class folders without an image are named in a warning (they are left out of the classes)."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "imagefolder":
+        tree = scan_imagefolder(parsed.path)
+        if tree.empty_class_folders:
+            names = ", ".join(tree.empty_class_folders)
+            _warn_once(f"{spec}: class folders without an image, left out of the classes: {names}")
+        return tree.units, [u.split for u in tree.units], [str(u.path) for u in tree.units]
+    if parsed.kind == "csv":
+        rows = csv_rows(parsed.path)
+        return [r.unit for r in rows], [r.split for r in rows], [f"{parsed.path}:{r.line}" for r in rows]
+    raise ConfigError(f"dataset spec {spec!r}: split planning is for imagefolder: and csv: specs")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """``warning: MESSAGE`` on stderr, once per process however often a spec is read (each split, each init)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def plan_unit_splits(spec: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> SplitPlan:
     """train / val / test indices over the units of an ``imagefolder:`` or ``csv:`` spec."""
-    parsed = parse_spec(spec)
-    if parsed.kind == "imagefolder":
-        units = imagefolder_units(parsed.path)
-        given = [u.split for u in units]
-    elif parsed.kind == "csv":
-        units, given = _csv_units_with_split(parsed.path)
-    else:
-        raise ValueError(f"{spec}: split planning is for imagefolder: and csv: specs")
+    units, given, where = _spec_units(spec)
     labels = [_unit_label(u) for u in units]
     present = {s for s in given if s is not None}
     if not present:
         train, val, test = stratified_split(labels, [1 - val_fraction - test_fraction, val_fraction], seed)
-        return SplitPlan(units, {"train": train, "val": val, "test": test}, f"stratified {val_fraction}/{test_fraction} (seed {seed})")  # fmt: skip
+        return SplitPlan(units, {"train": train, "val": val, "test": test}, f"stratified {val_fraction}/{test_fraction} (seed {seed})", where)  # fmt: skip
     indices = {s: np.array([i for i, g in enumerate(given) if g == s], dtype=np.int64) for s in SPLITS}
     origin = "given"
     if not len(indices["val"]) and len(indices["train"]):
@@ -229,7 +206,7 @@ def plan_unit_splits(spec: str, val_fraction: float = 0.1, test_fraction: float 
         keep, val = stratified_split(train_labels, [1 - val_fraction], seed)
         indices["val"], indices["train"] = indices["train"][val], indices["train"][keep]
         origin = f"given; val = stratified {val_fraction} of train (seed {seed})"
-    return SplitPlan(units, indices, origin)
+    return SplitPlan(units, indices, origin, where)
 
 
 def open_split(
@@ -242,9 +219,11 @@ def open_split(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> Dataset:
-    """One labeled split of a spec (see the module docstring); unlabeled samples are dropped."""
+    """One labeled split of a spec (see the module docstring); unlabeled samples are dropped. The files of an
+    ``imagefolder:`` / ``csv:`` split are checked first (they exist; image headers within Pillow's and medfm's
+    pixel budgets): an UnreadableInputs names them, before any model or loader worker sees them."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     kind = parse_spec(spec).kind
     if kind == "shards":
         return open_dataset(spec, split, transform, channels=channels, resampled=False, shuffle_buffer=0)
@@ -252,14 +231,38 @@ def open_split(
         dataset = MedMNISTDataset(parse_spec(spec).path, split, transform, channels)
         labels = dataset.labels
         if labels is None:
-            raise ValueError(f"{spec}: no {split}_labels array")
+            raise InputError(f"{spec}: no {split}_labels array")
         labeled = np.flatnonzero(labels.reshape(len(labels), -1).min(axis=1) >= 0)
         return dataset if len(labeled) == len(dataset) else Subset(dataset, labeled.tolist())
     plan = plan_unit_splits(spec, val_fraction, test_fraction, seed)
-    units = [plan.units[i] for i in plan.indices[split] if _unit_label(plan.units[i]) != -1]
-    if not units:
-        raise ValueError(f"dataset {spec!r}: the {split!r} split has no labeled sample")
-    return UnitImageDataset(units, transform, channels)
+    chosen = [i for i in plan.indices[split] if _unit_label(plan.units[i]) != -1]
+    if not chosen:
+        raise LabelError(f"dataset {spec!r}: the {split!r} split has no labeled sample")
+    check_readable([plan.units[i] for i in chosen], [plan.where[i] for i in chosen], spec)
+    return UnitImageDataset([plan.units[i] for i in chosen], transform, channels)
+
+
+def check_readable(units: Sequence[Any], where: Sequence[str], spec: str) -> None:
+    """UnreadableInputs naming the first units (by CSV line / file) that are missing, or images whose header is
+    not an image or declares more pixels than Pillow's decompression-bomb guard or ``ReadOptions.max_pixels``.
+
+    Checked here, in the main process, because the same failure inside a DataLoader worker reaches the user as a
+    worker traceback; only headers are read (the images are decoded later, once)."""
+    options = ReadOptions()
+    problems = []
+    for unit, place in zip(units, where, strict=True):
+        paths = [Path(p) for p in getattr(unit, "paths", [getattr(unit, "path", None)]) if p is not None]
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            problems.append(f"{place}: no such file {missing}")
+        elif isinstance(unit, ImageFile):
+            try:
+                unit.check_header(options)
+            except SkipInput as skip:
+                problems.append(f"{place}: {skip.reason}")
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise UnreadableInputs(f"{spec}: {len(problems)} unreadable file(s){more}: " + "; ".join(problems[:_SHOWN]))
 
 
 def split_labels(dataset: Dataset) -> list[Any] | None:
@@ -292,20 +295,70 @@ def infer_task(labels: Sequence[Any], class_names: Sequence[str] | None = None) 
     return Task("binary" if len(names) == 2 else "multiclass", names)
 
 
+def checked_task(spec: str, labels_by_split: dict[str, Sequence[Any]], class_names: Sequence[str] | None) -> Task:
+    """The task the labels of every split define (:func:`infer_task`), refused when it is not what they seem:
+    a single-label split (each split trains, selects or tests a classifier) with fewer than 2 classes, or a
+    class without a sample in any split (a phantom output: labels 0 and 2 make class 1). Raises LabelError
+    naming the spec, the split and the classes found."""
+    labels = [label for split_labels_ in labels_by_split.values() for label in split_labels_]
+    if not labels:
+        raise LabelError(f"dataset {spec!r}: no labeled sample in any split")
+    task = infer_task(labels, class_names)
+    if task.multilabel:
+        return task
+    counts = {split: Counter(int(np.asarray(v).reshape(-1)[0]) for v in values) for split, values in labels_by_split.items()}  # fmt: skip
+
+    def name(c: int) -> str:
+        return repr(task.class_names[c] if 0 <= c < len(task.class_names) else str(c))
+
+    for split, classes in counts.items():
+        if len(classes) < 2:
+            found = next((f"only class {name(c)} ({n} samples)" for c, n in classes.items()), "no labeled sample")
+            raise LabelError(
+                f"dataset {spec!r}: the {split!r} split has {found}; a classifier needs at least 2 classes in each "
+                "of train, val and test"
+            )
+    present = set().union(*counts.values())
+    phantom = [name(c) for c in range(task.num_outputs) if c not in present]
+    if phantom:
+        raise LabelError(
+            f"dataset {spec!r}: class {', '.join(phantom[:_SHOWN])} of {list(task.class_names)} has no sample in "
+            "any split (a phantom output); class indices must be contiguous 0..C-1"
+        )
+    return task
+
+
+def split_label_lists(spec: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[Any]] | None:  # fmt: skip
+    """The labels of each split without reading an image (None for a shard set: only a pass over it tells)."""
+    kind = parse_spec(spec).kind
+    if kind == "shards":
+        return None
+    if kind == "medmnist":
+        with np.load(parse_spec(spec).path) as archive:
+            arrays = {s: archive.get(f"{s}_labels") for s in SPLITS}
+        if any(a is None for a in arrays.values()):
+            missing = [f"{s}_labels" for s, a in arrays.items() if a is None]
+            raise InputError(f"{spec}: no {', '.join(missing)} array")
+        rows = {s: a.reshape(len(a), -1) for s, a in arrays.items()}
+        return {s: [int(r[0]) if len(r) == 1 else tuple(int(v) for v in r) for r in a if r.min() >= 0] for s, a in rows.items()}  # fmt: skip
+    plan = plan_unit_splits(spec, val_fraction, test_fraction, seed)
+    return {s: [label for i in plan.indices[s] if (label := _unit_label(plan.units[i])) != -1] for s in SPLITS}
+
+
 def class_names_of(spec: str) -> list[str] | None:
     """Class names a spec records: image-folder class folders, CSV label columns / values, manifest classes."""
     parsed = parse_spec(spec)
     if parsed.kind == "imagefolder":
-        units = imagefolder_units(parsed.path)
+        units = scan_imagefolder(parsed.path).units
         names = {u.label: u.class_name for u in units}
         return [names[i] for i in sorted(names)]
     if parsed.kind == "csv":
         with open(parsed.path, newline="", encoding="utf-8-sig") as handle:
             columns = next(csv.reader(handle), [])
-        labels = [c for c in columns if c.strip().lower() not in ("path", "image", "file", SPLIT_COLUMN)]
+        labels = [c for c in columns if c.strip().lower() not in (*CSV_PATH_COLUMNS, CSV_SPLIT_COLUMN)]
         if len(labels) > 1:
             return labels
-        units, _ = _csv_units_with_split(parsed.path)
+        units = [row.unit for row in csv_rows(parsed.path)]
         names = {u.label: getattr(u, "class_name", None) for u in units}
         if all(names.values()):
             return [names[i] for i in sorted(names)]

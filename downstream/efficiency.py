@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from downstream.data import stratified_take
+from pretrain.errors import ConfigError
 
 
 def _strata(labels: Tensor) -> np.ndarray:
@@ -30,11 +31,11 @@ def label_subset(
     (:func:`downstream.data.stratified_take`), or ``per_class`` of each class (all when a class has fewer). Exactly
     one of the two. Sorted, deterministic in (labels, seed)."""
     if (fraction is None) == (per_class is None):
-        raise ValueError("give exactly one of fraction and per_class")
+        raise ConfigError("give exactly one of fraction and per_class")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     if per_class is not None and per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise ConfigError(f"per_class must be >= 1, got {per_class}")
     strata = _strata(labels)
     if fraction is not None:
         chosen = np.flatnonzero(stratified_take(strata, fraction, seed, leave=0))

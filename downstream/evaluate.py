@@ -9,6 +9,7 @@ Output: ``OUT_DIR/config.yaml``, ``OUT_DIR/<init>/<protocol>/results.{json,md}``
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,18 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from data_shards.outputs import lock_folder
 from downstream import report
 from downstream.config import save_config, to_dict
-from downstream.data import EvalTransform, Task, class_names_of, dataset_fingerprint, infer_task, open_split
+from downstream.data import (
+    EvalTransform,
+    Task,
+    checked_task,
+    class_names_of,
+    dataset_fingerprint,
+    open_split,
+    split_label_lists,
+)
 from downstream.efficiency import label_efficiency_rows, label_subset
 from downstream.features import FeatureCache, Features, extract_features, state_checksum
 from downstream.linear import select_linear_probe
@@ -29,6 +39,7 @@ from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
+from pretrain.errors import ConfigError
 from pretrain.knn import feature_precision, knn_scores
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
@@ -124,12 +135,9 @@ def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release
 
 
 def task_of(spec: str, splits: dict[str, Features]) -> Task:
-    """Binary / multiclass / multilabel from the labels of all splits, with the spec's class names."""
-    labels = torch.cat([f.labels for f in splits.values()])
-    names = class_names_of(spec)
-    if labels.ndim == 2:
-        return infer_task([labels[0]] if len(labels) else [], names)
-    return infer_task([int(labels.max())], names)
+    """Binary / multiclass / multilabel from the labels of all splits, with the spec's class names; a LabelError
+    when a split has fewer than 2 classes or a class has no sample (see ``checked_task``)."""
+    return checked_task(spec, {split: f.labels.tolist() for split, f in splits.items()}, class_names_of(spec))
 
 
 def fit_protocol(protocol: str, train: Features, val: Features, task: Task, cfg: DictConfig) -> tuple[Scorer, dict]:
@@ -157,7 +165,7 @@ def fit_protocol(protocol: str, train: Features, val: Features, task: Task, cfg:
             "class_weights": cfg.linear.class_weights,
         }
         return selection.probe.scores, settings
-    raise ValueError(f"unknown protocol {protocol!r}")
+    raise ConfigError(f"config key 'protocols': unknown protocol {protocol!r}")
 
 
 def _metrics(task: Task, features: Features, scorer: Scorer) -> tuple[dict[str, Any], np.ndarray]:
@@ -188,7 +196,17 @@ def robustness(
 def run_eval(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """Every configured init x protocol; returns ``{init: {protocol: result}}``, written under ``cfg.out_dir``."""
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    labels = split_label_lists(d.spec, d.val_fraction, d.test_fraction, d.split_seed)
+    if labels is not None:  # labels that define no task fail before a backbone is loaded (shards: after a pass)
+        checked_task(d.spec, labels, class_names_of(d.spec))
+    with lock_folder(out_dir, "medfm eval") as lock:  # two evaluations into one folder would mix their results
+        if lock.warning:
+            print(f"medfm eval: warning: {lock.warning}", file=sys.stderr)
+        return _evaluate_into(cfg, out_dir)
+
+
+def _evaluate_into(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
     save_config(cfg, out_dir / "config.yaml")
     release = read_release(cfg.backbone.path, cfg.backbone.architecture)
     baseline = read_baseline(cfg.backbone, release)

@@ -3,7 +3,8 @@
 The cache key hashes the backbone's weights checksum, the dataset spec's content fingerprint, the split, the
 transform's ``repr`` and anything else the caller passes (e.g. a corruption); a changed input recomputes. Cached
 files hold tensors only (``features`` (N, D) float32, ``labels`` (N,) int64 or (N, K) float32) plus the sample
-keys as JSON metadata: nothing is unpickled when reading them back.
+keys as JSON metadata: nothing is unpickled when reading them back. A file is written as a temp file and renamed:
+a full disk removes the temp file and raises ``DiskFull`` (the cached files already there stay valid).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from data_shards.outputs import disk_full, is_disk_full
 from pretrain import knn
 from pretrain.backbones import feature_function
 
@@ -127,8 +129,17 @@ class FeatureCache:
 def write_features(features: Features, path: Path, description: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     metadata = {"keys": json.dumps(list(features.keys)), "description": json.dumps(description)}
-    save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(tmp), metadata)
-    os.replace(tmp, path)
+    tensors = {"features": features.features.contiguous(), "labels": features.labels.contiguous()}
+    try:
+        save_file(tensors, str(tmp), metadata)
+        os.replace(tmp, path)
+    except Exception as err:  # safetensors reports a full disk as a SafetensorError
+        if not is_disk_full(err):
+            raise
+        raise disk_full(f"the feature cache file {path}", "the files already cached there are intact",
+                        "rerun the same command (or point cache_dir at another disk)") from err  # fmt: skip
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_features(path: Path) -> Features:

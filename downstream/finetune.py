@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from downstream import report
 from downstream.config import save_config, to_dict
-from downstream.data import EvalTransform, Task, class_names_of, infer_task, open_split, split_labels
+from downstream.data import EvalTransform, Task, checked_task, class_names_of, open_split, split_labels
 from downstream.efficiency import budget_name, label_efficiency_rows, label_subset
 from downstream.features import collate, extract_features
 from downstream.linear import class_weight_tensor, loss_function, select_linear_probe
@@ -45,7 +45,8 @@ from pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_
 from pretrain.data import EpochLoader
 from pretrain.distributed import build_accelerator, resolve_precision, shutdown
 from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, InputError
+from pretrain.monitor import strict_json
 from pretrain.schedules import cosine_schedule, derive_steps
 from pretrain.transforms import augment_from_section
 
@@ -182,9 +183,9 @@ def finetune_once(
     eval_sets = {s: open_split(d.spec, s, EvalTransform(size, mean, std), **split_args) for s in ("val", "test")}
     labels = split_labels(train_set)
     if labels is None:
-        raise ValueError(f"{d.spec}: fine-tuning needs an indexable dataset (stream a shard set into a file first)")
-    all_labels = [*labels, *(label for s in eval_sets.values() for label in split_labels(s) or [])]
-    task = infer_task(all_labels, class_names_of(d.spec))
+        raise InputError(f"{d.spec}: fine-tuning needs an indexable dataset (stream a shard set into a file first)")
+    by_split = {"train": labels, **{s: split_labels(ds) or [] for s, ds in eval_sets.items()}}
+    task = checked_task(d.spec, by_split, class_names_of(d.spec))
     label_tensor = torch.tensor(np.asarray(labels, dtype=np.float32 if task.multilabel else np.int64))
     if budget:
         train_set = Subset(train_set, label_subset(label_tensor, seed=seed, **budget).tolist())
@@ -374,7 +375,7 @@ def _evaluate(opt, val_loader, task, best: Best, step: int, lr: float, losses, m
     record = {"step": step, "lr": lr, "train_loss": float(train_loss), **{f"val_{k}": val[k] for k in SUMMARY_KEYS}}
     best.history.append(record)
     if log_path is not None and accelerator.is_main_process:  # whole: a resumed run's history included
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in best.history))
+        log_path.write_text("".join(strict_json(r) + "\n" for r in best.history))  # a NaN loss: null, still JSON
     value = _metric(val, metric)
     if value > best.value or best.state is None:
         best.value, best.step, best.val = value, step, val

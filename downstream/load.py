@@ -8,7 +8,10 @@
 - The backbone is rebuilt through ``pretrain.backbones.build_backbone`` and the exact set of keys that did not
   load is checked (``pretrain.release.check_keys``): anything other than the new classifier's keys
   (``num_classes > 0``) is an error naming the missing, unexpected and mis-shaped keys. A silent partial load is
-  the classic failure of released SSL weights.
+  the classic failure of released SSL weights. So is a silent cast: integer weights where the model has
+  floating-point ones (an int8 re-save) are refused too (``check_keys`` checks the dtypes' kinds).
+- A release's ``config.json`` is checked before anything is built (``pretrain.weights.check_release_config``);
+  ``model_args`` that timm rejects are a ``LoadError`` naming the weights, not a traceback.
 - ViT position embeddings are resampled (timm's ``resample_abs_pos_embed``) when ``img_size`` changes; the
   first convolution is adapted (``adapt_channels``) when ``in_chans`` changes.
 """
@@ -22,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from pretrain.backbones import build_backbone
+from pretrain.errors import ConfigError
 from pretrain.release import LoadError, Release, check_keys, read_release
 from pretrain.weights import fit_state_dict, read_init
 
@@ -47,14 +51,20 @@ def build_model(
     """The release's architecture, randomly initialised (``num_classes=0``), through pretrain's builder."""
     args = {k: v for k, v in release.model_args.items() if k not in ("img_size", "in_chans")}
     args.update(overrides)
-    return build_backbone(
-        release.architecture,
-        img_size or release.img_size,
-        in_chans or release.in_chans,
-        dynamic_img_size=dynamic_img_size,
-        drop_path_rate=drop_path_rate,
-        **args,
-    )
+    try:
+        return build_backbone(
+            release.architecture,
+            img_size or release.img_size,
+            in_chans or release.in_chans,
+            dynamic_img_size=dynamic_img_size,
+            drop_path_rate=drop_path_rate,
+            **args,
+        )
+    except (ConfigError, TypeError, ValueError) as err:  # timm's answer to arguments its model does not take
+        raise LoadError(
+            f"{release.source}: its architecture {release.architecture!r} with model_args {release.model_args} "
+            f"does not build: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
 
 
 def load_weights(model: nn.Module, release: Release, foreign: bool = False) -> LoadReport:
@@ -113,7 +123,7 @@ def load_backbone(
     """
     release = path if isinstance(path, Release) else read_release(path, architecture)
     if init not in ("release", "random", "baseline"):
-        raise ValueError(f"init must be 'release', 'random' or 'baseline', got {init!r}")
+        raise ConfigError(f"config key 'backbone.inits': an init is 'release', 'random' or 'baseline', got {init!r}")
     model = build_model(release, img_size, in_chans, drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size)
     if init != "random":  # baseline: general-purpose weights, fitted as a warm start (heads dropped, keys mapped)
         report = load_weights(model, release, foreign=init == "baseline")
@@ -141,7 +151,7 @@ def load_for_init(
     if init != "baseline":
         return load_backbone(release, img_size=img_size, in_chans=in_chans, init=init, **kwargs), release
     if baseline is None:
-        raise ValueError("init 'baseline' needs backbone.baseline")
+        raise ConfigError("config key 'backbone.baseline': init 'baseline' needs it")
     size, chans = img_size or release.img_size, in_chans or release.in_chans
     return load_backbone(baseline, img_size=size, in_chans=chans, init="baseline", **kwargs), baseline
 

@@ -21,6 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from pretrain.errors import ConfigError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 _NOISE_STD = (0.04, 0.06, 0.08, 0.10, 0.12)
 _BLUR_SIGMA_224 = (1.0, 2.0, 3.0, 4.0, 6.0)
@@ -82,9 +84,9 @@ class Corruption:
 
     def __post_init__(self) -> None:
         if self.name not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {self.name!r} (known: {', '.join(CORRUPTIONS)})")
+            raise ConfigError(f"unknown corruption {self.name!r} (known: {', '.join(CORRUPTIONS)})")
         if self.severity not in SEVERITIES:
-            raise ValueError(f"corruption severity must be in {SEVERITIES}, got {self.severity}")
+            raise ConfigError(f"corruption severity must be in {SEVERITIES}, got {self.severity}")
 
     def __call__(self, image: Tensor) -> Tensor:
         """(C, H, W) in [0, 1] -> corrupted (C, H, W) in [0, 1]."""

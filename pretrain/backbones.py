@@ -22,6 +22,8 @@ import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
+from pretrain.errors import ConfigError, InputError
+
 # timm kwargs only models with a fixed token grid take; size-agnostic models (CNNs) reject them.
 _SIZE_KWARGS = ("img_size", "dynamic_img_size")
 MODULE_PREFIX = "module:"
@@ -73,7 +75,7 @@ def _build_registered(name: str, img_size: int, in_chans: int) -> nn.Module:
     """A copy of a registered module, given timm's interface and checked on one (2, in_chans, img_size²) batch."""
     key = name.removeprefix(MODULE_PREFIX)
     if key not in _registered:
-        raise ValueError(
+        raise ConfigError(
             f"{name!r} is a user module that is not registered in this process: pass it again "
             f"(medfm.pretrain(model=...), medfm.register_module(module, {key!r}))"
         )
@@ -87,11 +89,11 @@ def _build_registered(name: str, img_size: int, in_chans: int) -> nn.Module:
         with torch.no_grad():
             features = pooled_features(probe.eval(), torch.zeros(2, in_chans, img_size, img_size))
     except Exception as err:
-        raise ValueError(f"{name}: the module fails on a (2, {in_chans}, {img_size}, {img_size}) batch: {err}") from err
+        raise InputError(f"{name}: the module fails on a (2, {in_chans}, {img_size}, {img_size}) batch: {err}") from err
     finally:
         probe.train(was_training)
     if features.ndim != 2 or features.shape[0] != 2:
-        raise ValueError(f"{name}: the module must give (B, D) features or a (B, D, h, w) map, got {tuple(features.shape)}")  # fmt: skip
+        raise InputError(f"{name}: the module must give (B, D) features or a (B, D, h, w) map, got {tuple(features.shape)}")  # fmt: skip
     if timm_like:
         return model
     return ModuleBackbone(model, num_features=int(features.shape[1]))
@@ -119,7 +121,7 @@ def build_backbone(
             raise TypeError(f"{name}.__init__() got unexpected keyword arguments {sorted(unused)}")
         return _build_registered(name, img_size, in_chans)
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+        raise ConfigError(f"unknown timm model {name!r} (see timm.list_models())")
     common = {"pretrained": False, "num_classes": 0, "in_chans": in_chans, **kwargs}
     size = {"img_size": img_size, "dynamic_img_size": dynamic_img_size}
     try:
@@ -148,7 +150,7 @@ def layer_features(backbone: nn.Module, images: Tensor, layers: int = 4) -> Tens
     texture and intensity cues that small medical images are classified by.
     """
     if not hasattr(backbone, "forward_intermediates"):
-        raise ValueError(f"{type(backbone).__name__} has no forward_intermediates: use pooling 'head'")
+        raise ConfigError(f"{type(backbone).__name__} has no forward_intermediates: use pooling 'head'")
     # a model with fewer blocks / stages than asked gives all it has
     available = len(backbone.blocks) if is_vit(backbone) else len(getattr(backbone, "feature_info", ())) or layers
     layers = min(layers, available)
@@ -173,7 +175,7 @@ def feature_function(pooling: str, layers: int = 4) -> Callable[[nn.Module, Tens
         return pooled_features
     if pooling == "layers":
         return partial(layer_features, layers=layers)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 def is_vit(backbone: nn.Module) -> bool:

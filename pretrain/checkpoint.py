@@ -10,12 +10,18 @@ A checkpoint is a dict of tensors and plain Python values (loadable with ``weigh
 ``{"model", "optimizer", "step", "data": {"epoch", "batches_done"}, "rng": [per-rank states],
 "config": plain dict, "version"}``. The teacher / momentum encoder and the DINO center live inside
 ``model`` (they are submodules of the method). Files in the run directory: ``step-XXXXXXX.pt`` (the
-``keep`` newest) and ``last.pt`` (a hard link to the newest, or a copy where links are unsupported).
+``keep`` newest) and ``last.pt`` (an independent copy of the newest).
+
+What is never written: a checkpoint holding a NaN or an infinity in a parameter, a buffer or an optimizer state
+(:func:`first_nonfinite`, one fused check per checkpoint: :class:`TrainingDiverged` names the tensor and the last
+good checkpoint stays the newest), and a partial file: a full disk removes the temp file and raises
+``DiskFull`` saying which checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import random
@@ -29,10 +35,15 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from pretrain.errors import ConfigError
+from data_shards.outputs import disk_full, is_disk_full
+from pretrain.errors import ConfigError, MedfmError, TrainingDiverged
 
 VERSION = 1
 LAST = "last.pt"
+
+
+class CheckpointError(MedfmError, ValueError):
+    """A run directory whose checkpoints cannot be read back (all damaged, or of another format version)."""
 
 
 def step_path(run_dir: Path, step: int) -> Path:
@@ -98,17 +109,42 @@ def _as_tuple(value: Any) -> Any:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: never a torn file."""
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: never a torn file. A failed
+    write raises the ``OSError`` itself (ENOSPC on a full disk), not torch's errno-less RuntimeError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _WriteErrors(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as err:
+                if writer.error is not None:
+                    raise writer.error from err
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _WriteErrors:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's zip writer turns it into a
+    RuntimeError ("unexpected pos ...") that no longer says the disk is full."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
@@ -125,14 +161,72 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``last.pt``, then an independent copy as ``step-XXXXXXX.pt`` (once a step file exists, so does the
-    newest ``last.pt``); then delete all but the ``keep`` newest step files."""
+    newest ``last.pt``); then delete all but the ``keep`` newest step files.
+
+    A full disk raises ``DiskFull`` naming the file and the checkpoint that is intact (no temp file is left)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = step_path(run_dir, state["step"])
-    atomic_save({**state, "version": VERSION}, run_dir / LAST)
-    _atomic_copy(run_dir / LAST, path)
+    intact = _newest_checkpoint(run_dir)
+    target = run_dir / LAST
+    try:
+        atomic_save({**state, "version": VERSION}, target)
+        intact, target = f"{LAST} (step {state['step']}) is intact, the step file is not written", path
+        _atomic_copy(run_dir / LAST, path)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full(f"{target.name} (step {state['step']}) in {run_dir}", intact,
+                            "rerun the same command to resume") from err  # fmt: skip
+        raise
     prune_steps(run_dir, keep)
     return path
+
+
+def _newest_checkpoint(run_dir: Path) -> str:
+    """What the run directory holds before a save, in words (for a message)."""
+    steps = sorted(run_dir.glob("step-*.pt"))
+    if steps:  # the step files are copies of what last.pt held when they were written
+        return f"{LAST} and {steps[-1].name} are intact (the newest checkpoint)"
+    if (run_dir / LAST).is_file():
+        return f"{LAST} is intact (the newest checkpoint)"
+    return "no checkpoint of this run was written yet"
+
+
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating tensor in ``tensors`` (nested dicts and lists, names joined by dots) that
+    holds a NaN or an infinity; None when all are finite.
+
+    One fused max-|x| per device (``torch._foreach_norm(ord=inf)``, the kernel of ``clip_grad_norm_``; a max never
+    overflows as a sum of squares would) and one host sync per device: cheap enough for every checkpoint."""
+    named = [(k, t) for k, t in _flat_tensors(tensors) if t.is_floating_point() and t.numel()]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad = []
+    for indices in by_device.values():
+        norms = torch._foreach_norm([named[i][1].detach() for i in indices], ord=math.inf)
+        flags = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+        if bool(flags.any()):
+            bad.append(indices[int(flags.nonzero()[0])])
+    return named[min(bad)][0] if bad else None
+
+
+def _flat_tensors(value: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    if torch.is_tensor(value):
+        return [(prefix.rstrip("."), value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [pair for key, item in items for pair in _flat_tensors(item, f"{prefix}{key}.")]
+
+
+def nonfinite_message(step: int, tensor: str | None, run_dir: Path, intact: str | None = None) -> str:
+    """Why the checkpoint of ``step`` was not written (``tensor``: the first non-finite one, None: on another
+    process) and what is intact (default: the torch checkpoints of ``run_dir``)."""
+    what = f"{tensor} holds NaN or infinite values" if tensor else "a tensor on another process holds NaN or infinite values"  # fmt: skip
+    intact = intact or _newest_checkpoint(Path(run_dir))
+    return (
+        f"step {step}: {what}, so its checkpoint was not written; in {run_dir}, {intact}. "
+        "Lower the learning rate or set clip_grad (under fp16: use bf16), then rerun to resume from it"
+    )
 
 
 def prune_steps(run_dir: Path, keep: int) -> None:
@@ -179,7 +273,7 @@ def load_newest_readable(run_dir: str | Path) -> tuple[Path, dict[str, Any], lis
             first_line = (str(err).splitlines() or ["empty or truncated"])[0][:120]
             notes.append(f"{path} is unreadable ({type(err).__name__}: {first_line}); trying an older checkpoint")
     if notes:
-        raise ValueError(f"{run_dir}: no readable checkpoint: " + "; ".join(notes))
+        raise CheckpointError(f"{run_dir}: no readable checkpoint: " + "; ".join(notes))
     return None
 
 
@@ -187,7 +281,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Safe load (``weights_only=True``) onto the CPU."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint version {state.get('version')} (this code reads {VERSION})")
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} (this code reads {VERSION})")
     return state
 
 
@@ -231,11 +325,29 @@ class TorchStore:
         return path, self._restore(state), notes
 
     def save(self, step: int, meta: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            state = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
-                     "optimizer": self.optimizer.state_dict(), **_scaler_state(self.accelerator), **meta}  # fmt: skip
-            save_checkpoint(self.run_dir, {**state, "step": step}, keep=self.keep)
-        self.accelerator.wait_for_everyone()
+        """Every process checks its replica for non-finite values (DDP replicas are equal: every process decides
+        alike), the main process writes, and one collective tells every process whether the write failed (a full
+        disk), so that all of them stop together instead of waiting for the main one."""
+        state = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
+                 "optimizer": self.optimizer.state_dict(), **_scaler_state(self.accelerator), **meta}  # fmt: skip
+        bad = first_nonfinite({"model": state["model"], "optimizer": {"state": state["optimizer"]["state"]}})
+        failure: MedfmError | None = None
+        if bad is not None:
+            failure = TrainingDiverged(nonfinite_message(step, bad, self.run_dir))
+        elif self.accelerator.is_main_process:
+            try:
+                save_checkpoint(self.run_dir, {**state, "step": step}, keep=self.keep)
+            except MedfmError as err:
+                failure = err
+        if self.accelerator.num_processes > 1:  # in place of a barrier: also says whether any process failed
+            flag = torch.tensor(float(failure is not None), device=self.accelerator.device)
+            if float(self.accelerator.reduce(flag, "sum")) > 0 and failure is None:
+                failure = CheckpointError(
+                    f"step {step}: the checkpoint was not written (another process failed: its message says why); "
+                    f"in {self.run_dir}, {_newest_checkpoint(self.run_dir)}"
+                )
+        if failure is not None:
+            raise failure
 
     def load(self, path: Path) -> dict[str, Any]:
         return self._restore(load_checkpoint(path))

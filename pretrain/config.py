@@ -1,7 +1,19 @@
 """The one pretraining config schema: defaults live here, YAML recipes hold overrides, CLI ``key=value`` on top.
 
 ``load_config(path, overrides)`` merges defaults <- YAML <- dotlist and fails before anything is built when a key
-is unknown, a value has the wrong type or a required value is missing; the error names the key.
+is unknown, a value has the wrong type or a required value is missing; the error names the key. What every schema
+(pretraining, downstream, benchmark) gets from ``load_structured``:
+
+- YAML aliases may expand to at most ``MAX_YAML_NODES`` values (a 450-byte alias bomb would otherwise build a
+  config of billions of nodes); a file that is not valid YAML is a ``ConfigError`` naming it.
+- ``${...}`` interpolations: other keys, and environment variables through ``${oc.env:VAR}`` or
+  ``${oc.env:VAR,default}`` (e.g. ``train.run_dir: ${oc.env:SCRATCH}/runs/x``); any other resolver is refused.
+  Whatever medfm writes (``to_dict``: ``config.yaml``, checkpoints, trackers' hyperparameters, the release's
+  recipe) keeps the interpolation text, never its value: a secret in the environment is not copied into the run.
+- Every number is finite, each field with ``metadata=within("(0, 1]")`` (or ``PROBABILITY``, ``POSITIVE``, ...)
+  lies in its interval, and each field with ``metadata=OUTPUT_PATH`` (a folder medfm creates) holds no control
+  character: one pass over the schema's field metadata (``check_values``) checks these for every schema.
+
 ``derive(cfg, world_size, dataset_size)`` fills the ``derived`` section (global batch, scaled lr, step counts):
 every number computed from others is computed there and nowhere else.
 """
@@ -9,18 +21,82 @@ every number computed from others is computed there and nowhere else.
 from __future__ import annotations
 
 import difflib
+import io
+import math
+import re
+import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError, OmegaConfBaseException
 
 from pretrain.errors import ConfigError
 from pretrain.methods import METHODS
 from pretrain.schedules import derive_steps
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The values a number may take, written as in mathematics: ``"(0, 1]"``, ``"[0, inf)"``."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        match = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
+        if match is None:
+            raise ValueError(f"not an interval: {text!r}")  # a schema bug, found when the module is imported
+        return cls(float(match[2]), float(match[3]), match[1] == "(", match[4] == ")")
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low = f"{self.low:g}"
+        if self.high == math.inf:
+            return f"must be > {low}" if self.low_open else f"must be >= {low}"
+        return f"must be in {'(' if self.low_open else '['}{low}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def within(interval: str) -> dict[str, Interval]:
+    """Field metadata: the field's number, or each number of its list, lies in ``interval`` (``"[0, 1]"`` for a
+    probability), e.g. ``hflip: float = field(default=0.5, metadata=within("[0, 1]"))``; checked by
+    ``check_values`` for every schema. ``None`` (an optional field unset) passes."""
+    return {"interval": Interval.parse(interval)}
+
+
+PROBABILITY, POSITIVE, NON_NEGATIVE = within("[0, 1]"), within("(0, inf)"), within("[0, inf)")
+AT_LEAST_ONE = within("[1, inf)")
+
+# Field metadata: the field names a folder medfm creates. A control character (a newline, an escape) is refused
+# (``check_values``): the folder made would not be the one the user reads back.
+OUTPUT_PATH = {"output_path": True}
+
+
+def control_characters(text: str) -> list[str]:
+    """The control characters of ``text`` (C0/C1 controls, DEL, Unicode line and paragraph separators)."""
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+def check_output_path(path: str | Path, what: str) -> None:
+    """A ``ConfigError`` naming ``what`` (``"config key 'train.run_dir'"``, ``"--out"``) when ``path``, a folder
+    medfm is about to create, holds a control character."""
+    found = control_characters(str(path))
+    if found:
+        raise ConfigError(
+            f"{what}: a path medfm creates must not contain control characters "
+            f"(found {''.join(found)!r} in {str(path)!r})"
+        )
 
 
 class Precision(str, Enum):
@@ -40,35 +116,42 @@ class Backend(str, Enum):
 class DataConfig:
     spec: str = MISSING  # dataset spec: shards:DIR, medmnist:FILE.npz, imagefolder:DIR, csv:FILE
     split: str | None = "train"  # None: every sample (e.g. unlabeled shards without a split)
-    in_chans: int = 1  # images are converted to this many channels (gray <-> RGB) before augmentation
-    img_size: int = 224  # side of the (global) training crops
-    samples_per_epoch: int | None = None  # None: the dataset's size (for streams: the shard set's total)
-    num_workers: int = 4
-    shuffle_buffer: int = 1000  # streamed shards only
+    # images are converted to this many channels (gray <-> RGB) before augmentation
+    in_chans: int = field(default=1, metadata=AT_LEAST_ONE)
+    img_size: int = field(default=224, metadata=AT_LEAST_ONE)  # side of the (global) training crops
+    # None: the dataset's size (for streams: the shard set's total)
+    samples_per_epoch: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    num_workers: int = field(default=4, metadata=NON_NEGATIVE)
+    shuffle_buffer: int = field(default=1000, metadata=AT_LEAST_ONE)  # streamed shards only
 
 
 @dataclass
 class AugmentConfig:
     """Medical defaults: geometric + intensity augmentations, no colour jitter, solarization or grayscale."""
 
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.5  # probability; set 0 where laterality matters (e.g. chest X-ray)
-    vflip: float = 0.0
-    intensity_prob: float = 0.8
-    brightness: float = 0.2  # additive shift drawn from [-b, b] (images in [0, 1])
-    contrast: float = 0.2  # factor drawn from [1 - c, 1 + c], around the image mean
-    gamma: float = 0.2  # exponent drawn log-uniformly from [1 / (1 + g), 1 + g]
-    blur_prob: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # [low, high] fraction of the image area
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0], metadata=within("(0, 1]"))
+    # [low, high] aspect ratio
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata=POSITIVE)
+    # probability; set 0 where laterality matters (e.g. chest X-ray)
+    hflip: float = field(default=0.5, metadata=PROBABILITY)
+    vflip: float = field(default=0.0, metadata=PROBABILITY)
+    intensity_prob: float = field(default=0.8, metadata=PROBABILITY)
+    # additive shift drawn from [-b, b] (images in [0, 1])
+    brightness: float = field(default=0.2, metadata=NON_NEGATIVE)
+    # factor drawn from [1 - c, 1 + c], around the image mean
+    contrast: float = field(default=0.2, metadata=PROBABILITY)
+    gamma: float = field(default=0.2, metadata=NON_NEGATIVE)  # exponent drawn log-uniformly from [1 / (1 + g), 1 + g]
+    blur_prob: float = field(default=0.5, metadata=PROBABILITY)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0], metadata=POSITIVE)
     mean: list[float] = field(default_factory=lambda: [0.5])  # one value per channel, or one for all
-    std: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5], metadata=POSITIVE)  # images are divided by it
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = field(default=0.0, metadata=within("[0, 1)"))
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. {patch_size: 8}
     # Warm start (pretrain.weights): a release / run directory / timm hub folder, a .safetensors or .pt/.pth state
     # dict, original DINOv2 / MAE checkpoints, or hf-hub:ORG/NAME from the local cache; None: random init.
@@ -77,28 +160,31 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1.5e-4  # for a global batch of 256; scaled linearly (derived.lr)
-    min_lr: float = 0.0  # absolute, end of the cosine decay
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value; None: constant
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: float = 0.0  # max global grad norm; 0: no clipping (the norm is still logged)
+    base_lr: float = field(default=1.5e-4, metadata=POSITIVE)  # for a global batch of 256; scaled linearly (derived.lr)
+    min_lr: float = field(default=0.0, metadata=NON_NEGATIVE)  # absolute, end of the cosine decay
+    weight_decay: float = field(default=0.05, metadata=NON_NEGATIVE)
+    # cosine weight-decay schedule to this value; None: constant
+    weight_decay_end: float | None = field(default=None, metadata=NON_NEGATIVE)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=within("[0, 1)"))
+    # max global grad norm; 0: no clipping (the norm is still logged)
+    clip_grad: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 100.0
-    warmup_epochs: float = 10.0
+    epochs: float = field(default=100.0, metadata=POSITIVE)
+    warmup_epochs: float = field(default=10.0, metadata=NON_NEGATIVE)  # at most epochs
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = MISSING
-    batch_size: int = 64  # per process and micro-step
-    grad_accum: int = 1
+    run_dir: str = field(default=MISSING, metadata=OUTPUT_PATH)
+    batch_size: int = field(default=64, metadata=AT_LEAST_ONE)  # per process and micro-step
+    grad_accum: int = field(default=1, metadata=AT_LEAST_ONE)
     precision: Precision = Precision.auto  # an explicit no / bf16 / fp16 wins over Accelerate's
     seed: int = 0
-    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    # this many non-finite losses in a row stop the run
+    max_nonfinite_steps: int = field(default=5, metadata=AT_LEAST_ONE)
     # GPU speed: NHWC memory format (null: on CUDA for convolutional models), cuDNN autotuning (fixed input sizes),
     # torch.compile of the method's forward (in place: checkpoint keys unchanged; not with dist.backend=deepspeed).
     channels_last: bool | None = None
@@ -114,19 +200,19 @@ class DistConfig:
     zero_stage: int | None = None  # deepspeed: 1, 2 or 3; None: the deepspeed_config file's stage, else 2
     deepspeed_config: str | None = None  # deepspeed: a JSON such as configs/deepspeed/zero3.json; None: generated
     # Rendezvous and every collective: a rank that died or never started ends the run with an error after this.
-    timeout_s: float = 600.0
+    timeout_s: float = field(default=600.0, metadata=POSITIVE)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000
-    keep: int = 2  # step-XXXXXXX.pt files kept besides last.pt
+    every_steps: int = field(default=1000, metadata=AT_LEAST_ONE)
+    keep: int = field(default=2, metadata=NON_NEGATIVE)  # step-XXXXXXX.pt files kept besides last.pt
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 20
-    figure_every_steps: int = 1000  # method figures (MAE reconstructions); 0: off
+    every_steps: int = field(default=20, metadata=AT_LEAST_ONE)
+    figure_every_steps: int = field(default=1000, metadata=NON_NEGATIVE)  # method figures (MAE reconstructions); 0: off
     # experiment trackers through Accelerate (Accelerator(log_with=...)): tensorboard, wandb, mlflow; [] for none.
     # wandb runs offline and mlflow writes RUN_DIR/mlruns unless their own environment variables say otherwise.
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -152,10 +238,10 @@ class KNNConfig:
     spec: str | None = None  # an indexable labeled dataset, e.g. medmnist:FILE.npz; None: off
     bank_split: str = "train"  # the neighbours
     query_split: str = "val"  # the images classified
-    every_steps: int = 0  # 0: off
-    max_samples: int = 5000  # per split, evenly spaced
-    k: int = 20
-    temperature: float = 0.07
+    every_steps: int = field(default=0, metadata=NON_NEGATIVE)  # 0: off
+    max_samples: int = field(default=5000, metadata=AT_LEAST_ONE)  # per split, evenly spaced
+    k: int = field(default=20, metadata=AT_LEAST_ONE)
+    temperature: float = field(default=0.07, metadata=POSITIVE)
 
 
 @dataclass
@@ -226,9 +312,12 @@ def config_error(schema: type, source: str, err: OmegaConfBaseException) -> Conf
 def parse_overrides(overrides: list[str], schema: type | None = None) -> DictConfig:
     """``["optim.base_lr=1e-3", ...]`` -> a DictConfig; an item without ``=`` is an error naming it."""
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"command line: {item!r} is not a key=value override")
+        if control_characters(value):  # YAML would fold a newline into a space: another value than the one typed
+            raise ConfigError(f"command line: config key {key!r}: control characters are not allowed (got {value!r})")
+        check_yaml_size(value, f"command line: {key}")  # each value is parsed as YAML
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -252,16 +341,12 @@ def load_structured(
     cfg = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except OmegaConfBaseException as err:
-            raise config_error(schema, str(path), err) from err
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        layers.append((str(path), read_yaml(path, schema)))
     if values:
         layers.append(("arguments", nested(values)))
     layers.append(("command line", parse_overrides(list(overrides), schema)))
     for source, layer in layers:
+        check_interpolations(layer, source)
         layer = migrate_legacy_keys(layer)
         for section in computed:
             if section in layer:
@@ -273,10 +358,152 @@ def load_structured(
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise config_error(schema, source, err) from err
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves, to a value of its key's type
+    except InterpolationValidationError as err:  # OmegaConf's message quotes the value: maybe a secret
+        written = re.search(r"interpolation '(.*?)'", str(err))
+        raise ConfigError(
+            f"config key {err.full_key!r}: {written[1] if written else 'its interpolation'} does not resolve to a "
+            "value of the key's type"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise config_error(schema, "config", err) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config key {missing[0]!r} is required (missing: {', '.join(missing)})")
+    check_values(cfg)
     return cfg
+
+
+# A YAML file may use anchors and aliases, but they may not expand past this many values: 9 nested levels of 10
+# aliases in 450 bytes are 10^9 values, which OmegaConf would build one by one. The largest shipped config has 177.
+MAX_YAML_NODES = 10_000
+
+
+def check_yaml_size(text: str, source: str) -> None:
+    """A ``ConfigError`` naming ``source`` when the YAML ``text``, aliases expanded, holds more than
+    ``MAX_YAML_NODES`` values (counted on PyYAML's node graph, where an alias is the node it names: linear time)."""
+    if "*" not in text:  # no alias: nothing can expand
+        return
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    sizes: dict[int, int] = {}  # id(node) -> values it expands to
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ConfigError(f"{source}: a YAML alias refers to a node that contains it (an endless value)")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: YAML aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?): "
+                "write the values out or use fewer nested aliases"
+            )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        try:
+            size(root)
+        except RecursionError:
+            raise ConfigError(f"{source}: YAML nested too deeply") from None
+
+
+def read_yaml(path: str | Path, schema: type) -> DictConfig:
+    """A YAML config file as a DictConfig, after ``check_yaml_size``; every failure is a ``ConfigError`` naming
+    the file."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    check_yaml_size(text, str(path))
+    try:
+        layer = OmegaConf.load(io.StringIO(text))
+    except OmegaConfBaseException as err:
+        raise config_error(schema, str(path), err) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except (RecursionError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: a config file holds keys (a YAML mapping), not a {type(layer).__name__}")
+    return layer
+
+
+# ${NAME:...} where NAME is a resolver (a key interpolation, ${a.b}, has no colon); \${ is literal text.
+_RESOLVER = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+ALLOWED_RESOLVERS = ("oc.env",)
+
+
+def check_interpolations(layer: Any, source: str) -> None:
+    """Interpolations may name other keys or environment variables (``${oc.env:VAR}``); any other resolver
+    (``oc.decode``, ``oc.create``, a custom one) is a ``ConfigError`` naming the key and ``source``."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+        elif isinstance(value, str):
+            for name in _RESOLVER.findall(value):
+                if name not in ALLOWED_RESOLVERS:
+                    raise ConfigError(
+                        f"{source}: config key {key!r}: the resolver {name!r} is not allowed "
+                        f"(interpolations may name keys, ${{a.b}}, or environment variables, ${{oc.env:VAR}})"
+                    )
+
+    container = layer if isinstance(layer, dict) else OmegaConf.to_container(layer, resolve=False)
+    walk(container, "")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One pass over every value of a loaded config (interpolations resolved): numbers are finite, a field with
+    ``within`` metadata lies in its interval, an ``OUTPUT_PATH`` field holds no control character. ``ConfigError`` names
+    the key."""
+
+    def fail(key: str, what: str, value: Any) -> None:
+        raise ConfigError(f"config key {key!r}: {what} (got {value!r})")
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        rules = {f.name: f.metadata for f in fields(schema)} if is_dataclass(schema) else {}
+        for name in node:
+            key, value = f"{prefix}{name}", node[name]
+            if isinstance(value, DictConfig):
+                walk(value, f"{key}.")
+                continue
+            items = list(value) if isinstance(value, ListConfig) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, DictConfig):
+                    walk(item, f"{key}[{i}].")
+            numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if not all(math.isfinite(v) for v in numbers):
+                fail(key, "must be a finite number", _plain(value))
+            interval = rules.get(name, {}).get("interval")
+            if interval is not None and not all(v in interval for v in numbers):
+                fail(key, str(interval), _plain(value))
+            if rules.get(name, {}).get("output_path") and isinstance(value, str):
+                check_output_path(value, f"config key {key!r}")
+
+    walk(cfg, "")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 def nested(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,18 +550,11 @@ def load_config(
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema's types cannot express; each message names the key."""
+    """Checks the schema's types and field metadata (``check_values``) cannot express; each message names the key."""
     need = config_need(cfg)
     need(cfg.method in METHODS, "method", f"must be one of {sorted(METHODS)}")
-    for key in ("train.batch_size", "train.grad_accum", "data.img_size", "data.in_chans", "checkpoint.every_steps"):
-        need(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(cfg.checkpoint.keep >= 0, "checkpoint.keep", "must be >= 0")
-    need(cfg.schedule.epochs > 0, "schedule.epochs", "must be > 0")
-    need(0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]")
+    need(cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]")
     need(cfg.knn.every_steps == 0 or cfg.knn.spec is not None, "knn.spec", "is needed when knn.every_steps > 0")
-    need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-    need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
     need(cfg.dist.zero_stage in (None, 1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
     for tracker in cfg.logging.trackers:
         need(tracker in TRACKERS, "logging.trackers", f"{tracker!r} is not one of {list(TRACKERS)}")
@@ -382,11 +602,13 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     return cfg
 
 
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    """Plain-python copy (enums as strings): what checkpoints store."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+def to_dict(cfg: DictConfig, resolve: bool = False) -> dict[str, Any]:
+    """Plain-python copy (enums as strings): what checkpoints, trackers and releases store. Interpolations stay as
+    written (``${oc.env:SCRATCH}/runs``), never their values: what the environment holds (a token, a key) is not
+    copied into a run; loading the copy resolves them again. ``resolve=True``: the values, for building things."""
+    return OmegaConf.to_container(cfg, resolve=resolve, enum_to_str=True)  # type: ignore[return-value]
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved config (derived values included) as YAML."""
+    """Write the config (derived values included, interpolations as written: ``to_dict``) as YAML."""
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))

@@ -10,7 +10,9 @@ batches (indexable datasets: without loading them; streams: read and dropped).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import sys
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from data_shards.codec import match_channels
 from data_shards.specs import open_dataset
+from data_shards.stream import DamageLedger, ShardStream
 
 ViewsTransform = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -98,7 +101,10 @@ class StreamViews(IterableDataset):
         worker = info.id if info is not None else 0
         for count, sample in enumerate(self.stream):
             seed = sample_seed(self.seed, self.epoch, self.rank, worker, count)
-            yield _views(sample, self.transform, self.in_chans, seed)
+            views = _views(sample, self.transform, self.in_chans, seed)
+            if "damage" in sample:  # what a shard stream left out (data_shards.stream), for EpochLoader.damage
+                views["damage"] = sample["damage"]
+            yield views
 
 
 def _views(sample: dict[str, Any], transform: ViewsTransform, in_chans: int, seed: int) -> dict[str, Any]:
@@ -113,10 +119,46 @@ def _views(sample: dict[str, Any], transform: ViewsTransform, in_chans: int, see
     return {"views": views, "label": sample["label"], "key": sample["key"]}
 
 
+class ShardDamage:
+    """What this rank's shard stream has left out (damaged shards, rejected samples), gathered from its loader
+    workers: the stream puts each worker's new findings in the ``"damage"`` field of its next sample (a JSON string,
+    usually empty), so counting costs no extra process, file or host sync. Each shard or sample counts once, across
+    workers and epochs, and is reported once to ``report(reason)`` (the training loop sets it: a warning event;
+    default: a line on stderr); past ``data_shards.stream.DAMAGE_BUDGET`` of the set it raises ``ShardDamaged``."""
+
+    def __init__(self, where: str, total: int, at_open: list[dict[str, Any]]):
+        self.where, self.ledger = where, DamageLedger(total)
+        self.report: Callable[[str], None] = lambda reason: print(f"warning: {reason}", file=sys.stderr)
+        self.at_open = at_open  # reported when training starts: the report is set by then
+
+    @property
+    def shards(self) -> int:
+        return len(self.ledger.shards)
+
+    @property
+    def samples(self) -> int:
+        return len(self.ledger.samples)
+
+    def observe(self, fields: list[str]) -> None:
+        """A batch's ``"damage"`` strings (one per sample)."""
+        self._add(self.at_open)
+        self.at_open = []
+        for text in fields:
+            if text:
+                self._add(json.loads(text))
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if self.ledger.add(event):
+                self.report(event["reason"])
+                self.ledger.check(self.where, event["reason"])
+
+
 class EpochLoader:
     """``loader.epoch(e, skip)`` yields this rank's ``batches_per_epoch - skip`` batches of epoch ``e``.
 
     Each batch: ``{"views": [(B, C, H, W), ...], "label": (B,) or (B, K), "key": [str] * B}``.
+    ``damage``: a :class:`ShardDamage` for shard streams (None otherwise).
     Not passed through ``accelerator.prepare``: sharding across ranks happens here, deterministically.
     A views transform with a ``collate(samples) -> batch`` method makes the batches itself (in the loader's
     workers, on the host: DINOv2 adds its masks' indices, which the step then needs no host sync to count).
@@ -148,6 +190,9 @@ class EpochLoader:
             "generator": torch.Generator(),
             "collate_fn": getattr(transform, "collate", None),  # None: torch's default collate
         }
+        self.damage = None
+        if isinstance(source, ShardStream):
+            self.damage = ShardDamage(f"shards:{source.shard_dir}", source.total_samples_listed, source.damaged_at_open)
         if self.streaming:
             self.dataset = StreamViews(source, transform, in_chans, seed, rank)
             self.sampler = None
@@ -161,9 +206,16 @@ class EpochLoader:
         if self.streaming:
             self.dataset.set_epoch(epoch)
             # Streams cannot seek: consumed batches are read again and dropped.
-            return islice(iter(self.loader), skip, self.batches_per_epoch)
+            return islice(self._observed(iter(self.loader)), skip, self.batches_per_epoch)
         self.sampler.set_epoch(epoch, start=skip * self.loader.batch_size)
         return iter(self.loader)
+
+    def _observed(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The batches, their ``"damage"`` field taken out into ``self.damage`` (dropped batches included)."""
+        for batch in batches:
+            if self.damage is not None and "damage" in batch:
+                self.damage.observe(batch.pop("damage"))
+            yield batch
 
 
 def build_loader(

@@ -14,6 +14,7 @@ A skipped step still consumes its data and its step index (schedules and data po
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -224,6 +225,9 @@ def train(
     total, per_epoch, accum = cfg.derived.total_steps, cfg.derived.steps_per_epoch, cfg.train.grad_accum
     opt = Optimization(accelerator, model, optimizer, cfg.optim.clip_grad, backend, hooks=method)
     guard, window, step = NonFiniteGuard(cfg.train.max_nonfinite_steps, monitor.message), _Window(), start_step
+    damage = getattr(loader, "damage", None)  # what a shard stream leaves out (pretrain.data.ShardDamage)
+    if damage is not None:
+        damage.report = partial(_warn_damage, accelerator, monitor, damage)
     model.train()
     while step < total:
         epoch, done = divmod(step, per_epoch)
@@ -237,7 +241,7 @@ def train(
             monitor.advance()
             hooks_start = time.perf_counter()
             if step % cfg.logging.every_steps == 0 or step == total:
-                _log(cfg, accelerator, monitor, window, outcome.out, step, schedules)
+                _log(cfg, accelerator, monitor, window, outcome.out, step, schedules, damage)
                 window = _Window()
             _after_step(cfg, backend, method, monitor, outcome, step, evaluate)
             if (step % cfg.checkpoint.every_steps == 0 or step == total or outcome.stop) and guard.in_a_row == 0:
@@ -293,7 +297,18 @@ class _Window:
         self.grad_norm = outcome.grad_norm
 
 
-def _log(cfg, accelerator, monitor, window, out, step, schedules) -> None:
+def _warn_damage(accelerator, monitor, damage, reason: str) -> None:
+    """A warning line and event for a shard or sample the shard stream left out (rank 0 writes the event; other
+    ranks print their own finds, which rank 0 may meet later)."""
+    text = f"left out of training: {reason} ({damage.shards} damaged shard(s), {damage.samples} rejected sample(s) so far)"  # fmt: skip
+    if accelerator.is_main_process:
+        counts = {"shards_damaged": damage.shards, "samples_rejected": damage.samples}
+        monitor.message(f"warning: {text}", event="warning", message=text, **counts)
+    else:
+        print(f"rank {accelerator.process_index}: warning: {text}", file=sys.stderr)
+
+
+def _log(cfg, accelerator, monitor, window, out, step, schedules, damage=None) -> None:
     # The reduce is a collective: every process comes here; only the main one writes.
     loss = accelerator.reduce(torch.as_tensor(window.loss, device=accelerator.device).float(), "mean")
     elapsed = time.perf_counter() - window.start
@@ -305,6 +320,8 @@ def _log(cfg, accelerator, monitor, window, out, step, schedules) -> None:
         "grad_norm": window.grad_norm,
         "img_s": window.steps * cfg.derived.global_batch / max(elapsed, 1e-9),
     }
+    if damage is not None:  # this rank's counts (every rank draws from every shard)
+        metrics.update(shards_damaged=damage.shards, samples_rejected=damage.samples)
     metrics.update({k: float(v) for k, v in out.items() if k not in ("loss", "embeddings") and v.ndim == 0})
     if "embeddings" in out and accelerator.is_main_process:
         metrics["embedding_std"] = embedding_std(out["embeddings"])

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from data_shards.codec import match_channels
 from pretrain.backbones import pooled_features
 from pretrain.distributed import gpu_supports_bf16
+from pretrain.errors import ConfigError, InputError
 
 
 def feature_precision(device: torch.device | str) -> str:
@@ -62,7 +63,7 @@ def extract_features(
         keys.extend(str(k) for k in batch.get("key", ()))
     backbone.train(was_training)
     if not features:
-        raise ValueError("the dataset is empty: no features to extract")
+        raise InputError("the dataset is empty: no features to extract")
     return torch.cat(features), labels, keys
 
 
@@ -114,9 +115,9 @@ def knn_scores(
     """train (M, D) with labels (M,) int64 or (M, K) float, test (N, D) -> scores (N, C), rows summing to 1
     for single-label, each in [0, 1] for multi-label."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     k = min(k, len(train_features))
     train = F.normalize(train_features.float(), dim=1)
     multilabel = train_labels.ndim == 2

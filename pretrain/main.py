@@ -3,7 +3,10 @@
 The run directory (``train.run_dir``) receives ``config.yaml`` (resolved, with derived values), checkpoints
 (``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, the trackers' folders (``tensorboard/``; ``wandb/``, ``mlruns/``), ``figures/`` and, at the end, the release
 folder ``release/`` (``pretrain.release``: what ``medfm export`` writes). Running the same command again resumes
-from ``last.pt``.
+from ``last.pt``. One run at a time per run directory: the main process holds ``RUN_DIR/.medfm.lock``
+(``data_shards.outputs.lock_folder``: released by the kernel however the process ends) and a second
+``medfm pretrain`` on the same directory is refused (exit 1, naming the holder's pid and host) before it writes
+anything there.
 
 Several processes: launch the same command with ``accelerate launch --multi_gpu --num_processes N
 [--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
@@ -28,6 +31,8 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset
 
+from data_shards.errors import FolderInUse, MissingInputError
+from data_shards.outputs import FolderLock, lock_folder
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as dist
 from pretrain.backends import backend_for
@@ -61,8 +66,12 @@ def run_pretraining(cfg: DictConfig) -> int:
     resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend and precision it started with
     accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
     setup = [*resumed, *setup]
-    monitor, failed = None, False
+    monitor, failed, lock = None, False, None
     try:
+        with dist.as_collective_failure(cfg):
+            lock = lock_run_dir(accelerator, Path(cfg.train.run_dir))
+        if lock is not None and lock.warning:
+            setup.append(f"warning: {lock.warning}")
         backend = backend_for(accelerator, cfg)
         loader, model, evaluate = build(cfg, accelerator)
         run_dir = Path(cfg.train.run_dir)
@@ -110,7 +119,28 @@ def run_pretraining(cfg: DictConfig) -> int:
     finally:
         if monitor is not None:
             monitor.close()
+        if lock is not None:
+            lock.release()
         dist.shutdown(accelerator, failed=failed)
+
+
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> FolderLock | None:
+    """The run directory's lock, taken by the main process (the only one that writes there; None elsewhere).
+    A refusal reaches every process (one collective), so that a refused multi-process run stops on all of them
+    instead of leaving the others waiting in the next collective."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_folder(run_dir, "medfm pretrain")
+        except FolderInUse as err:
+            refused = err
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(refused is not None), device=accelerator.device)
+        if float(accelerator.reduce(flag, "sum")) > 0 and refused is None:
+            refused = FolderInUse(f"{run_dir} is being written by another medfm pretrain (the main process names it)")
+    if refused is not None:
+        raise refused
+    return lock
 
 
 def settle_from_run_dir(cfg: DictConfig) -> list[str]:
@@ -147,10 +177,12 @@ def build(cfg: DictConfig, accelerator: Accelerator) -> tuple[EpochLoader, SSLMe
     rank, world = accelerator.process_index, accelerator.num_processes
     try:
         size = dataset_size(cfg.data.spec, cfg.data.split, world)
-    except ConfigError:
-        raise
-    except (FileNotFoundError, ValueError) as err:  # a missing folder, an unfinished shard set, an empty source
+    except (ConfigError, MissingInputError) as err:  # a spec naming nothing: data.spec is the key to change
+        if isinstance(err, ConfigError) and "config key" in str(err):  # names its key already (data.split ...)
+            raise
         raise ConfigError(f"config key 'data.spec': {err}") from None
+    # An input that is there but cannot be used (an edited manifest, a csv row, an empty source) is an
+    # InputError / ManifestError naming the file: exit 1, as in medfm eval and medfm shard.
     derive(cfg, world, size)
     method_cls = METHODS[cfg.method]
     loader = build_loader(

@@ -7,7 +7,11 @@ MLflow file store in ``RUN_DIR/mlruns`` without telemetry. TensorBoard writes ``
 project and the MLflow experiment are named ``medfm``, the run after its folder.
 
 Collapse metrics follow Chen & He 2021 (std of L2-normalised embeddings: 0 when collapsed, about
-1/sqrt(D) for an isotropic gaussian) and Garrido et al. 2023 (RankMe effective rank: 1 when collapsed).
+1/sqrt(D) for an isotropic gaussian) and Garrido et al. 2023 (RankMe effective rank: 1 when collapsed); both are
+NaN, never an error, for embeddings that hold NaN or infinite values (a diverging run is reported by the loop).
+
+``metrics.jsonl`` is strict JSON (RFC 8259), one object a line: a NaN or an infinity is written as ``null``
+(``json.loads`` of Python, ``jq`` and pandas read every line). A full disk while writing it raises ``DiskFull``.
 """
 
 from __future__ import annotations
@@ -27,17 +31,24 @@ from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from data_shards.outputs import disk_full, is_disk_full
+
 
 @torch.no_grad()
 def embedding_std(embeddings: Tensor) -> float:
-    """Mean per-dimension std of L2-normalised (B, D) embeddings: 0 for a collapsed representation."""
+    """Mean per-dimension std of L2-normalised (B, D) embeddings: 0 for a collapsed representation; NaN when an
+    embedding is not finite."""
     return float(std_of_l2_normalized(embeddings.float()))
 
 
 @torch.no_grad()
 def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
-    """RankMe: exp(entropy of the normalised singular values) of (B, D) embeddings, in [1, min(B, D)]."""
-    singular = torch.linalg.svdvals(embeddings.float())
+    """RankMe: exp(entropy of the normalised singular values) of (B, D) embeddings, in [1, min(B, D)]; NaN when
+    an embedding is not finite (the SVD does not converge on those)."""
+    try:  # no finiteness check first: that would be one more host sync
+        singular = torch.linalg.svdvals(embeddings.float())
+    except torch.linalg.LinAlgError:  # raised on CPU; a GPU solver returns NaN singular values instead
+        return math.nan
     p = singular / (singular.sum() + eps) + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -65,6 +76,22 @@ def tracker_init_kwargs(trackers: list[str], run_dir: Path) -> dict[str, dict[st
     if "mlflow" in trackers:
         kwargs["mlflow"] = {"run_name": Path(run_dir).name}
     return kwargs
+
+
+def strict_json(record: dict[str, Any]) -> str:
+    """One JSON line that every parser reads: NaN and infinities (which ``json.dumps`` writes as the non-JSON
+    ``NaN`` / ``Infinity``) become null, in nested values too."""
+    return json.dumps(_finite_or_none(record), allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def flat_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
@@ -115,8 +142,7 @@ class Monitor:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
-        self.jsonl.flush()
+        self._write({"step": step, "time": round(time.time(), 3), **metrics})
         if self.accelerator is not None:
             values = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             self.accelerator.log(values, step=step)
@@ -157,13 +183,27 @@ class Monitor:
     def event(self, **fields: Any) -> None:
         """A JSON line only (what was already said to the user elsewhere)."""
         if self.enabled:
-            self.jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+            self._write({"time": round(time.time(), 3), **fields})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        try:
+            self.jsonl.write(strict_json(record) + "\n")
             self.jsonl.flush()
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise disk_full(self.run_dir / "metrics.jsonl", "the checkpoints in the run directory are intact",
+                            "rerun the same command to resume") from err  # fmt: skip
 
     def close(self) -> None:
-        for item in (self.bar, self.jsonl):
-            if item is not None:
-                item.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            try:
+                self.jsonl.close()
+            except OSError as err:  # a full disk: the failure that stopped the run says so already
+                if not is_disk_full(err):
+                    raise
         if self.enabled and self.accelerator is not None:
             for tracker in self.accelerator.trackers:  # also after a failure: what was logged reaches the disk
                 tracker.finish()

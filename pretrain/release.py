@@ -17,7 +17,16 @@ in. It reads a release folder, a bare weights file, or a run directory: its ``re
 the newest checkpoint, else the newest checkpoint (the method rebuilt from its saved config, the release module
 taken). No pickled code runs: safetensors, or ``torch.load(weights_only=True)``. :func:`check_keys` is the one
 key checker (the release's weights, a checkpoint's method state, downstream's load): it names every missing,
-unexpected and mis-shaped key.
+unexpected and mis-shaped key, and then (``check_dtypes``) refuses integer weights where the model has floating
+ones (an int8 re-save has the right names and shapes, and ``load_state_dict`` would cast it silently).
+``config.json`` is data, never code (``pretrain.weights.check_release_config``, for warm starts too): the architecture must be a timm model (or a
+``module:NAME`` registered in this process; nothing named in a release is imported), ``model_args`` an object
+without timm's loading arguments, sizes and channels within bounds; anything else is a ``LoadError`` naming the
+file and the key, before any weight is read.
+
+A release is written whole or not at all (:func:`write_release`): into a temporary sibling folder that then takes
+the release folder's place by renames, one writer at a time, with nothing left behind by an error, a full disk
+or a stop signal.
 
 Evaluation results in the model card come from results files that downstream writes beside each result,
 ``results_summary.json`` (:data:`RESULTS_NAME`, :func:`write_results_summary`)::
@@ -42,6 +51,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +65,11 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from data_shards.outputs import disk_full, interrupting_signals, is_disk_full, lock_folder
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import MODULE_PREFIX, build_backbone
 from pretrain.backends import zero_checkpoint
-from pretrain.config import PretrainConfig, migrate_legacy_keys, to_dict
+from pretrain.config import PretrainConfig, check_output_path, migrate_legacy_keys, to_dict
 from pretrain.errors import ConfigError, ReleaseError
 from pretrain.methods import METHODS
 from pretrain.weights import (
@@ -70,9 +81,9 @@ from pretrain.weights import (
     Release,
     check_keys,
     read_config,
+    read_release_folder,
     read_weights,
     refused,
-    release_from_config_json,
     safe_torch_load,
     weights_in,
 )
@@ -193,7 +204,8 @@ def _load_method_state(method: nn.Module, state: dict[str, torch.Tensor], path: 
 
 def model_args(cfg: DictConfig, backbone: nn.Module) -> dict[str, Any]:
     """The ``timm.create_model`` kwargs that rebuild the released weights' shapes (besides ``num_classes=0``)."""
-    extra = {k: v for k, v in to_dict(cfg)["model"]["backbone_kwargs"].items() if k not in _RUNTIME_KWARGS}
+    kwargs = to_dict(cfg, resolve=True)["model"]["backbone_kwargs"]  # values: they build the model
+    extra = {k: v for k, v in kwargs.items() if k not in _RUNTIME_KWARGS}
     args: dict[str, Any] = {"in_chans": cfg.data.in_chans}
     # Models with a fixed token grid (ViTs) take img_size: it sets the position-embedding shape.
     user_module = cfg.model.backbone.startswith(MODULE_PREFIX)  # rebuilt by medfm at this size, not by timm
@@ -233,7 +245,7 @@ def release_config(run: RunBackbone, data: dict[str, Any]) -> dict[str, Any]:
         "objective_description": METHODS[cfg.method].description,
         "exported_module": run.module_name,
         "steps": steps,
-        "epochs": cfg.schedule.epochs,
+        "epochs": plain["schedule"]["epochs"],  # the recipe as written (to_dict), like the "recipe" below
         "global_batch": cfg.derived.global_batch,
         "images_seen": steps * (cfg.derived.global_batch or 0),
         "in_chans": chans,
@@ -244,7 +256,7 @@ def release_config(run: RunBackbone, data: dict[str, Any]) -> dict[str, Any]:
         "recipe": {
             **{key: plain[key] for key in (cfg.method, "augment", "optim", "schedule", "model")},
             "precision": plain["train"]["precision"],
-            "seed": cfg.train.seed,
+            "seed": plain["train"]["seed"],
         },
         "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
         # The warm-start source (model.init) and its weights file's sha256; None: random init.
@@ -304,8 +316,12 @@ def release_contents(run: RunBackbone) -> tuple[dict[str, Any], dict[str, torch.
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> None:
-    """A release goes into an absent or empty folder, or replaces one's files with ``overwrite``."""
+    """A release goes into an absent or empty folder, or replaces one with ``overwrite``; a folder medfm creates
+    holds no control character (the Python API's ``out_dir`` as the CLI's ``--out``)."""
+    check_output_path(out_dir, "the release folder")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a release folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} is not empty (pass overwrite=True / --overwrite to replace the release)")
 
@@ -318,21 +334,32 @@ def write_release(
     results: Iterable[tuple[str, dict[str, Any]]] = (),
     overwrite: bool = False,
 ) -> Path:
-    """Write a release folder (weights, config.json, README.md); returns ``out_dir``.
+    """Write a release folder (weights, config.json, README.md) whole, or leave ``out_dir`` as it was; returns it.
+
+    The files go into a temporary sibling folder ``.NAME.PID.tmp`` (same file system), are read back and synced,
+    and that folder takes the place of ``out_dir`` by renames: the old folder to ``.NAME.PID.old``, the new one to
+    ``out_dir``, then the old one is removed. A reader sees the old release or the new one, never a mix; between
+    the two renames (microseconds) it sees none, and a process killed right there (SIGKILL) leaves the old
+    release in ``.NAME.PID.old``, which the next write puts back before it starts. An error, a full disk
+    (``DiskFull``) or SIGTERM / SIGHUP removes the temp folder and leaves ``out_dir`` untouched. One writer at a
+    time: the lock file ``.NAME.lock`` beside it (``data_shards.outputs.lock_folder``).
 
     Args:
         out_dir: the release folder; must be empty or absent unless ``overwrite``.
         config: ``config.json`` content: timm's hub layout plus the ``medfm`` section (:func:`release_config`).
-        state_dict: the backbone's weights, any device; checked against timm before writing and read back after.
+        state_dict: the backbone's weights, any device; checked against timm (names, shapes, dtypes; no NaN or
+            infinity) before writing and read back after.
         results: ``(name, results)`` pairs for the card's evaluation table (:func:`find_results`).
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     architecture, model_args = config["architecture"], config["model_args"]
-    weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    check_release_keys(architecture, model_args, state, weights)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_release_keys(architecture, model_args, state, out_dir / WEIGHTS_NAME)
+    bad = ckpt.first_nonfinite(state)
+    if bad is not None:
+        raise ExportError(f"{out_dir / WEIGHTS_NAME}: {bad} holds NaN or infinite values: a diverged run is not "
+                          "released; export an earlier checkpoint (--checkpoint)")  # fmt: skip
     medfm = config.get("medfm", {})
     metadata = {
         "format": "pt",  # what Hugging Face tooling expects of a PyTorch safetensors file
@@ -341,13 +368,66 @@ def write_release(
         "objective": str(medfm.get("objective")),
         "step": str(medfm.get("steps")),
     }
-    tmp = _tmp_path(weights)
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, weights)
-    check_release_keys(architecture, model_args, load_file(str(weights)), weights)
-    _write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    _write_text(out_dir / CARD_NAME, model_card(config, list(results)))
+    target = out_dir.resolve()  # "." has no name to put temp siblings beside
+    if target == target.parent:
+        raise ExportError(f"{out_dir}: a release folder cannot be the file system root")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    lock_file = target.with_name(f".{target.name}.lock")
+    # The signals outermost: the lock is let go (its file removed) before a stop signal ends the process.
+    with interrupting_signals(), lock_folder(out_dir, "medfm export", lock_file=lock_file):
+        _recover_interrupted_swap(target)
+        check_out_dir(out_dir, overwrite)  # again, now that no other writer can change it
+        try:
+            staging.mkdir()
+            save_file(state, str(staging / WEIGHTS_NAME), metadata=metadata)
+            check_release_keys(architecture, model_args, load_file(str(staging / WEIGHTS_NAME)), out_dir / WEIGHTS_NAME)
+            _write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+            _write_text(staging / CARD_NAME, model_card(config, list(results)))
+            _fsync_folder(staging)
+            _swap_in(staging, target)
+        except Exception as err:  # safetensors reports a full disk as a SafetensorError
+            if not is_disk_full(err):
+                raise
+            kept = "the release there is intact" if out_dir.is_dir() and any(out_dir.iterdir()) else "nothing was written there"  # fmt: skip
+            raise disk_full(f"the release {out_dir}", kept, "rerun the same command") from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """``new`` takes the place of ``out_dir`` (see :func:`write_release`)."""
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except BaseException:  # a signal or an error between the renames: the old release goes back
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_interrupted_swap(out_dir: Path) -> None:
+    """What a writer killed (SIGKILL) in the middle of :func:`write_release` left beside ``out_dir``: its temp folder
+    (removed) and, killed between the renames, the old release (put back when ``out_dir`` is missing)."""
+    for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.*.old"), key=lambda p: p.stat().st_mtime):
+        if not out_dir.exists():
+            os.rename(old, out_dir)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Each file's bytes on disk before the rename publishes them (a power cut must not publish empty files)."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def write_run_release(
@@ -377,8 +457,11 @@ def _tmp_path(path: Path) -> Path:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = _tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- read ------------------------------------------------------------------------------------------------------
@@ -396,7 +479,7 @@ def read_release(path: str | Path, architecture: str | None = None, model_args: 
         raise LoadError(f"{path} does not exist")
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
-            return release_from_config_json(path / CONFIG_NAME, weights_in(path))
+            return read_release_folder(path / CONFIG_NAME, weights_in(path))
         if ckpt.find_resume(path) is not None or (path / RUN_CONFIG).is_file():
             return _from_run(path)
         raise LoadError(
@@ -409,7 +492,7 @@ def read_release(path: str | Path, architecture: str | None = None, model_args: 
             return _from_run(path.parent, path)
     if architecture is None:
         if (path.parent / CONFIG_NAME).is_file():
-            return release_from_config_json(path.parent / CONFIG_NAME, path)
+            return read_release_folder(path.parent / CONFIG_NAME, path)
         raise LoadError(f"{path}: a bare weights file needs its architecture (no {CONFIG_NAME} beside it)")
     return Release(
         architecture=architecture,
@@ -423,7 +506,7 @@ def read_release(path: str | Path, architecture: str | None = None, model_args: 
 def _from_run(run_dir: Path, checkpoint: Path | None = None) -> Release:
     if checkpoint is None and _release_is_current(run_dir):
         folder = run_dir / RELEASE_DIR
-        return release_from_config_json(folder / CONFIG_NAME, weights_in(folder))
+        return read_release_folder(folder / CONFIG_NAME, weights_in(folder))
     try:
         run = load_run(run_dir, checkpoint, deepspeed=False)
     except ExportError as err:

@@ -19,7 +19,7 @@ def cosine_schedule(
     Returns float64 (total_steps,); the last step takes exactly ``final`` (when there are decay steps).
     """
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps {warmup_steps} not in [0, total_steps={total_steps}]")
+        raise ConfigError(f"warmup_steps {warmup_steps} not in [0, total_steps={total_steps}]")
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
     decay_steps = total_steps - warmup_steps
     progress = np.arange(decay_steps) / max(1, decay_steps - 1)

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.errors import InputError, MissingInputError
+
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
 JOBS = ("pretrain", "finetune")
 
@@ -36,7 +38,7 @@ def render(job: str, config: str, overrides: list[str], resources: Resources) ->
     """The template of ``job`` with ``resources`` in its #SBATCH lines and ``config overrides`` as default arguments."""
     template = TEMPLATES / f"{job}.sbatch"
     if not template.is_file():
-        raise FileNotFoundError(f"template {template} not found (medfm slurm runs from a clone of the repository)")
+        raise MissingInputError(f"template {template} not found (medfm slurm runs from a clone of the repository)")
     text = template.read_text()
     values = {
         "nodes": str(resources.nodes),
@@ -51,7 +53,7 @@ def render(job: str, config: str, overrides: list[str], resources: Resources) ->
     for key, value in values.items():
         text, count = re.subn(rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}", text, flags=re.MULTILINE)
         if count != 1 and key in ("nodes", "time"):
-            raise ValueError(f"template {template} has no single '#SBATCH --{key}=' line")
+            raise InputError(f"template {template} has no single '#SBATCH --{key}=' line")
     extra = [
         f"#SBATCH --{key}={value}"
         for key, value in (("partition", resources.partition), ("account", resources.account))

@@ -4,7 +4,9 @@ contract (``pretrain.release`` writes releases and reads run directories through
 Readers: a release or timm hub folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``), a bare
 ``.safetensors`` file, a ``.pt`` / ``.pth`` / ``.bin`` state dict (``torch.load(weights_only=True)``: a file that
 needs pickle is refused). :func:`check_keys` is the one key checker: it names every missing, unexpected and
-mis-shaped key.
+mis-shaped key, then every tensor whose kind differs (:func:`check_dtypes`: integers where the model has floats).
+A folder's ``config.json`` is data, never code (:func:`check_release_config`), for a release read by ``medfm eval``
+as for a warm start or a baseline.
 
 Warm starts (``model.init``, :func:`load_init`): any of those sources, a pretraining run directory's
 ``release/``, or ``hf-hub:ORG/NAME`` resolved from the local Hugging Face cache only (nothing is downloaded), is
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -33,6 +36,8 @@ from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
 from data_shards.codec import file_sha256
+from pretrain import backbones
+from pretrain.backbones import MODULE_PREFIX
 from pretrain.errors import ReleaseError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -42,10 +47,20 @@ HF_PREFIX = "hf-hub:"
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 # Keys that only pretraining used: an MAE decoder and mask token, DINOv2's mask token.
 _PRETRAINING_ONLY = ("decoder", "mask_token")
+MAX_IMG_SIZE = 8192  # px per side a release may declare: a ViT's position embedding grows with its square
+MAX_IN_CHANS = 512
+# timm.create_model arguments that load or describe other weights: never taken from a release's model_args.
+_LOADING_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                 "num_classes", "features_only")  # fmt: skip
 
 
 class LoadError(ReleaseError):
     """Weights that cannot be loaded as asked: unknown source, refused pickle, or keys that do not match."""
+
+
+class ReleaseConfigError(LoadError, ValueError):
+    """A release's ``config.json`` that is not a plain description of a timm model (the message names the file and
+    the key). A ``ValueError`` too, as the builder's errors it replaces were."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ def check_keys(
     unexpected = sorted(set(loaded) - set(expected))
     wrong = sorted(k for k in set(loaded) & set(expected) if loaded[k].shape != expected[k].shape)
     if not (missing or unexpected or wrong):
+        check_dtypes(expected, loaded, source, model=model, error=error)  # names and shapes match: now the kinds
         return
     parts = []
     if missing:
@@ -187,8 +203,79 @@ def read_config(config_path: Path) -> dict[str, Any]:
     return config
 
 
-def release_from_config_json(config_path: Path, weights: Path) -> Release:
-    return Release.from_config(read_config(config_path), read_weights(weights), weights)
+def check_dtypes(
+    expected: Mapping[str, Tensor],
+    loaded: Mapping[str, Tensor],
+    source: str | Path,
+    *,
+    model: str = "the model",
+    error: type[ReleaseError] = LoadError,
+) -> None:
+    """Raise ``error`` naming the tensors of ``loaded`` whose kind differs from the model's: floating-point
+    weights where the model has floating-point tensors (any float precision: fp16 / bf16 releases load), integer
+    ones where it has integers (BatchNorm's ``num_batches_tracked``). Keys only one side has: :func:`check_keys`."""
+    wrong = [
+        f"{k} {str(loaded[k].dtype).removeprefix('torch.')} vs model {str(expected[k].dtype).removeprefix('torch.')}"
+        for k in sorted(set(loaded) & set(expected))
+        if loaded[k].is_floating_point() != expected[k].is_floating_point()
+    ]
+    if wrong:
+        more = f", ... and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise error(
+            f"{source}: weights of the wrong dtype for {model} ({len(wrong)}): {', '.join(wrong[:5])}{more}; "
+            "released weights are floating point (was the file re-saved or quantized? export it again)"
+        )
+
+
+def check_release_config(config: dict[str, Any], path: str | Path) -> None:
+    """Refuse a ``config.json`` that is not a plain description of a timm model (see the module doc), naming the
+    file and the key; nothing it names is imported or built here."""
+
+    def refuse(key: str, why: str) -> None:
+        raise ReleaseConfigError(f"{path}: key {key!r} {why}")
+
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        refuse("architecture", f"must be a timm model name, got {architecture!r}")
+    if architecture.startswith(MODULE_PREFIX):
+        # A user module is built from the class the user registered in this process, never imported by name.
+        if architecture.removeprefix(MODULE_PREFIX) not in backbones._registered:
+            refuse("architecture", f"is {architecture!r}, a user module that is not registered in this process: "
+                   "register its class first (medfm.register_module); medfm never imports code a release names")  # fmt: skip
+    elif not timm.is_model(architecture):
+        refuse("architecture", f"is {architecture!r}, not a timm model (timm.list_models()); medfm never imports "
+               "code a release names")  # fmt: skip
+    for key in ("model_args", "pretrained_cfg", "medfm"):
+        if key in config and not isinstance(config[key], dict):
+            refuse(key, f"must be a JSON object, got {type(config[key]).__name__} {str(config[key])[:60]!r}")
+    args = config.get("model_args", {})
+    loading = sorted(set(args) & set(_LOADING_ARGS))
+    if loading:
+        refuse(f"model_args.{loading[0]}", "is not a model argument (it loads or describes other weights)")
+    if "img_size" in args:
+        sizes = args["img_size"] if isinstance(args["img_size"], list) else [args["img_size"]]
+        if not sizes or len(sizes) > 2 or not all(_int_in(v, 1, MAX_IMG_SIZE) for v in sizes):
+            refuse("model_args.img_size", f"must be an image side (or [height, width]) of 1 to {MAX_IMG_SIZE} px, got {args['img_size']!r}")  # fmt: skip
+    if "in_chans" in args and not _int_in(args["in_chans"], 1, MAX_IN_CHANS):
+        refuse("model_args.in_chans", f"must be a channel count of 1 to {MAX_IN_CHANS}, got {args['in_chans']!r}")
+    input_size = config.get("pretrained_cfg", {}).get("input_size")
+    if input_size is not None and not (
+        isinstance(input_size, list) and len(input_size) == 3 and _int_in(input_size[0], 1, MAX_IN_CHANS)
+        and all(_int_in(v, 1, MAX_IMG_SIZE) for v in input_size[1:])
+    ):  # fmt: skip
+        refuse("pretrained_cfg.input_size", f"must be [channels, height, width] within bounds, got {input_size!r}")
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def read_release_folder(config_path: Path, weights: Path) -> Release:
+    """A release (or timm hub) folder's ``config.json``, checked (:func:`check_release_config`) before its weights
+    are read."""
+    config = read_config(config_path)
+    check_release_config(config, config_path)
+    return Release.from_config(config, read_weights(weights), weights)
 
 
 # --- warm starts -----------------------------------------------------------------------------------------------
@@ -246,15 +333,18 @@ def read_init(source: str, architecture: str, key: str = "model.init") -> Releas
     if path.is_dir():
         for folder in (path, path / "release"):  # a release / hub folder, or a run directory's release
             if (folder / CONFIG_NAME).is_file():
-                config = json.loads((folder / CONFIG_NAME).read_text())
-                if "architecture" not in config:
-                    kind = config.get("model_type", "unknown")
+                try:
+                    config = json.loads((folder / CONFIG_NAME).read_text())
+                except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+                    raise LoadError(f"{key}: {folder / CONFIG_NAME}: cannot read the release config: {err}") from None
+                if isinstance(config, dict) and "architecture" not in config and "model_type" in config:
+                    kind = config["model_type"]
                     raise LoadError(
                         f"{key}: {folder / CONFIG_NAME} is a transformers-format config (model_type {kind!r}), "
                         "not a timm one: use the timm snapshot of the model (e.g. hf-hub:timm/"
                         "vit_base_patch14_dinov2.lvd142m) or its original checkpoint file"
                     )
-                return release_from_config_json(folder / CONFIG_NAME, weights_in(folder))
+                return read_release_folder(folder / CONFIG_NAME, weights_in(folder))
         raise LoadError(
             f"{key}: {path} has no {CONFIG_NAME} (a release, a timm hub snapshot, or a run directory with "
             "release/; for a run still training, `medfm export` it first)"

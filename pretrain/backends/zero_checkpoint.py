@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.checkpoint import VERSION, atomic_save
-from pretrain.errors import ConfigError, ReleaseError
+from pretrain.checkpoint import VERSION, atomic_save, first_nonfinite, nonfinite_message
+from pretrain.errors import ConfigError, MissingInputError, ReleaseError, TrainingDiverged
 
 DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
 META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
@@ -97,7 +97,7 @@ def find_deepspeed_resume(run_dir: str | Path) -> Path | None:
 def load_meta(path: Path) -> dict[str, Any]:
     meta = torch.load(Path(path) / META, map_location="cpu", weights_only=True)
     if meta.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta.get('version')} (this code reads {VERSION})")
+        raise ReleaseError(f"{path}: checkpoint version {meta.get('version')} (this code reads {VERSION})")
     return meta
 
 
@@ -116,7 +116,7 @@ def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) 
         load_lr_scheduler_states=False,
     )  # fmt: skip
     if loaded is None:
-        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
+        raise MissingInputError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
     for name, state in meta["momentum"].items():
         getattr(method, name).load_state_dict(state)
     return meta
@@ -177,7 +177,7 @@ def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
     if not (path / META).is_file():
         found = find_deepspeed_resume(path)
         if found is None:
-            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
+            raise MissingInputError(f"{path}: no DeepSpeed checkpoint ({LAST_DIR}/ or step-*/ with {META})")
         path = found
     with weights_only_loads(path):  # a downloaded "run" must not execute code when it is exported
         meta = load_meta(path)
@@ -221,6 +221,15 @@ class DeepSpeedStore:
     def save(self, step: int, meta: dict[str, Any]) -> None:
         method = self.method()
         momentum = {name: getattr(method, name).state_dict() for name in method.momentum_modules}
+        # Each rank checks what it holds (ZeRO-3: its partitions are outside the module, left unchecked) and all
+        # agree, so that no rank enters the collective save alone.
+        module = self.engine.module
+        local = {"model": {**dict(module.named_parameters()), **dict(module.named_buffers())}, "momentum": momentum}
+        bad = first_nonfinite(local)
+        flag = torch.tensor(float(bad is not None), device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, "sum")) > 0:
+            intact = f"the checkpoint that {LAST_DIR} points at is intact"
+            raise TrainingDiverged(nonfinite_message(step, bad, self.run_dir, intact))
         save_deepspeed(self.accelerator, self.engine, self.run_dir, {**meta, "step": step, "momentum": momentum},
                        step, keep=self.keep)  # fmt: skip
 

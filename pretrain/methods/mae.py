@@ -65,21 +65,21 @@ class MAE(SSLMethod):
     ):
         super().__init__()
         if not is_vit(backbone):
-            raise ValueError(
+            raise ConfigError(
                 f"MAE needs a timm VisionTransformer backbone (e.g. vit_small_patch16_224), got "
                 f"{type(backbone).__name__}: masking drops patch tokens, which a CNN does not have. "
                 "Use dino, simclr or moco for CNN backbones."
             )
         patch = backbone.patch_embed.patch_size
         if patch[0] != patch[1]:
-            raise ValueError(f"MAE needs square patches, got {patch}")
+            raise ConfigError(f"MAE needs square patches, got {patch}")
         self.patch_size = patch[0]
         self.in_chans = backbone.patch_embed.proj.in_channels
         self.num_patches = backbone.patch_embed.num_patches
         self.num_prefix = backbone.num_prefix_tokens
         self.num_keep = int(self.num_patches * (1 - mask_ratio))
         if self.num_keep < 1:
-            raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {self.num_patches}")
+            raise ConfigError(f"mask_ratio {mask_ratio} keeps no patch of {self.num_patches}")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         # MaskedVisionTransformerTIMM re-initialises the ViT as in MAE (xavier, fixed sin-cos positions), unless the

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_shards.images import ImageFile, NpzChunk, csv_units, imagefolder_units, npz_units
+from data_shards.images import ImageFile, NpzChunk, csv_rows, csv_units, imagefolder_units, npz_units
 from data_shards.nifti import NiftiFile, is_nifti
 from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput
 from data_shards.windows import apply_window, quantize
@@ -410,10 +410,12 @@ def test_csv_single_label(shared_data, tmp_path):
     assert record.meta["class_name"] == "normal" and record.label == 0
     nifti_path = shared_data / "nifti" / "anatomical.nii"
     csv_path.write_text(f"File,grade\na.jpg,3\n{nifti_path},7\nunlabeled.jpg,\n")
-    with pytest.raises(ValueError, match="empty value in label column 'grade'"):
-        csv_units(csv_path)
+    with pytest.raises(ValueError, match="line 4: no label in column 'grade'"):
+        csv_units(csv_path, allow_outside=True)
     csv_path.write_text(f"File,grade\na.jpg,3\n{nifti_path},7\n")
-    image_unit, nifti = csv_units(csv_path)
+    with pytest.raises(ValueError, match=r"line 3 .*anatomical.nii.*: path outside the CSV's folder"):
+        csv_units(csv_path)  # an absolute path elsewhere needs the explicit switch
+    image_unit, nifti = csv_units(csv_path, allow_outside=True)
     assert (image_unit.label, image_unit.class_name) == (3, None)
     assert isinstance(nifti, NiftiFile) and nifti.label == 7 and nifti.source == "anatomical.nii"
     csv_path.write_text("name,label\na.jpg,1\n")
@@ -428,3 +430,18 @@ def test_csv_dicom_rows(tmp_path):
     units = csv_units(csv_path)
     assert all(isinstance(u, dicom.DicomFile) for u in units)
     assert [u.label for u in units] == [None, None]
+
+
+def test_csv_split_column_is_read_not_taken_for_a_label(tmp_path):
+    write_images(tmp_path / "img", ["a.png", "b.png", "c.png"])
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,finding,Split\nimg/a.png,effusion,train\nimg/b.png,normal,Valid\nimg/c.png,normal,test\n")
+    rows = csv_rows(csv_path)
+    assert [(r.line, r.split, r.unit.split, r.unit.label) for r in rows] == [
+        (2, "train", "train", 0),
+        (3, "val", "val", 1),
+        (4, "test", "test", 1),
+    ]
+    csv_path.write_text("path,finding,split\nimg/a.png,effusion,holdout\n")
+    with pytest.raises(ValueError, match=r"labels.csv:2: column 'split' has 'holdout'; expected train/val/test"):
+        csv_units(csv_path)

@@ -98,7 +98,7 @@ def test_the_fp16_loss_scale_travels_with_the_checkpoint(tmp_path):
     def store(scale: float) -> TorchStore:
         model = nn.Linear(2, 1)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-        accelerator = SimpleNamespace(is_main_process=True, scaler=scaler, unwrap_model=lambda m: m,
+        accelerator = SimpleNamespace(is_main_process=True, num_processes=1, scaler=scaler, unwrap_model=lambda m: m,
                                       wait_for_everyone=lambda: None)  # fmt: skip
         return TorchStore(accelerator, tmp_path, 1, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
