@@ -160,7 +160,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    base_lr: float = field(default=1.5e-4, metadata=POSITIVE)  # for a global batch of 256; scaled linearly (derived.lr)
+    # lr at the objective's reference batch, scaled by its rule to derived.lr: linear from 256 (MAE, DINO, MoCo,
+    # SimCLR), square root from 1024 (DINOv2, whose reference base_lr is 0.004)
+    base_lr: float = field(default=1.5e-4, metadata=POSITIVE)
     min_lr: float = field(default=0.0, metadata=NON_NEGATIVE)  # absolute, end of the cosine decay
     weight_decay: float = field(default=0.05, metadata=NON_NEGATIVE)
     # cosine weight-decay schedule to this value; None: constant
@@ -251,6 +253,7 @@ class DerivedConfig:
     world_size: int | None = None
     global_batch: int | None = None
     lr: float | None = None
+    lr_scaling: str | None = None  # the objective's rule (pretrain.schedules.LrScaling): how lr follows the batch
     samples_per_epoch: int | None = None
     steps_per_epoch: int | None = None
     total_steps: int | None = None
@@ -585,9 +588,10 @@ def validate(cfg: DictConfig) -> None:
 def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     """Fill ``cfg.derived``: the only place numbers are computed from other numbers.
 
-    global_batch = batch_size x world_size x grad_accum; lr = base_lr x global_batch / 256 (linear scaling,
-    Goyal et al. 2017, as in MAE and DINO); an epoch is ``samples_per_epoch`` samples (default: the dataset
-    size) rounded down to whole optimizer steps; every schedule is indexed by the optimizer step.
+    global_batch = batch_size x world_size x grad_accum; lr = base_lr scaled by the objective's rule
+    (``SSLMethod.lr_scaling``: linear from 256, Goyal et al. 2017, as MAE and DINO; square root from 1024 for
+    DINOv2); an epoch is ``samples_per_epoch`` samples (default: the dataset size) rounded down to whole
+    optimizer steps; every schedule is indexed by the optimizer step.
     """
     derived = derive_steps(
         batch_size=cfg.train.batch_size,
@@ -597,6 +601,7 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
         base_lr=cfg.optim.base_lr,
         epochs=cfg.schedule.epochs,
         warmup_epochs=cfg.schedule.warmup_epochs,
+        lr_scaling=METHODS[cfg.method].lr_scaling,
     )
     cfg.derived = OmegaConf.merge(cfg.derived, derived)
     return cfg

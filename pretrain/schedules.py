@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,27 @@ def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
     return round(epochs * cfg.derived.steps_per_epoch)
 
 
+@dataclass(frozen=True)
+class LrScaling:
+    """How the peak learning rate follows the global batch: ``base_lr x (global_batch / reference_batch) ** power``.
+
+    ``base_lr`` is then the learning rate at ``reference_batch``, as each objective's reference code states it."""
+
+    rule: str  # what the saved config and the run log call it
+    reference_batch: int
+    power: float
+
+    def lr(self, base_lr: float, global_batch: int) -> float:
+        return base_lr * (global_batch / self.reference_batch) ** self.power
+
+
+# Linear (Goyal et al. 2017): MAE, DINO, MoCo v3, SimCLR and MAE's fine-tuning (``blr x eff_batch / 256``).
+LINEAR_256 = LrScaling("linear x batch / 256", 256, 1.0)
+# Square root wrt 1024: DINOv2 (``ssl_default_config.yaml`` ``scaling_rule: sqrt_wrt_1024``, base_lr 0.004), as
+# LightlyTrain's DINOv2. Linear scaling from 256 gives ViT-S at batch 64 1.25e-4 where DINOv2 gives 1e-3.
+SQRT_1024 = LrScaling("sqrt x (batch / 1024)", 1024, 0.5)
+
+
 def derive_steps(
     *,
     batch_size: int,
@@ -49,12 +71,13 @@ def derive_steps(
     epochs: float,
     warmup_epochs: float,
     max_steps: int | None = None,
+    lr_scaling: LrScaling = LINEAR_256,
 ) -> dict[str, Any]:
     """Every number of a run computed from other numbers, for pretraining and fine-tuning alike.
 
-    global_batch = batch_size x world_size x grad_accum; lr = base_lr x global_batch / 256 (linear scaling,
-    Goyal et al. 2017, as in MAE, DINO and MAE's fine-tuning); an epoch is ``samples`` rounded down to whole
-    optimizer steps; ``max_steps`` caps the total; every schedule is indexed by the optimizer step.
+    global_batch = batch_size x world_size x grad_accum; lr = ``lr_scaling.lr(base_lr, global_batch)`` (the
+    objective's rule: linear from 256 for most, square root from 1024 for DINOv2); an epoch is ``samples`` rounded
+    down to whole optimizer steps; ``max_steps`` caps the total; every schedule is indexed by the optimizer step.
     """
     global_batch = batch_size * world_size * grad_accum
     steps_per_epoch = samples // global_batch
@@ -69,7 +92,8 @@ def derive_steps(
     return {
         "world_size": world_size,
         "global_batch": global_batch,
-        "lr": base_lr * global_batch / 256,
+        "lr": lr_scaling.lr(base_lr, global_batch),
+        "lr_scaling": lr_scaling.rule,
         "samples_per_epoch": samples,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,

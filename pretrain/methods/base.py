@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pretrain.backbones import build_backbone, is_vit
 from pretrain.errors import ConfigError
-from pretrain.schedules import cosine_schedule, epochs_to_steps, linear_warmup_schedule
+from pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import MedicalAugment, MultiView, augment_from_section, multi_crop
 from pretrain.weights import load_init
 
@@ -39,6 +39,8 @@ class SSLMethod(nn.Module):
     Config: ClassVar[type]  # the dataclass of the method's config section (cfg.<METHODS key>)
     description: ClassVar[str]  # what the model card says: objective, paper, which module is released
     momentum_modules: tuple[str, ...] = ()
+    # How optim.base_lr follows the global batch (derived.lr), as the objective's reference code scales it.
+    lr_scaling: ClassVar[LrScaling] = LINEAR_256
 
     @staticmethod
     def check_config(section: DictConfig, need: Callable[[bool, str, str], None]) -> None:
@@ -192,3 +194,10 @@ def teacher_schedules(cfg: DictConfig, section: str) -> dict[str, Any]:
         ),
         "freeze_last_layer_steps": epochs_to_steps(cfg, d.freeze_last_layer_epochs),
     }
+
+
+def outside_autocast(device: torch.device) -> torch.autocast:
+    """A region that runs in the inputs' precision whatever the step's autocast: SSL losses whose centring and
+    nearest-neighbour search must see fp32 (the references turn autocast off there; under bf16 KoLeo picked the
+    true nearest neighbour 8 % of the time on clustered embeddings, and DINO's centre was averaged in bf16)."""
+    return torch.autocast(device.type, enabled=False)

@@ -30,6 +30,7 @@ from pretrain.methods.base import (
     check_local_crops,
     deterministic_copy,
     multi_crop_from_config,
+    outside_autocast,
     teacher_schedules,
 )
 from pretrain.transforms import MultiView
@@ -125,7 +126,9 @@ class DINO(SSLMethod):
             features.append(pooled_features(self.student_backbone, torch.cat(views[NUM_GLOBAL_CROPS:])))
         student_out = self.student_head(torch.cat(features)).chunk(len(views))
         teacher_temp = at_step(self.teacher_temp_schedule, step)
-        loss = self.criterion(list(teacher_out), list(student_out), teacher_temp=teacher_temp)
+        with outside_autocast(global_views.device):  # the centre is averaged and all-reduced in fp32
+            teacher_fp32, student_fp32 = [t.float() for t in teacher_out], [s.float() for s in student_out]
+            loss = self.criterion(teacher_fp32, student_fp32, teacher_temp=teacher_temp)
         return {
             "loss": loss,
             "embeddings": teacher_features[:batch_size].detach(),

@@ -46,8 +46,10 @@ from pretrain.methods.base import (
     check_local_crops,
     deterministic_copy,
     multi_crop_from_config,
+    outside_autocast,
     teacher_schedules,
 )
+from pretrain.schedules import SQRT_1024
 from pretrain.transforms import MultiView
 
 NUM_GLOBAL_CROPS = 2
@@ -91,6 +93,7 @@ class DINOv2(SSLMethod):
     """
 
     Config = DINOv2Config
+    lr_scaling = SQRT_1024  # DINOv2's sqrt_wrt_1024: base_lr is the lr at batch 1024 (0.004 in the reference)
     description = (
         "DINOv2 self-distillation with iBOT masked-patch and KoLeo terms (Oquab et al. 2023); "
         "released: the EMA teacher ViT"
@@ -235,7 +238,27 @@ class DINOv2(SSLMethod):
         teacher_patches / student_patches (M, K): of the M masked patch tokens; block_mask (2B, h, w);
         student_cls_tokens (2B, D): the student's global class tokens before the head (KoLeo); mask_index (M,):
         the masked patches' positions in ``block_mask.flatten()`` (None: found with ``nonzero``, a host sync).
+        Computed in fp32 whatever the step's autocast (the centres, KoLeo's nearest neighbours), as DINOv2.
         """
+        with outside_autocast(teacher_cls.device):
+            return self._losses_fp32(
+                *(t.float() for t in (teacher_cls, student_cls, teacher_patches, student_patches)), block_mask,
+                student_cls_tokens.float(), num_views=num_views, teacher_temp=teacher_temp, mask_index=mask_index,
+            )  # fmt: skip
+
+    def _losses_fp32(
+        self,
+        teacher_cls: Tensor,
+        student_cls: Tensor,
+        teacher_patches: Tensor,
+        student_patches: Tensor,
+        block_mask: Tensor,
+        student_cls_tokens: Tensor,
+        *,
+        num_views: int,
+        teacher_temp: float,
+        mask_index: Tensor | None,
+    ) -> dict[str, Tensor]:
         dino = self.dino_loss(list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)),
                               teacher_temp=teacher_temp)  # fmt: skip
         if teacher_patches.shape[0]:

@@ -223,3 +223,48 @@ def test_ibot_patch_loss_with_given_weights_is_lightlys():
     weights = mask_weights(mask, mask.flatten().nonzero().flatten())
     assert float(ibot_patch_loss(ours, teacher, student, weights, len(mask), 0.05)) == pytest.approx(float(expected), rel=1e-6)  # fmt: skip
     assert torch.equal(ours.center.value, theirs.center.value)
+
+
+def clustered(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Embeddings around one direction (cosine ~0.99 between any two), as chest X-rays give."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, d, generator=generator) * 10 + torch.randn(n, d, generator=generator)
+
+
+def test_koleo_and_the_centres_are_fp32_under_a_bf16_autocast():
+    """DINOv2 turns autocast off for KoLeo and computes the centres in fp32: under the step's bf16 autocast, the
+    terms and the centre buffers equal the fp32 ones (before: KoLeo's nearest neighbours came from a bf16 matmul)."""
+    torch.manual_seed(0)
+    batch, views, k = 8, 4, 128
+    teacher_cls, student_cls = clustered(2 * batch, k, 1), torch.randn(views * batch, k)
+    mask = torch.zeros(2 * batch, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = mask[3, 1:, 3] = True
+    teacher_patches, student_patches = clustered(int(mask.sum()), k, 2), torch.randn(int(mask.sum()), k)
+    cls_tokens = clustered(2 * batch, 192, 3)
+    args = (teacher_cls, student_cls, teacher_patches, student_patches, mask, cls_tokens)
+    reference, model = tiny_dinov2(), tiny_dinov2()
+    model.load_state_dict(reference.state_dict())
+    expected = reference.loss_terms(*args, num_views=views, teacher_temp=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.loss_terms(*args, num_views=views, teacher_temp=0.05)
+    koleo = sum(naive_koleo(c) for c in cls_tokens.chunk(2))
+    assert terms["koleo_loss"] == pytest.approx(float(koleo), rel=1e-5)
+    for name in ("dino_loss", "ibot_loss", "koleo_loss", "loss"):
+        assert terms[name].dtype == torch.float32 and terms[name] == pytest.approx(float(expected[name]), rel=1e-6)
+    for centre, fp32_centre in ((model.dino_loss.center, reference.dino_loss.center),
+                                (model.ibot_loss.center.value, reference.ibot_loss.center.value)):  # fmt: skip
+        assert centre.dtype == torch.float32 and torch.equal(centre, fp32_centre)
+
+
+def test_the_dino_centre_is_averaged_in_fp32_under_a_bf16_autocast(monkeypatch):
+    """The teacher outputs reach DINO's loss and centre in fp32 (before: the head's bf16 outputs, averaged in bf16)."""
+    from pretrain.methods import DINO
+
+    vit = build_backbone("vit_tiny_patch16_224", img_size=28, in_chans=1, depth=2, patch_size=7)
+    model = DINO(vit, [0.99] * 10, [0.04] * 10, 0, 64, 32, 128)
+    seen, update = [], model.criterion.update_center
+    monkeypatch.setattr(model.criterion, "update_center", lambda x: (seen.append(x.dtype), update(x)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([torch.randn(4, 1, 28, 28) for _ in range(2)], step=0)
+    assert seen == [torch.float32] and model.criterion.center.dtype == torch.float32
+    assert out["loss"].dtype == torch.float32
