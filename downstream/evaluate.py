@@ -161,6 +161,7 @@ def fit_protocol(protocol: str, train: Features, val: Features, task: Task, cfg:
         )
         settings = {
             "weight_decay": selection.weight_decay,
+            "sklearn_c": selection.sklearn_c,  # the same penalty as scikit-learn's LogisticRegression(C=...)
             f"val_{cfg.selection_metric}_by_weight_decay": selection.grid,
             "class_weights": cfg.linear.class_weights,
         }

@@ -3,6 +3,8 @@
 ``num_features``, ``forward_features`` and ``forward_head(pre_logits=True)``: nothing else of a backbone is
 touched here, so any timm classifier (ViT, ResNet, ConvNeXt...) works with the contrastive and DINO objectives.
 Input channels are native (``in_chans=1`` builds a 1-channel stem; gray is never copied to 3 channels).
+``small_image_stem=True`` gives a timm ResNet SimCLR's CIFAR stem for inputs of <= ~32 px (ViTs ignore it;
+:func:`use_small_image_stem`); it is medfm's own model argument, not timm's.
 Downstream code rebuilds backbones through ``build_backbone`` to load released weights.
 
 A user's own ``nn.Module`` (``medfm.pretrain(model=module)``) is registered under an architecture name
@@ -19,7 +21,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import VisionTransformer
+from timm.models import ResNet, VisionTransformer
 from torch import Tensor, nn
 
 from pretrain.errors import ConfigError, InputError
@@ -27,6 +29,8 @@ from pretrain.errors import ConfigError, InputError
 # timm kwargs only models with a fixed token grid take; size-agnostic models (CNNs) reject them.
 _SIZE_KWARGS = ("img_size", "dynamic_img_size")
 MODULE_PREFIX = "module:"
+# medfm's model argument (in model.backbone_kwargs and a release's model_args) for SimCLR's small-image stem.
+SMALL_IMAGE_STEM = "small_image_stem"
 _registered: dict[str, nn.Module] = {}  # NAME of "module:NAME" -> the module as the user gave it (a copy)
 
 
@@ -109,13 +113,19 @@ def build_backbone(
         img_size: training image side; sets the position-embedding grid of ViTs, ignored by CNNs.
         in_chans: input channels (1 for gray: a native 1-channel stem).
         dynamic_img_size: ViTs accept other sizes than ``img_size`` (DINO local crops); ignored by CNNs.
-        kwargs: passed to ``timm.create_model`` (e.g. ``patch_size=8``, ``depth=2``, ``drop_path_rate``); a
+        kwargs: passed to ``timm.create_model`` (e.g. ``patch_size=8``, ``depth=2``, ``drop_path_rate``), except
+            ``small_image_stem`` (medfm's: :func:`use_small_image_stem` after timm builds the model); a
             registered ``module:NAME`` takes none (its own constructor set them).
 
     Returns:
         a module with ``num_features``; ``pooled_features(model, x)`` maps (B, in_chans, H, W) -> (B, num_features).
     """
+    small_image_stem = kwargs.pop(SMALL_IMAGE_STEM, False)
+    if not isinstance(small_image_stem, bool):
+        raise ConfigError(f"{SMALL_IMAGE_STEM} must be true or false, got {small_image_stem!r}")
     if name.startswith(MODULE_PREFIX):
+        if small_image_stem:
+            raise ConfigError(f"{name}: {SMALL_IMAGE_STEM} applies to timm ResNets, not to a user module")
         unused = {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
         if unused:  # timm's own message for a kwarg a model does not take
             raise TypeError(f"{name}.__init__() got unexpected keyword arguments {sorted(unused)}")
@@ -125,11 +135,45 @@ def build_backbone(
     common = {"pretrained": False, "num_classes": 0, "in_chans": in_chans, **kwargs}
     size = {"img_size": img_size, "dynamic_img_size": dynamic_img_size}
     try:
-        return timm.create_model(name, **common, **size)
+        model = timm.create_model(name, **common, **size)
     except TypeError as err:
         if not any(key in str(err) for key in _SIZE_KWARGS):
             raise
-    return timm.create_model(name, **common)
+        model = timm.create_model(name, **common)
+    return use_small_image_stem(model) if small_image_stem else model
+
+
+def use_small_image_stem(model: nn.Module) -> nn.Module:
+    """SimCLR's stem for CIFAR-size inputs (Chen et al. 2020, appendix B.9): ``conv1`` becomes a 3x3 stride-1
+    convolution and the stem's max-pool is removed, in place; returns ``model``.
+
+    timm's ImageNet stem (7x7 stride-2 conv + stride-2 max-pool) divides the side by 32 overall, leaving a 1x1
+    final feature map at 28 px; with this stem the division is 8 (28 px -> 4x4). No ``timm.create_model``
+    argument builds it (``stem_type="deep"`` and ``replace_stem_pool`` still stride by 4), so it is applied after
+    timm builds the model. The state-dict keys stay those of timm's model; only ``conv1.weight`` changes shape
+    (kxk -> 3x3). Plain timm reproduces it with the same two lines::
+
+        model.conv1 = torch.nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = torch.nn.Identity()
+
+    A ViT is returned unchanged, as ``img_size`` is ignored by CNNs: its small-image setting is the patch size,
+    and a ResNet recipe run with a ViT (``model.backbone=vit_...``) keeps working. Any other model is refused.
+    """
+    if is_vit(model):
+        return model
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if not (isinstance(model, ResNet) and isinstance(conv, nn.Conv2d) and isinstance(pool, nn.MaxPool2d)):
+        raise ConfigError(
+            f"{SMALL_IMAGE_STEM} applies to timm ResNets with a one-convolution stem and a max-pool (resnet18, "
+            f"resnet50, seresnet, resnext...), not to this {type(model).__name__}"
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # timm's ResNet init
+    model.maxpool = nn.Identity()
+    # feature_info's reductions describe the new strides (the stem's stride 2 x 2 is gone)
+    for info in model.feature_info:
+        info["reduction"] = max(1, info["reduction"] // (2 if info["module"] == "act1" else 4))
+    return model
 
 
 def pooled_features(backbone: nn.Module, images: Tensor) -> Tensor:

@@ -142,8 +142,14 @@ class AugmentConfig:
     # factor drawn from [1 - c, 1 + c], around the image mean
     contrast: float = field(default=0.2, metadata=PROBABILITY)
     gamma: float = field(default=0.2, metadata=NON_NEGATIVE)  # exponent drawn log-uniformly from [1 / (1 + g), 1 + g]
+    # gaussian blur probability per view; DINO / DINOv2 with asymmetric_blur: the local crops' only
     blur_prob: float = field(default=0.5, metadata=PROBABILITY)
+    # [low, high] blur sigma in pixels of a 224-px image, scaled by data.img_size / 224 for every view (local crops
+    # too): 0.1-2 px at 224 as SimCLR / DINO, 0.0125-0.25 px at 28. Until issue 22: pixels at any image size
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0], metadata=POSITIVE)
+    # DINO / DINOv2 (2 global crops): blur the first global crop always, the second with probability 0.1, as their
+    # reference code (without its solarization); other methods ignore it
+    asymmetric_blur: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5])  # one value per channel, or one for all
     std: list[float] = field(default_factory=lambda: [0.5], metadata=POSITIVE)  # images are divided by it
 
@@ -152,14 +158,25 @@ class AugmentConfig:
 class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name
     drop_path_rate: float = field(default=0.0, metadata=within("[0, 1)"))
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. {patch_size: 8}
+    # extra timm kwargs, e.g. {patch_size: 8}; and medfm's {small_image_stem: true}: SimCLR's CIFAR stem for a
+    # ResNet at <= 32 px (3x3 stride-1 conv1, no max-pool; ViTs ignore it; pretrain.backbones.use_small_image_stem)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     # Warm start (pretrain.weights): a release / run directory / timm hub folder, a .safetensors or .pt/.pth state
     # dict, original DINOv2 / MAE checkpoints, or hf-hub:ORG/NAME from the local cache; None: random init.
     init: str | None = None
 
 
+class OptimizerName(str, Enum):
+    adamw = "adamw"  # decoupled weight decay (MAE, DINO, DINOv2, MoCo v3)
+    # SGD + momentum 0.9 with layer-wise trust ratio 0.001 and coupled L2 decay (SimCLR); biases and norms (the
+    # groups without weight decay) get neither adaptation nor decay
+    lars = "lars"
+
+
 @dataclass
 class OptimConfig:
+    # adamw, or lars (SimCLR's: momentum 0.9, trust coefficient 0.001, needs weight_decay > 0); betas: adamw only
+    name: OptimizerName = OptimizerName.adamw
     # lr at the objective's reference batch, scaled by its rule to derived.lr: linear from 256 (MAE, DINO, MoCo,
     # SimCLR), square root from 1024 (DINOv2, whose reference base_lr is 0.004)
     base_lr: float = field(default=1.5e-4, metadata=POSITIVE)

@@ -25,12 +25,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from lightly.utils.lars import LARS
 from omegaconf import DictConfig
 from torch import nn
 
 from pretrain.backends import TrainingBackend
+from pretrain.config import OptimizerName
 from pretrain.data import EpochLoader
-from pretrain.errors import Preempted, TrainingDiverged
+from pretrain.errors import ConfigError, Preempted, TrainingDiverged
 from pretrain.monitor import Monitor, effective_rank, embedding_std
 from pretrain.preemption import StopRequest
 from pretrain.schedules import cosine_schedule
@@ -53,10 +55,26 @@ class Schedules:
         )
 
 
-def build_optimizer(method: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW over the method's parameter groups (``SSLMethod.param_groups``: ``lr_scale`` / ``wd_scale`` per group,
-    applied to the step's schedules by ``set_schedule``)."""
-    return torch.optim.AdamW(method.param_groups(), lr=cfg.derived.lr, betas=tuple(cfg.optim.betas))
+def build_optimizer(method: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """``optim.name`` over the method's parameter groups (``SSLMethod.param_groups``: ``lr_scale`` / ``wd_scale``
+    per group, applied to the step's schedules by ``set_schedule``).
+
+    adamw: ``torch.optim.AdamW`` with ``optim.betas``. lars: lightly's ``LARS`` with SimCLR's settings
+    (google-research/simclr ``lars_optimizer.py``: momentum 0.9, trust coefficient 0.001). SimCLR excludes biases
+    and batch-norm parameters from both the trust ratio and the decay; lightly's LARS excludes exactly the groups
+    whose weight decay is 0, which are those ``param_groups`` gives ``wd_scale`` 0 (ndim <= 1). A scheduled
+    weight decay of 0 would switch the trust ratio off for every group, so LARS needs one above 0 throughout.
+    """
+    groups, optim = method.param_groups(), cfg.optim
+    if OptimizerName(optim.name) == OptimizerName.adamw:
+        return torch.optim.AdamW(groups, lr=cfg.derived.lr, betas=tuple(optim.betas))
+    for key in ("weight_decay", "weight_decay_end"):
+        if optim[key] == 0:
+            raise ConfigError(
+                f"config key 'optim.{key}': LARS needs a weight decay above 0 (lightly's LARS adapts only the "
+                "parameters that are decayed); SimCLR uses 1e-6"
+            )
+    return LARS(groups, lr=cfg.derived.lr, momentum=0.9, trust_coefficient=0.001)
 
 
 class StepHooks(Protocol):

@@ -3,12 +3,15 @@
 A release folder holds:
 
 - ``model.safetensors``: the backbone's state dict with timm key names, exactly the keys of
-  ``timm.create_model(architecture, num_classes=0, **model_args)`` (checked before and after writing);
+  ``timm.create_model(architecture, num_classes=0, **model_args)`` (checked before and after writing; with
+  ``small_image_stem`` popped and applied);
 - ``config.json``: timm's hub layout (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
   ``model_args``, ``pretrained_cfg``) plus a ``medfm`` section (objective, steps, input, data summary, recipe);
 - ``README.md``: a model card (intended use, data, recipe, evaluation results when present, limits).
 
-It loads without medfm: ``timm.create_model("local-dir:RELEASE", pretrained=True, num_classes=N)``.
+It loads without medfm: ``timm.create_model("local-dir:RELEASE", pretrained=True, num_classes=N)``; except a
+ResNet with medfm's small-image stem (``model_args.small_image_stem``, not a timm argument: timm refuses it), which
+timm builds with two more lines (``pretrain.backbones.use_small_image_stem``; the model card shows them).
 
 Writers: a pretraining run at its end (``RUN_DIR/release/``, from the method in memory: :func:`run_backbone`)
 and ``medfm export RUN_DIR --out DIR`` (``pretrain.export``, from the newest checkpoint: :func:`load_run`), both
@@ -67,7 +70,7 @@ from torch import Tensor, nn
 
 from data_shards.outputs import disk_full, interrupting_signals, is_disk_full, lock_folder
 from pretrain import checkpoint as ckpt
-from pretrain.backbones import MODULE_PREFIX, build_backbone
+from pretrain.backbones import MODULE_PREFIX, SMALL_IMAGE_STEM, build_backbone, is_vit, use_small_image_stem
 from pretrain.backends import zero_checkpoint
 from pretrain.config import PretrainConfig, check_output_path, migrate_legacy_keys, to_dict
 from pretrain.errors import ConfigError, ReleaseError
@@ -115,8 +118,12 @@ def check_release_keys(
         reference = build_backbone(architecture, img_size, model_args.get("in_chans", 1)).state_dict()
         what = f"the registered module {architecture!r}"
     else:
-        reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args).state_dict()
-        what = f"timm.create_model({architecture!r}, num_classes=0, **{model_args})"
+        args = dict(model_args)
+        small_image_stem = args.pop(SMALL_IMAGE_STEM, False)  # medfm's argument, applied after timm builds
+        model = timm.create_model(architecture, pretrained=False, num_classes=0, **args)
+        reference = (use_small_image_stem(model) if small_image_stem else model).state_dict()
+        what = f"timm.create_model({architecture!r}, num_classes=0, **{args})"
+        what += " with medfm's small-image stem" if small_image_stem else ""
     check_keys(reference, state, source, model=what, error=ExportError)
 
 
@@ -206,6 +213,8 @@ def model_args(cfg: DictConfig, backbone: nn.Module) -> dict[str, Any]:
     """The ``timm.create_model`` kwargs that rebuild the released weights' shapes (besides ``num_classes=0``)."""
     kwargs = to_dict(cfg, resolve=True)["model"]["backbone_kwargs"]  # values: they build the model
     extra = {k: v for k, v in kwargs.items() if k not in _RUNTIME_KWARGS}
+    if is_vit(backbone):  # ViTs ignore medfm's small-image stem: plain timm would refuse the argument
+        extra.pop(SMALL_IMAGE_STEM, None)
     args: dict[str, Any] = {"in_chans": cfg.data.in_chans}
     # Models with a fixed token grid (ViTs) take img_size: it sets the position-embedding shape.
     user_module = cfg.model.backbone.startswith(MODULE_PREFIX)  # rebuilt by medfm at this size, not by timm
@@ -686,8 +695,9 @@ def card_data(
     )
 
 
-def _load_lines(arch: str, chans: int, size: int, args_py: str) -> list[str]:
-    """The card's "Load" section: timm alone for a timm architecture; a user module needs its class."""
+def _load_lines(arch: str, chans: int, size: int, args_py: str, small_image_stem: bool = False) -> list[str]:
+    """The card's "Load" section: timm alone for a timm architecture (plus the two lines of medfm's small-image
+    stem, which no timm argument builds); a user module needs its class."""
     if arch.startswith(MODULE_PREFIX):
         name = arch.removeprefix(MODULE_PREFIX)
         return [
@@ -701,6 +711,32 @@ def _load_lines(arch: str, chans: int, size: int, args_py: str) -> list[str]:
             "```",
             "",
         ]
+    medfm_lines = [
+        "With medfm (strict: every key is checked; ViT position embeddings are interpolated for another size):",
+        "",
+        "```python",
+        "import medfm",
+        'model = medfm.load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
+        "```",
+        "",
+    ]
+    if small_image_stem:
+        return [
+            "The backbone has medfm's small-image stem (`small_image_stem` in `model_args`: a 3x3 stride-1 first "
+            "convolution, no max-pool), which no timm argument builds. With timm only, build it, then load:",
+            "",
+            "```python",
+            "import timm, torch",
+            "from safetensors.torch import load_file",
+            f'model = timm.create_model("{arch}", num_classes=0, in_chans={chans}{args_py})',
+            f"model.conv1 = torch.nn.Conv2d({chans}, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)",
+            "model.maxpool = torch.nn.Identity()",
+            'model.load_state_dict(load_file("PATH/TO/THIS/FOLDER/model.safetensors"))',
+            "model.reset_classifier(2)",
+            "```",
+            "",
+            *medfm_lines,
+        ]
     return [
         "With timm only (this folder has the layout of a Hub repo):",
         "",
@@ -712,13 +748,7 @@ def _load_lines(arch: str, chans: int, size: int, args_py: str) -> list[str]:
         '    pretrained_cfg_overlay=dict(file="PATH/TO/model.safetensors", custom_load=False, num_classes=0))',
         "```",
         "",
-        "With medfm (strict: every key is checked; ViT position embeddings are interpolated for another size):",
-        "",
-        "```python",
-        "import medfm",
-        'model = medfm.load_backbone("PATH/TO/THIS/FOLDER", num_classes=2)',
-        "```",
-        "",
+        *medfm_lines,
     ]
 
 
@@ -727,7 +757,8 @@ def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]
     m, p = config["medfm"], config["pretrained_cfg"]
     arch, args = config["architecture"], config["model_args"]
     chans, size = p["input_size"][0], p["input_size"][1]
-    args_py = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in ("in_chans", "img_size"))
+    small_image_stem = bool(args.get(SMALL_IMAGE_STEM))
+    args_py = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in ("in_chans", "img_size", SMALL_IMAGE_STEM))
     args_py = f", {args_py}" if args_py else ""
     data = m["data"]
     front = card_data(config, results, license or m.get("license") or "other").to_yaml()
@@ -753,7 +784,7 @@ def model_card(config: dict[str, Any], results: list[tuple[str, dict[str, Any]]]
         "",
         "## Load",
         "",
-        *_load_lines(arch, chans, size, args_py),
+        *_load_lines(arch, chans, size, args_py, small_image_stem),
         "## Intended use",
         "",
         "Feature extraction, linear probing, kNN retrieval and fine-tuning on medical images of the modality and "

@@ -3,6 +3,8 @@
 Deliberately absent: colour jitter, solarization and random grayscale (the natural-image recipes of SimCLR,
 DINO and MoCo), which are meaningless or harmful on gray-level modalities. In their place an intensity jitter
 (brightness / contrast / gamma, applied equally to all channels) mimics acquisition and windowing differences.
+Blur sigmas are given at the references' 224-px images and scaled to the image size (``scale_blur_sigma``): a fixed
+0.1-2 px would blur a 28-px image 8x more, relative to its content, than SimCLR / DINO blur ImageNet.
 Randomness comes from torch's global generator only, so seeding it per sample makes a view reproducible
 (see ``pretrain.data``).
 """
@@ -50,6 +52,23 @@ class RandomIntensity(nn.Module):
         return x.clamp(0.0, 1.0)
 
 
+# The image side at which a configured blur sigma is given: the references' (SimCLR, DINO, DINOv2) 224-px crops.
+BLUR_REFERENCE_SIZE = 224
+# DINO / DINOv2's asymmetric global crops (DataAugmentationDINO, dinov2 DataAugmentationDINO, lightly's
+# DINOTransform): the first always blurred, the second rarely. Their solarization of the second (p=0.2) is left
+# out: gray, intensity-calibrated medical images.
+ASYMMETRIC_GLOBAL_BLUR_PROBS = (1.0, 0.1)
+
+
+def scale_blur_sigma(
+    sigma: Sequence[float], image_size: int, reference_size: int = BLUR_REFERENCE_SIZE
+) -> tuple[float, float]:
+    """A [low, high] sigma range given at ``reference_size`` px, in pixels of an ``image_size``-px image: the same
+    blur relative to the image (0.1-2 px at 224 -> 0.0125-0.25 px at 28)."""
+    factor = image_size / reference_size
+    return float(sigma[0]) * factor, float(sigma[1]) * factor
+
+
 def blur_kernel_size(max_sigma: float, image_size: int) -> int:
     """Odd kernel covering +-3 sigma, smaller than the image (reflect padding needs that)."""
     size = 2 * math.ceil(3 * max_sigma) + 1
@@ -65,7 +84,7 @@ class MedicalAugment(nn.Module):
         scale, ratio: random-resized-crop area fraction and aspect-ratio ranges.
         hflip, vflip: flip probabilities (hflip=0 for modalities with laterality, e.g. chest X-ray).
         intensity: a ``RandomIntensity`` or None.
-        blur_prob, blur_sigma: probability and sigma range of the gaussian blur.
+        blur_prob, blur_sigma: probability and sigma range (pixels of this view) of the gaussian blur.
         mean, std: per-channel normalisation (one value broadcasts to all channels).
     """
 
@@ -130,11 +149,19 @@ def multi_crop(
 
 
 def augment_from_section(
-    aug: Any, size: int, mean: Sequence[float], std: Sequence[float], scale: Sequence[float] | None = None
+    aug: Any,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float] | None = None,
+    *,
+    blur_prob: float | None = None,
+    blur_sigma: Sequence[float] | None = None,
 ) -> MedicalAugment:
     """One view's augmentation from an ``augment:`` config section (pretraining's or fine-tuning's: crop_scale,
-    crop_ratio, hflip, vflip, intensity_prob, brightness, contrast, gamma, blur_prob, blur_sigma); ``scale``
-    overrides the section's crop scale (DINO's local crops)."""
+    crop_ratio, hflip, vflip, intensity_prob, brightness, contrast, gamma, blur_prob, blur_sigma). ``scale``,
+    ``blur_prob`` and ``blur_sigma`` (in pixels of the view) override the section's (DINO's local crops and
+    asymmetric global crops, pretraining's size-scaled sigma)."""
     return MedicalAugment(
         size=size,
         scale=tuple(scale if scale is not None else aug.crop_scale),
@@ -142,8 +169,8 @@ def augment_from_section(
         hflip=aug.hflip,
         vflip=aug.vflip,
         intensity=RandomIntensity(aug.brightness, aug.contrast, aug.gamma, p=aug.intensity_prob),
-        blur_prob=aug.blur_prob,
-        blur_sigma=tuple(aug.blur_sigma),
+        blur_prob=aug.blur_prob if blur_prob is None else blur_prob,
+        blur_sigma=tuple(aug.blur_sigma if blur_sigma is None else blur_sigma),
         mean=tuple(mean),
         std=tuple(std),
     )

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from pretrain.backbones import build_backbone, is_vit
 from pretrain.errors import ConfigError
 from pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
-from pretrain.transforms import MedicalAugment, MultiView, augment_from_section, multi_crop
+from pretrain.transforms import (
+    ASYMMETRIC_GLOBAL_BLUR_PROBS,
+    MedicalAugment,
+    MultiView,
+    augment_from_section,
+    multi_crop,
+    scale_blur_sigma,
+)
 from pretrain.weights import load_init
 
 
@@ -134,11 +141,17 @@ def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.
 
 
 def augment_from_config(
-    cfg: DictConfig, size: int | None = None, scale: Sequence[float] | None = None
+    cfg: DictConfig, size: int | None = None, scale: Sequence[float] | None = None, blur_prob: float | None = None
 ) -> MedicalAugment:
-    """One view's augmentation from ``cfg.augment``; ``size`` / ``scale`` default to the global crop."""
+    """One view's augmentation from ``cfg.augment``; ``size`` / ``scale`` / ``blur_prob`` default to the global
+    crop's. ``augment.blur_sigma`` is given at 224 px and scaled by ``data.img_size / 224`` for every view, local
+    crops included: they resample the image at about its own pixel scale (DINO: 0.05-0.4 of a 224-px image's area
+    resized to 96 px), so DINO / DINOv2 give them the global crops' sigma in pixels too."""
     aug = cfg.augment
-    return augment_from_section(aug, size or cfg.data.img_size, aug.mean, aug.std, scale)
+    sigma = scale_blur_sigma(aug.blur_sigma, cfg.data.img_size)
+    return augment_from_section(
+        aug, size or cfg.data.img_size, aug.mean, aug.std, scale, blur_prob=blur_prob, blur_sigma=sigma
+    )
 
 
 class LastLayerFreeze:
@@ -163,12 +176,22 @@ class LastLayerFreeze:
                 param.grad = None
 
 
+def global_views_from_config(cfg: DictConfig, num_global: int) -> list[MedicalAugment]:
+    """The global crops' augmentations: with ``augment.asymmetric_blur`` and two global crops, DINO's asymmetric
+    pair (blur probability 1.0 on the first, 0.1 on the second); otherwise ``num_global`` alike, at
+    ``augment.blur_prob``."""
+    if cfg.augment.asymmetric_blur and num_global == len(ASYMMETRIC_GLOBAL_BLUR_PROBS):
+        return [augment_from_config(cfg, blur_prob=p) for p in ASYMMETRIC_GLOBAL_BLUR_PROBS]
+    return [augment_from_config(cfg)] * num_global
+
+
 def multi_crop_from_config(cfg: DictConfig, section: str, num_global: int = 2) -> MultiView:
-    """DINO-style multi-crop from ``cfg.augment`` (global crops) and ``cfg.<section>`` (``local_crop_size``,
-    ``local_crop_scale``, ``num_local_crops``): the global views first, then the local ones."""
+    """DINO-style multi-crop from ``cfg.augment`` (global crops, ``global_views_from_config``) and ``cfg.<section>``
+    (``local_crop_size``, ``local_crop_scale``, ``num_local_crops``; blurred at ``augment.blur_prob``): the global
+    views first, then the local ones."""
     local = cfg[section]
     local_view = augment_from_config(cfg, size=local.local_crop_size, scale=local.local_crop_scale)
-    return multi_crop([augment_from_config(cfg)] * num_global, local_view, local.num_local_crops)
+    return multi_crop(global_views_from_config(cfg, num_global), local_view, local.num_local_crops)
 
 
 def check_local_crops(backbone: nn.Module, cfg: DictConfig, section: str) -> None:

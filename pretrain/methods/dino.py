@@ -5,6 +5,8 @@ Student and teacher share the architecture; the teacher is an EMA of the student
 schedule to 1.0 and sees only the global crops; the student sees all crops. lightly's ``DINOProjectionHead``
 and ``DINOLoss`` (centering, teacher temperature given per step). Works with any timm backbone: ViTs are built
 with ``dynamic_img_size`` so the local crops reuse the interpolated position embedding.
+``centering: sinkhorn_knopp`` replaces the running centre by DINOv2's Sinkhorn-Knopp targets
+(``SinkhornKnoppDINOLoss``; DINOv2 imports it from here for both of its losses).
 Deviation: no solarization in the views (meaningless on gray-level images).
 """
 
@@ -12,14 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import torch
 from lightly.loss import DINOLoss
+from lightly.loss.capi_loss import sinkhorn_knopp as capi_sinkhorn_knopp
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from pretrain.backbones import pooled_features
 from pretrain.methods.base import (
@@ -38,6 +43,65 @@ from pretrain.transforms import MultiView
 NUM_GLOBAL_CROPS = 2
 
 
+class Centering(str, Enum):
+    """How the teacher's outputs become its targets (DINOv2's ``train.centering``)."""
+
+    mean = "mean"  # softmax around a running mean of the teacher outputs (DINO; lightly's losses)
+    sinkhorn_knopp = "sinkhorn_knopp"  # 3 Sinkhorn-Knopp iterations per batch, no centre (DINOv2's large-data recipes)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher_logits: Tensor, teacher_temp: float, iterations: int = 3) -> Tensor:
+    """(N, K) teacher logits of this process -> (N, K) fp32 targets, each row a distribution over the K prototypes,
+    the prototypes used equally over the samples of all processes: DINOv2's ``sinkhorn_knopp_teacher``
+    (``loss/dino_clstoken_loss.py``, ``loss/ibot_patch_loss.py``), 3 iterations in fp32, the per-prototype sums
+    all-reduced across processes when torch.distributed is initialised (one process: no all-reduce).
+
+    The iterations are lightly's CAPI ``sinkhorn_knopp`` at one position: the reference's algorithm without its
+    total, K and sample-count factors, which are uniform and cancel in the next normalisation, with each
+    prototype's logits shifted by their maximum over all processes (a factor per prototype that the prototype
+    normalisation cancels; the reference's ``exp(logits / temp)`` overflows fp32 above 88 x temp, 3.5 at 0.04) and
+    a 1e-8 guard in the divisions. Not lightly's SwaV / MSN ``sinkhorn``: they divide by this process's count x
+    the world size, which is wrong when processes have different numbers of masked patches (iBOT; the reference
+    all-reduces that count). Every process must call it, with N = 0 too: it joins the all-reduces."""
+    logits = teacher_logits.float() / teacher_temp
+    if len(logits):
+        return capi_sinkhorn_knopp(logits.unsqueeze(1), iterations=iterations, gather_distributed=True).squeeze(1)
+    # CAPI takes the maximum over this process's samples: one -inf row adds nothing to the sums; it is dropped
+    nothing = torch.full((1, 1, logits.shape[1]), float("-inf"), device=logits.device)
+    return capi_sinkhorn_knopp(nothing, iterations=iterations, gather_distributed=True)[:0, 0]
+
+
+class SinkhornKnoppDINOLoss(DINOLoss):
+    """lightly's ``DINOLoss`` (same arguments, call and cross-entropy) with the targets of
+    :func:`sinkhorn_knopp_teacher` over the teacher outputs of all global crops together, as DINOv2 with
+    ``train.centering: sinkhorn_knopp``, instead of a softmax around the running centre. No centre is kept: the
+    inherited ``center`` buffer stays zero, so checkpoints of both modes have the same keys."""
+
+    def forward(
+        self,
+        teacher_out: list[Tensor],
+        student_out: list[Tensor],
+        teacher_temp: float | None = None,
+        epoch: int | None = None,  # lightly's signature; the temperature comes per step
+    ) -> Tensor:
+        """teacher_out: T x (B, K) logits, student_out: S x (B, K) logits -> the cross-entropy averaged over the
+        (teacher view, student view) pairs of different indices and the batch, as lightly's ``DINOLoss``."""
+        temperature = self.teacher_temp if teacher_temp is None else teacher_temp
+        targets = sinkhorn_knopp_teacher(torch.cat(teacher_out), temperature).unflatten(0, (len(teacher_out), -1))
+        log_probs = F.log_softmax(torch.stack(student_out) / self.student_temp, dim=-1)
+        loss = -torch.einsum("tbk,sbk->ts", targets, log_probs)
+        loss.fill_diagonal_(0)  # a view is not its own target
+        pairs = loss.numel() - loss.diagonal().numel()
+        return loss.sum() / (pairs * targets.shape[1])
+
+
+def dino_loss(centering: Centering | str, output_dim: int, student_temp: float, center_momentum: float) -> DINOLoss:
+    """DINO's class-token loss with the teacher targets ``centering`` asks for."""
+    loss_class = SinkhornKnoppDINOLoss if Centering(centering) is Centering.sinkhorn_knopp else DINOLoss
+    return loss_class(output_dim=output_dim, student_temp=student_temp, center_momentum=center_momentum)
+
+
 @dataclass
 class DINOConfig:
     """The ``dino:`` config section."""
@@ -54,7 +118,8 @@ class DINOConfig:
     teacher_temp: float = 0.04  # reached after the warm-up
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
-    center_momentum: float = 0.9
+    center_momentum: float = 0.9  # running centre (centering: mean)
+    centering: Centering = Centering.mean  # or sinkhorn_knopp (DINOv2's large-data recipes; no running centre)
     momentum_teacher: float = 0.996  # cosine schedule from this to 1.0 over training
     freeze_last_layer_epochs: float = 1.0
 
@@ -68,6 +133,7 @@ class DINO(SSLMethod):
         teacher_temp_schedule: teacher softmax temperature per optimizer step.
         freeze_last_layer_steps: the head's last layer gets no update for this many first steps.
         head_*: ``DINOProjectionHead`` sizes; ``head_batch_norm`` is an option for CNNs.
+        centering: the teacher targets: softmax around a running centre (``mean``) or Sinkhorn-Knopp.
     """
 
     Config = DINOConfig
@@ -93,6 +159,7 @@ class DINO(SSLMethod):
         norm_last_layer: bool = True,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: Centering | str = Centering.mean,
     ):
         super().__init__()
         head_args = (backbone.num_features, head_hidden_dim, head_bottleneck_dim, head_output_dim, head_batch_norm)
@@ -105,9 +172,7 @@ class DINO(SSLMethod):
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
-        self.criterion = DINOLoss(
-            output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum
-        )
+        self.criterion = dino_loss(centering, head_output_dim, student_temp, center_momentum)
         self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
         self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
         self.last_layer = LastLayerFreeze(list(self.student_head.last_layer.parameters()), freeze_last_layer_steps)
@@ -162,6 +227,7 @@ class DINO(SSLMethod):
             norm_last_layer=d.norm_last_layer,
             student_temp=d.student_temp,
             center_momentum=d.center_momentum,
+            centering=d.centering,
         )
 
     @staticmethod

@@ -10,10 +10,13 @@ Loss = DINO loss on the class tokens (``DINOLoss``, every teacher global x stude
 losses unless ``ibot_separate_head``). As in the reference's collate, the loader's collate makes the masked
 patches' indices on the host (``WithBlockMasks.collate``): the step picks the masked tokens with ``index_select``
 and has no host sync (boolean-mask indexing would make the host wait for the GPU to count them). Teacher outputs
-are centred (running mean, lightly's only mode: lightly has no Sinkhorn-Knopp centring for these losses); the
-teacher temperature warms up linearly; the teacher follows the student by a cosine EMA schedule; the head's last
-layer is frozen for the first epoch. Layer-wise lr decay and drop path apply to the student only; the teacher has
-no drop path.
+are centred by a running mean (lightly's losses) or, with ``centering: sinkhorn_knopp``, turned into targets by
+Sinkhorn-Knopp as the reference's large-data recipes (``sinkhorn_knopp_teacher``, on lightly's CAPI helper:
+lightly's DINO / iBOT losses have only the running mean); the teacher temperature warms up linearly; the teacher
+follows the student by a cosine EMA schedule; the head's last layer is frozen for the first epoch. The student's
+lr multipliers are the reference's (``dinov2_lr_scale``: layer-wise decay with the last block at ``layer_decay``,
+the patch embedding x ``patch_embed_lr_mult``); drop path applies to the student only, by timm's linear rule
+(the reference's ``drop_path_uniform`` would need per-block rates, which timm's ViT does not take).
 
 Reference: facebookresearch/dinov2 ``train/ssl_meta_arch.py``; lightly's ``examples/pytorch/dinov2.py``.
 Deviation: no solarization or colour jitter in the views (gray-level medical images).
@@ -27,11 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from lightly.loss import IBOTPatchLoss, KoLeoLoss
 from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
 from lightly.models.utils import deactivate_requires_grad, random_block_mask_image, update_momentum
 from omegaconf import DictConfig
-from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import default_collate
@@ -49,6 +51,7 @@ from pretrain.methods.base import (
     outside_autocast,
     teacher_schedules,
 )
+from pretrain.methods.dino import Centering, dino_loss, sinkhorn_knopp_teacher
 from pretrain.schedules import SQRT_1024
 from pretrain.transforms import MultiView
 
@@ -70,7 +73,9 @@ class DINOv2Config:
     teacher_temp: float = 0.07  # reached after the warm-up
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30.0
-    center_momentum: float = 0.9
+    center_momentum: float = 0.9  # running centres (centering: mean)
+    # mean (the reference's default "centering") or sinkhorn_knopp (its ViT-g / LVD-142M recipes): both losses
+    centering: Centering = Centering.mean
     momentum_teacher: float = 0.992  # cosine schedule from this to 1.0 over training
     freeze_last_layer_epochs: float = 1.0
     dino_loss_weight: float = 1.0
@@ -79,7 +84,8 @@ class DINOv2Config:
     mask_sample_probability: float = 0.5  # fraction of the global crops that get a block mask
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
-    layer_decay: float = 0.9  # layer-wise lr decay of the student ViT (1.0: off)
+    layer_decay: float = 0.9  # layer-wise lr decay of the student ViT, the last block x 0.9 as DINOv2 (1.0: off)
+    patch_embed_lr_mult: float = 0.2  # the patch embedding's lr, on top of its layer decay (reference: 0.2)
 
 
 class DINOv2(SSLMethod):
@@ -89,7 +95,8 @@ class DINOv2(SSLMethod):
         vit: a timm ``VisionTransformer`` without classifier, ``dynamic_img_size=True`` when local crops are used.
         momentum_schedule / teacher_temp_schedule: per optimizer step.
         freeze_last_layer_steps: the heads' last layers get no update for this many first steps.
-        layer_decay: lr scale ``layer_decay ** (depth - layer)`` of the student's blocks (heads: 1).
+        layer_decay / patch_embed_lr_mult: the student's lr multipliers (``dinov2_lr_scale``; heads: 1).
+        centering: the teacher targets of both losses: softmax around running centres (``mean``) or Sinkhorn-Knopp.
     """
 
     Config = DINOv2Config
@@ -109,6 +116,7 @@ class DINOv2(SSLMethod):
         )
         need(0.0 <= section.mask_sample_probability <= 1.0, "mask_sample_probability", "must be in [0, 1]")
         need(0.0 < section.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
+        need(section.patch_embed_lr_mult > 0.0, "patch_embed_lr_mult", "must be above 0")
 
     def __init__(
         self,
@@ -126,6 +134,8 @@ class DINOv2(SSLMethod):
         mask_sample_probability: float = 0.5,
         mask_ratio: tuple[float, float] = (0.1, 0.5),
         layer_decay: float = 0.9,
+        patch_embed_lr_mult: float = 0.2,
+        centering: Centering | str = Centering.mean,
     ):
         super().__init__()
         # Keep timm's initialisation (and any warm-start weights): lightly would re-initialise both otherwise.
@@ -140,14 +150,13 @@ class DINOv2(SSLMethod):
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
-        self.dino_loss = DINOLoss(
-            output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum
-        )
+        self.centering = Centering(centering)
+        self.dino_loss = dino_loss(self.centering, head_output_dim, student_temp, center_momentum)
         self.ibot_loss = IBOTPatchLoss(output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum)  # fmt: skip
         self.koleo_loss = KoLeoLoss()
         self.loss_weights = loss_weights
         self.mask_sample_probability, self.mask_ratio = mask_sample_probability, mask_ratio
-        self.layer_decay = layer_decay
+        self.layer_decay, self.patch_embed_lr_mult = layer_decay, patch_embed_lr_mult
         self.momentum_schedule = np.asarray(momentum_schedule, dtype=np.float64)
         self.teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
         last_layers = [p for head in self.student_head.values() for p in head.last_layer.parameters()]
@@ -265,9 +274,10 @@ class DINOv2(SSLMethod):
             if mask_index is None:
                 mask_index = block_mask.flatten().nonzero().flatten()
             weights, crops = mask_weights(block_mask, mask_index), len(block_mask)
-            ibot = ibot_patch_loss(self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp)
+            ibot = ibot_patch_loss(self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp,
+                                   self.centering)  # fmt: skip
         else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
-            self.ibot_loss.center.update(self.ibot_loss.center.value)  # joins the centre's all-reduce, no change
+            ibot_teacher_targets(self.ibot_loss, teacher_patches, teacher_temp, self.centering)  # joins the all-reduces
             ibot = student_patches.sum() * 0.0
         koleo = sum(self.koleo_loss(tokens) for tokens in student_cls_tokens.chunk(NUM_GLOBAL_CROPS))
         w_dino, w_ibot, w_koleo = self.loss_weights
@@ -280,21 +290,28 @@ class DINOv2(SSLMethod):
         }
 
     def param_groups(self) -> list[dict]:
-        """Layer-wise lr decay over the student ViT (timm's ``param_groups_layer_decay`` on the headless ViT: the
-        last block and the final norm at full lr, each block below x ``layer_decay``; the mask token with the patch
-        embedding), the heads at full lr; no weight decay on 1-D parameters."""
+        """The student's parameters grouped by (``lr_scale``, ``wd_scale``), as the reference's
+        ``get_params_groups`` (``train/ssl_meta_arch.py``): ViT parameters at ``dinov2_lr_scale`` (the patch
+        embedding also x ``patch_embed_lr_mult``), the heads at 1. No weight decay on 1-D parameters (biases,
+        norms, LayerScale: the reference's ``bias`` / ``norm`` / ``gamma`` names), and, unlike the reference, on
+        timm's ``no_weight_decay`` tokens (position embedding, class / register tokens) and the mask token."""
         vit = self.student_backbone.vit
-        skip = vit.no_weight_decay() if hasattr(vit, "no_weight_decay") else ()
-        groups = param_groups_layer_decay(
-            vit, weight_decay=1.0, no_weight_decay_list=skip, layer_decay=self.layer_decay
-        )
-        groups = [{"params": g["params"], "lr_scale": g["lr_scale"], "wd_scale": g["weight_decay"]} for g in groups]
-        first = min(g["lr_scale"] for g in groups)  # the patch embedding's
-        groups.append({"params": [self.student_backbone.mask_token], "lr_scale": first, "wd_scale": 0.0})
-        head = [p for p in self.student_head.parameters() if p.requires_grad]
-        groups.append({"params": [p for p in head if p.ndim > 1], "lr_scale": 1.0, "wd_scale": 1.0})
-        groups.append({"params": [p for p in head if p.ndim <= 1], "lr_scale": 1.0, "wd_scale": 0.0})
-        return groups
+        depth = len(vit.blocks)
+        undecayed = {"mask_token", *(vit.no_weight_decay() if hasattr(vit, "no_weight_decay") else ())}
+        scales: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, param in self.student_backbone.named_parameters():
+            if not param.requires_grad:
+                continue
+            name = name.removeprefix("vit.")
+            lr_scale = dinov2_lr_scale(name, depth, self.layer_decay)
+            if "patch_embed" in name:
+                lr_scale *= self.patch_embed_lr_mult
+            wd_scale = 0.0 if param.ndim <= 1 or name in undecayed else 1.0
+            scales.setdefault((lr_scale, wd_scale), []).append(param)
+        for param in self.student_head.parameters():
+            if param.requires_grad:
+                scales.setdefault((1.0, 0.0 if param.ndim <= 1 else 1.0), []).append(param)
+        return [{"params": params, "lr_scale": lr, "wd_scale": wd} for (lr, wd), params in scales.items()]
 
     def before_optimizer_step(self, step: int) -> None:
         self.last_layer.before_optimizer_step(step)
@@ -328,6 +345,8 @@ class DINOv2(SSLMethod):
             mask_sample_probability=d.mask_sample_probability,
             mask_ratio=(d.mask_ratio_min, d.mask_ratio_max),
             layer_decay=d.layer_decay,
+            patch_embed_lr_mult=d.patch_embed_lr_mult,
+            centering=d.centering,
         )
 
     @staticmethod
@@ -418,17 +437,49 @@ def mask_weights(block_mask: Tensor, mask_index: Tensor) -> Tensor:
     return per_crop.index_select(0, torch.div(mask_index, block_mask[0].numel(), rounding_mode="floor"))
 
 
+def dinov2_lr_scale(name: str, depth: int, layer_decay: float) -> float:
+    """The lr multiplier of a student ViT parameter (``name`` in the timm ViT, or ``mask_token``), as the
+    reference's ``get_vit_lr_decay_rate`` (``utils/param_groups.py``): layer 0 for the embeddings (patch and
+    position embedding, class and mask tokens), i + 1 for block i, depth + 1 for the rest (the final norm; register
+    tokens too, which the reference's name rules leave there) -> ``layer_decay ** (depth + 1 - layer)``: the last
+    block gets ``layer_decay`` (timm's ``param_groups_layer_decay`` gives it 1), the embeddings its depth + 1 power."""
+    if any(embedding in name for embedding in ("pos_embed", "patch_embed", "mask_token", "cls_token")):
+        layer = 0
+    elif "blocks." in name:
+        layer = int(name[name.find("blocks.") :].split(".")[1]) + 1
+    else:
+        layer = depth + 1
+    return layer_decay ** (depth + 1 - layer)
+
+
+def ibot_teacher_targets(loss: IBOTPatchLoss, teacher: Tensor, teacher_temp: float, centering: Centering) -> Tensor:
+    """(M, K) teacher head outputs of the masked patches -> (M, K) targets: Sinkhorn-Knopp (the reference's iBOT
+    ``sinkhorn_knopp_teacher``; the centre is not used), or a softmax around lightly's running centre, which then
+    follows these outputs (M = 0: it joins the centre's all-reduce with its own value, as the mean of nothing
+    would be NaN)."""
+    if centering is Centering.sinkhorn_knopp:
+        return sinkhorn_knopp_teacher(teacher, teacher_temp)
+    targets = F.softmax((teacher - loss.center.value) / teacher_temp, dim=-1)
+    loss.center.update(teacher if len(teacher) else loss.center.value)
+    return targets
+
+
 def ibot_patch_loss(
-    loss: IBOTPatchLoss, teacher: Tensor, student: Tensor, weights: Tensor, num_crops: int, teacher_temp: float
+    loss: IBOTPatchLoss,
+    teacher: Tensor,
+    student: Tensor,
+    weights: Tensor,
+    num_crops: int,
+    teacher_temp: float,
+    centering: Centering = Centering.mean,
 ) -> Tensor:
     """lightly's ``IBOTPatchLoss.forward`` (its centre, temperatures and formula) with the per-token weights given
     instead of derived from the mask: lightly computes them as ``(1 / count).expand_as(mask)[mask]``, a
     boolean-mask index whose size the host must read from the GPU, and it cannot be fed a mask that avoids it.
     teacher / student (M, K): head outputs of the masked patches; weights (M,) from :func:`mask_weights`;
     num_crops: the crops of the batch (lightly's ``mask.shape[0]``, crops without masked patches included) ->
-    the weighted cross-entropy summed, over ``num_crops``; the centre follows the teacher outputs."""
-    teacher_softmax = F.softmax((teacher - loss.center.value) / teacher_temp, dim=-1)
+    the weighted cross-entropy summed, over ``num_crops``; targets from :func:`ibot_teacher_targets`."""
+    teacher_targets = ibot_teacher_targets(loss, teacher, teacher_temp, centering)
     student_log_softmax = F.log_softmax(student / loss.student_temp, dim=-1)
-    per_token = -torch.sum(teacher_softmax * student_log_softmax, dim=-1)
-    loss.center.update(teacher)
+    per_token = -torch.sum(teacher_targets * student_log_softmax, dim=-1)
     return (per_token * weights).sum() / num_crops

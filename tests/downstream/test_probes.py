@@ -75,7 +75,7 @@ def test_class_weights_and_multilabel_probe():
     selection = select_linear_probe(
         (features[:150], multi[:150]), (features[150:], multi[150:]), task, class_weights=True
     )
-    assert selection.val_metric > 0.85 and set(selection.grid) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
+    assert selection.val_metric > 0.85 and len(selection.grid) == 45  # DINOv2's C grid
     assert selection.probe.scores(features).shape == (200, 2)
 
 

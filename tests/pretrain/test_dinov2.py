@@ -129,12 +129,13 @@ def test_layer_wise_lr_decay_on_the_student_only_and_every_parameter_once():
     assert not any(p is q for p in grouped for q in model.teacher_backbone.parameters())
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     vit = model.student_backbone.vit
-    # depth 2, decay 0.9, timm's grouping of a headless ViT: patch embedding / mask token 0.9^2, block 0 0.9,
-    # the last block and the final norm 1, heads 1
-    assert scale_of[id(vit.patch_embed.proj.weight)] == pytest.approx(0.9**2)
-    assert scale_of[id(model.student_backbone.mask_token)] == pytest.approx(0.9**2)
-    assert scale_of[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.9)
-    assert scale_of[id(vit.blocks[1].mlp.fc1.weight)] == pytest.approx(1.0)
+    # depth 2, decay 0.9, DINOv2's rule: patch embedding 0.2 x 0.9^3, mask token 0.9^3, block 0 0.9^2, the last
+    # block 0.9, the final norm 1, heads 1
+    assert scale_of[id(vit.patch_embed.proj.weight)] == pytest.approx(0.2 * 0.9**3)
+    assert scale_of[id(model.student_backbone.mask_token)] == pytest.approx(0.9**3)
+    assert scale_of[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.9**2)
+    assert scale_of[id(vit.blocks[1].mlp.fc1.weight)] == pytest.approx(0.9)
+    assert scale_of[id(vit.norm.weight)] == 1.0
     assert scale_of[id(model.student_head["dino_head"].last_layer.weight_v)] == 1.0
     wd_of = {id(p): g["wd_scale"] for g in groups for p in g["params"]}
     assert wd_of[id(vit.blocks[0].attn.qkv.bias)] == 0.0 and wd_of[id(vit.blocks[0].attn.qkv.weight)] == 1.0
@@ -268,3 +269,62 @@ def test_the_dino_centre_is_averaged_in_fp32_under_a_bf16_autocast(monkeypatch):
         out = model([torch.randn(4, 1, 28, 28) for _ in range(2)], step=0)
     assert seen == [torch.float32] and model.criterion.center.dtype == torch.float32
     assert out["loss"].dtype == torch.float32
+
+
+def reference_lr_decay_rate(name: str, lr_decay_rate: float, num_layers: int) -> float:
+    """dinov2 ``utils/param_groups.py`` ``get_vit_lr_decay_rate`` as written there, for the backbone
+    (``force_is_backbone=True``, ``chunked_blocks=False``)."""
+    layer_id = num_layers + 1
+    # its first two branches (".pos_embed" ..., then "pos_embed" ... when force_is_backbone) in one
+    if "pos_embed" in name or "patch_embed" in name or "mask_token" in name or "cls_token" in name:
+        layer_id = 0
+    elif ".blocks." in name and ".residual." not in name:
+        layer_id = int(name[name.find(".blocks.") :].split(".")[2]) + 1
+    elif "blocks." in name and "residual." not in name:
+        layer_id = int(name[name.find("blocks.") :].split(".")[1]) + 1
+    return lr_decay_rate ** (num_layers + 1 - layer_id)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_the_students_lr_and_weight_decay_multipliers_are_dinov2s(name):
+    """Every student ViT parameter: lr multiplier = the reference's ``get_vit_lr_decay_rate`` (x 0.2 for the patch
+    embedding, ``patch_embed_lr_mult``); the last block decay^1, block i decay^(depth - i), the patch embedding
+    0.2 x decay^(depth + 1); no weight decay on norms, biases and LayerScale."""
+    depth, decay = 3, 0.8
+    extra = {"patch_size": 7} if name.startswith("vit_tiny") else {"patch_size": 7, "img_size": 28}
+    vit = build_backbone(name, **{"img_size": 28, "in_chans": 1, "depth": depth, "dynamic_img_size": True, **extra})
+    model = DINOv2(vit, [0.99] * 10, [0.04] * 10, 0, 64, 32, 128, layer_decay=decay)
+    groups = model.param_groups()
+    lr_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["wd_scale"] for g in groups for p in g["params"]}
+    for param_name, param in model.student_backbone.named_parameters():
+        # the reference names the backbone's parameters from the backbone: "blocks.0.attn.qkv.weight"
+        reference = reference_lr_decay_rate(param_name.removeprefix("vit."), decay, depth)
+        if "patch_embed" in param_name:
+            reference *= 0.2
+        assert lr_of[id(param)] == pytest.approx(reference, rel=1e-12), param_name
+        if param.ndim <= 1:  # biases, norms, LayerScale gammas: the reference's names "bias" / "norm" / "gamma"
+            assert wd_of[id(param)] == 0.0, param_name
+    for i, block in enumerate(vit.blocks):
+        assert lr_of[id(block.attn.qkv.weight)] == pytest.approx(decay ** (depth - i))
+        assert wd_of[id(block.attn.qkv.weight)] == 1.0 and wd_of[id(block.norm1.weight)] == 0.0
+    assert lr_of[id(vit.blocks[-1].mlp.fc2.weight)] == pytest.approx(decay)
+    assert lr_of[id(vit.patch_embed.proj.weight)] == pytest.approx(0.2 * decay ** (depth + 1))
+    if name.endswith("dinov2"):  # LayerScale and register tokens (full lr, as the reference's name rules give)
+        assert wd_of[id(vit.blocks[0].ls1.gamma)] == 0.0
+        assert lr_of[id(vit.reg_token)] == 1.0
+    head = [p for p in model.student_head.parameters() if p.requires_grad]
+    assert all(lr_of[id(p)] == 1.0 and wd_of[id(p)] == (0.0 if p.ndim <= 1 else 1.0) for p in head)
+
+
+def test_patch_embed_lr_mult_and_centering_come_from_the_config():
+    from pretrain.config import derive, load_config
+    from pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss
+
+    cfg = load_config(None, ["method=dinov2", "data.spec=medmnist:x.npz", "data.img_size=28", "model.backbone=vit_tiny_patch16_224",
+                             "model.backbone_kwargs={patch_size: 7, depth: 2}", "dinov2.num_local_crops=0",
+                             "dinov2.patch_embed_lr_mult=0.5", "dinov2.centering=sinkhorn_knopp", "train.run_dir=run"])  # fmt: skip
+    model = DINOv2.from_config(derive(cfg, world_size=1, dataset_size=1000))
+    assert model.centering is Centering.sinkhorn_knopp and isinstance(model.dino_loss, SinkhornKnoppDINOLoss)
+    lr_of = {id(p): g["lr_scale"] for g in model.param_groups() for p in g["params"]}
+    assert lr_of[id(model.student_backbone.vit.patch_embed.proj.weight)] == pytest.approx(0.5 * 0.9**3)
