@@ -38,6 +38,7 @@ from omegaconf.errors import InterpolationValidationError, OmegaConfBaseExceptio
 from pretrain.errors import ConfigError
 from pretrain.methods import METHODS
 from pretrain.schedules import derive_steps
+from pretrain.weights import source_normalization
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,11 @@ class AugmentConfig:
     # DINO / DINOv2 (2 global crops): blur the first global crop always, the second with probability 0.1, as their
     # reference code (without its solarization); other methods ignore it
     asymmetric_blur: bool = True
-    mean: list[float] = field(default_factory=lambda: [0.5])  # one value per channel, or one for all
-    std: list[float] = field(default_factory=lambda: [0.5], metadata=POSITIVE)  # images are divided by it
+    # Input normalisation: one value per channel, or one for all; images in [0, 1] are shifted by mean and divided by
+    # std. None (both): the warm-start source's own (model.init: its config.json pretrained_cfg, else timm's
+    # pretrained_cfg of model.backbone), 0.5 / 0.5 without model.init; what was chosen is in derived.normalization
+    mean: list[float] | None = None
+    std: list[float] | None = field(default=None, metadata=POSITIVE)
 
 
 @dataclass
@@ -276,6 +280,7 @@ class DerivedConfig:
     total_steps: int | None = None
     warmup_steps: int | None = None
     init_sha256: str | None = None  # of the model.init weights file
+    normalization: str | None = None  # where augment.mean / std came from (the config, a warm-start source, default)
 
 
 @dataclass
@@ -596,8 +601,12 @@ def validate(cfg: DictConfig) -> None:
     ):
         value = list(OmegaConf.select(cfg, key))
         need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")
+    mean, std = cfg.augment.mean, cfg.augment.std
+    alone, other = ("augment.std", "augment.mean") if mean is None else ("augment.mean", "augment.std")
+    need((mean is None) == (std is None), alone, f"is set without {other}: set both, or neither (the source's own)")
     for key in ("augment.mean", "augment.std"):
-        need(len(OmegaConf.select(cfg, key)) in (1, cfg.data.in_chans), key, "needs 1 or data.in_chans values")
+        values = OmegaConf.select(cfg, key)
+        need(values is None or len(values) in (1, cfg.data.in_chans), key, "needs 1 or data.in_chans values")
     for name, method in METHODS.items():
         method.check_config(cfg[name], lambda ok, key, what, name=name: need(ok, f"{name}.{key}", what))
 
@@ -608,7 +617,8 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     global_batch = batch_size x world_size x grad_accum; lr = base_lr scaled by the objective's rule
     (``SSLMethod.lr_scaling``: linear from 256, Goyal et al. 2017, as MAE and DINO; square root from 1024 for
     DINOv2); an epoch is ``samples_per_epoch`` samples (default: the dataset size) rounded down to whole
-    optimizer steps; every schedule is indexed by the optimizer step.
+    optimizer steps; every schedule is indexed by the optimizer step. The input normalisation left out of the
+    config is the warm-start source's (``resolve_normalization``).
     """
     derived = derive_steps(
         batch_size=cfg.train.batch_size,
@@ -621,6 +631,7 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
         lr_scaling=METHODS[cfg.method].lr_scaling,
     )
     cfg.derived = OmegaConf.merge(cfg.derived, derived)
+    resolve_normalization(cfg)
     return cfg
 
 
@@ -634,3 +645,15 @@ def to_dict(cfg: DictConfig, resolve: bool = False) -> dict[str, Any]:
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the config (derived values included, interpolations as written: ``to_dict``) as YAML."""
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+
+
+def resolve_normalization(cfg: DictConfig) -> None:
+    """``augment.mean`` / ``std`` left out: the warm-start source's own (``pretrain.weights.source_normalization``),
+    fitted to ``data.in_chans``; set ones are kept. Either way ``derived.normalization`` says where they came from
+    (a resumed run has adopted its saved values before: ``pretrain.main.settle_from_run_dir``)."""
+    if cfg.augment.mean is not None:
+        if cfg.derived.normalization is None:
+            cfg.derived.normalization = "the config (augment.mean / std)"
+        return
+    found = source_normalization(cfg.model.init, cfg.model.backbone).for_channels(cfg.data.in_chans)
+    cfg.augment.mean, cfg.augment.std, cfg.derived.normalization = found.mean, found.std, found.origin

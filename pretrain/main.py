@@ -63,7 +63,7 @@ _FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", Distrib
 def run_pretraining(cfg: DictConfig) -> int:
     """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
     report_run_dir(cfg.train.run_dir)  # to the supervisor (pretrain.supervise), if one runs this process
-    resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend and precision it started with
+    resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend, precision and normalisation it started with
     accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
     setup = [*resumed, *setup]
     monitor, failed, lock = None, False, None
@@ -165,6 +165,14 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         if kind == Backend.deepspeed and saved is not None and cfg.dist.zero_stage is None and cfg.dist.deepspeed_config is None:  # fmt: skip
             cfg.dist.zero_stage, cfg.dist.deepspeed_config = saved.dist.zero_stage, saved.dist.deepspeed_config
         adopted.append(f"dist.backend={kind.value}")
+    if saved is not None:  # a warm-started run is rebuilt as it was built (pretrain.methods.mae), source unread
+        cfg.derived.init_sha256 = OmegaConf.select(saved, "derived.init_sha256")
+    saved_mean = OmegaConf.select(saved, "augment.mean") if saved is not None else None
+    if cfg.augment.mean is None and cfg.augment.std is None and saved_mean is not None:
+        # The normalisation the weights were trained with, even if the warm-start source moved or changed since.
+        cfg.augment.mean, cfg.augment.std = list(saved_mean), list(saved.augment.std)
+        cfg.derived.normalization = OmegaConf.select(saved, "derived.normalization")
+        adopted.append(f"augment.mean={list(saved_mean)} and augment.std={list(saved.augment.std)}")
     saved_precision = OmegaConf.select(saved, "train.precision") if saved is not None else None
     if cfg.train.precision == Precision.auto and saved_precision not in (None, Precision.auto.value):
         cfg.train.precision = Precision(saved_precision)

@@ -353,6 +353,47 @@ def read_init(source: str, architecture: str, key: str = "model.init") -> Releas
                    source=path)  # fmt: skip
 
 
+DEFAULT_NORMALIZATION = ([0.5], [0.5])  # medfm's for a random init: [0, 1] images to [-1, 1]
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The mean / std a backbone's inputs are normalised with, and where they were found (for the run's log)."""
+
+    mean: list[float]
+    std: list[float]
+    origin: str
+
+    def for_channels(self, in_chans: int) -> Normalization:
+        """Per-channel values for ``in_chans`` inputs: kept when they fit (or are one for all); otherwise (an RGB
+        source on gray images) the channel average, as the first conv's kernel is summed over them."""
+        if len(self.mean) in (1, in_chans) and len(self.std) in (1, in_chans):
+            return self
+        average = lambda values: [sum(values) / len(values)]  # noqa: E731
+        return Normalization(average(self.mean), average(self.std), f"{self.origin}, averaged over channels")
+
+
+def source_normalization(source: str | None, architecture: str, key: str = "model.init") -> Normalization:
+    """The normalisation ``source``'s weights were trained with: its ``config.json`` ``pretrained_cfg`` (a medfm
+    release, a timm hub snapshot, a run's release), else timm's ``pretrained_cfg`` of ``architecture`` (a bare
+    weights file, original DINOv2 / MAE checkpoints), else medfm's 0.5 / 0.5; without a source, medfm's."""
+    if source is None:
+        return Normalization(*DEFAULT_NORMALIZATION, "medfm's default (no warm start)")
+    path = resolve_source(source, key)
+    folders = (path, path / "release") if path.is_dir() else ()
+    for config_path in (folder / CONFIG_NAME for folder in folders):
+        if config_path.is_file():
+            found = read_config(config_path).get("pretrained_cfg") or {}
+            if found.get("mean") and found.get("std"):
+                return Normalization(list(found["mean"]), list(found["std"]), f"{key} {config_path}")
+            break
+    timm_cfg = timm.models.get_pretrained_cfg(architecture)
+    if timm_cfg is not None and timm_cfg.mean and timm_cfg.std:
+        tag = f"{architecture}.{timm_cfg.tag}" if timm_cfg.tag and "." not in architecture else architecture
+        return Normalization(list(timm_cfg.mean), list(timm_cfg.std), f"timm's pretrained_cfg of {tag} ({key} names no config.json)")  # fmt: skip
+    return Normalization(*DEFAULT_NORMALIZATION, f"medfm's default ({key} and timm name none for {architecture})")
+
+
 def fit_state_dict(
     state: dict[str, Tensor], model: nn.Module, first_conv: str | None = None, *, foreign: bool = True
 ) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ...]]:

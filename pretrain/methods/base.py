@@ -37,7 +37,7 @@ from pretrain.transforms import (
     multi_crop,
     scale_blur_sigma,
 )
-from pretrain.weights import load_init
+from pretrain.weights import load_init, source_normalization
 
 
 class SSLMethod(nn.Module):
@@ -149,9 +149,11 @@ def augment_from_config(
     resized to 96 px), so DINO / DINOv2 give them the global crops' sigma in pixels too."""
     aug = cfg.augment
     sigma = scale_blur_sigma(aug.blur_sigma, cfg.data.img_size)
-    return augment_from_section(
-        aug, size or cfg.data.img_size, aug.mean, aug.std, scale, blur_prob=blur_prob, blur_sigma=sigma
-    )
+    mean, std = aug.mean, aug.std
+    if mean is None:  # a config not derived (pretrain.config.resolve_normalization): the same rule, not stored
+        found = source_normalization(cfg.model.init, cfg.model.backbone).for_channels(cfg.data.in_chans)
+        mean, std = found.mean, found.std
+    return augment_from_section(aug, size or cfg.data.img_size, mean, std, scale, blur_prob=blur_prob, blur_sigma=sigma)
 
 
 class LastLayerFreeze:

@@ -28,7 +28,15 @@ from pretrain.backbones import build_backbone
 from pretrain.errors import ConfigError
 from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
 from pretrain.transforms import MultiView
-from pretrain.weights import CONFIG_NAME, check_keys, fit_state_dict, read_config, read_init, resolve_source
+from pretrain.weights import (
+    CONFIG_NAME,
+    check_keys,
+    fit_state_dict,
+    read_config,
+    read_init,
+    resolve_source,
+    source_normalization,
+)
 
 LOSSES = ("cosine", "mse")
 
@@ -78,9 +86,9 @@ class FrozenTeacher:
         state, _, _ = fit_state_dict(weights.state_dict, model, weights.pretrained_cfg.get("first_conv"))
         check_keys(model.state_dict(), state, weights.source, model=f"the teacher {spec.architecture}")
         model.load_state_dict(state, strict=True)
-        mean, std = list(weights.pretrained_cfg.get("mean", [0.5])), list(weights.pretrained_cfg.get("std", [0.5]))
-        if len(mean) != self.in_chans:  # an RGB teacher on gray images: the channel mean
-            mean, std = [sum(mean) / len(mean)] * self.in_chans, [sum(std) / len(std)] * self.in_chans
+        # The teacher's own input normalisation (an RGB teacher on gray images: the channel average)
+        norm = source_normalization(self.source, spec.architecture, "distill.teacher").for_channels(self.in_chans)
+        mean, std = norm.mean, norm.std
         as_map = lambda values: torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
         self.mean, self.std = as_map(mean), as_map(std)
         self.student_mean, self.student_std = (as_map(v) for v in self.student_norm)

@@ -173,7 +173,9 @@ class MAE(SSLMethod):
             decoder_dim=cfg.mae.decoder_dim,
             decoder_depth=cfg.mae.decoder_depth,
             decoder_heads=cfg.mae.decoder_heads,
-            initialize_encoder=cfg.model.init is None,
+            # A resumed warm-started run is rebuilt without reading model.init (its weights are in the checkpoint):
+            # derived.init_sha256 says it was warm-started, so the encoder is built alike (learned positions).
+            initialize_encoder=cfg.model.init is None and cfg.derived.init_sha256 is None,
         )
 
     @staticmethod
