@@ -47,6 +47,10 @@ class RecipeConfig:
     name: str = MISSING  # folder name under OUT/pretrain/
     config: str = MISSING  # a pretraining YAML (configs/pretrain/...)
     overrides: list[str] = field(default_factory=list)  # key=value on top (schedule, image size, ...)
+    # An ablation: the name of the recipe this one varies (e.g. that recipe before a change, by overrides). It is
+    # pretrained and probed like the others, then compared with it row by row under "Ablation" (same tasks, label
+    # subsets and seeds); it is not fine-tuned nor counted for the target.
+    ablation_of: str | None = None
 
 
 @dataclass
@@ -129,6 +133,10 @@ class QualityConfig:
         need(set(cfg.target.tasks) <= names, "target.tasks", f"must name tasks of {sorted(names)}")
         recipes = {recipe.name for recipe in cfg.recipes}
         need(set(cfg.finetune.recipes) <= recipes, "finetune.recipes", f"must name recipes of {sorted(recipes)}")
+        for i, recipe in enumerate(cfg.recipes):
+            if recipe.ablation_of is not None:
+                others = sorted(recipes - {recipe.name})
+                need(recipe.ablation_of in others, f"recipes[{i}].ablation_of", f"must name another recipe of {others}")
 
 
 def load_quality_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -177,7 +185,8 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
                     *cfg.frozen.overrides, *task.overrides]  # fmt: skip
             steps.append(Step("eval", f"kNN + linear probe: {recipe.name} on {task.name}", tuple(argv)))
     if cfg.finetune.enabled:
-        for recipe in (r for r in cfg.recipes if not cfg.finetune.recipes or r.name in cfg.finetune.recipes):
+        tuned = [r for r in cfg.recipes if r.ablation_of is None and (not cfg.finetune.recipes or r.name in cfg.finetune.recipes)]  # fmt: skip
+        for recipe in tuned:
             for task in (t for t in cfg.tasks if t.finetune):
                 argv = ["finetune", *(["--config", cfg.finetune.config] if cfg.finetune.config else []),
                         "--backbone", str(out / "pretrain" / recipe.name), "--data", task.spec,
@@ -276,18 +285,21 @@ def build_report(cfg: DictConfig, steps: Sequence[Step] = ()) -> dict[str, Any]:
         if record is not None:
             seconds[step.stage] = seconds.get(step.stage, 0.0) + record["seconds"]
     pretrain = {recipe.name: _pretrain_info(out / "pretrain" / recipe.name) for recipe in cfg.recipes}
-    return {
+    report = {
         "format": "medfm-bench-quality/1",
         "config": to_dict(cfg),
         "rows": rows,
         "published": published,
         "target": check_target(cfg, rows, published),
+        "ablation": [],
         "seconds": seconds,
         "total_minutes": sum(seconds.values()) / 60,
         "budget_minutes": cfg.budget_minutes,
         "pretrain": pretrain,
         "pool": _pool_info(out / "pool"),
     }
+    report["ablation"] = ablation_rows(report)
+    return report
 
 
 def _pretrain_info(run_dir: Path) -> dict[str, Any]:
@@ -316,9 +328,10 @@ def check_target(
     """Per target task: does the best release's linear probe (100 % labels) beat the reference on ACC and AUC,
     and does fine-tuning a release on ``finetune_fraction`` of the labels match random init on all of them?"""
     checks = []
+    ablations = {recipe.name for recipe in cfg.recipes if recipe.ablation_of is not None}
     for task in cfg.target.tasks:
         reference = published.get(task, {}).get(cfg.target.reference)
-        probes = _find(rows, task=task, init="release", protocol="linear", fraction=1.0)
+        probes = [r for r in _find(rows, task=task, init="release", protocol="linear", fraction=1.0) if r["recipe"] not in ablations]  # fmt: skip
 
         def beats(row: dict[str, Any], reference: dict[str, Any] | None = reference) -> bool:
             return reference is not None and all(
@@ -394,6 +407,7 @@ def markdown(report: dict[str, Any]) -> str:
             cells = ["" for _ in fractions[:-1]] + [f"{acc} / {auc}"]
             lines.append(f"| published: {ref_name} | | {ref.get('protocol', '')} | " + " | ".join(cells) + " |")
         lines += ["", f"![{name}](plots/{name}_bars.png) ![{name} label efficiency](plots/{name}_efficiency.png)", ""]
+    lines += ablation_section(report)
     if report["target"]:
         lines += ["## Target", ""]
         for check in report["target"]:
@@ -411,6 +425,47 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{values[1]:.3f}) {verdict} random init on 100 % ({values[2]:.3f} / {values[3]:.3f}).")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+def ablation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per ablation recipe, task, protocol and label fraction: the recipe's release vs the ablation's release
+    (mean over the same label subsets and seeds), with the differences."""
+    compared = []
+    for ablation in (r for r in report["config"]["recipes"] if r.get("ablation_of")):
+        for row in _find(report["rows"], recipe=ablation["name"], init="release"):
+            where = {k: row[k] for k in ("task", "protocol", "fraction")}
+            recipe = next(iter(_find(report["rows"], recipe=ablation["ablation_of"], init="release", **where)), None)
+            if recipe is None:
+                continue
+            deltas = {f"delta_{m}": _mean(recipe, m) - _mean(row, m) for m in METRICS}
+            compared.append({**where, "recipe": ablation["ablation_of"], "ablation": ablation["name"],
+                             "n_train": row["n_train"], **{m: _mean(recipe, m) for m in METRICS},
+                             **{f"ablation_{m}": _mean(row, m) for m in METRICS}, **deltas})  # fmt: skip
+    return compared
+
+
+def ablation_section(report: dict[str, Any]) -> list[str]:
+    """Markdown: each ablation beside its recipe (releases only; positive differences favour the recipe)."""
+    compared = report.get("ablation") or []
+    if not compared:
+        return []
+    lines = ["## Ablation", ""]
+    for ablation in (r for r in report["config"]["recipes"] if r.get("ablation_of")):
+        lines += [f"`{ablation['ablation_of']}` against `{ablation['name']}` ({' '.join(ablation['overrides'])}): "
+                  "test ACC / AUC of the releases on the same label subsets and seeds; difference = recipe - "
+                  "ablation.", "",
+                  "| task | protocol | labels | recipe | ablation | difference |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in (r for r in compared if r["ablation"] == ablation["name"]):
+            labels = f"{row['fraction'] * 100:g} %" + (f" ({row['n_train']})" if row["n_train"] is not None else "")
+            lines.append(f"| {row['task']} | {row['protocol']} | {labels} | {row['acc']:.3f} / {row['auc']:.3f} | "
+                         f"{row['ablation_acc']:.3f} / {row['ablation_auc']:.3f} | "
+                         f"{row['delta_acc']:+.3f} / {row['delta_auc']:+.3f} |")  # fmt: skip
+        wins = [r for r in compared if r["ablation"] == ablation["name"]]
+        better = sum(r["delta_auc"] > 0 for r in wins)
+        mean_delta = sum(r["delta_auc"] for r in wins) / len(wins) if wins else math.nan
+        lines += ["", f"The recipe has the higher AUC in {better} of {len(wins)} comparisons (mean AUC difference "
+                  f"{mean_delta:+.3f}).", ""]  # fmt: skip
+    return lines
 
 
 def write_report(cfg: DictConfig, report: dict[str, Any]) -> Path:

@@ -280,6 +280,7 @@ class DerivedConfig:
     total_steps: int | None = None
     warmup_steps: int | None = None
     init_sha256: str | None = None  # of the model.init weights file
+    auto: str | None = None  # the method's values its config left "auto", and the image count they follow
     normalization: str | None = None  # where augment.mean / std came from (the config, a warm-start source, default)
 
 
@@ -617,8 +618,9 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
     global_batch = batch_size x world_size x grad_accum; lr = base_lr scaled by the objective's rule
     (``SSLMethod.lr_scaling``: linear from 256, Goyal et al. 2017, as MAE and DINO; square root from 1024 for
     DINOv2); an epoch is ``samples_per_epoch`` samples (default: the dataset size) rounded down to whole
-    optimizer steps; every schedule is indexed by the optimizer step. The input normalisation left out of the
-    config is the warm-start source's (``resolve_normalization``).
+    optimizer steps; every schedule is indexed by the optimizer step. The objective's ``auto`` values follow
+    the image count (``SSLMethod.resolve_auto``); the input normalisation left out of the config is the
+    warm-start source's (``resolve_normalization``).
     """
     derived = derive_steps(
         batch_size=cfg.train.batch_size,
@@ -631,6 +633,9 @@ def derive(cfg: DictConfig, world_size: int, dataset_size: int) -> DictConfig:
         lr_scaling=METHODS[cfg.method].lr_scaling,
     )
     cfg.derived = OmegaConf.merge(cfg.derived, derived)
+    chosen = METHODS[cfg.method].resolve_auto(cfg, dataset_size)
+    if chosen:
+        cfg.derived.auto = f"{', '.join(chosen)} ({dataset_size} images)"
     resolve_normalization(cfg)
     return cfg
 

@@ -44,6 +44,7 @@ from pretrain.engine import Schedules, build_optimizer, train
 from pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
 from pretrain.knn import KNNMonitor
 from pretrain.methods import METHODS, SSLMethod
+from pretrain.methods.auto_settings import AUTO
 from pretrain.monitor import Monitor, plot_training_curves
 from pretrain.preemption import StopRequest
 from pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
@@ -167,6 +168,15 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         adopted.append(f"dist.backend={kind.value}")
     if saved is not None:  # a warm-started run is rebuilt as it was built (pretrain.methods.mae), source unread
         cfg.derived.init_sha256 = OmegaConf.select(saved, "derived.init_sha256")
+    if saved is not None and OmegaConf.select(saved, "method") == cfg.method:
+        # "auto" values as the run chose them: the image count may differ now (more shards), the model may not.
+        section, saved_section = cfg[cfg.method], saved[cfg.method]
+        chosen = {key: saved_section[key] for key in section if section[key] == AUTO and key in saved_section}
+        for key, value in chosen.items():
+            section[key] = value
+        if chosen:
+            cfg.derived.auto = OmegaConf.select(saved, "derived.auto")
+            adopted.append(", ".join(f"{cfg.method}.{key}={value}" for key, value in chosen.items()))
     saved_mean = OmegaConf.select(saved, "augment.mean") if saved is not None else None
     if cfg.augment.mean is None and cfg.augment.std is None and saved_mean is not None:
         # The normalisation the weights were trained with, even if the warm-start source moved or changed since.

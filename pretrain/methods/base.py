@@ -53,6 +53,12 @@ class SSLMethod(nn.Module):
     def check_config(section: DictConfig, need: Callable[[bool, str, str], None]) -> None:
         """Checks of the method's section that its types cannot express: ``need(ok, key, what)``."""
 
+    @staticmethod
+    def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
+        """Replace the section's ``auto`` values by numbers derived from the data (``pretrain.config.derive``, after
+        the step counts); returns ``key=value`` for each value chosen."""
+        return []
+
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: list of (B, C, H, W) batches (one per augmented view); step: optimizer step (for schedules)."""
         raise NotImplementedError

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pretrain.backbones import pooled_features
+from pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
 from pretrain.methods.base import (
     LastLayerFreeze,
     SSLMethod,
@@ -108,19 +109,21 @@ class DINOConfig:
 
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    head_output_dim: int = 65536
+    # "auto" (pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
+    # the reference's ImageNet ViT-S/16: 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.996
+    head_output_dim: int | str = AUTO
     head_batch_norm: bool = False
     norm_last_layer: bool = True
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     local_crop_size: int = 96  # ViTs: a multiple of the patch size; global crops use augment.crop_scale
     num_local_crops: int = 8
     student_temp: float = 0.1
-    teacher_temp: float = 0.04  # reached after the warm-up
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
+    teacher_temp: int | float | str = AUTO  # reached after the warm-up
+    warmup_teacher_temp: int | float | str = AUTO
+    warmup_teacher_temp_epochs: int | float | str = AUTO
     center_momentum: float = 0.9  # running centre (centering: mean)
     centering: Centering = Centering.mean  # or sinkhorn_knopp (DINOv2's large-data recipes; no running centre)
-    momentum_teacher: float = 0.996  # cosine schedule from this to 1.0 over training
+    momentum_teacher: int | float | str = AUTO  # cosine schedule from this to 1.0 over training
     freeze_last_layer_epochs: float = 1.0
 
 
@@ -143,6 +146,11 @@ class DINO(SSLMethod):
     def check_config(section, need) -> None:
         scale = list(section.local_crop_scale)
         need(len(scale) == 2 and scale[0] <= scale[1], "local_crop_scale", "must be [low, high]")
+        check_auto_numbers(section, need)
+
+    @staticmethod
+    def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
+        return resolve_teacher_auto(cfg, "dino", dataset_size)
 
     momentum_modules = ("teacher_backbone", "teacher_head")
 

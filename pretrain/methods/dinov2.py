@@ -40,6 +40,7 @@ from torch.utils.data import default_collate
 
 from pretrain.backbones import is_vit
 from pretrain.errors import ConfigError
+from pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
 from pretrain.methods.base import (
     LastLayerFreeze,
     SSLMethod,
@@ -64,19 +65,21 @@ class DINOv2Config:
 
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    head_output_dim: int = 65536
+    # "auto" (pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
+    # the references' ImageNet values are 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.992
+    head_output_dim: int | str = AUTO
     ibot_separate_head: bool = False
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     local_crop_size: int = 98  # a multiple of the patch size (reference: 96 at patch 16 -> 98 at patch 14)
     num_local_crops: int = 8
     student_temp: float = 0.1
-    teacher_temp: float = 0.07  # reached after the warm-up
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30.0
+    teacher_temp: int | float | str = AUTO  # reached after the warm-up
+    warmup_teacher_temp: int | float | str = AUTO
+    warmup_teacher_temp_epochs: int | float | str = AUTO
     center_momentum: float = 0.9  # running centres (centering: mean)
     # mean (the reference's default "centering") or sinkhorn_knopp (its ViT-g / LVD-142M recipes): both losses
     centering: Centering = Centering.mean
-    momentum_teacher: float = 0.992  # cosine schedule from this to 1.0 over training
+    momentum_teacher: int | float | str = AUTO  # cosine schedule from this to 1.0 over training
     freeze_last_layer_epochs: float = 1.0
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
@@ -117,6 +120,11 @@ class DINOv2(SSLMethod):
         need(0.0 <= section.mask_sample_probability <= 1.0, "mask_sample_probability", "must be in [0, 1]")
         need(0.0 < section.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
         need(section.patch_embed_lr_mult > 0.0, "patch_embed_lr_mult", "must be above 0")
+        check_auto_numbers(section, need)
+
+    @staticmethod
+    def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
+        return resolve_teacher_auto(cfg, "dinov2", dataset_size)
 
     def __init__(
         self,

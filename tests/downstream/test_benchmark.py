@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from downstream.benchmark import build_report, check_target, load_quality_config, plan_steps
+from downstream.benchmark import (
+    ablation_rows,
+    ablation_section,
+    build_report,
+    check_target,
+    load_quality_config,
+    plan_steps,
+)
+from downstream.config import to_dict
 from medfm_cli import main as medfm
 from pretrain.errors import ConfigError
 
@@ -126,3 +134,33 @@ def test_the_target_check_compares_the_best_linear_probe_and_the_label_budgets(t
     (check,) = check_target(cfg, rows, published)
     assert check["beats_reference"] is True and check["linear_probe"]["recipe"] == "r3"
     assert build_report(cfg)["rows"] == []  # nothing run yet
+
+
+def test_an_ablation_is_probed_beside_its_recipe_and_left_out_of_fine_tuning_and_the_target(tmp_path):
+    recipes = "recipes=[{name: r, config: pyproject.toml}, {name: r_before, config: pyproject.toml, overrides: [augment.blur_prob=0.5], ablation_of: r}]"  # fmt: skip
+    cfg = load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes, "tasks=[{name: t, spec: x}]",
+                                     "target.reference=ref", "target.tasks=[t]"])  # fmt: skip
+    steps = plan_steps(cfg)
+    assert [s.label for s in steps if s.stage == "pretrain"] == ["pretrain r", "pretrain r_before"]
+    assert any(s.label.startswith("kNN + linear probe: r_before") for s in steps)
+    assert [s.label for s in steps if s.stage == "finetune"] == ["fine-tune: r on t"]
+
+    def row(recipe: str, fraction: float, acc: float, auc: float) -> dict:
+        return {"task": "t", "recipe": recipe, "init": "release", "protocol": "linear", "fraction": fraction,
+                "n_train": 10, "acc": {"mean": acc, "std": 0.0}, "auc": {"mean": auc, "std": 0.0}}  # fmt: skip
+
+    rows = [row("r", 0.1, 0.80, 0.90), row("r_before", 0.1, 0.78, 0.93), row("r", 1.0, 0.86, 0.95),
+            row("r_before", 1.0, 0.90, 0.99)]  # fmt: skip
+    # the ablation's better probe does not count for the target: it is not the recipe
+    (check,) = check_target(cfg, rows, {"t": {"ref": {"acc": 0.85, "auc": 0.94}}})
+    assert check["linear_probe"]["recipe"] == "r"
+    report = {"config": to_dict(cfg), "rows": rows}
+    compared = ablation_rows(report)
+    assert [(c["fraction"], round(c["delta_acc"], 3), round(c["delta_auc"], 3)) for c in compared] == [(0.1, 0.02, -0.03), (1.0, -0.04, -0.04)]  # fmt: skip
+    text = "\n".join(ablation_section({**report, "ablation": compared}))
+    assert "`r` against `r_before` (augment.blur_prob=0.5)" in text
+    assert "| t | linear | 10 % (10) | 0.800 / 0.900 | 0.780 / 0.930 | +0.020 / -0.030 |" in text
+    assert "higher AUC in 0 of 2 comparisons" in text
+    with pytest.raises(ConfigError, match=r"recipes\[1\]\.ablation_of"):
+        load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes.replace("ablation_of: r", "ablation_of: nope"),
+                                   "tasks=[{name: t, spec: x}]"])  # fmt: skip
