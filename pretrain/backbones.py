@@ -21,6 +21,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models import ResNet, VisionTransformer
 from torch import Tensor, nn
 
@@ -141,6 +142,18 @@ def build_backbone(
             raise
         model = timm.create_model(name, **common)
     return use_small_image_stem(model) if small_image_stem else model
+
+
+def use_uniform_drop_path(model: nn.Module, rate: float) -> nn.Module:
+    """DINOv2's ``drop_path_uniform``: every ViT block drops its residual branches with probability ``rate``
+    (timm ramps it linearly from 0 at the first block to ``rate`` at the last), in place; returns ``model``.
+    ``DropPath`` holds no weights: the state dict and a release are unchanged."""
+    if not is_vit(model):
+        raise ConfigError(f"config key 'model.drop_path_uniform': applies to ViTs (timm VisionTransformer), not {type(model).__name__}")  # fmt: skip
+    if rate > 0:
+        for block in model.blocks:
+            block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
+    return model
 
 
 def use_small_image_stem(model: nn.Module) -> nn.Module:

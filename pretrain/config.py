@@ -162,6 +162,8 @@ class AugmentConfig:
 class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name
     drop_path_rate: float = field(default=0.0, metadata=within("[0, 1)"))
+    # ViTs: every block at drop_path_rate (DINOv2's drop_path_uniform) instead of timm's ramp from 0 to it
+    drop_path_uniform: bool = False
     # extra timm kwargs, e.g. {patch_size: 8}; and medfm's {small_image_stem: true}: SimCLR's CIFAR stem for a
     # ResNet at <= 32 px (3x3 stride-1 conv1, no max-pool; ViTs ignore it; pretrain.backbones.use_small_image_stem)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pretrain.backbones import build_backbone, is_vit
+from pretrain.backbones import build_backbone, is_vit, use_uniform_drop_path
 from pretrain.errors import ConfigError
 from pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
 from pretrain.transforms import (
@@ -141,6 +141,8 @@ def backbone_from_config(cfg: DictConfig, dynamic_img_size: bool = False) -> nn.
                 f"config key 'data.img_size': {cfg.data.img_size} is not a multiple of the patch size {patch[0]} "
                 f"of {cfg.model.backbone}"
             )
+    if cfg.model.drop_path_uniform:
+        use_uniform_drop_path(backbone, cfg.model.drop_path_rate)
     if cfg.model.init is not None:
         load_init(backbone, cfg.model.init, cfg.model.backbone)
     return backbone

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import DropPath
 
-from pretrain.backbones import build_backbone, feature_function, is_vit, layer_features, pooled_features
+from pretrain.backbones import (
+    build_backbone,
+    feature_function,
+    is_vit,
+    layer_features,
+    pooled_features,
+    use_uniform_drop_path,
+)
+from pretrain.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -64,3 +73,25 @@ def test_layer_features_pool_each_stage_of_a_cnn():
     assert feature_function("head") is pooled_features
     with pytest.raises(ValueError, match="pooling"):
         feature_function("max")
+
+
+def test_uniform_drop_path_gives_every_block_the_rate_and_keeps_the_weights(tiny, tmp_path):
+    from pretrain.config import derive, load_config
+    from pretrain.methods import METHODS
+
+    ramp = build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2)
+    assert not isinstance(ramp.blocks[0].drop_path1, DropPath)  # timm: 0 at the first block ...
+    assert ramp.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)  # ... rising to the rate at the last
+    uniform = use_uniform_drop_path(build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2), 0.2)  # fmt: skip
+    for block in uniform.blocks:
+        assert all(isinstance(m, DropPath) and m.drop_prob == 0.2 for m in (block.drop_path1, block.drop_path2))
+    assert uniform.state_dict().keys() == ramp.state_dict().keys()
+    # through the config: the DINOv2 student drops uniformly, its EMA teacher not at all
+    overrides = tiny("dinov2", tmp_path, **{"model.drop_path_rate": 0.1, "model.drop_path_uniform": True})
+    model = METHODS["dinov2"].from_config(derive(load_config(None, overrides), world_size=1, dataset_size=64))
+    student, teacher = (getattr(model, name) for name in ("student_backbone", "teacher_backbone"))
+    student, teacher = getattr(student, "vit", student), getattr(teacher, "vit", teacher)
+    assert [b.drop_path1.drop_prob for b in student.blocks] == pytest.approx([0.1, 0.1])
+    assert all(b.drop_path1.drop_prob == 0.0 for b in teacher.blocks)
+    with pytest.raises(ConfigError, match=r"'model\.drop_path_uniform': applies to ViTs"):
+        use_uniform_drop_path(build_backbone("resnet18", 28), 0.1)
