@@ -143,13 +143,13 @@ class AugmentConfig:
     # factor drawn from [1 - c, 1 + c], around the image mean
     contrast: float = field(default=0.2, metadata=PROBABILITY)
     gamma: float = field(default=0.2, metadata=NON_NEGATIVE)  # exponent drawn log-uniformly from [1 / (1 + g), 1 + g]
-    # gaussian blur probability per view; DINO / DINOv2 with asymmetric_blur: the local crops' only
+    # gaussian blur probability per view; DINO / DINOv2 / MoCo v3 with asymmetric_blur: DINO's local crops' only
     blur_prob: float = field(default=0.5, metadata=PROBABILITY)
     # [low, high] blur sigma in pixels of a 224-px image, scaled by data.img_size / 224 for every view (local crops
     # too): 0.1-2 px at 224 as SimCLR / DINO, 0.0125-0.25 px at 28. Until issue 22: pixels at any image size
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0], metadata=POSITIVE)
-    # DINO / DINOv2 (2 global crops): blur the first global crop always, the second with probability 0.1, as their
-    # reference code (without its solarization); other methods ignore it
+    # DINO / DINOv2 (2 global crops) and MoCo v3 (2 views): blur the first always, the second with probability 0.1,
+    # as their reference code (without its solarization); SimCLR (symmetric, as its reference) and MAE ignore it
     asymmetric_blur: bool = True
     # Input normalisation: one value per channel, or one for all; images in [0, 1] are shifted by mean and divided by
     # std. None (both): the warm-start source's own (model.init: its config.json pretrained_cfg, else timm's

@@ -27,9 +27,9 @@ from pretrain.backbones import is_vit, pooled_features
 from pretrain.methods.base import (
     SSLMethod,
     at_step,
-    augment_from_config,
     backbone_from_config,
     deterministic_copy,
+    global_views_from_config,
 )
 from pretrain.schedules import cosine_schedule
 from pretrain.transforms import MultiView
@@ -137,5 +137,6 @@ class MoCo(SSLMethod):
 
     @staticmethod
     def build_transform(cfg: DictConfig) -> MultiView:
-        view = augment_from_config(cfg)
-        return MultiView([view, view])
+        # MoCo v3's reference (main_moco.py): blur on the first view always, on the second with probability 0.1
+        # (augment.asymmetric_blur, as DINO's global crops; without its solarization)
+        return MultiView(global_views_from_config(cfg, 2))

@@ -164,10 +164,13 @@ def test_dino_global_crops_are_blurred_asymmetrically(method):
     assert [blur_of(view)[0] for view in symmetric.transforms] == [0.5] * len(views)
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_two_view_methods_ignore_asymmetric_blur(method):
-    views = METHODS[method].build_transform(multi_crop_config(method)).transforms
-    assert [blur_of(view)[0] for view in views] == [0.5] * len(views)
+def test_simclr_blurs_its_views_alike_and_moco_v3_asymmetrically_as_their_references():
+    views = METHODS["simclr"].build_transform(multi_crop_config("simclr")).transforms
+    assert [blur_of(view)[0] for view in views] == [0.5, 0.5]  # SimCLR: p = 0.5 on both views
+    views = METHODS["moco"].build_transform(multi_crop_config("moco")).transforms
+    assert [blur_of(view)[0] for view in views] == [1.0, 0.1]  # MoCo v3 main_moco.py: augmentation1 / 2
+    views = METHODS["moco"].build_transform(multi_crop_config("moco", "augment.asymmetric_blur=false")).transforms
+    assert [blur_of(view)[0] for view in views] == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("method", ["dino", "dinov2"])
