@@ -137,6 +137,7 @@ class AugmentConfig:
     contrast: float = field(default=0.1, metadata=PROBABILITY)
     gamma: float = field(default=0.1, metadata=NON_NEGATIVE)
     blur_prob: float = field(default=0.0, metadata=PROBABILITY)
+    # [low, high] in pixels of a 224-px image, scaled to the input size as pretraining's (0.0125-0.25 px at 28)
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0], metadata=POSITIVE)
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train
 from pretrain.errors import ConfigError, InputError
 from pretrain.monitor import strict_json
 from pretrain.schedules import cosine_schedule, derive_steps
-from pretrain.transforms import augment_from_section
+from pretrain.transforms import MedicalAugment, augment_from_section, scale_blur_sigma
 
 # Per-run checkpoints (``OUT_DIR/.checkpoints/<init>[/<budget>-seed<k>]``): a killed ``medfm finetune`` run again
 # with the same command resumes each run where it was checkpointed; removed once every result is written.
@@ -151,6 +152,12 @@ class FinetuneRun:
     split_args: dict[str, Any]
 
 
+def finetune_augment(cfg: DictConfig, size: int, mean: Sequence[float], std: Sequence[float]) -> MedicalAugment:
+    """The training images' augmentation (``cfg.augment``), blur sigma given at 224 px as pretraining's."""
+    sigma = scale_blur_sigma(cfg.augment.blur_sigma, size)
+    return augment_from_section(cfg.augment, size, mean, std, blur_sigma=sigma)
+
+
 def finetune_once(
     cfg: DictConfig,
     release: Release,
@@ -209,7 +216,7 @@ def finetune_once(
     weights = class_weight_tensor(label_tensor, task) if t.class_weights else None
     criterion = loss_function(task, weights, label_smoothing=t.label_smoothing)
     derived = {**derive(t, world, len(train_set)), "head_init": head_init}
-    augment = augment_from_section(cfg.augment, size, mean, std)
+    augment = finetune_augment(cfg, size, mean, std)
     train_loader = EpochLoader(
         train_set, lambda image: [augment(image)], batch_size=t.batch_size,
         batches_per_epoch=derived["steps_per_epoch"], in_chans=channels, seed=seed, num_workers=d.num_workers,

@@ -184,3 +184,15 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
     assert derived["release"]["head_init"] == "linear_probe"  # random features are no probe to start from
     with pytest.raises(ConfigError, match=r"train\.head_init"):
         finetune(tiny_release, spec, tmp_path / "bad", "train.head_init=probe")
+
+
+def test_the_fine_tuning_blur_sigma_is_given_at_224_px_and_scaled_to_the_input():
+    from torchvision.transforms import v2
+
+    from downstream.finetune import finetune_augment
+
+    cfg = load_config(FinetuneConfig, None, ["backbone.path=x", "data.spec=x", "out_dir=x", "augment.blur_prob=1.0"])
+    blurs = {size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]
+             for size in (224, 28)}  # fmt: skip
+    assert blurs[224][0].transforms[0].sigma == pytest.approx([0.1, 2.0])
+    assert blurs[28][0].transforms[0].sigma == pytest.approx([0.0125, 0.25])
