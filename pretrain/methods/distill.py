@@ -1,17 +1,27 @@
-"""Distillation of a frozen, large general model into a deployable backbone on unlabeled in-domain images
-(LightlyTrain's default ``distillation`` method; cf. Hinton et al. 2015, and feature distillation as in
-"Knowledge distillation: A good teacher is patient and consistent", Beyer et al. 2022).
+"""Distillation of a frozen, large general model into a deployable backbone on unlabeled in-domain images, as
+LightlyTrain's ``distillation`` method (cf. Hinton et al. 2015; "Knowledge distillation: A good teacher is patient
+and consistent", Beyer et al. 2022).
 
 The teacher (``distill.teacher``: anything ``model.init`` takes, e.g. a DINOv2 ViT-B/14 hub snapshot or a medfm
 release) runs frozen, in eval mode, without gradients, at its own input size and normalisation (under bf16
-autocast on GPUs, as the engine's forward). The student, any timm architecture (ViT, ResNet, ConvNeXt), is trained
-to match the teacher's pooled features and its patch features through a small projection: a linear map of the
-student's pooled features and a 1 x 1 convolution of its feature map, resized to the teacher's patch grid
-(bilinear). Loss: per vector, ``1 - cosine`` (``loss: cosine``) or the MSE of layer-normalised features
-(``loss: mse``); pooled and patch terms weighted by ``pooled_weight`` / ``patch_weight``.
+autocast on GPUs, as the engine's forward). The student, any timm architecture (ViT, ResNet, ConvNeXt), is mapped
+to the teacher's width by a linear map of its pooled features and a 1 x 1 convolution of its feature map, resized
+to the teacher's patch grid (bilinear). Losses (``distill.loss``):
 
-The teacher is held outside the module tree: it is neither trained, checkpointed, synchronised nor sharded, and it
-is read from ``distill.teacher`` at the first forward (exporting a run never needs it). Released: the student.
+- ``queue_kl`` (the default; LightlyTrain's current default, its ``distillationv3``): every batch is mixed with a
+  shuffled copy of itself (mixup, one weight ~ U(0, 1) per batch); all features L2-normalised; a queue of the last
+  ``queue_size`` teacher pooled features (per process, the current batch first) serves as pseudo-class weights, and
+  the student's softmax over its similarities to the queue matches the teacher's (KL, temperature
+  ``temperature_global``); within each image, each patch's softmax over its similarities to the image's patches
+  matches the teacher's (KL, ``temperature_local``). LightlyTrain clips gradients at 1.0, uses AdamW at 5e-4 for a
+  batch of 1536 scaled by the square root (this method's ``lr_scaling``) and weight decay 1e-6 for BatchNorm CNN
+  students, 0.04 otherwise: the recipes set those.
+- ``cosine`` / ``mse`` (medfm's earlier variant): per vector ``1 - cosine`` or the MSE of layer-normalised
+  pooled and patch features (set ``mixup: false`` for it as it was).
+
+Pooled and patch terms are weighted by ``pooled_weight`` / ``patch_weight``. The teacher is held outside the module
+tree: it is neither trained, checkpointed, synchronised nor sharded, and it is read from ``distill.teacher`` at the
+first forward (exporting a run never needs it). Released: the student.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from torch import Tensor, nn
 
 from pretrain.backbones import build_backbone
 from pretrain.errors import ConfigError
-from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
+from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config, outside_autocast
+from pretrain.schedules import LrScaling
 from pretrain.transforms import MultiView
 from pretrain.weights import (
     CONFIG_NAME,
@@ -38,7 +49,14 @@ from pretrain.weights import (
     source_normalization,
 )
 
-LOSSES = ("cosine", "mse")
+LOSSES = ("queue_kl", "cosine", "mse")
+AUTO = "auto"
+# (image count below which, queue size): LightlyTrain's distillationv3 buckets (about 25-50 % of the images)
+QUEUE_BUCKETS = ((50, 16), (100, 32), (250, 64), (500, 128), (1_000, 256), (2_000, 512), (4_000, 1024),
+                 (10_000, 2048), (20_000, 4096))  # fmt: skip
+MAX_QUEUE = 8192
+# LightlyTrain's distillation lr rule: AdamW 5e-4 at a batch of 1536, scaled by the square root
+SQRT_1536 = LrScaling("sqrt x (batch / 1536)", 1536, 0.5)
 
 
 @dataclass
@@ -49,9 +67,14 @@ class DistillConfig:
     teacher_architecture: str | None = None  # timm name, only for a bare teacher weights file
     teacher_img_size: int | None = None  # the teacher's input side (None: data.img_size)
     teacher_dim: int | None = None  # the teacher's feature width; None: read from it (then recorded in the run)
-    loss: str = "cosine"  # cosine | mse
+    loss: str = "queue_kl"  # queue_kl (LightlyTrain's distillationv3) | cosine | mse (medfm's earlier variant)
     pooled_weight: float = 1.0
     patch_weight: float = 1.0
+    mixup: bool = True  # mix each batch with a shuffled copy of itself (LightlyTrain; false: the earlier variant)
+    # queue_kl: teacher pooled features kept as pseudo-classes; auto: from the image count (16 ... 8192)
+    queue_size: int | str = AUTO
+    temperature_global: float = 0.07  # queue_kl: softmax over the queue
+    temperature_local: float = 0.07  # queue_kl: softmax over an image's patches
 
 
 def feature_map(backbone: nn.Module, features: Tensor) -> Tensor:
@@ -137,6 +160,13 @@ class TeacherSpec:
         return build_backbone(self.architecture, img_size, in_chans, **args)
 
 
+def mix_batch(images: Tensor) -> Tensor:
+    """Mixup without labels (LightlyTrain's distillation): ``w * images + (1 - w) * images[perm]``, one weight
+    w ~ U(0, 1) and one permutation per batch, drawn on the images' device (no host sync)."""
+    weight = torch.rand((), device=images.device, dtype=images.dtype)
+    return weight * images + (1 - weight) * images[torch.randperm(images.shape[0], device=images.device)]
+
+
 class Distill(SSLMethod):
     """Feature distillation of a frozen teacher into ``student`` (see the module docstring).
 
@@ -150,19 +180,43 @@ class Distill(SSLMethod):
     Config = DistillConfig
     description = "feature distillation of a frozen general-purpose teacher (pooled and patch features)"
 
+    lr_scaling = SQRT_1536
+
     @staticmethod
     def check_config(section, need) -> None:
         need(section.loss in LOSSES, "loss", f"must be one of {LOSSES}")
         need(section.pooled_weight >= 0 and section.patch_weight >= 0, "pooled_weight", "weights must be >= 0")
+        for key in ("temperature_global", "temperature_local"):
+            need(section[key] > 0, key, "must be above 0")
+        size = section.queue_size
+        need(size == AUTO or (isinstance(size, int) and not isinstance(size, bool) and size > 0), "queue_size",
+             "must be 'auto' or a positive whole number")  # fmt: skip
 
-    def __init__(self, student: nn.Module, teacher: Any, teacher_dim: int, loss: str = "cosine",
-                 pooled_weight: float = 1.0, patch_weight: float = 1.0):  # fmt: skip
+    @staticmethod
+    def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
+        d = cfg.distill
+        if d.queue_size != AUTO:
+            if d.loss == "queue_kl" and d.queue_size >= dataset_size:
+                raise ConfigError(f"config key 'distill.queue_size': {d.queue_size} is not below the {dataset_size} images (LightlyTrain's rule: 'auto' keeps it to 25-50 %)")  # fmt: skip
+            return []
+        d.queue_size = next((size for bound, size in QUEUE_BUCKETS if dataset_size < bound), MAX_QUEUE)
+        return [f"distill.queue_size={d.queue_size}"]
+
+    def __init__(self, student: nn.Module, teacher: Any, teacher_dim: int, loss: str = "queue_kl",
+                 pooled_weight: float = 1.0, patch_weight: float = 1.0, *, mixup: bool = True, queue_size: int = 8192,
+                 temperature_global: float = 0.07, temperature_local: float = 0.07):  # fmt: skip
         super().__init__()
         self.student = student
         self.__dict__["teacher"] = teacher  # outside the module tree: not trained, saved, synchronised or sharded
         self.pooled_projection = nn.Linear(student.num_features, teacher_dim)
         self.patch_projection = nn.Conv2d(student.num_features, teacher_dim, kernel_size=1)
         self.loss, self.pooled_weight, self.patch_weight = loss, pooled_weight, patch_weight
+        self.mixup, self.temperature_global, self.temperature_local = mixup, temperature_global, temperature_local
+        if loss == "queue_kl":
+            for projection in (self.pooled_projection, self.patch_projection):  # LightlyTrain's initialisation
+                nn.init.trunc_normal_(projection.weight, std=0.02)
+            # Per process (as LightlyTrain's), checkpointed with the run so that a resumed run continues it.
+            self.register_buffer("feature_queue", torch.zeros(queue_size, teacher_dim))
 
     def distance(self, student: Tensor, teacher: Tensor) -> Tensor:
         """(N, D) x (N, D) -> scalar: mean ``1 - cosine`` or MSE of layer-normalised vectors."""
@@ -170,18 +224,50 @@ class Distill(SSLMethod):
             return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
         return F.mse_loss(F.layer_norm(student, student.shape[-1:]), F.layer_norm(teacher, teacher.shape[-1:]))
 
+    @torch.no_grad()
+    def update_queue(self, teacher_pooled: Tensor) -> None:
+        """The batch's L2-normalised teacher features (B, D) first, the oldest dropped (LightlyTrain's order)."""
+        queue, batch = self.feature_queue, teacher_pooled.to(self.feature_queue.dtype)
+        if batch.shape[0] >= queue.shape[0]:
+            queue.copy_(batch[: queue.shape[0]])
+        else:
+            queue.copy_(torch.cat([batch, queue[: queue.shape[0] - batch.shape[0]]]))
+
+    def queue_kl(self, student_pooled: Tensor, teacher_pooled: Tensor, student_patches: Tensor,
+                 teacher_patches: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """LightlyTrain's distillationv3 loss on L2-normalised features (pooled (B, D), patches (B, N, D)): KL of
+        the softmax over the queue (inter-image) and of each patch's softmax over its image's patches (intra-image),
+        both averaged over their rows."""
+        with outside_autocast(student_pooled.device):
+            queue = self.feature_queue
+            inter = F.kl_div(F.log_softmax(student_pooled @ queue.T / self.temperature_global, dim=-1),
+                             F.softmax(teacher_pooled @ queue.T / self.temperature_global, dim=-1),
+                             reduction="batchmean")  # fmt: skip
+            student_self = (student_patches @ student_patches.transpose(1, 2)).flatten(0, 1)
+            teacher_self = (teacher_patches @ teacher_patches.transpose(1, 2)).flatten(0, 1)
+            intra = F.kl_div(F.log_softmax(student_self / self.temperature_local, dim=-1),
+                             F.softmax(teacher_self / self.temperature_local, dim=-1), reduction="batchmean")  # fmt: skip
+        return inter, intra
+
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         """views: one (B, C, H, W) batch -> loss; embeddings: the student's pooled features (B, D_student)."""
-        images = views[0]
+        images = mix_batch(views[0]) if self.mixup else views[0]
         target_pooled, target_patches = self.teacher(images)
         features = self.student.forward_features(images)
         pooled = self.student.forward_head(features, pre_logits=True)
         patches = self.patch_projection(feature_map(self.student, features))
         patches = F.interpolate(patches, size=target_patches.shape[-2:], mode="bilinear", align_corners=False)
-        pooled_loss = self.distance(self.pooled_projection(pooled).float(), target_pooled)
-        patch_loss = self.distance(
-            patches.flatten(2).transpose(1, 2).float(), target_patches.flatten(2).transpose(1, 2)
-        )
+        student_pooled, student_patches = self.pooled_projection(pooled).float(), patches.flatten(2).transpose(1, 2).float()  # fmt: skip
+        target_patches = target_patches.flatten(2).transpose(1, 2)
+        if self.loss == "queue_kl":
+            normalise = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+            target_pooled, target_patches = normalise(target_pooled), normalise(target_patches)
+            self.update_queue(target_pooled)
+            pooled_loss, patch_loss = self.queue_kl(normalise(student_pooled), target_pooled,
+                                                    normalise(student_patches), target_patches)  # fmt: skip
+        else:
+            pooled_loss = self.distance(student_pooled, target_pooled)
+            patch_loss = self.distance(student_patches, target_patches)
         loss = self.pooled_weight * pooled_loss + self.patch_weight * patch_loss
         return {"loss": loss, "pooled_loss": pooled_loss.detach(), "patch_loss": patch_loss.detach(),
                 "embeddings": pooled.detach()}  # fmt: skip
@@ -201,7 +287,10 @@ class Distill(SSLMethod):
                 d.teacher_dim = int(TeacherSpec.of(d).build(size, cfg.data.in_chans).num_features)
         teacher = FrozenTeacher(d.teacher, d.teacher_architecture, size, cfg.data.in_chans, list(cfg.augment.mean),
                                 list(cfg.augment.std))  # fmt: skip
-        return cls(backbone_from_config(cfg), teacher, d.teacher_dim, d.loss, d.pooled_weight, d.patch_weight)
+        queue_size = d.queue_size if d.queue_size != AUTO else MAX_QUEUE  # a config not derived (derive sets it)
+        return cls(backbone_from_config(cfg), teacher, d.teacher_dim, d.loss, d.pooled_weight, d.patch_weight,
+                   mixup=d.mixup, queue_size=queue_size, temperature_global=d.temperature_global,
+                   temperature_local=d.temperature_local)  # fmt: skip
 
     @staticmethod
     def build_transform(cfg: DictConfig) -> MultiView:

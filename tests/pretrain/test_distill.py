@@ -85,3 +85,75 @@ def test_a_missing_teacher_is_a_config_error(tiny, tmp_path):
     save_file(build_backbone("resnet18", 32, 3).state_dict(), str(bare))
     with pytest.raises(ConfigError, match=r"distill\.teacher_architecture"):
         METHODS["distill"].from_config(distill_config(tiny, tmp_path, **{"distill.teacher": str(bare)}))
+
+
+def naive_queue_kl(student, teacher, student_patches, teacher_patches, queue, t_global, t_local):
+    """LightlyTrain's distillationv3 loss written out row by row: KL(teacher || student) of softmaxes."""
+
+    def kl(p_logits, q_logits, temperature):
+        p, log_q = (p_logits / temperature).softmax(-1), (q_logits / temperature).log_softmax(-1)
+        return float((p * (p.log() - log_q)).sum())
+
+    inter = sum(kl(teacher[i] @ queue.T, student[i] @ queue.T, t_global) for i in range(len(student))) / len(student)
+    rows = [(b, m) for b in range(student_patches.shape[0]) for m in range(student_patches.shape[1])]
+    intra = sum(kl(teacher_patches[b] @ teacher_patches[b, m], student_patches[b] @ student_patches[b, m], t_local)
+                for b, m in rows) / len(rows)  # fmt: skip
+    return inter, intra
+
+
+def test_the_queue_kl_loss_equals_lightlytrains_formula_written_out(tiny, tmp_path):
+    model = METHODS["distill"].from_config(distill_config(tiny, tmp_path, **{"distill.temperature_local": 0.1}))
+    torch.manual_seed(0)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, 32), dim=-1)  # noqa: E731
+    model.feature_queue = unit(model.feature_queue.shape[0])
+    student, teacher, student_patches, teacher_patches = unit(4), unit(4), unit(4, 9), unit(4, 9)
+    inter, intra = model.queue_kl(student, teacher, student_patches, teacher_patches)
+    expected = naive_queue_kl(student, teacher, student_patches, teacher_patches, model.feature_queue, 0.07, 0.1)
+    assert (float(inter), float(intra)) == pytest.approx(expected, rel=1e-4)
+    assert model.queue_kl(teacher, teacher, teacher_patches, teacher_patches)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_queue_takes_each_batch_first_and_drops_the_oldest(tiny, tmp_path):
+    model = METHODS["distill"].from_config(distill_config(tiny, tmp_path))
+    model.feature_queue = torch.arange(5.0)[:, None].repeat(1, 32)  # rows 0..4
+    model.update_queue(torch.full((2, 32), -1.0))
+    assert model.feature_queue[:, 0].tolist() == [-1, -1, 0, 1, 2]
+    model.update_queue(torch.arange(7.0)[:, None].repeat(1, 32) + 10)  # a batch larger than the queue
+    assert model.feature_queue[:, 0].tolist() == [10, 11, 12, 13, 14]
+
+
+def test_mixup_is_one_convex_combination_of_the_batch_with_a_permutation_of_it():
+    from pretrain.methods.distill import mix_batch
+
+    images = torch.randn(6, 1, 4, 4)
+    torch.manual_seed(3)
+    mixed = mix_batch(images)
+    torch.manual_seed(3)
+    weight, order = torch.rand(()), torch.randperm(6)
+    assert 0 <= weight <= 1 and torch.allclose(mixed, weight * images + (1 - weight) * images[order])
+
+
+def test_queue_size_and_lr_follow_the_image_count_and_batch_as_lighttrain(tiny, tmp_path):
+    from pretrain.methods.distill import QUEUE_BUCKETS
+
+    assert QUEUE_BUCKETS[0] == (50, 16) and QUEUE_BUCKETS[-1] == (20_000, 4096)
+    cfg = distill_config(tiny, tmp_path)  # 64 images: fewer than 100 -> 32
+    assert cfg.distill.queue_size == 32 and "distill.queue_size=32" in cfg.derived.auto
+    big = derive(load_config(None, tiny("distill", tmp_path)), world_size=1, dataset_size=5_000)
+    assert big.distill.queue_size == 2048
+    assert big.derived.lr == pytest.approx(1e-3 * (8 / 1536) ** 0.5)  # LightlyTrain: sqrt from a batch of 1536
+    with pytest.raises(ConfigError, match=r"'distill\.queue_size': 64 is not below the 64 images"):
+        distill_config(tiny, tmp_path, **{"distill.queue_size": 64})
+    with pytest.raises(ConfigError, match=r"'distill\.queue_size': must be 'auto'"):
+        load_config(None, tiny("distill", tmp_path, **{"distill.queue_size": "big"}))
+
+
+def test_a_distillation_run_checkpoints_its_queue_and_the_earlier_cosine_variant_still_trains(tiny, tmp_path):
+    assert pretrain(None, tiny("distill", tmp_path / "v3")) == 0
+    queue = ckpt.load_checkpoint(tmp_path / "v3" / "last.pt")["model"]["feature_queue"]
+    # 4,708 PneumoniaMNIST images: 2048 teacher features; 8 steps of 8 images filled the first 64 (unit vectors)
+    assert queue.shape == (2048, 192) and torch.allclose(queue[:64].norm(dim=1), torch.ones(64), atol=1e-4)
+    assert not queue[64:].any()
+    earlier = {"distill.loss": "cosine", "distill.mixup": False}
+    assert pretrain(None, tiny("distill", tmp_path / "cosine", **earlier)) == 0
+    assert "feature_queue" not in ckpt.load_checkpoint(tmp_path / "cosine" / "last.pt")["model"]
