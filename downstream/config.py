@@ -77,7 +77,7 @@ class KNNConfig:
 class LinearConfig:
     """The linear probe (downstream.linear): its regularisation is chosen on val from a grid."""
 
-    # []: DINOv2's grid, scikit-learn's C = logspace(-6, 5, 45), as weight decays ~1 / (C n) that scale with the
+    # []: DINOv2's range of scikit-learn's C, logspace(-6, 5, 12) (one per decade; DINOv2: 45), as weight decays ~1 / (C n) that scale with the
     # n training labels of each label budget; else fixed weight decays on the mean loss, the same at every budget
     weight_decays: list[float] = field(default_factory=list, metadata=NON_NEGATIVE)
     class_weights: bool = False

@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from downstream.data import Task
-from downstream.linear import DINOV2_C_GRID, fit_linear_probe, select_linear_probe, weight_decay_for_c
+from downstream.linear import C_GRID, DINOV2_C_GRID, fit_linear_probe, select_linear_probe, weight_decay_for_c
 
 BINARY = Task("binary", ("normal", "abnormal"))
 FOUR_CLASSES = Task("multiclass", ("a", "b", "c", "d"))
@@ -50,7 +50,7 @@ def test_the_selected_probe_predicts_what_sklearn_predicts_at_its_c(task, class_
     val = gaussian_classes(task, 200, separation=separation, positive_rate=rate, seed=1)
     test = gaussian_classes(task, 1000, separation=separation, positive_rate=rate, seed=2)[0]
     selection = select_linear_probe(train, val, task, class_weights=class_weights)
-    assert any(selection.sklearn_c == pytest.approx(c) for c in DINOV2_C_GRID)
+    assert any(selection.sklearn_c == pytest.approx(c) for c in C_GRID)
     ours = selection.probe.scores(test).double().numpy()
     reference = sklearn_probabilities(
         selection.probe, train, test, selection.sklearn_c, "balanced" if class_weights else None
@@ -90,8 +90,9 @@ def test_the_default_grid_is_dinov2s_c_grid_as_weight_decays_that_scale_with_the
     for n in (20, 200):
         selection = select_linear_probe(gaussian_classes(BINARY, n, seed=0), val, BINARY)
         grids[n] = sorted(selection.grid)
-        assert grids[n] == pytest.approx(sorted(weight_decay_for_c(c, n, BINARY) for c in DINOV2_C_GRID))
+        assert grids[n] == pytest.approx(sorted(weight_decay_for_c(c, n, BINARY) for c in C_GRID))
     assert len(DINOV2_C_GRID) == 45 and DINOV2_C_GRID[0] == pytest.approx(1e-6) and DINOV2_C_GRID[-1] == 1e5
+    assert len(C_GRID) == 12 and (C_GRID[0], C_GRID[-1]) == pytest.approx((1e-6, 1e5))  # its range, per decade
     assert np.allclose(np.array(grids[20]) / np.array(grids[200]), 10.0)  # 10x fewer labels, 10x the decay
     assert grids[20][-1] == pytest.approx(1e5)  # 2 / (1e-6 * 20): a strong end where the former grid stopped at 0.1
     fixed = select_linear_probe(gaussian_classes(BINARY, 20, seed=0), val, BINARY, grid=[0.1, 0.01])
