@@ -182,7 +182,6 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         # The normalisation the weights were trained with, even if the warm-start source moved or changed since.
         cfg.augment.mean, cfg.augment.std = list(saved_mean), list(saved.augment.std)
         cfg.derived.normalization = OmegaConf.select(saved, "derived.normalization")
-        adopted.append(f"augment.mean={list(saved_mean)} and augment.std={list(saved.augment.std)}")
     saved_precision = OmegaConf.select(saved, "train.precision") if saved is not None else None
     if cfg.train.precision == Precision.auto and saved_precision not in (None, Precision.auto.value):
         cfg.train.precision = Precision(saved_precision)
