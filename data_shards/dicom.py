@@ -597,4 +597,16 @@ def _meta(
         ]
     if header.get("SliceThickness") not in (None, ""):
         meta["slice_thickness"] = float(header.SliceThickness)
+    for key, keyword in (("manufacturer", "Manufacturer"), ("manufacturer_model", "ManufacturerModelName")):
+        if (text := device_text(ds.get(keyword))) is not None:
+            meta[key] = text
     return meta
+
+
+def device_text(value: Any) -> str | None:
+    """A device field (LO, at most 64 characters) as printable text with spaces collapsed; None when empty.
+    Bounded and printable so that a malformed header cannot put control characters or a long blob into a shard."""
+    if value is None:
+        return None
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(value)[:64]).split())
+    return text or None

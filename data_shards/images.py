@@ -47,6 +47,7 @@ SPLIT_FOLDERS = {
 }
 CSV_PATH_COLUMNS = ("path", "image", "file")
 CSV_SPLIT_COLUMN = "split"  # train / val / test, with the aliases of SPLIT_FOLDERS
+CSV_SITE_COLUMN = "site"  # the centre / scanner a row comes from (the robustness index groups by it); never a label
 # Cells that mean "no label": pandas' default ``na_values`` (what ``read_csv`` turns into NaN), compared in lower
 # case. ``None`` and ``nan`` are what ``str()`` writes for a missing value; as class names they would add a class.
 MISSING_LABELS = frozenset(
@@ -356,6 +357,7 @@ class CsvRow:
     line: int
     unit: InputUnit
     split: str | None  # train / val / test from the split column; None without one
+    site: str | None = None  # the site column's value; None without one
 
 
 def csv_units(csv_path: Path, *, allow_outside: bool | None = None) -> list[InputUnit]:
@@ -369,8 +371,8 @@ def csv_rows(csv_path: Path, *, allow_outside: bool | None = None) -> list[CsvRo
     The path column is ``path``, ``image`` or ``file`` (first found, any case); paths are relative to the
     CSV's folder, or absolute inside it. A path that leaves the folder (``../``, an absolute path elsewhere) is
     refused unless ``allow_outside`` (default: the environment variable ``MEDFM_CSV_ALLOW_OUTSIDE=1``). A
-    ``split`` column (train / val / test and their aliases, any case) sets each row's split (kept on ImageFiles).
-    Other columns are labels: none -> unlabeled; one -> single-label, integers (0 or more) kept as they are,
+    ``split`` column (train / val / test and their aliases, any case) sets each row's split (kept on ImageFiles);
+    a ``site`` column (any case) names the centre or scanner of each row (``CsvRow.site``). Other columns are labels: none -> unlabeled; one -> single-label, integers (0 or more) kept as they are,
     anything else mapped to its index among the sorted unique values (and kept as class_name for images);
     several -> a multi-label tuple of 0/1 in column order. Rows whose file is missing are kept (their reader
     raises SkipInput). Files are typed by suffix: image suffixes -> ImageFile, .nii/.nii.gz -> NiftiFile,
@@ -387,7 +389,8 @@ def csv_rows(csv_path: Path, *, allow_outside: bool | None = None) -> list[CsvRo
         if path_column is None:
             raise CsvError(f"{csv_path}: no path column (one of {CSV_PATH_COLUMNS}) in header {columns}")
         split_column = next((c for c in columns if c.strip().lower() == CSV_SPLIT_COLUMN), None)
-        label_columns = [c for c in columns if c not in (path_column, split_column)]
+        site_column = next((c for c in columns if c.strip().lower() == CSV_SITE_COLUMN), None)
+        label_columns = [c for c in columns if c not in (path_column, split_column, site_column)]
         rows = [(reader.line_num, row) for row in reader]
 
     _refuse_lines(csv_path, [(line, "") for line, row in rows if not _cell(row, path_column)],
@@ -427,7 +430,7 @@ def csv_rows(csv_path: Path, *, allow_outside: bool | None = None) -> list[CsvRo
         unit = _unit_for(path, relative_source(path, base), label, class_name)
         if split is not None and isinstance(unit, ImageFile):
             unit = dataclasses.replace(unit, split=split)
-        table.append(CsvRow(line, unit, split))
+        table.append(CsvRow(line, unit, split, _cell(row, site_column) or None if site_column else None))
     return table
 
 

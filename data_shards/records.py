@@ -35,6 +35,10 @@ ALLOWED_META_KEYS = frozenset(
         "class_name",  # label name when the source has named classes
         "index",  # index of the image inside its container (npz)
         "orig_size",  # [H, W] before any resize
+        # The acquiring device (DICOM Manufacturer / ManufacturerModelName): no patient data, and the scanner is a
+        # site signature the robustness index (``medfm eval`` protocol robustness_index) groups by.
+        "manufacturer",
+        "manufacturer_model",
     }
 )
 

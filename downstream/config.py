@@ -25,7 +25,7 @@ from pretrain.config import (
     within,
 )
 
-PROTOCOLS = ("knn", "linear")
+PROTOCOLS = ("knn", "linear", "robustness_index")
 INITS = ("release", "random", "baseline")
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
@@ -100,6 +100,18 @@ class RobustnessConfig:
 
 
 @dataclass
+class SitesConfig:
+    """Where each sample comes from (centre, scanner): protocol robustness_index, and a per-site breakdown of the
+    knn / linear test metrics (downstream.sites)."""
+
+    # None: no sites; csv (the site column of a csv: spec), level:N (the N-th folder of each sample's path, e.g.
+    # level:2 for train/benign/hospital_a/x.png), meta:FIELD (shard metadata, e.g. meta:manufacturer), or
+    # file:SITES.csv (columns key, site)
+    source: str | None = None
+    k: list[int] = field(default_factory=lambda: [5, 20, 50], metadata=AT_LEAST_ONE)  # neighbours (clipped to N - 1)
+
+
+@dataclass
 class EvalConfig:
     out_dir: str = field(default=MISSING, metadata=OUTPUT_PATH)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -111,6 +123,7 @@ class EvalConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
     # frozen-feature cache; None: OUT_DIR/feature_cache
     cache_dir: str | None = field(default=None, metadata=OUTPUT_PATH)
     plots: bool = True
@@ -122,6 +135,7 @@ class EvalConfig:
         check_shared(cfg, need)
         need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
         need(cfg.features.pooling in POOLINGS, "features.pooling", f"must be one of {POOLINGS}")
+        need("robustness_index" not in cfg.protocols or cfg.sites.source is not None, "sites.source", "must say where each sample's site comes from for protocol robustness_index (csv, level:N, meta:FIELD or file:SITES.csv)")  # fmt: skip
 
 
 @dataclass

@@ -34,7 +34,14 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from data_shards.errors import ConfigError, InputError
-from data_shards.images import CSV_PATH_COLUMNS, CSV_SPLIT_COLUMN, ImageFile, csv_rows, scan_imagefolder
+from data_shards.images import (
+    CSV_PATH_COLUMNS,
+    CSV_SITE_COLUMN,
+    CSV_SPLIT_COLUMN,
+    ImageFile,
+    csv_rows,
+    scan_imagefolder,
+)
 from data_shards.records import ReadOptions, SkipInput
 from data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
 from data_shards.stream import read_manifest_at
@@ -355,7 +362,7 @@ def class_names_of(spec: str) -> list[str] | None:
     if parsed.kind == "csv":
         with open(parsed.path, newline="", encoding="utf-8-sig") as handle:
             columns = next(csv.reader(handle), [])
-        labels = [c for c in columns if c.strip().lower() not in (*CSV_PATH_COLUMNS, CSV_SPLIT_COLUMN)]
+        labels = [c for c in columns if c.strip().lower() not in (*CSV_PATH_COLUMNS, CSV_SPLIT_COLUMN, CSV_SITE_COLUMN)]
         if len(labels) > 1:
             return labels
         units = [row.unit for row in csv_rows(parsed.path)]

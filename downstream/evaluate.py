@@ -39,6 +39,7 @@ from downstream.load import Release, load_for_init, read_baseline, read_release
 from downstream.metrics import classification_metrics, summary
 from downstream.report import write_plots, write_results
 from downstream.robustness import Corruption, corruption_rows
+from downstream.sites import per_site_rows, robustness_index, sample_sites
 from pretrain.errors import ConfigError
 from pretrain.knn import feature_precision, knn_scores
 
@@ -226,8 +227,14 @@ def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[
     """The protocols on one backbone's features: ``{protocol: result}``, each written to ``out_dir/<protocol>``."""
     splits = {split: setup.features(split).labeled() for split in ("train", "val", "test")}
     task = task_of(cfg.data.spec, splits)
+    sites = None
+    if cfg.sites.source is not None:
+        sites = {split: sample_sites(cfg.sites.source, cfg.data.spec, f.keys) for split, f in splits.items()}
     results = {}
     for protocol in cfg.protocols:
+        if protocol == "robustness_index":
+            results[protocol] = centre_robustness(setup, cfg, splits, sites, task, out_dir / protocol)
+            continue
         scorer, settings = fit_protocol(protocol, splits["train"], splits["val"], task, cfg)
         val, _ = _metrics(task, splits["val"], scorer)
         test, test_scores = _metrics(task, splits["test"], scorer)
@@ -246,6 +253,9 @@ def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[
             result["label_efficiency"] = label_efficiency(protocol, splits, task, cfg)
         if cfg.robustness.corruptions:
             result["robustness"] = robustness(setup, scorer, task, summary(test), cfg)
+        if sites is not None:
+            labels = splits["test"].labels.numpy()
+            result["per_site"] = per_site_rows(sites["test"], labels, test_scores, lambda y, s: summary(classification_metrics(task, y, s)))  # fmt: skip
         write_results(out_dir / protocol, result)
         if cfg.plots:
             embedding = (splits["test"].features.numpy(), splits["test"].labels.numpy())
@@ -256,12 +266,42 @@ def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[
     return results
 
 
+def centre_robustness(
+    setup: FrozenSetup,
+    cfg: DictConfig,
+    splits: dict[str, Features],
+    sites: dict[str, list[str]],
+    task: Task,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Protocol robustness_index on the embeddings of every labeled split together (downstream.sites):
+    ``results.json`` / ``results.md`` and ``sites.png`` (the index over k, the embedding coloured by site)."""
+    features = torch.cat([f.features for f in splits.values()])
+    labels = torch.cat([f.labels for f in splits.values()])
+    names = [site for split in splits for site in sites[split]]
+    index = robustness_index(features, labels, names, list(cfg.sites.k))
+    result: dict[str, Any] = {
+        "protocol": "robustness_index",
+        "dataset": cfg.data.spec,
+        "backbone": setup.description,
+        "task": {"kind": task.kind, "class_names": list(task.class_names)},
+        "settings": {"sites_source": cfg.sites.source, "k": list(cfg.sites.k), "splits": list(splits)},
+        **index,
+        "summary": {},  # no classification metric: the index is in "rows"
+    }
+    report.write_robustness_index(out_dir, result, features.numpy(), names, plots=cfg.plots)
+    return result
+
+
 def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """One Markdown row per (init, protocol) with the test metrics."""
-    return report.summary_table(
+    """One Markdown row per (init, protocol) with the test metrics, then the robustness index of each init."""
+    table = report.summary_table(
         [
             ({"init": init, "protocol": protocol, "dataset": f"`{result['dataset']}`"}, result["summary"])
             for init, protocols in results.items()
             for protocol, result in protocols.items()
+            if protocol != "robustness_index"
         ]
     )
+    indices = {init: protocols["robustness_index"] for init, protocols in results.items() if "robustness_index" in protocols}  # fmt: skip
+    return table + (("\n" if table else "") + report.robustness_index_table(indices) if indices else "")

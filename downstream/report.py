@@ -2,10 +2,12 @@
 matrix, 2D PCA embedding).
 
 ``results.json`` holds everything: ``{"protocol", "dataset", "backbone", "task", "settings", "val", "test",
-"summary", ["label_efficiency"], ["robustness"]}``; NaN (an undefined metric) is written as null, and the split's
+"summary", ["label_efficiency"], ["robustness"], ["per_site"]}``; NaN (an undefined metric) is written as null, and the split's
 ``undefined`` (and each per-class row's) says why; ``results.md`` lists those reasons.
 ``results_summary.json`` is the small file other tools read (``medfm export`` puts it into the model card): its
 format is defined in ``pretrain.release`` (protocol, dataset, init, backbone, test ``summary``).
+The robustness index (protocol ``robustness_index``) has its own ``results.json`` / ``results.md`` and
+``sites.png``: it is not a classifier's result.
 """
 
 from __future__ import annotations
@@ -107,10 +109,78 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Robustness (test; drop = clean - corrupted):", "", "| corruption | severity | auc | acc | auc drop | acc drop |", "|---|---|---|---|---|---|"]  # fmt: skip
         for row in robustness:
             lines.append(f"| {row['corruption']} | {row['severity']} | {_fmt(row['test']['auc'])} | {_fmt(row['test']['acc'])} | {_fmt(row['drop']['auc'])} | {_fmt(row['drop']['acc'])} |")  # fmt: skip
+    per_site = result.get("per_site")
+    if per_site:
+        lines += ["", "Per site (test):", "", "| site | n | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]  # fmt: skip
+        lines += [f"| {row['site']} | {row['n']} | " + " | ".join(_fmt(row.get(k)) for k in SUMMARY_KEYS) + " |" for row in per_site]  # fmt: skip
     settings = result.get("settings")
     if settings:
         lines += ["", "Settings: `" + json.dumps(_clean(settings)) + "`"]
     return "\n".join(lines) + "\n"
+
+
+def robustness_index_markdown(result: dict[str, Any]) -> str:
+    """The robustness index of one backbone: one row per k, the sites and what the numbers mean."""
+    backbone = result["backbone"]
+    sites = ", ".join(f"{name} ({n})" for name, n in result["sites"].items())
+    lines = [
+        f"# Robustness index on `{result['dataset']}`",
+        "",
+        f"Backbone `{backbone.get('source')}` ({backbone.get('architecture')}, init {backbone.get('init')}); "
+        f"{result['n']} labeled images of {len(result['sites'])} sites: {sites}.",
+        "",
+        "RI = neighbours of the same class from another site / neighbours of another class from the same site "
+        "(cosine kNN, each image against all others). Above 1: biology dominates the site signature. The site kNN "
+        f"accuracy is the control: how well a neighbour vote tells the site (the largest site's share: "
+        f"{result['site_majority_share']:.4f}).",
+        "",
+        "| k | RI | same class, other site | other class, same site | site kNN acc | class kNN acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['k']} | {_fmt(row['robustness_index'])} | {row['same_class_other_site']} | {row['other_class_same_site']} | {_fmt(row['site_knn_acc'])} | {_fmt(row['class_knn_acc'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def robustness_index_table(results: dict[str, dict[str, Any]]) -> str:
+    """summary.md's table of the robustness index: a row per (init, k)."""
+    lines = ["| init | k | RI | site kNN acc | class kNN acc |", "|---|---|---|---|---|"]
+    for init, result in results.items():
+        for row in result["rows"]:
+            lines.append(f"| {init} | {row['k']} | {_metric_cell(row['robustness_index'])} | {_metric_cell(row['site_knn_acc'])} | {_metric_cell(row['class_knn_acc'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_robustness_index(out_dir: Path, result: dict[str, Any], features: np.ndarray, sites: list[str], *, plots: bool) -> None:  # fmt: skip
+    """``results.json``, ``results.md`` and (with ``plots``) ``sites.png`` of protocol robustness_index."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(result, out_dir / "results.json")
+    (out_dir / "results.md").write_text(robustness_index_markdown(_clean(result)))
+    if plots:
+        plot_sites(result, features, sites, out_dir / "sites.png")
+
+
+def plot_sites(result: dict[str, Any], features: np.ndarray, sites: list[str], path: Path) -> None:
+    """Left: the robustness index over k (1 marked); right: the 2D PCA of the embeddings coloured by site."""
+    rng = np.random.default_rng(0)
+    names = np.asarray(sites)
+    if len(features) > MAX_EMBEDDING_POINTS:
+        keep = np.sort(rng.choice(len(features), MAX_EMBEDDING_POINTS, replace=False))
+        features, names = features[keep], names[keep]
+    points = pca_2d(features.astype(np.float64))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = [row for row in result["rows"] if row["robustness_index"] is not None]
+    left.plot([r["k"] for r in rows], [r["robustness_index"] for r in rows], marker="o")
+    left.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    left.set(xlabel="k (neighbours)", ylabel="robustness index", title="RI > 1: biology dominates the site")
+    for site in sorted(set(names.tolist())):
+        mask = names == site
+        right.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=site)
+    right.set(xlabel="PC 1", ylabel="PC 2", title=f"embedding by site ({result['backbone'].get('init')})")
+    right.legend(markerscale=3, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _undefined_lines(result: dict[str, Any]) -> list[str]:

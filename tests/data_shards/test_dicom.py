@@ -366,3 +366,15 @@ def test_patient_identifiers_never_reach_meta(single: Path, tmp_path: Path):
     assert set(image.meta) <= ALLOWED_META_KEYS
     for image in read(single / "eCT_Supplemental.dcm", min_foreground=0.0):
         assert set(image.meta) <= ALLOWED_META_KEYS
+
+
+def test_the_scanner_make_and_model_are_kept_as_bounded_printable_text(single, tmp_path):
+    """Manufacturer / ManufacturerModelName (no patient data) reach the metadata: the robustness index groups by
+    them. A malformed value cannot put control characters or more than 64 characters into a shard."""
+    (image,) = read(single / "CT_small.dcm")
+    assert (image.meta["manufacturer"], image.meta["manufacturer_model"]) == ("GE MEDICAL SYSTEMS", "RHAPSODE")
+    path = _copy_with(single, tmp_path, "device.dcm", Manufacturer="ACME\x00\n  Imaging", ManufacturerModelName="X" * 90)
+    (image,) = read(path)
+    assert image.meta["manufacturer"] == "ACME Imaging" and image.meta["manufacturer_model"] == "X" * 64
+    (image,) = read(_copy_with(single, tmp_path, "none.dcm", Manufacturer=None, ManufacturerModelName=None))
+    assert "manufacturer" not in image.meta and "manufacturer_model" not in image.meta
