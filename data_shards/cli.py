@@ -16,7 +16,7 @@ from data_shards.manifest import MANIFEST, Manifest
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "shard",
-        help="write medical images (DICOM, NIfTI, PNG/JPEG/TIFF, npz) as WebDataset shards; `shard inspect DIR` to look, `shard merge` to join parts",
+        help="write medical images (DICOM, NIfTI, PNG/JPEG/TIFF, npz) as WebDataset shards; `shard inspect DIR` to look, `shard merge` to join parts, `shard reduce` to drop redundant images",
         description=(
             "Write WebDataset tar shards + manifest.json from SOURCEs: files, folders (walked recursively), "
             "medmnist:FILE.npz, imagefolder:DIR, csv:FILE, or sample: (real images shipped in the pydicom and "
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         code = exit_code(err)
         if code is None:
             raise  # a bug: its traceback is the report
-        command = "medfm shard" + (f" {args.sources[0]}" if args.sources[0] in ("merge", "inspect") else "")
+        command = "medfm shard" + (f" {args.sources[0]}" if args.sources[0] in ("merge", "inspect", "reduce") else "")
         print(f"{command}: {err}", file=sys.stderr)
         return code
 
@@ -143,6 +143,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.sources[0] == "merge":
         return merge_command(args)
+    if args.sources[0] == "reduce":
+        # the verb needs a backbone: downstream.cli registers its handler and options on this parser (imports run
+        # one way, data_shards <- downstream)
+        return args.reduce_handler(args)
     if args.sources[0] == "inspect":
         if len(args.sources) != 2:
             print("usage: medfm shard inspect DIR [--verify]", file=sys.stderr)

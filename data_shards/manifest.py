@@ -37,6 +37,8 @@ class Manifest:
     shards: one ``{"name", "count", "bytes", "sha256", ...}`` per shard file, in write order.
     skipped: one ``{"source", "reason"}`` per input left out.
     part: ``"K/N"`` for one part of a multi-machine run (``medfm shard --part``), joined by ``medfm shard merge``.
+    reduction: for a set written by ``medfm shard reduce``: the source set, model, method, fraction kept, and one
+    ``{"key", "source", "reason"}`` per sample dropped (its nearest kept sample and their cosine similarity).
     """
 
     format: str = FORMAT
@@ -48,6 +50,7 @@ class Manifest:
     shards: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     part: str = ""  # "K/N": one machine's part of a multi-machine run (`medfm shard --part`), to merge
+    reduction: dict[str, Any] = field(default_factory=dict)  # `medfm shard reduce`: what was dropped and why
 
     @staticmethod
     def path(folder: str | Path) -> Path:

@@ -61,10 +61,61 @@ def check_parts(folders: list[Path]) -> list[tuple[Path, Manifest]]:
     return sorted(parts, key=lambda item: int(item[1].part.split("/")[0]))
 
 
-def _samples(shard: Path) -> Iterator[dict[str, Any]]:
+def shard_samples(shard: Path) -> Iterator[dict[str, Any]]:
     """The samples of one shard in order, as webdataset groups them: ``{"__key__": ..., extension: bytes}``."""
     for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
         yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+
+
+class SampleSink:
+    """Copies samples (bytes unchanged, keys renumbered 000000000, 000000001, ...) into ``out/shard-NNNNNN.tar``
+    files of at most ``max_count`` samples and ``max_bytes`` bytes: each is written as ``.tar.tmp``, fsynced,
+    hashed and renamed, so a folder never holds a half-written shard under its final name. ``finish()`` returns
+    the manifest's shard entries; ``counts`` / ``by_modality`` / ``by_split`` total what was written.
+    (``medfm shard merge`` and ``medfm shard reduce`` write through it.)"""
+
+    def __init__(self, out: Path, max_count: int, max_bytes: int):
+        self.out, self.max_count, self.max_bytes = out, max_count, max_bytes
+        self.counts: Counter = Counter()
+        self.by_modality: Counter = Counter()
+        self.by_split: Counter = Counter()
+        self.shards: list[dict[str, Any]] = []
+        self._handle: Any = None
+        self._writer: Any = None
+        self._in_shard = 0
+
+    def write(self, sample: dict[str, Any], record: dict[str, Any]) -> None:
+        """One sample (``{"__key__", extension: bytes}``) and its decoded json ``record``."""
+        size = sum(len(v) for k, v in sample.items() if k != "__key__")
+        if self._writer is not None and (self._in_shard >= self.max_count or self._handle.tell() + size + 3072 > self.max_bytes):  # fmt: skip
+            self._close()
+        if self._writer is None:
+            self._handle = open(self.out / f"shard-{len(self.shards):06d}.tar.tmp", "wb")  # noqa: SIM115 (closed in _close())
+            self._writer = wds.TarWriter(self._handle, mtime=0.0, user="medfm", group="medfm")
+            self._in_shard = 0
+        self._writer.write({**sample, "__key__": f"{self.counts['samples']:09d}"})
+        self._in_shard += 1
+        self.counts["samples"] += 1
+        self.counts["labeled"] += record.get("label") is not None
+        self.by_modality[record.get("modality", "OT")] += 1
+        if "split" in record:
+            self.by_split[record["split"]] += 1
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._writer is not None:
+            self._close()
+        return self.shards
+
+    def _close(self) -> None:
+        self._writer.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        name = f"shard-{len(self.shards):06d}.tar"
+        tmp = self.out / f"{name}.tmp"
+        self.shards.append({"name": name, "count": self._in_shard, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)})  # fmt: skip
+        os.replace(tmp, self.out / name)
+        self._handle = self._writer = None
 
 
 def merge_parts(folders: list[Path], out: Path, overwrite: bool = False) -> Manifest:
@@ -84,54 +135,20 @@ def _merge_into(parts: list[tuple[Path, Manifest]], folders: list[Path], out: Pa
         for path in [*out.glob("shard-*.tar*"), out / MANIFEST]:
             path.unlink(missing_ok=True)
     config = parts[0][1].config
-    max_count, max_bytes = int(config.get("max_count", 2000)), int(config.get("max_bytes", 256 * 1024**2))
+    sink = SampleSink(out, int(config.get("max_count", 2000)), int(config.get("max_bytes", 256 * 1024**2)))
     seen: set[str] = set()
-    counters: Counter = Counter()
-    by_modality: Counter = Counter()
-    by_split: Counter = Counter()
-    shards: list[dict[str, Any]] = []
-    handle = writer = None
-    written_in_shard = 0
-
-    def close() -> None:
-        nonlocal handle, writer
-        writer.close()
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        name = f"shard-{len(shards):06d}.tar"
-        tmp = out / f"{name}.tmp"
-        shards.append(
-            {"name": name, "count": written_in_shard, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
-        )
-        os.replace(tmp, out / name)
-        handle = writer = None
-
+    duplicates = 0
     for folder, manifest in parts:
         for shard in manifest.shards:
-            for sample in _samples(folder / shard["name"]):
+            for sample in shard_samples(folder / shard["name"]):
                 record = json.loads(sample["json"])
                 if record["sha256"] in seen:
-                    counters["duplicates_across_parts"] += 1
+                    duplicates += 1
                     continue
-                size = sum(len(v) for k, v in sample.items() if k != "__key__")
-                if writer is not None and (written_in_shard >= max_count or handle.tell() + size + 3072 > max_bytes):
-                    close()
-                if writer is None:
-                    handle = open(out / f"shard-{len(shards):06d}.tar.tmp", "wb")  # noqa: SIM115 (closed in close())
-                    writer = wds.TarWriter(handle, mtime=0.0, user="medfm", group="medfm")
-                    written_in_shard = 0
-                writer.write({**sample, "__key__": f"{counters['samples']:09d}"})
-                written_in_shard += 1
+                sink.write(sample, record)
                 seen.add(record["sha256"])
-                counters["samples"] += 1
-                counters["labeled"] += record.get("label") is not None
-                by_modality[record.get("modality", "OT")] += 1
-                if "split" in record:
-                    by_split[record["split"]] += 1
-    if writer is not None:
-        close()
-    if counters["samples"] == 0:
+    shards = sink.finish()
+    if sink.counts["samples"] == 0:
         raise MergeError("the parts hold no sample")
     manifests = [m for _, m in parts]
 
@@ -147,20 +164,20 @@ def _merge_into(parts: list[tuple[Path, Manifest]], folders: list[Path], out: Pa
         config=config,
         sources=sorted({s for m in manifests for s in m.sources}),
         totals={
-            "samples": counters["samples"],
+            "samples": sink.counts["samples"],
             "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards),
-            "labeled": counters["labeled"],
+            "labeled": sink.counts["labeled"],
             "inputs_planned": summed("inputs_planned"),
             "inputs_read": summed("inputs_read"),
             "inputs_skipped": summed("inputs_skipped"),
-            "duplicates_exact": summed("duplicates_exact") + counters["duplicates_across_parts"],
+            "duplicates_exact": summed("duplicates_exact") + duplicates,
             "duplicates_near": summed("duplicates_near"),
-            "duplicates_across_parts": counters["duplicates_across_parts"],
-            "by_modality": dict(sorted(by_modality.items())),
+            "duplicates_across_parts": duplicates,
+            "by_modality": dict(sorted(sink.by_modality.items())),
             # per SOURCE argument as each part wrote them (cross-part duplicates are not attributed)
             "by_source": dict(sorted(by_source.items())),
-            "by_split": dict(sorted(by_split.items())),
+            "by_split": dict(sorted(sink.by_split.items())),
             "parts": len(parts),
         },
         classes=dict(

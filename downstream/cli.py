@@ -15,6 +15,7 @@ CONFIG_HELP = "YAML overrides of the schema in downstream/config.py (examples in
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    add_reduce_options(subparsers.choices["shard"])
     export = subparsers.add_parser(
         "export",
         help="release a pretraining run's backbone (safetensors + config.json + model card) loadable by timm",
@@ -136,3 +137,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_reduce_options(shard: argparse.ArgumentParser) -> None:
+    """``medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR``: options on data_shards' ``shard``
+    parser (the verb embeds images with a backbone, which data_shards must not import)."""
+    group = shard.add_argument_group("reduce (medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR)")
+    group.add_argument("--model", help="reduce: backbone to embed with (a release, run directory, timm hub snapshot, hf-hub:ORG/NAME from the local cache, or a weights file)")  # fmt: skip
+    group.add_argument("--architecture", help="reduce: timm name, only for a bare weights file")
+    group.add_argument("--keep", type=float, help="reduce: fraction of the images to keep, e.g. 0.5")
+    group.add_argument("--method", default="kcenter", choices=("kcenter", "random"), help="reduce: k-center greedy on the embeddings within k-means clusters, one coverage radius for the whole set (default), or a seeded random subset of the same size")  # fmt: skip
+    group.add_argument("--clusters", type=int, help="reduce: k-means clusters (default ceil(sqrt(N)))")
+    group.add_argument("--img-size", type=int, help="reduce: input side (default: the model's)")
+    group.add_argument("--batch-size", type=int, default=256, help="reduce: embedding batch (default 256)")
+    group.add_argument("--seed", type=int, default=0, help="reduce: k-means / random seed (default 0)")
+    shard.set_defaults(reduce_handler=run_reduce)
+
+
+def run_reduce(args: argparse.Namespace) -> int:
+    import shlex
+
+    from data_shards.inspect import summary_text
+    from downstream.reduce import reduce_shards
+
+    if len(args.sources) != 2 or args.out is None or args.model is None or args.keep is None:
+        print("usage: medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR [--method kcenter|random]", file=sys.stderr)  # fmt: skip
+        return 2
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    manifest = reduce_shards(
+        args.sources[1],
+        args.out,
+        model=args.model,
+        keep=args.keep,
+        method=args.method,
+        architecture=args.architecture,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        clusters=args.clusters,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        command="medfm " + " ".join(shlex.quote(a) for a in argv),
+    )
+    print(summary_text(manifest))
+    reduction = manifest.reduction
+    print(f"kept {reduction['kept']} of {reduction['samples_before']} ({reduction['method']}); dropped list: {args.out}/{reduction['dropped_list']}")  # fmt: skip
+    return 0
