@@ -373,7 +373,9 @@ def test_the_scanner_make_and_model_are_kept_as_bounded_printable_text(single, t
     them. A malformed value cannot put control characters or more than 64 characters into a shard."""
     (image,) = read(single / "CT_small.dcm")
     assert (image.meta["manufacturer"], image.meta["manufacturer_model"]) == ("GE MEDICAL SYSTEMS", "RHAPSODE")
-    path = _copy_with(single, tmp_path, "device.dcm", Manufacturer="ACME\x00\n  Imaging", ManufacturerModelName="X" * 90)
+    path = _copy_with(
+        single, tmp_path, "device.dcm", Manufacturer="ACME\x00\n  Imaging", ManufacturerModelName="X" * 90
+    )
     (image,) = read(path)
     assert image.meta["manufacturer"] == "ACME Imaging" and image.meta["manufacturer_model"] == "X" * 64
     (image,) = read(_copy_with(single, tmp_path, "none.dcm", Manufacturer=None, ManufacturerModelName=None))
