@@ -27,6 +27,7 @@ from omegaconf import MISSING, DictConfig
 from data_shards.manifest import Manifest
 from downstream.config import save_config, to_dict
 from pretrain.config import OUTPUT_PATH, Need, config_need, load_structured
+from pretrain.config import load_config as load_pretrain_config
 
 RunStep = Callable[[list[str]], int]  # one medfm command line (without "medfm") -> exit code
 METRICS = ("acc", "auc")
@@ -43,6 +44,15 @@ class PoolConfig:
 
 
 @dataclass
+class PoolReduction:
+    """Pretrain on a reduced pool (``medfm shard reduce``), for the same number of steps as on the whole pool."""
+
+    model: str = MISSING  # the recipe whose release embeds the pool (it runs first), or any --model source
+    keep: float = 0.5  # fraction of the pool kept
+    method: str = "kcenter"  # kcenter | random (the same-size comparison)
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING  # folder name under OUT/pretrain/
     config: str = MISSING  # a pretraining YAML (configs/pretrain/...)
@@ -51,6 +61,9 @@ class RecipeConfig:
     # pretrained and probed like the others, then compared with it row by row under "Ablation" (same tasks, label
     # subsets and seeds); it is not fine-tuned nor counted for the target.
     ablation_of: str | None = None
+    # pretrain on OUT/pool_reduced/<name> instead of the whole pool, with data.samples_per_epoch = the whole pool's
+    # size (the same steps as a recipe on the whole pool)
+    reduce: PoolReduction | None = None
 
 
 @dataclass
@@ -134,6 +147,11 @@ class QualityConfig:
         recipes = {recipe.name for recipe in cfg.recipes}
         need(set(cfg.finetune.recipes) <= recipes, "finetune.recipes", f"must name recipes of {sorted(recipes)}")
         for i, recipe in enumerate(cfg.recipes):
+            if recipe.reduce is not None:
+                need(0 < recipe.reduce.keep < 1, f"recipes[{i}].reduce.keep", "must be in (0, 1)")
+                need(recipe.reduce.method in ("kcenter", "random"), f"recipes[{i}].reduce.method", "must be kcenter or random")  # fmt: skip
+                earlier = [r.name for r in cfg.recipes[:i]]
+                need(recipe.reduce.model in earlier or Path(recipe.reduce.model).exists(), f"recipes[{i}].reduce.model", f"must name an earlier recipe of {earlier} or an existing model")  # fmt: skip
             if recipe.ablation_of is not None:
                 others = sorted(recipes - {recipe.name})
                 need(recipe.ablation_of in others, f"recipes[{i}].ablation_of", f"must name another recipe of {others}")
@@ -170,11 +188,26 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
         shard += ["--max-side", str(cfg.pool.max_side)]
     steps = [Step("shard", "pool the unlabeled train images", (*shard, "--overwrite")),
              Step("inspect", "look at the pool", ("shard", "inspect", str(pool)))]  # fmt: skip
+    recipe_names = {recipe.name for recipe in cfg.recipes}
     for recipe in cfg.recipes:
         run_dir = out / "pretrain" / recipe.name
+        data = [f"data.spec=shards:{pool}"]
+        if recipe.reduce is not None:
+            reduction = recipe.reduce
+            reduced = out / "pool_reduced" / recipe.name
+            model = str(out / "pretrain" / reduction.model) if reduction.model in recipe_names else reduction.model
+            steps.append(Step("reduce", f"reduce the pool for {recipe.name} ({reduction.method}, keep {reduction.keep})",
+                              ("shard", "reduce", str(pool), "--model", model, "--keep", str(reduction.keep),
+                               "--method", reduction.method, "--out", str(reduced), "--overwrite")))  # fmt: skip
+            # an epoch as long as on the whole pool: the recipe's own samples_per_epoch, else the pool's size (known
+            # once it is written: run_benchmark plans again before every step)
+            size = load_pretrain_config(recipe.config, ["data.spec=shards:unused", "train.run_dir=unused", *recipe.overrides]).data.samples_per_epoch  # fmt: skip
+            if size is None:
+                size = Manifest.read(pool).totals["samples"] if Manifest.exists(pool) else "POOL_SIZE"
+            data = [f"data.spec=shards:{reduced}", f"data.samples_per_epoch={size}"]
         # data.split=null: every pool image, also those of sources without splits (DICOM, NIfTI)
-        argv = ["pretrain", "--config", recipe.config, f"data.spec=shards:{pool}", f"train.run_dir={run_dir}",
-                "data.split=null", *recipe.overrides]  # fmt: skip
+        argv = ["pretrain", "--config", recipe.config, *data, f"train.run_dir={run_dir}", "data.split=null",
+                *recipe.overrides]  # fmt: skip
         steps.append(Step("pretrain", f"pretrain {recipe.name}", tuple(argv)))
     for recipe in cfg.recipes:
         for task in cfg.tasks:
@@ -205,7 +238,8 @@ def run_benchmark(cfg: DictConfig, run_step: RunStep, *, echo: Callable[[str], N
     save_config(cfg, out / "config.yaml")
     steps = plan_steps(cfg)
     started = time.monotonic()
-    for number, step in enumerate(steps, 1):
+    for number in range(1, len(steps) + 1):
+        step = steps[number - 1] = plan_steps(cfg)[number - 1]  # planned again: a step may follow from an earlier one
         marker = out / "steps" / f"{step.key}.json"
         prefix = f"[{number}/{len(steps)} {_clock(time.monotonic() - started)}]"
         if marker.is_file():

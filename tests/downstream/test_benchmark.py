@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_shards.manifest import Manifest
 from downstream.benchmark import (
     ablation_rows,
     ablation_section,
@@ -164,3 +165,36 @@ def test_an_ablation_is_probed_beside_its_recipe_and_left_out_of_fine_tuning_and
     with pytest.raises(ConfigError, match=r"recipes\[1\]\.ablation_of"):
         load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes.replace("ablation_of: r", "ablation_of: nope"),
                                    "tasks=[{name: t, spec: x}]"])  # fmt: skip
+
+
+def test_a_reduced_pool_recipe_pretrains_on_the_reduction_for_the_same_steps(
+    tmp_path, capsys, pretrain_overrides, binary_npz
+):
+    """A recipe with ``reduce``: ``medfm shard reduce`` of the pool with an earlier recipe's release, then
+    pretraining on it with ``data.samples_per_epoch`` = the whole pool's size, so both runs take the same steps."""
+    config = write_config(tmp_path, pretrain_overrides, binary_npz, finetune=False)
+    data = yaml.safe_load(config.read_text())
+    base = data["recipes"][0]
+    reduced = {**base, "name": "tiny_mae_reduced", "reduce": {"model": "tiny_mae", "keep": 0.5}, "ablation_of": "tiny_mae"}  # fmt: skip
+    random = {**reduced, "name": "tiny_mae_random", "reduce": {"model": "tiny_mae", "keep": 0.5, "method": "random"}}
+    recipe_yaml = yaml.safe_load(Path(base["config"]).read_text())
+    recipe_yaml["data"].pop("samples_per_epoch", None)  # an epoch is the pool: the reduced runs get its size
+    Path(base["config"]).write_text(yaml.safe_dump(recipe_yaml))
+    data["recipes"] += [reduced, random]
+    data["tasks"] = data["tasks"][:1]
+    config.write_text(yaml.safe_dump(data))
+    before = plan_steps(load_quality_config(config))
+    assert [s.stage for s in before][:7] == ["shard", "inspect", "pretrain", "reduce", "pretrain", "reduce", "pretrain"]
+    assert "data.samples_per_epoch=POOL_SIZE" in before[4].argv  # the pool is not written yet
+    assert medfm(["bench", "quality", "--config", str(config)]) == 0
+    out = tmp_path / "bench"
+    steps = {}
+    for name in ("tiny_mae", "tiny_mae_reduced", "tiny_mae_random"):
+        saved = yaml.safe_load((out / "pretrain" / name / "config.yaml").read_text())
+        steps[name] = saved["derived"]["total_steps"]
+        if name != "tiny_mae":
+            assert saved["data"]["spec"] == f"shards:{out / 'pool_reduced' / name}"
+            assert saved["data"]["samples_per_epoch"] == 80  # the whole pool
+            assert Manifest.read(out / "pool_reduced" / name).totals["samples"] == 40
+    assert len(set(steps.values())) == 1, steps
+    assert {row["ablation"] for row in json.loads((out / "results.json").read_text())["ablation"]} == {"tiny_mae_reduced", "tiny_mae_random"}  # fmt: skip
