@@ -4,7 +4,8 @@ The run contract, one module per concern:
 - ``errors``: every failure a command can end with and the one map to exit codes (``run_command``).
 - ``config``: the one schema (each method adds its own section, declared beside it), ``derive`` (through
   ``schedules.derive_steps``, shared with fine-tuning); ``data``: spec -> seeded, resumable batches of views.
-- ``methods/``: one file per objective (MAE, DINO, SimCLR, MoCo v3) behind ``SSLMethod``, registry ``METHODS``.
+- ``methods/``: one file per objective (MAE, DINO, DINOv2, SimCLR, MoCo v3, distillation, SparK) behind ``SSLMethod``,
+  registry ``METHODS``.
 - ``engine``: ``train_step`` (one optimizer step, also used by fine-tuning) and pretraining's loop ``train``.
 - ``backends/``: the one interface behind which plain / DDP and DeepSpeed runs differ (preparation and precision
   casts, autocast for the step and for every other forward, EMA gathering, the checkpoint store, the release);

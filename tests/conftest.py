@@ -51,6 +51,9 @@ TINY_HEADS = {
     "mae": {"mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2},
     "moco": {"moco.hidden_dim": 64, "moco.output_dim": 32},
     "simclr": {"simclr.hidden_dim": 64, "simclr.output_dim": 32},
+    # SparK needs a CNN: a ResNet-18 with the small-image stem at 32 px (a 4 x 4 grid of 8-px cells)
+    "spark": {"model.backbone": "resnet18", "model.backbone_kwargs.small_image_stem": True, "data.img_size": 32,
+              "spark.decoder_width": 32},
 }  # fmt: skip
 
 
@@ -87,7 +90,7 @@ def tiny_overrides(
         "data.img_size": 28,
         "data.samples_per_epoch": 32,
         "data.num_workers": 0,
-        **(TINY_VIT if backbone is None else backbone),
+        **(backbone if backbone is not None else {} if method == "spark" else TINY_VIT),
         "train.run_dir": str(run_dir),
         "train.batch_size": 8,
         "schedule.epochs": 1,

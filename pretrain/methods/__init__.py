@@ -7,6 +7,7 @@ from pretrain.methods.distill import Distill
 from pretrain.methods.mae import MAE
 from pretrain.methods.moco import MoCo
 from pretrain.methods.simclr import SimCLR
+from pretrain.methods.spark import SparK
 
 METHODS: dict[str, type[SSLMethod]] = {
     "mae": MAE,
@@ -15,6 +16,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "moco": MoCo,
     "dinov2": DINOv2,
     "distill": Distill,
+    "spark": SparK,
 }
 
-__all__ = ["DINO", "MAE", "METHODS", "DINOv2", "MoCo", "SSLMethod", "SimCLR"]
+__all__ = ["DINO", "MAE", "METHODS", "DINOv2", "Distill", "MoCo", "SSLMethod", "SimCLR", "SparK"]

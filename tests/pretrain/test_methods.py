@@ -18,13 +18,24 @@ from pretrain.backbones import build_backbone, pooled_features
 from pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
 from pretrain.methods.distill import Distill
 from pretrain.methods.moco import MoCoV3Loss
+from pretrain.methods.spark import SparK
 
 
 def vit(**kwargs) -> nn.Module:
     return build_backbone("vit_tiny_patch16_224", img_size=28, in_chans=1, patch_size=7, depth=2, **kwargs)
 
 
+def small_resnet() -> nn.Module:
+    """SparK's tiny CNN: a ResNet-18 with the small-image stem at 32 px (4 x 4 cells of 8 px)."""
+    return build_backbone("resnet18", img_size=32, in_chans=1, small_image_stem=True)
+
+
+SIDE = {"spark": 32}  # input side per method (default 28)
+
+
 def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn.Module:
+    if method == "spark":
+        return SparK(backbone or small_resnet(), 32, decoder_width=32)
     backbone = backbone or vit(dynamic_img_size=method in ("dino", "dinov2"))
     if method == "mae":
         return MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -52,12 +63,13 @@ class FixedTeacher:
 
 
 def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
-    global_views = [torch.randn(batch, 1, 28, 28) for _ in range(1 if method == "mae" else 2)]
+    side = SIDE.get(method, 28)
+    global_views = [torch.randn(batch, 1, side, side) for _ in range(1 if method in ("mae", "spark") else 2)]
     return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method in ("dino", "dinov2") else [])
 
 
-def test_registry_is_the_six_methods():
-    assert set(METHODS) == {"mae", "dino", "simclr", "moco", "dinov2", "distill"}
+def test_registry_is_the_seven_methods():
+    assert set(METHODS) == {"mae", "dino", "simclr", "moco", "dinov2", "distill", "spark"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -66,12 +78,13 @@ def test_forward_backward_and_export(method):
     model = tiny(method)
     out = model(views_for(method), step=0)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
-    assert out["embeddings"].shape == (8, 192) and not out["embeddings"].requires_grad
+    exported = model.export_backbone()
+    width, side = exported.num_features, SIDE.get(method, 28)
+    assert out["embeddings"].shape == (8, width) and not out["embeddings"].requires_grad
     out["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"trainable parameters without gradient (DDP would fail): {no_grad}"
-    exported = model.export_backbone()
-    assert pooled_features(exported, torch.randn(2, 1, 28, 28)).shape == (2, 192)
+    assert pooled_features(exported, torch.randn(2, 1, side, side)).shape == (2, width)
 
 
 def test_mae_rejects_a_cnn_clearly():
@@ -189,7 +202,9 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
     """12 AdamW steps on one batch of real images with fixed views: the loss must go down."""
     dataset = MedMNISTDataset(pneumonia)
     images = torch.stack([dataset[i]["image"] for i in range(16)]) * 2 - 1
-    views = [images, images.flip(-1)][: 1 if method == "mae" else 2]
+    if method == "spark":
+        images = F.interpolate(images, size=32, mode="bilinear")
+    views = [images, images.flip(-1)][: 1 if method in ("mae", "spark") else 2]
     if method in ("dino", "dinov2"):
         views += [F.interpolate(images[..., :14, :14], size=14), F.interpolate(images[..., 14:, 14:], size=14)]
     torch.manual_seed(0)
@@ -197,7 +212,7 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(12):
-        torch.manual_seed(step if method != "mae" else 0)  # MAE: the same mask every step
+        torch.manual_seed(step if method not in ("mae", "spark") else 0)  # MAE, SparK: the same mask every step
         random.seed(step)  # DINOv2's block masks
         loss = model(views, step=step)["loss"]
         optimizer.zero_grad()

@@ -141,12 +141,16 @@ def test_collapse_metrics_on_collapsed_and_healthy_embeddings():
     assert effective_rank(healthy) > 20
 
 
-def run_command(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"),
+RECIPES = {"mae": "mae_vit_tiny_pneumonia28.yaml", "dinov2": "mae_vit_tiny_pneumonia28.yaml",
+           "spark": "spark_resnet18_pneumonia32.yaml"}  # fmt: skip
+
+
+def run_command(run_dir: Path, overrides: list[str], method: str = "mae") -> list[str]:
+    return [sys.executable, "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain" / RECIPES[method]),
             *overrides]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["mae", "dinov2"])
+@pytest.mark.parametrize("method", ["mae", "dinov2", "spark"])
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     """Tolerance atol 1e-6 (bitwise equal on this CPU: same ops in the same order; the slack is for BLAS builds
     whose reductions depend on thread timing).
@@ -165,7 +169,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(run_command(killed, tiny(method, killed, **extra)), cwd=REPO, env=env,
+    process = subprocess.Popen(run_command(killed, tiny(method, killed, **extra), method), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120
     while not (killed / "step-0000004.pt").exists():
@@ -177,7 +181,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     killed_at = ckpt.load_checkpoint(killed / "last.pt")["step"]
     assert 4 <= killed_at < 24, "the run finished before it could be killed"
     for run_dir in (killed, reference):
-        done = subprocess.run(run_command(run_dir, tiny(method, run_dir, **extra)), cwd=REPO, env=env,
+        done = subprocess.run(run_command(run_dir, tiny(method, run_dir, **extra), method), cwd=REPO, env=env,
                               capture_output=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-2000:]
     resumed = [r for r in records(killed) if r.get("event") == "resume"]
