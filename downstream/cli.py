@@ -15,7 +15,9 @@ CONFIG_HELP = "YAML overrides of the schema in downstream/config.py (examples in
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    add_reduce_options(subparsers.choices["shard"])
+    shard = subparsers.choices.get("shard")
+    if shard is not None:  # `medfm` registers data_shards' parser first; `python -m downstream.cli` has none
+        add_reduce_options(shard)
     export = subparsers.add_parser(
         "export",
         help="release a pretraining run's backbone (safetensors + config.json + model card) loadable by timm",
@@ -127,18 +129,6 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     return _run("finetune", body)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m downstream.cli {export,eval,finetune} ...`` (the same subcommands as ``medfm``)."""
-    parser = argparse.ArgumentParser(prog="python -m downstream.cli")
-    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def add_reduce_options(shard: argparse.ArgumentParser) -> None:
     """``medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR``: options on data_shards' ``shard``
     parser (the verb embeds images with a backbone, which data_shards must not import)."""
@@ -152,6 +142,14 @@ def add_reduce_options(shard: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=256, help="reduce: embedding batch (default 256)")
     group.add_argument("--seed", type=int, default=0, help="reduce: k-means / random seed (default 0)")
     shard.set_defaults(reduce_handler=run_reduce)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m downstream.cli {export,eval,finetune} ...`` (the same subcommands as ``medfm``)."""
+    parser = argparse.ArgumentParser(prog="python -m downstream.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
 
 
 def run_reduce(args: argparse.Namespace) -> int:
@@ -182,3 +180,7 @@ def run_reduce(args: argparse.Namespace) -> int:
     reduction = manifest.reduction
     print(f"kept {reduction['kept']} of {reduction['samples_before']} ({reduction['method']}); dropped list: {args.out}/{reduction['dropped_list']}")  # fmt: skip
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
