@@ -28,6 +28,7 @@ from medfm.api import (
     finetune,
     load_backbone,
     pretrain,
+    reduce,
     register_module,
     shard,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "finetune",
     "load_backbone",
     "pretrain",
+    "reduce",
     "register_module",
     "shard",
 ]

@@ -133,6 +133,34 @@ def shard(sources: str | Path | Sequence[str | Path], out: str | Path, **options
     return ShardResult(out=Path(out), manifest=manifest)
 
 
+def reduce(
+    shards: str | Path | ShardResult,
+    out: str | Path,
+    *,
+    model: str | Path | PretrainResult | ExportResult,
+    keep: float,
+    method: str = "kcenter",
+    **options: Any,
+) -> ShardResult:
+    """Keep a diverse ``keep`` fraction of a shard set, chosen on ``model``'s embeddings (``medfm shard reduce``).
+
+    Args:
+        shards: the shard set (its folder or a ``ShardResult``).
+        out: the new shard set's folder; its manifest's ``reduction`` section and ``dropped.jsonl`` say what was
+            dropped and why.
+        model: a medfm release or run (or their results), a timm hub snapshot, ``hf-hub:ORG/NAME`` from the local
+            cache, or a weights file with ``architecture=``.
+        method: ``kcenter`` (k-center greedy within k-means clusters) or ``random`` (the comparison).
+        options: as ``downstream.reduce.reduce_shards`` (``architecture``, ``img_size``, ``batch_size``,
+            ``clusters``, ``seed``, ``overwrite``).
+    """
+    from downstream.reduce import reduce_shards
+
+    source = shards.out if isinstance(shards, ShardResult) else shards
+    manifest = reduce_shards(source, out, model=_backbone_path(model), keep=keep, method=method, **options)
+    return ShardResult(out=Path(out), manifest=manifest)
+
+
 def pretrain(
     out: str | Path | None = None,
     data: str | ShardResult | None = None,
@@ -148,7 +176,7 @@ def pretrain(
     Args:
         out: the run folder (``train.run_dir``); running again on it resumes.
         data: a dataset spec (``data.spec``: ``shards:DIR``, ``medmnist:FILE.npz``, ...) or a ``ShardResult``.
-        method: ``mae``, ``dino``, ``dinov2``, ``simclr``, ``moco`` or ``distill``.
+        method: ``mae``, ``dino``, ``dinov2``, ``simclr``, ``moco``, ``distill`` or ``spark``.
         model: a timm model name (``model.backbone``), or your own ``nn.Module``: a timm model or any module
             mapping (B, C, H, W) images to (B, D) features or a (B, D, h, w) map (``register_module``).
         config: a YAML recipe (``configs/pretrain/``); ``values`` and ``overrides`` go on top of it.

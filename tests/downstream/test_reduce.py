@@ -94,3 +94,16 @@ def test_reduce_errors_name_the_option(tiny_release, tmp_path, capsys):
     args = ["shard", "reduce", str(tmp_path), "--model", str(tiny_release), "--keep", "1.5", "--out", str(tmp_path / "o")]  # fmt: skip
     assert main(args) == 2
     assert "--keep" in capsys.readouterr().err
+
+
+def test_reduce_through_the_python_api(tiny_release, medmnist, tmp_path):
+    import medfm
+
+    pool = twins_pool(medmnist, tmp_path / "pool.npz", 30)
+    shards = medfm.shard([f"medmnist:{pool}"], tmp_path / "shards", workers=1, dedup="none", splits=["train"])
+    for method in ("kcenter", "random"):
+        reduced = medfm.reduce(shards, tmp_path / method, model=tiny_release, keep=0.5, method=method, batch_size=32)
+        assert isinstance(reduced, medfm.ShardResult) and reduced.samples == 30
+        assert reduced.manifest.reduction["method"] == method and (reduced.out / "dropped.jsonl").is_file()
+    with pytest.raises(medfm.ConfigError, match="--keep"):
+        medfm.reduce(shards, tmp_path / "bad", model=tiny_release, keep=0)
