@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from medfm.data_shards.codec import match_channels, pixels_to_tensor
+from medfm.data_shards.dicom import DicomFile
+from medfm.data_shards.manifest import Manifest
+from medfm.data_shards.records import ReadOptions
+from medfm.data_shards.stream import ShardStream
 from torchvision.transforms import v2
 
-from data_shards.codec import match_channels, pixels_to_tensor
-from data_shards.dicom import DicomFile
-from data_shards.manifest import Manifest
-from data_shards.records import ReadOptions
-from data_shards.stream import ShardStream
-from medfm_cli import main as medfm
+from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,8 +110,8 @@ def dicom_rate(files: list[Path], size: int, max_side: int, samples: int) -> flo
 
 def multicrop_rate(recipe: str, samples: int) -> dict:
     """Images/s per core of a recipe's own transform (e.g. DINO multi-crop) on shards read from disk."""
-    from pretrain.config import load_config
-    from pretrain.methods import METHODS
+    from medfm.pretrain.config import load_config
+    from medfm.pretrain.methods import METHODS
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "pretrain" / recipe, [f"data.spec=shards:{tempfile.gettempdir()}"])

@@ -1,6 +1,6 @@
 """Engine overhead: training images/s and peak memory of a step, medfm's engine vs a bare PyTorch loop.
 
-For each objective, the same model, batch, precision and optimizer run (a) through ``pretrain.engine.train``
+For each objective, the same model, batch, precision and optimizer run (a) through ``medfm.pretrain.engine.train``
 (Accelerate, schedules, non-finite guard, collapse metrics and JSON logging every ``--log-every`` steps) and
 (b) through a bare loop (forward, backward, clip, AdamW step, EMA update), alternating in one process so
 that both see the same machine load. The batch is made once from real PneumoniaMNIST images with the
@@ -16,7 +16,7 @@ the process during the timed steps (CPU; a sampling thread) or torch.cuda.max_me
 model FLOP utilisation against ``--peak-tflops`` (dense bf16 of the GPU; H100 / H200 SXM: 989).
 
 ``--count-syncs`` counts the host-device synchronisations of one optimizer step, on CPU and GPU alike
-(``pretrain.host_syncs.HostSyncCounter``: the operations that make the host wait for a GPU), for the engine and
+(``medfm.pretrain.host_syncs.HostSyncCounter``: the operations that make the host wait for a GPU), for the engine and
 the bare loop: a further block of ``--steps`` steps is counted step by step and the figure is the median over the
 steps that are neither the first nor a logging step (the engine logs every ``--log-every`` steps and at the last
 step); ``engine_sync_sites`` lists the ``file:line`` of each sync of such a step. On CUDA, torch's sync debug mode
@@ -46,16 +46,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain.backends import backend_for
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.distributed import build_accelerator
+from medfm.pretrain.engine import Schedules, build_optimizer, train
+from medfm.pretrain.host_syncs import HostSyncCounter
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.monitor import Monitor
 from torch.utils.data import default_collate
-
-from data_shards.specs import MedMNISTDataset
-from pretrain.backends import backend_for
-from pretrain.config import derive, load_config
-from pretrain.distributed import build_accelerator
-from pretrain.engine import Schedules, build_optimizer, train
-from pretrain.host_syncs import HostSyncCounter
-from pretrain.methods import METHODS
-from pretrain.monitor import Monitor
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {  # distill is left out: it needs a teacher model on disk

@@ -59,7 +59,7 @@ def make_corpus(series_dir: Path, out: Path, series: int, slices: int, size: int
 def run_shard(corpus: Path, out: Path, workers: int, extra: list[str], kill_at: float | None = None) -> dict:
     """One `medfm shard` process: planning and total seconds, samples, peak RSS of the process tree (MiB).
     ``kill_at``: SIGKILL once this fraction of the expected shards is written (for the resume measurement)."""
-    command = [sys.executable, "-m", "medfm_cli", "shard", str(corpus), "--out", str(out), "--workers", str(workers),
+    command = [sys.executable, "-m", "medfm.cli", "shard", str(corpus), "--out", str(out), "--workers", str(workers),
                "--max-side", "128", "--dedup", "none", "--max-count", "500", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -118,7 +118,7 @@ if [[ -z $LABELED ]]; then
     LABELED="$WORK/modality28.npz"
     run smoke labeled_set_from_wheels "$(smoke_left 60)" -- python - "$LABELED" <<'PY'
 """A 3-class labeled set (CT / MR / ultrasound) in MedMNIST's layout at 28 px: random crops of the real images
-inside the pydicom and nibabel wheels (data_shards.discover.sample_files), min-max scaled to uint8."""
+inside the pydicom and nibabel wheels (medfm.data_shards.discover.sample_files), min-max scaled to uint8."""
 import sys
 
 import nibabel
@@ -127,7 +127,7 @@ import pydicom
 import torch
 import torch.nn.functional as F
 
-from data_shards.discover import sample_files
+from medfm.data_shards.discover import sample_files
 
 slices = {0: [], 1: [], 2: []}  # CT, MR, US
 for path in sample_files():

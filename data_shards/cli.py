@@ -9,8 +9,8 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from data_shards.errors import EXIT_CONFIG, MedfmError, exit_code
-from data_shards.manifest import MANIFEST, Manifest
+from medfm.data_shards.errors import EXIT_CONFIG, MedfmError, exit_code
+from medfm.data_shards.manifest import MANIFEST, Manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -124,7 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch; a known failure (``data_shards.errors.exit_code``) becomes one line on stderr and its exit code."""
+    """Dispatch; a known failure (``medfm.data_shards.errors.exit_code``) becomes one line on stderr and its exit code."""
     try:
         return dispatch(args)
     except Exception as err:
@@ -144,7 +144,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.sources[0] == "merge":
         return merge_command(args)
     if args.sources[0] == "reduce":
-        # the verb needs a backbone: downstream.cli registers its handler and options on this parser (imports run
+        # the verb needs a backbone: medfm.downstream.cli registers its handler and options on this parser (imports run
         # one way, data_shards <- downstream)
         return args.reduce_handler(args)
     if args.sources[0] == "inspect":
@@ -159,8 +159,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from data_shards.inspect import summary_text
-    from data_shards.shard import shard
+    from medfm.data_shards.inspect import summary_text
+    from medfm.data_shards.shard import shard
 
     argv = list(getattr(args, "argv", sys.argv[1:]))
     options = {name: getattr(args, name) for name in SHARD_OPTIONS}
@@ -177,7 +177,7 @@ def shard_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# argparse destinations passed to data_shards.shard.shard as they are
+# argparse destinations passed to medfm.data_shards.shard.shard as they are
 SHARD_OPTIONS = (
     "workers", "resume", "overwrite", "max_count", "max_mb", "codec", "dedup", "near_threshold", "nifti_axis",
     "nifti_stride", "nifti_intensity", "min_foreground", "max_side", "hash_paths", "max_pixels", "timeout",
@@ -186,8 +186,8 @@ SHARD_OPTIONS = (
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from data_shards.inspect import summary_text
-    from data_shards.merge import merge_parts
+    from medfm.data_shards.inspect import summary_text
+    from medfm.data_shards.merge import merge_parts
 
     if len(args.sources) < 2 or args.out is None:
         print("usage: medfm shard merge PART_DIR... --out DIR", file=sys.stderr)
@@ -201,7 +201,7 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def inspect_command(shard_dir: Path, per_modality: int, verify: bool = False) -> int:
-    from data_shards.inspect import summary_text, verify_shards, write_grids
+    from medfm.data_shards.inspect import summary_text, verify_shards, write_grids
 
     manifest = Manifest.read(shard_dir)
     print(summary_text(manifest))

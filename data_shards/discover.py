@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_shards.dicom import DicomFile, DicomSeries, group_dicom_facts, group_dicom_files, header_facts, is_dicom
-from data_shards.errors import ConfigError, MissingInputError, ShardError
-from data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, npz_units, scan_imagefolder
-from data_shards.nifti import NiftiFile, is_nifti
-from data_shards.records import InputUnit, SkipInput, relative_source
-from data_shards.workers import init_worker
+from medfm.data_shards.dicom import DicomFile, DicomSeries, group_dicom_facts, group_dicom_files, header_facts, is_dicom
+from medfm.data_shards.errors import ConfigError, MissingInputError, ShardError
+from medfm.data_shards.images import IMAGE_SUFFIXES, ImageFile, NpzChunk, csv_units, npz_units, scan_imagefolder
+from medfm.data_shards.nifti import NiftiFile, is_nifti
+from medfm.data_shards.records import InputUnit, SkipInput, relative_source
+from medfm.data_shards.workers import init_worker
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 module: only the standard library).
 
 It lives in the lowest layer so that each package's own errors (``data_shards``: ``ShardError``,
-``ManifestError``, ``MergeError``; ``pretrain.errors``: ``ConfigError``, ``TrainingDiverged``, ...) derive from
+``ManifestError``, ``MergeError``; ``medfm.pretrain.errors``: ``ConfigError``, ``TrainingDiverged``, ...) derive from
 it, every subcommand (``medfm shard`` included) reports through :func:`run_command`, and a Python caller can
 catch ``medfm.MedfmError`` around any call of the API.
 
@@ -62,12 +62,12 @@ class MissingInputError(MedfmError, FileNotFoundError):
 
 class DiskFull(MedfmError):
     """No space left (or the quota exceeded) while writing an output; the message names the file, what is intact
-    and how to continue. Nothing partial is left behind (``data_shards.outputs``)."""
+    and how to continue. Nothing partial is left behind (``medfm.data_shards.outputs``)."""
 
 
 class FolderInUse(MedfmError):
     """An output folder that another medfm process is writing (it holds the folder's lock); the message names
-    the folder and the holder's pid and host (``data_shards.outputs.lock_folder``)."""
+    the folder and the holder's pid and host (``medfm.data_shards.outputs.lock_folder``)."""
 
 
 def exit_code(err: BaseException) -> int | None:

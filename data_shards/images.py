@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from medfm.data_shards.errors import InputError
+from medfm.data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, check_pixel_budget, relative_source
+from medfm.data_shards.windows import to_pixels
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from data_shards.errors import InputError
-from data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, check_pixel_budget, relative_source
-from data_shards.windows import to_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPZ_SPLITS = ("train", "val", "test")
@@ -470,11 +469,11 @@ def _unit_for(path: Path, source: str, label: int | tuple[int, ...] | None, clas
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFile(path=path, source=source, label=label, class_name=class_name)
     # Lazy imports: the volume readers pull in nibabel / pydicom only when a CSV lists such files.
-    from data_shards.nifti import NiftiFile, is_nifti
+    from medfm.data_shards.nifti import NiftiFile, is_nifti
 
     if is_nifti(path):
         return NiftiFile(path=path, source=source, label=label)
-    from data_shards.dicom import DicomFile
+    from medfm.data_shards.dicom import DicomFile
 
     return DicomFile(path=path, source=source, label=label)
 

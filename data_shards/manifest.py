@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from data_shards.errors import MedfmError, MissingInputError
+from medfm.data_shards.errors import MedfmError, MissingInputError
 
 MANIFEST = "manifest.json"
 FORMAT = "medfm-shards/1"

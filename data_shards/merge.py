@@ -5,7 +5,7 @@ The parts are read in K order, their shards in write order, and each sample is c
 renumbered) unless its pixel hash was already written by an earlier part: exact dedup across parts, so the result
 holds the same samples as one machine's run over all inputs. Shards are written as ``*.tar.tmp`` and renamed,
 the manifest last (a merge that died leaves no manifest: run it again with ``--overwrite``). One writer per
-``--out`` (``data_shards.outputs.lock_folder``).
+``--out`` (``medfm.data_shards.outputs.lock_folder``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-
-from data_shards.codec import file_sha256
-from data_shards.errors import EXIT_CONFIG, MedfmError
-from data_shards.manifest import FORMAT, MANIFEST, Manifest
-from data_shards.outputs import LOCK_NAME, lock_folder
+from medfm.data_shards.codec import file_sha256
+from medfm.data_shards.errors import EXIT_CONFIG, MedfmError
+from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest
+from medfm.data_shards.outputs import LOCK_NAME, lock_folder
 
 
 class MergeError(MedfmError, ValueError):

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_shards.errors import DiskFull, FolderInUse
+from medfm.data_shards.errors import DiskFull, FolderInUse
 
 LOCK_NAME = ".medfm.lock"
 _HELD: set[int] = set()  # descriptors of the locks this process holds (closed in forked children)
@@ -105,7 +105,7 @@ def lock_folder(folder: str | Path, what: str, lock_file: str | Path | None = No
         if _same_file(path, fd) or attempt == 19:
             break
         os.close(fd)
-    # No command line: its paths can name patients (see data_shards.writer), and the message goes to another user.
+    # No command line: its paths can name patients (see medfm.data_shards.writer), and the message goes to another user.
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     with contextlib.suppress(OSError):  # a full disk: the lock is held all the same, the message lacks details
         os.ftruncate(fd, 0)

@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_shards.errors import ConfigError, FolderInUse, ShardError
-from data_shards.manifest import Manifest
-from data_shards.outputs import FolderLock, disk_full, is_disk_full, lock_folder
-from data_shards.records import ReadOptions
-from data_shards.windows import parse_window
+from medfm.data_shards.errors import ConfigError, FolderInUse, ShardError
+from medfm.data_shards.manifest import Manifest
+from medfm.data_shards.outputs import FolderLock, disk_full, is_disk_full, lock_folder
+from medfm.data_shards.records import ReadOptions
+from medfm.data_shards.windows import parse_window
 
 
 def shard(
@@ -55,8 +55,8 @@ def shard(
     source paths when any input is DICOM or ``part`` is set. ``command`` is recorded in the manifest (default:
     the equivalent ``medfm shard`` command line).
     """
-    from data_shards.discover import Part, PlanFile, PlanWriter, check_sources, plan_sources
-    from data_shards.writer import PLAN, ShardConfig, ShardDiskFull, ShardWriter, hash_path, prepare_folder
+    from medfm.data_shards.discover import Part, PlanFile, PlanWriter, check_sources, plan_sources
+    from medfm.data_shards.writer import PLAN, ShardConfig, ShardDiskFull, ShardWriter, hash_path, prepare_folder
 
     out = Path(out)
     workers = workers or os.cpu_count() or 1

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medfm.data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
+from medfm.data_shards.errors import ConfigError, InputError, MissingInputError
+from medfm.data_shards.manifest import Manifest
+from medfm.data_shards.records import ReadOptions, SkipInput
+from medfm.data_shards.stream import ShardStream, is_remote
 from torch.utils.data import Dataset
-
-from data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
-from data_shards.errors import ConfigError, InputError, MissingInputError
-from data_shards.manifest import Manifest
-from data_shards.records import ReadOptions, SkipInput
-from data_shards.stream import ShardStream, is_remote
 
 SPEC_KINDS = ("shards", "medmnist", "imagefolder", "csv")
 
@@ -122,7 +121,7 @@ def open_dataset(
 ) -> Dataset:
     """Open a dataset spec (see the module docstring) as a torch dataset of dicts.
 
-    ``shards:`` gives a :class:`~data_shards.stream.ShardStream` (resampled with a fixed epoch length for
+    ``shards:`` gives a :class:`~medfm.data_shards.stream.ShardStream` (resampled with a fixed epoch length for
     training, or one exact pass with ``resampled=False``); the others are map-style datasets. ``split``
     selects train/val/test where the source defines splits (MedMNIST defaults to train).
     """
@@ -140,7 +139,7 @@ def open_dataset(
         )
     if parsed.kind == "medmnist":
         return MedMNISTDataset(parsed.path, split or "train", transform, channels)
-    from data_shards.images import csv_units, imagefolder_units
+    from medfm.data_shards.images import csv_units, imagefolder_units
 
     units = imagefolder_units(parsed.path) if parsed.kind == "imagefolder" else csv_units(parsed.path)
     if split is not None:

@@ -18,7 +18,7 @@ Integrity, checked as the samples stream (what the writer recorded: each shard's
   label, shows only here); a local shard's size against ``bytes`` when the set is opened.
 What a mismatch does: one pass (evaluation) raises :class:`ShardDamaged` naming the shard (and the sample);
 resampled (training) leaves the sample or the rest of the shard out, reports it in each sample's ``"damage"``
-field (read by ``pretrain.data.EpochLoader``: warnings and counts in ``metrics.jsonl``) and raises once what was
+field (read by ``medfm.pretrain.data.EpochLoader``: warnings and counts in ``metrics.jsonl``) and raises once what was
 left out passes ``DAMAGE_BUDGET`` of the shard set's samples.
 """
 
@@ -41,12 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from medfm.data_shards.codec import content_hash, decode_pixels, label_value, match_channels, pixels_to_tensor
+from medfm.data_shards.errors import InputError, MissingInputError, ShardError
+from medfm.data_shards.manifest import Manifest, ManifestError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
-
-from data_shards.codec import content_hash, decode_pixels, label_value, match_channels, pixels_to_tensor
-from data_shards.errors import InputError, MissingInputError, ShardError
-from data_shards.manifest import Manifest, ManifestError
 
 IMAGE_EXTENSIONS = ("png", "npy")
 # Training stops once the damaged shards' listed samples plus the rejected samples pass this share of the shard

@@ -8,7 +8,7 @@ Guarantees:
   state. ``--resume`` continues from the last complete shard; the result equals an uninterrupted run.
 - A full disk stops the run with :class:`ShardDiskFull` (one line: the complete shards and the journal are
   intact, rerun with ``--resume``), after removing the shard being written and any partial journal line.
-- One writer per output folder: ``shard`` holds the folder's lock (``data_shards.outputs``) from before
+- One writer per output folder: ``shard`` holds the folder's lock (``medfm.data_shards.outputs``) from before
   ``--overwrite`` deletes anything until the manifest is written.
 - Private: only allowlisted metadata keys (``records.ALLOWED_META_KEYS``) reach a shard or the manifest.
 - Bad input never stops the run: each skipped input is listed with its reason.
@@ -36,15 +36,14 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from medfm.data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
+from medfm.data_shards.discover import PlanFile
+from medfm.data_shards.errors import ConfigError, DiskFull, ShardError
+from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest
+from medfm.data_shards.outputs import LOCK_NAME, disk_full, is_disk_full
+from medfm.data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
+from medfm.data_shards.workers import init_worker
 from tqdm import tqdm
-
-from data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
-from data_shards.discover import PlanFile
-from data_shards.errors import ConfigError, DiskFull, ShardError
-from data_shards.manifest import FORMAT, MANIFEST, Manifest
-from data_shards.outputs import LOCK_NAME, disk_full, is_disk_full
-from data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
-from data_shards.workers import init_worker
 
 JOURNAL = ".progress.jsonl"
 PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.PlanWriter): --resume does not rescan

@@ -1,7 +1,7 @@
 """Downstream evaluation of pretrained backbones: load releases strictly, frozen-feature protocols (kNN, linear
 probe), fine-tuning, metrics and reports. Imports go one way: ``data_shards`` <- ``pretrain`` <- ``downstream``.
 
-- ``load``: a release (read and key-checked by ``pretrain.release``) -> a timm model for a task.
+- ``load``: a release (read and key-checked by ``medfm.pretrain.release``) -> a timm model for a task.
 - ``data``: labeled train / val / test splits of a dataset spec, the task they define, the eval transform.
 - ``features`` / ``knn`` / ``linear``: cached frozen features, DINO-style weighted kNN, logistic-regression probe.
 - ``finetune``: full fine-tuning with layer-wise lr decay, best-on-val, random-init baseline, on pretraining's

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medfm.data_shards.manifest import Manifest
+from medfm.downstream.config import save_config, to_dict
+from medfm.pretrain.config import OUTPUT_PATH, Need, config_need, load_structured
+from medfm.pretrain.config import load_config as load_pretrain_config
 from omegaconf import MISSING, DictConfig
-
-from data_shards.manifest import Manifest
-from downstream.config import save_config, to_dict
-from pretrain.config import OUTPUT_PATH, Need, config_need, load_structured
-from pretrain.config import load_config as load_pretrain_config
 
 RunStep = Callable[[list[str]], int]  # one medfm command line (without "medfm") -> exit code
 METRICS = ("acc", "auc")
@@ -503,7 +502,7 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(cfg: DictConfig, report: dict[str, Any]) -> Path:
-    from downstream.report import write_json
+    from medfm.downstream.report import write_json
 
     out = Path(cfg.out_dir)
     write_json(report, out / "results.json")

@@ -16,7 +16,7 @@ CONFIG_HELP = "YAML overrides of the schema in downstream/config.py (examples in
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     shard = subparsers.choices.get("shard")
-    if shard is not None:  # `medfm` registers data_shards' parser first; `python -m downstream.cli` has none
+    if shard is not None:  # `medfm` registers data_shards' parser first; `python -m medfm.downstream.cli` has none
         add_reduce_options(shard)
     export = subparsers.add_parser(
         "export",
@@ -77,16 +77,16 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _run(command: str, body: Callable[[], None]) -> int:
     """Run a handler body; known failures become one clear line on stderr and an exit code."""
-    from pretrain.errors import run_command
+    from medfm.pretrain.errors import run_command
 
     return run_command(command, body)
 
 
 def run_export(args: argparse.Namespace) -> int:
     def body() -> None:
-        from pretrain.config import check_output_path
-        from pretrain.export import export_run
-        from pretrain.hub import check_repo_id, push_release
+        from medfm.pretrain.config import check_output_path
+        from medfm.pretrain.export import export_run
+        from medfm.pretrain.hub import check_repo_id, push_release
 
         check_output_path(args.out, "--out")
         if args.push_to_hub:
@@ -103,8 +103,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     def body() -> None:
-        from downstream.config import EvalConfig, load_config
-        from downstream.evaluate import run_eval, summary_table
+        from medfm.downstream.config import EvalConfig, load_config
+        from medfm.downstream.evaluate import run_eval, summary_table
 
         cfg = load_config(EvalConfig, args.config, _overrides(args))
         print(summary_table(run_eval(cfg)), end="")
@@ -117,8 +117,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     def body() -> None:
         import os
 
-        from downstream.config import FinetuneConfig, load_config
-        from downstream.finetune import run_finetune, summary_table
+        from medfm.downstream.config import FinetuneConfig, load_config
+        from medfm.downstream.finetune import run_finetune, summary_table
 
         cfg = load_config(FinetuneConfig, args.config, _overrides(args))
         results = run_finetune(cfg)  # ends with the process group shut down: the launcher's RANK says who prints
@@ -145,8 +145,8 @@ def add_reduce_options(shard: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m downstream.cli {export,eval,finetune} ...`` (the same subcommands as ``medfm``)."""
-    parser = argparse.ArgumentParser(prog="python -m downstream.cli")
+    """``python -m medfm.downstream.cli {export,eval,finetune} ...`` (the same subcommands as ``medfm``)."""
+    parser = argparse.ArgumentParser(prog="python -m medfm.downstream.cli")
     add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     return int(args.handler(args))
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_reduce(args: argparse.Namespace) -> int:
     import shlex
 
-    from data_shards.inspect import summary_text
-    from downstream.reduce import reduce_shards
+    from medfm.data_shards.inspect import summary_text
+    from medfm.downstream.reduce import reduce_shards
 
     if len(args.sources) != 2 or args.out is None or args.model is None or args.keep is None:
         print("usage: medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR [--method kcenter|random]", file=sys.stderr)  # fmt: skip

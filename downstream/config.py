@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from pretrain.backbones import POOLINGS
-from pretrain.config import (
+from medfm.pretrain.backbones import POOLINGS
+from medfm.pretrain.config import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
     OUTPUT_PATH,
@@ -24,6 +22,7 @@ from pretrain.config import (
     load_structured,
     within,
 )
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 PROTOCOLS = ("knn", "linear", "robustness_index")
 INITS = ("release", "random", "baseline")
@@ -75,7 +74,7 @@ class KNNConfig:
 
 @dataclass
 class LinearConfig:
-    """The linear probe (downstream.linear): its regularisation is chosen on val from a grid."""
+    """The linear probe (medfm.downstream.linear): its regularisation is chosen on val from a grid."""
 
     # []: DINOv2's range of scikit-learn's C, logspace(-6, 5, 12) (one per decade; DINOv2: 45), as weight decays ~1 / (C n) that scale with the
     # n training labels of each label budget; else fixed weight decays on the mean loss, the same at every budget
@@ -102,7 +101,7 @@ class RobustnessConfig:
 @dataclass
 class SitesConfig:
     """Where each sample comes from (centre, scanner): protocol robustness_index, and a per-site breakdown of the
-    knn / linear test metrics (downstream.sites)."""
+    knn / linear test metrics (medfm.downstream.sites)."""
 
     # None: no sites; csv (the site column of a csv: spec), level:N (the N-th folder of each sample's path, e.g.
     # level:2 for train/benign/hospital_a/x.png), meta:FIELD (shard metadata, e.g. meta:manufacturer), or
@@ -140,7 +139,7 @@ class EvalConfig:
 
 @dataclass
 class AugmentConfig:
-    """Fine-tuning augmentation (pretrain.transforms.MedicalAugment); mild by default."""
+    """Fine-tuning augmentation (medfm.pretrain.transforms.MedicalAugment); mild by default."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0], metadata=within("(0, 1]"))  # [low, high]
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata=POSITIVE)
@@ -224,7 +223,7 @@ def load_config(
 
 def check_shared(cfg: DictConfig, need: Need) -> None:
     """Checks of the sections every downstream schema has (backbone, data, efficiency, robustness)."""
-    from downstream.robustness import CORRUPTIONS, SEVERITIES
+    from medfm.downstream.robustness import CORRUPTIONS, SEVERITIES
 
     inits = list(cfg.backbone.inits)
     need(len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS), "backbone.inits", f"must be distinct values of {INITS}")  # fmt: skip
@@ -246,7 +245,7 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
     """Plain-python copy: what results and checkpoints store. Interpolations stay as written, never their values
-    (``pretrain.config.to_dict``): a secret in the environment is not copied into the output."""
+    (``medfm.pretrain.config.to_dict``): a secret in the environment is not copied into the output."""
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 

@@ -1,11 +1,11 @@
 """The config reference (``CONFIG.md``), generated from the typed schemas so that it cannot drift from them.
 
-Every key of ``medfm pretrain`` (``pretrain.config.PretrainConfig``, method sections included), ``medfm eval``,
-``medfm finetune`` (``downstream.config``) and ``medfm bench quality`` (``downstream.benchmark``) with its type,
+Every key of ``medfm pretrain`` (``medfm.pretrain.config.PretrainConfig``, method sections included), ``medfm eval``,
+``medfm finetune`` (``medfm.downstream.config``) and ``medfm bench quality`` (``medfm.downstream.benchmark``) with its type,
 default and the comment beside (or above) its declaration.
 
-    python -m downstream.config_reference            # rewrites CONFIG.md
-    python -m downstream.config_reference --check    # exit 1 when CONFIG.md is not what the schemas give
+    python -m medfm.downstream.config_reference            # rewrites CONFIG.md
+    python -m medfm.downstream.config_reference --check    # exit 1 when CONFIG.md is not what the schemas give
 """
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ def schema_markdown(title: str, schema: type, intro: str) -> list[str]:
 
 
 def reference_markdown() -> str:
-    from downstream.benchmark import QualityConfig
-    from downstream.config import EvalConfig, FinetuneConfig
-    from pretrain.config import PretrainConfig
+    from medfm.downstream.benchmark import QualityConfig
+    from medfm.downstream.config import EvalConfig, FinetuneConfig
+    from medfm.pretrain.config import PretrainConfig
 
     lines = [
         "# Config reference",
         "",
-        "Generated from the typed schemas by `python -m downstream.config_reference` (a test fails when this file "
+        "Generated from the typed schemas by `python -m medfm.downstream.config_reference` (a test fails when this file "
         "is out of date). YAML files hold overrides of these defaults; `key=value` arguments go on top. An unknown "
         "key, a wrong type or a missing required value fails before anything runs, naming the key.",
         "",
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = REFERENCE.read_text() if REFERENCE.is_file() else ""
         if current != text:
-            print(f"{REFERENCE} is out of date: run python -m downstream.config_reference", file=sys.stderr)
+            print(f"{REFERENCE} is out of date: run python -m medfm.downstream.config_reference", file=sys.stderr)
             return 1
         return 0
     REFERENCE.write_text(text)

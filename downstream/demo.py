@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.manifest import Manifest
+from medfm.data_shards.manifest import Manifest
 
 RunStep = Callable[[list[str]], int]
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def run_demo(plan: DemoPlan, run_step: RunStep, echo: Callable[[str], None] = pr
 
 def results_table(evaluation: Path) -> list[str]:
     """Markdown lines: test ACC / AUC per init and protocol at each label budget (mean ± std over seeds)."""
-    from downstream.benchmark import budget_table, result_rows
+    from medfm.downstream.benchmark import budget_table, result_rows
 
     rows = []
     release_first = lambda path: (path.parent.parent.name != "release", str(path))  # noqa: E731
@@ -130,7 +130,7 @@ def _newest(folder: Path, pattern: str) -> Path | None:
 
 def write_report(plan: DemoPlan, seconds: float) -> Path:
     """``OUT/report/report.md`` and the pictures it shows (copied next to it so the folder stands alone)."""
-    from pretrain.monitor import plot_training_curves
+    from medfm.pretrain.monitor import plot_training_curves
 
     out, report = plan.out, plan.out / "report"
     report.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from medfm.downstream.data import stratified_take
+from medfm.pretrain.errors import ConfigError
 from torch import Tensor
-
-from downstream.data import stratified_take
-from pretrain.errors import ConfigError
 
 
 def _strata(labels: Tensor) -> np.ndarray:
@@ -28,7 +27,7 @@ def label_subset(
     labels: Tensor, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0
 ) -> Tensor:
     """Indices of a stratified subset: ``fraction`` of the samples, stratified by class with at least one per class
-    (:func:`downstream.data.stratified_take`), or ``per_class`` of each class (all when a class has fewer). Exactly
+    (:func:`medfm.downstream.data.stratified_take`), or ``per_class`` of each class (all when a class has fewer). Exactly
     one of the two. Sorted, deterministic in (labels, seed)."""
     if (fraction is None) == (per_class is None):
         raise ConfigError("give exactly one of fraction and per_class")

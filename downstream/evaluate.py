@@ -17,13 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from torch import Tensor, nn
-
-from data_shards.outputs import lock_folder
-from downstream import report
-from downstream.config import save_config, to_dict
-from downstream.data import (
+from medfm.data_shards.outputs import lock_folder
+from medfm.downstream import report
+from medfm.downstream.config import save_config, to_dict
+from medfm.downstream.data import (
     EvalTransform,
     Task,
     checked_task,
@@ -32,16 +29,18 @@ from downstream.data import (
     open_split,
     split_label_lists,
 )
-from downstream.efficiency import label_efficiency_rows, label_subset
-from downstream.features import FeatureCache, Features, extract_features, state_checksum
-from downstream.linear import select_linear_probe
-from downstream.load import Release, load_for_init, read_baseline, read_release
-from downstream.metrics import classification_metrics, summary
-from downstream.report import write_plots, write_results
-from downstream.robustness import Corruption, corruption_rows
-from downstream.sites import per_site_rows, robustness_index, sample_sites
-from pretrain.errors import ConfigError
-from pretrain.knn import feature_precision, knn_scores
+from medfm.downstream.efficiency import label_efficiency_rows, label_subset
+from medfm.downstream.features import FeatureCache, Features, extract_features, state_checksum
+from medfm.downstream.linear import select_linear_probe
+from medfm.downstream.load import Release, load_for_init, read_baseline, read_release
+from medfm.downstream.metrics import classification_metrics, summary
+from medfm.downstream.report import write_plots, write_results
+from medfm.downstream.robustness import Corruption, corruption_rows
+from medfm.downstream.sites import per_site_rows, robustness_index, sample_sites
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.knn import feature_precision, knn_scores
+from omegaconf import DictConfig
+from torch import Tensor, nn
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
 
@@ -274,7 +273,7 @@ def centre_robustness(
     task: Task,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Protocol robustness_index on the embeddings of every labeled split together (downstream.sites):
+    """Protocol robustness_index on the embeddings of every labeled split together (medfm.downstream.sites):
     ``results.json`` / ``results.md`` and ``sites.png`` (the index over k, the embedding coloured by site)."""
     features = torch.cat([f.features for f in splits.values()])
     labels = torch.cat([f.labels for f in splits.values()])

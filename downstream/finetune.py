@@ -25,31 +25,30 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from medfm.downstream import report
+from medfm.downstream.config import save_config, to_dict
+from medfm.downstream.data import EvalTransform, Task, checked_task, class_names_of, open_split, split_labels
+from medfm.downstream.efficiency import budget_name, label_efficiency_rows, label_subset
+from medfm.downstream.features import collate, extract_features
+from medfm.downstream.linear import class_weight_tensor, loss_function, select_linear_probe
+from medfm.downstream.load import Release, load_for_init, read_baseline, read_release
+from medfm.downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
+from medfm.downstream.report import write_plots, write_results
+from medfm.downstream.robustness import Corruption, corruption_rows
+from medfm.pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
+from medfm.pretrain.data import EpochLoader
+from medfm.pretrain.distributed import build_accelerator, resolve_precision, shutdown
+from medfm.pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
+from medfm.pretrain.errors import ConfigError, InputError
+from medfm.pretrain.monitor import strict_json
+from medfm.pretrain.schedules import cosine_schedule, derive_steps
+from medfm.pretrain.transforms import MedicalAugment, augment_from_section, scale_blur_sigma
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-
-from downstream import report
-from downstream.config import save_config, to_dict
-from downstream.data import EvalTransform, Task, checked_task, class_names_of, open_split, split_labels
-from downstream.efficiency import budget_name, label_efficiency_rows, label_subset
-from downstream.features import collate, extract_features
-from downstream.linear import class_weight_tensor, loss_function, select_linear_probe
-from downstream.load import Release, load_for_init, read_baseline, read_release
-from downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
-from downstream.report import write_plots, write_results
-from downstream.robustness import Corruption, corruption_rows
-from pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
-from pretrain.data import EpochLoader
-from pretrain.distributed import build_accelerator, resolve_precision, shutdown
-from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
-from pretrain.errors import ConfigError, InputError
-from pretrain.monitor import strict_json
-from pretrain.schedules import cosine_schedule, derive_steps
-from pretrain.transforms import MedicalAugment, augment_from_section, scale_blur_sigma
 
 # Per-run checkpoints (``OUT_DIR/.checkpoints/<init>[/<budget>-seed<k>]``): a killed ``medfm finetune`` run again
 # with the same command resumes each run where it was checkpointed; removed once every result is written.

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from medfm.downstream.data import Task
+from medfm.downstream.metrics import classification_metrics
 from torch import Tensor, nn
-
-from downstream.data import Task
-from downstream.metrics import classification_metrics
 
 DINOV2_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))  # scikit-learn's C, as dinov2's log_regression.py
 C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 12))  # the default: DINOv2's range, one value per decade

@@ -1,16 +1,16 @@
 """Load a backbone by path for a downstream task: strict and loud.
 
-- Sources: whatever ``pretrain.release.read_release`` reads (downstream reads weights only through it): a
+- Sources: whatever ``medfm.pretrain.release.read_release`` reads (downstream reads weights only through it): a
   release folder (``config.json`` + ``model.safetensors``, as ``medfm export`` and the end of a pretraining run
   write), a run directory (its ``release/``, or its newest checkpoint while it is still training), a
   ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin`` state dict (architecture from a ``config.json``
   beside it, or given). No pickled code runs.
-- The backbone is rebuilt through ``pretrain.backbones.build_backbone`` and the exact set of keys that did not
-  load is checked (``pretrain.release.check_keys``): anything other than the new classifier's keys
+- The backbone is rebuilt through ``medfm.pretrain.backbones.build_backbone`` and the exact set of keys that did not
+  load is checked (``medfm.pretrain.release.check_keys``): anything other than the new classifier's keys
   (``num_classes > 0``) is an error naming the missing, unexpected and mis-shaped keys. A silent partial load is
   the classic failure of released SSL weights. So is a silent cast: integer weights where the model has
   floating-point ones (an int8 re-save) are refused too (``check_keys`` checks the dtypes' kinds).
-- A release's ``config.json`` is checked before anything is built (``pretrain.weights.check_release_config``);
+- A release's ``config.json`` is checked before anything is built (``medfm.pretrain.weights.check_release_config``);
   ``model_args`` that timm rejects are a ``LoadError`` naming the weights, not a traceback.
 - ViT position embeddings are resampled (timm's ``resample_abs_pos_embed``) when ``img_size`` changes; the
   first convolution is adapted (``adapt_channels``) when ``in_chans`` changes.
@@ -22,12 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.release import LoadError, Release, check_keys, read_release
+from medfm.pretrain.weights import fit_state_dict, read_init
 from torch import nn
-
-from pretrain.backbones import build_backbone
-from pretrain.errors import ConfigError
-from pretrain.release import LoadError, Release, check_keys, read_release
-from pretrain.weights import fit_state_dict, read_init
 
 
 @dataclass(frozen=True)

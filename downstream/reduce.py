@@ -40,19 +40,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from medfm.data_shards.codec import file_sha256, match_channels, pixels_to_tensor
+from medfm.data_shards.errors import ConfigError, InputError
+from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest
+from medfm.data_shards.merge import SampleSink
+from medfm.data_shards.outputs import LOCK_NAME, lock_folder
+from medfm.data_shards.stream import open_shard_set, read_shard, sample_pixels, sample_record
+from medfm.downstream.data import EvalTransform
+from medfm.downstream.load import load_backbone
+from medfm.pretrain.backbones import pooled_features
+from medfm.pretrain.knn import feature_autocast
+from medfm.pretrain.weights import read_init
 from tqdm.auto import tqdm
-
-from data_shards.codec import file_sha256, match_channels, pixels_to_tensor
-from data_shards.errors import ConfigError, InputError
-from data_shards.manifest import FORMAT, MANIFEST, Manifest
-from data_shards.merge import SampleSink
-from data_shards.outputs import LOCK_NAME, lock_folder
-from data_shards.stream import open_shard_set, read_shard, sample_pixels, sample_record
-from downstream.data import EvalTransform
-from downstream.load import load_backbone
-from pretrain.backbones import pooled_features
-from pretrain.knn import feature_autocast
-from pretrain.weights import read_init
 
 METHODS = ("kcenter", "random")
 INHERITED_TOTALS = ("inputs_planned", "inputs_read", "inputs_skipped", "duplicates_exact", "duplicates_near")

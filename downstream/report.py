@@ -5,7 +5,7 @@ matrix, 2D PCA embedding).
 "summary", ["label_efficiency"], ["robustness"], ["per_site"]}``; NaN (an undefined metric) is written as null, and the split's
 ``undefined`` (and each per-class row's) says why; ``results.md`` lists those reasons.
 ``results_summary.json`` is the small file other tools read (``medfm export`` puts it into the model card): its
-format is defined in ``pretrain.release`` (protocol, dataset, init, backbone, test ``summary``).
+format is defined in ``medfm.pretrain.release`` (protocol, dataset, init, backbone, test ``summary``).
 The robustness index (protocol ``robustness_index``) has its own ``results.json`` / ``results.md`` and
 ``sites.png``: it is not a classifier's result.
 """
@@ -23,12 +23,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 import numpy as np
+from medfm.downstream.data import Task
+from medfm.downstream.metrics import SUMMARY_KEYS
+from medfm.pretrain.release import write_results_summary
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score, roc_curve
-
-from downstream.data import Task
-from downstream.metrics import SUMMARY_KEYS
-from pretrain.release import write_results_summary
 
 MAX_EMBEDDING_POINTS = 5000
 

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from medfm.data_shards.errors import ConfigError, InputError
+from medfm.data_shards.images import csv_rows
+from medfm.data_shards.specs import parse_spec
+from medfm.data_shards.stream import open_shard_set, read_shard, sample_record
 from torch import Tensor
-
-from data_shards.errors import ConfigError, InputError
-from data_shards.images import csv_rows
-from data_shards.specs import parse_spec
-from data_shards.stream import open_shard_set, read_shard, sample_record
 
 SOURCE_FORMS = "csv (the site column of a csv: spec), level:N, meta:FIELD or file:SITES.csv"
 _SHOWN = 5

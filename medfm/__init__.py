@@ -16,7 +16,11 @@ exactly as on the command line. Failures raise ``MedfmError`` subclasses (``Conf
 command runs the same functions and turns those into its exit codes.
 """
 
-from data_shards.errors import ConfigError, MedfmError
+import inspect
+import types
+
+from medfm import api
+from medfm import pretrain as _pretrain_package
 from medfm.api import (
     EvalResult,
     ExportResult,
@@ -27,12 +31,28 @@ from medfm.api import (
     export,
     finetune,
     load_backbone,
-    pretrain,
     reduce,
     register_module,
     shard,
 )
-from pretrain.errors import DistributedFailure, Preempted, ReleaseError, TrainingDiverged
+from medfm.data_shards.errors import ConfigError, MedfmError
+from medfm.pretrain.errors import DistributedFailure, Preempted, ReleaseError, TrainingDiverged
+
+
+class _CallablePackage(types.ModuleType):
+    """``medfm.pretrain`` is both the pretraining package (``medfm.pretrain.config``, ...) and the API step
+    ``medfm.pretrain(out, data, method, ...)``: one attribute cannot hold a function and a package, and whichever
+    was bound last would win (importing a submodule rebinds it), so the package itself is callable. Python
+    documents assigning a module's ``__class__`` to a ``types.ModuleType`` subclass (data model, "Customizing
+    module attribute access")."""
+
+    def __call__(self, *args, **kwargs):
+        return api.pretrain(*args, **kwargs)
+
+
+_pretrain_package.__class__ = _CallablePackage
+_pretrain_package.__signature__ = inspect.signature(api.pretrain)
+pretrain = _pretrain_package
 
 __all__ = [
     "ConfigError",
@@ -60,7 +80,7 @@ __all__ = [
 
 def __getattr__(name: str):  # ShardError's module imports webdataset (seconds): loaded when first named
     if name == "ShardError":
-        from data_shards.writer import ShardError
+        from medfm.data_shards.writer import ShardError
 
         return ShardError
     raise AttributeError(f"module 'medfm' has no attribute {name!r}")

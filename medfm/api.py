@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from data_shards.manifest import Manifest
+    from medfm.data_shards.manifest import Manifest
 
 
 # --- results -------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class PretrainResult:
 
     @property
     def release_dir(self) -> Path:
-        from pretrain.release import RELEASE_DIR
+        from medfm.pretrain.release import RELEASE_DIR
 
         return self.run_dir / RELEASE_DIR
 
@@ -96,7 +96,7 @@ class EvalResult:
 
     @property
     def table(self) -> str:
-        from downstream.evaluate import summary_table
+        from medfm.downstream.evaluate import summary_table
 
         return summary_table(self.results)
 
@@ -115,7 +115,7 @@ class FinetuneResult:
 
     @property
     def table(self) -> str:
-        from downstream.finetune import summary_table
+        from medfm.downstream.finetune import summary_table
 
         return summary_table(self.results)
 
@@ -124,9 +124,9 @@ class FinetuneResult:
 
 
 def shard(sources: str | Path | Sequence[str | Path], out: str | Path, **options: Any) -> ShardResult:
-    """Write medical images as WebDataset shards (``medfm shard``); options as in ``data_shards.shard.shard``
+    """Write medical images as WebDataset shards (``medfm shard``); options as in ``medfm.data_shards.shard.shard``
     (``workers``, ``max_side``, ``dedup``, ``splits``, ``part``, ``resume``, ...)."""
-    from data_shards.shard import shard as write_shards
+    from medfm.data_shards.shard import shard as write_shards
 
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     manifest = write_shards([str(s) for s in sources], out, **options)
@@ -151,10 +151,10 @@ def reduce(
         model: a medfm release or run (or their results), a timm hub snapshot, ``hf-hub:ORG/NAME`` from the local
             cache, or a weights file with ``architecture=``.
         method: ``kcenter`` (k-center greedy within k-means clusters) or ``random`` (the comparison).
-        options: as ``downstream.reduce.reduce_shards`` (``architecture``, ``img_size``, ``batch_size``,
+        options: as ``medfm.downstream.reduce.reduce_shards`` (``architecture``, ``img_size``, ``batch_size``,
             ``clusters``, ``seed``, ``overwrite``).
     """
-    from downstream.reduce import reduce_shards
+    from medfm.downstream.reduce import reduce_shards
 
     source = shards.out if isinstance(shards, ShardResult) else shards
     manifest = reduce_shards(source, out, model=_backbone_path(model), keep=keep, method=method, **options)
@@ -185,9 +185,9 @@ def pretrain(
             go dotted beside the shortcut: ``**{"data.img_size": 28}``.
         overrides: ``["key=value", ...]`` as on the command line.
     """
-    from pretrain.backbones import register_module as register
-    from pretrain.config import load_config, to_dict
-    from pretrain.main import run_pretraining
+    from medfm.pretrain.backbones import register_module as register
+    from medfm.pretrain.config import load_config, to_dict
+    from medfm.pretrain.main import run_pretraining
 
     given: dict[str, Any] = dict(values)
     if out is not None:
@@ -214,19 +214,19 @@ def export(
     token: str | None = None,
 ) -> ExportResult:
     """Write a run's release folder (``medfm export``); ``push_to_hub="ORG/NAME"`` then uploads it to the
-    Hugging Face Hub (``pretrain.hub``; private unless ``private=False``; ``token``: else the logged-in one).
+    Hugging Face Hub (``medfm.pretrain.hub``; private unless ``private=False``; ``token``: else the logged-in one).
     ``license``: the weights' license id in the model card."""
-    from pretrain.export import export_run
+    from medfm.pretrain.export import export_run
 
     source = run_dir.run_dir if isinstance(run_dir, PretrainResult) else run_dir
     if push_to_hub:
-        from pretrain.hub import check_repo_id
+        from medfm.pretrain.hub import check_repo_id
 
         check_repo_id(push_to_hub)  # before the release is written
     folder = export_run(source, out, checkpoint=checkpoint, results=list(results), overwrite=overwrite, license=license)
     url = None
     if push_to_hub:
-        from pretrain.hub import push_release
+        from medfm.pretrain.hub import push_release
 
         url = push_release(folder, push_to_hub, private=private, token=token)
     files = tuple(sorted(p.name for p in Path(folder).iterdir() if p.is_file()))
@@ -280,8 +280,8 @@ def evaluate(
     ``backbone``: a release folder, run directory, weights file or result object, or the ``backbone`` section as a
     dict; ``data``: a labeled spec, a ``ShardResult`` or the ``data`` section. ``values``: keys of the eval schema,
     e.g. ``protocols=["linear"]``, ``efficiency={"fractions": [0.1, 1.0]}``."""
-    from downstream.config import EvalConfig, load_config
-    from downstream.evaluate import run_eval
+    from medfm.downstream.config import EvalConfig, load_config
+    from medfm.downstream.evaluate import run_eval
 
     cfg = load_config(EvalConfig, config, list(overrides), values=_downstream_values(backbone, data, out, values))
     return EvalResult(out_dir=Path(cfg.out_dir), results=run_eval(cfg))
@@ -298,24 +298,24 @@ def finetune(
 ) -> FinetuneResult:
     """Full fine-tuning with layer-wise lr decay (``medfm finetune``); ``values`` as for ``evaluate``, e.g.
     ``train={"epochs": 5}``."""
-    from downstream.config import FinetuneConfig, load_config
-    from downstream.finetune import run_finetune
+    from medfm.downstream.config import FinetuneConfig, load_config
+    from medfm.downstream.finetune import run_finetune
 
     cfg = load_config(FinetuneConfig, config, list(overrides), values=_downstream_values(backbone, data, out, values))
     return FinetuneResult(out_dir=Path(cfg.out_dir), results=run_finetune(cfg))
 
 
 def load_backbone(path: str | Path, num_classes: int = 0, **kwargs: Any) -> nn.Module:
-    """A released backbone with every key checked (``downstream.load.load_backbone``): a timm model, or a
+    """A released backbone with every key checked (``medfm.downstream.load.load_backbone``): a timm model, or a
     registered module of yours (``register_module`` first, under the name the release records)."""
-    from downstream.load import load_backbone as load
+    from medfm.downstream.load import load_backbone as load
 
     return load(path, num_classes, **kwargs)
 
 
 def register_module(module: nn.Module, name: str | None = None) -> str:
     """Make your own backbone buildable by medfm in this process as ``module:NAME`` (default: its class name);
-    needed to load or evaluate a release of it (``pretrain.backbones.register_module``)."""
-    from pretrain.backbones import register_module as register
+    needed to load or evaluate a release of it (``medfm.pretrain.backbones.register_module``)."""
+    from medfm.pretrain.backbones import register_module as register
 
     return register(module, name)

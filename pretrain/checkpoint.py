@@ -1,7 +1,7 @@
 """One checkpoint contract, written atomically, resumed automatically, behind one store interface.
 
-A run's backend (``pretrain.backends``) gives its store: a :class:`TorchStore` here (one ``.pt`` file per
-checkpoint) or, under DeepSpeed, ``pretrain.backends.zero_checkpoint.DeepSpeedStore`` (one directory per
+A run's backend (``medfm.pretrain.backends``) gives its store: a :class:`TorchStore` here (one ``.pt`` file per
+checkpoint) or, under DeepSpeed, ``medfm.pretrain.backends.zero_checkpoint.DeepSpeedStore`` (one directory per
 checkpoint: the engine's ZeRO partitions plus our part); both answer ``latest()``, ``load_latest()``,
 ``save(step, meta)``, ``load(path) -> meta`` and ``prune()``. ``meta`` is what the loop adds to the weights
 (step, data position, RNG states, config, anything else plain).
@@ -33,10 +33,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from medfm.data_shards.outputs import disk_full, is_disk_full
+from medfm.pretrain.errors import ConfigError, MedfmError, TrainingDiverged
 from torch import nn
-
-from data_shards.outputs import disk_full, is_disk_full
-from pretrain.errors import ConfigError, MedfmError, TrainingDiverged
 
 VERSION = 1
 LAST = "last.pt"
@@ -289,7 +288,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 class CheckpointStore(Protocol):
-    """What a backend's store answers (``TorchStore``; ``pretrain.backends.zero_checkpoint.DeepSpeedStore``).
+    """What a backend's store answers (``TorchStore``; ``medfm.pretrain.backends.zero_checkpoint.DeepSpeedStore``).
     ``save`` and the loads are collectives: every process calls them."""
 
     def latest(self) -> Path | None: ...

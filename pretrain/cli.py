@@ -26,6 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     configure(parser)
     # Both imported by the medfm command once chosen. The wrapper (no torch) runs the handler in this process, or
-    # pretrain.main as a supervised child under a multi-process GPU launch (an NCCL watchdog abort becomes exit 3).
-    parser.set_defaults(handler="pretrain.main:run", wrapper="pretrain.supervise:run")
+    # medfm.pretrain.main as a supervised child under a multi-process GPU launch (an NCCL watchdog abort becomes exit 3).
+    parser.set_defaults(handler="medfm.pretrain.main:run", wrapper="medfm.pretrain.supervise:run")
     return parser

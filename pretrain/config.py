@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.schedules import derive_steps
+from medfm.pretrain.weights import source_normalization
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationValidationError, OmegaConfBaseException
-
-from pretrain.errors import ConfigError
-from pretrain.methods import METHODS
-from pretrain.schedules import derive_steps
-from pretrain.weights import source_normalization
 
 
 @dataclass(frozen=True)
@@ -165,9 +164,9 @@ class ModelConfig:
     # ViTs: every block at drop_path_rate (DINOv2's drop_path_uniform) instead of timm's ramp from 0 to it
     drop_path_uniform: bool = False
     # extra timm kwargs, e.g. {patch_size: 8}; and medfm's {small_image_stem: true}: SimCLR's CIFAR stem for a
-    # ResNet at <= 32 px (3x3 stride-1 conv1, no max-pool; ViTs ignore it; pretrain.backbones.use_small_image_stem)
+    # ResNet at <= 32 px (3x3 stride-1 conv1, no max-pool; ViTs ignore it; medfm.pretrain.backbones.use_small_image_stem)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Warm start (pretrain.weights): a release / run directory / timm hub folder, a .safetensors or .pt/.pth state
+    # Warm start (medfm.pretrain.weights): a release / run directory / timm hub folder, a .safetensors or .pt/.pth state
     # dict, original DINOv2 / MAE checkpoints, or hf-hub:ORG/NAME from the local cache; None: random init.
     init: str | None = None
 
@@ -276,7 +275,7 @@ class DerivedConfig:
     world_size: int | None = None
     global_batch: int | None = None
     lr: float | None = None
-    lr_scaling: str | None = None  # the objective's rule (pretrain.schedules.LrScaling): how lr follows the batch
+    lr_scaling: str | None = None  # the objective's rule (medfm.pretrain.schedules.LrScaling): how lr follows the batch
     samples_per_epoch: int | None = None
     steps_per_epoch: int | None = None
     total_steps: int | None = None
@@ -306,7 +305,7 @@ def _schema() -> type:
     (``SSLMethod.Config``, named by its ``METHODS`` key): adding a method edits no line here."""
     run = [(f.name, type(f.default_factory()), field(default_factory=f.default_factory)) for f in fields(_RunConfig)]
     methods = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in METHODS.items()]
-    method = ("method", str, field(default="mae"))  # a key of pretrain.methods.METHODS
+    method = ("method", str, field(default="mae"))  # a key of medfm.pretrain.methods.METHODS
     sections = [method, *run[:3], *methods, *run[3:]]  # data, augment, model; methods; optim ... derived
     schema = make_dataclass("PretrainConfig", sections)
     schema.__module__ = __name__
@@ -655,9 +654,9 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 
 
 def resolve_normalization(cfg: DictConfig) -> None:
-    """``augment.mean`` / ``std`` left out: the warm-start source's own (``pretrain.weights.source_normalization``),
+    """``augment.mean`` / ``std`` left out: the warm-start source's own (``medfm.pretrain.weights.source_normalization``),
     fitted to ``data.in_chans``; set ones are kept. Either way ``derived.normalization`` says where they came from
-    (a resumed run has adopted its saved values before: ``pretrain.main.settle_from_run_dir``)."""
+    (a resumed run has adopted its saved values before: ``medfm.pretrain.main.settle_from_run_dir``)."""
     if cfg.augment.mean is not None:
         if cfg.derived.normalization is None:
             cfg.derived.normalization = "the config (augment.mean / std)"

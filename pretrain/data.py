@@ -18,11 +18,10 @@ from itertools import islice
 from typing import Any
 
 import torch
+from medfm.data_shards.codec import match_channels
+from medfm.data_shards.specs import open_dataset
+from medfm.data_shards.stream import DamageLedger, ShardStream
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
-
-from data_shards.codec import match_channels
-from data_shards.specs import open_dataset
-from data_shards.stream import DamageLedger, ShardStream
 
 ViewsTransform = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -102,7 +101,7 @@ class StreamViews(IterableDataset):
         for count, sample in enumerate(self.stream):
             seed = sample_seed(self.seed, self.epoch, self.rank, worker, count)
             views = _views(sample, self.transform, self.in_chans, seed)
-            if "damage" in sample:  # what a shard stream left out (data_shards.stream), for EpochLoader.damage
+            if "damage" in sample:  # what a shard stream left out (medfm.data_shards.stream), for EpochLoader.damage
                 views["damage"] = sample["damage"]
             yield views
 
@@ -124,7 +123,7 @@ class ShardDamage:
     workers: the stream puts each worker's new findings in the ``"damage"`` field of its next sample (a JSON string,
     usually empty), so counting costs no extra process, file or host sync. Each shard or sample counts once, across
     workers and epochs, and is reported once to ``report(reason)`` (the training loop sets it: a warning event;
-    default: a line on stderr); past ``data_shards.stream.DAMAGE_BUDGET`` of the set it raises ``ShardDamaged``."""
+    default: a line on stderr); past ``medfm.data_shards.stream.DAMAGE_BUDGET`` of the set it raises ``ShardDamaged``."""
 
     def __init__(self, where: str, total: int, at_open: list[dict[str, Any]]):
         self.where, self.ledger = where, DamageLedger(total)

@@ -2,14 +2,14 @@
 
 - ``make_accelerator(cfg)``: the run's ``Accelerator``: DDP (gloo on CPU, NCCL on GPUs) or DeepSpeed ZeRO 1/2/3
   through Accelerate's DeepSpeed plugin (``dist.backend``; the plugin's config comes from
-  ``pretrain.backends.deepspeed``), with ``dist.timeout_s`` on the rendezvous and on every collective. A
+  ``medfm.pretrain.backends.deepspeed``), with ``dist.timeout_s`` on the rendezvous and on every collective. A
   rendezvous that does not complete raises :class:`DistributedFailure` after the timeout.
 - ``collective_failure(err)``: tells a dead / hung peer apart from other errors, so that the run ends with a
   clear message and :data:`EXIT_DISTRIBUTED` rather than a traceback deep in gloo or a hang.
 - ``shutdown(accelerator)``: barrier + ``destroy_process_group`` (a 2-process ZeRO-3 run aborted at exit without).
 
 How a run trains once its Accelerator exists (precision casts, autocast, EMA gathering, checkpoints) is the
-business of its backend (``pretrain.backends``).
+business of its backend (``medfm.pretrain.backends``).
 
 Accelerate 1.15 with DeepSpeed on CPU: with ``Accelerator(cpu=True)`` accelerate never takes its DeepSpeed path,
 and with ``cpu=False`` it picks no process-group backend when there is no GPU, so it counts one process while
@@ -33,12 +33,11 @@ import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from medfm.pretrain.backends.deepspeed import deepspeed_config, deepspeed_file_precision
+from medfm.pretrain.config import Backend, Precision
+from medfm.pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
+from medfm.pretrain.monitor import offline_tracker_defaults
 from omegaconf import DictConfig
-
-from pretrain.backends.deepspeed import deepspeed_config, deepspeed_file_precision
-from pretrain.config import Backend, Precision
-from pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
-from pretrain.monitor import offline_tracker_defaults
 
 __all__ = ["EXIT_DISTRIBUTED", "DistributedFailure", "make_accelerator", "shutdown"]
 
@@ -165,7 +164,7 @@ def build_accelerator(
     cuda = torch.cuda.is_available()
     deepspeed = deepspeed_config is not None
     if deepspeed and not _launched() and not torch_dist.is_initialized():
-        # Plain `python -m pretrain.main` with DeepSpeed: a process group of one, as a launcher would set up.
+        # Plain `python -m medfm.pretrain.main` with DeepSpeed: a process group of one, as a launcher would set up.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

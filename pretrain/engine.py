@@ -26,16 +26,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from lightly.utils.lars import LARS
+from medfm.pretrain.backends import TrainingBackend
+from medfm.pretrain.config import OptimizerName
+from medfm.pretrain.data import EpochLoader
+from medfm.pretrain.errors import ConfigError, Preempted, TrainingDiverged
+from medfm.pretrain.monitor import Monitor, effective_rank, embedding_std
+from medfm.pretrain.preemption import StopRequest
+from medfm.pretrain.schedules import cosine_schedule
 from omegaconf import DictConfig
 from torch import nn
-
-from pretrain.backends import TrainingBackend
-from pretrain.config import OptimizerName
-from pretrain.data import EpochLoader
-from pretrain.errors import ConfigError, Preempted, TrainingDiverged
-from pretrain.monitor import Monitor, effective_rank, embedding_std
-from pretrain.preemption import StopRequest
-from pretrain.schedules import cosine_schedule
 
 
 @dataclass
@@ -243,7 +242,7 @@ def train(
     total, per_epoch, accum = cfg.derived.total_steps, cfg.derived.steps_per_epoch, cfg.train.grad_accum
     opt = Optimization(accelerator, model, optimizer, cfg.optim.clip_grad, backend, hooks=method)
     guard, window, step = NonFiniteGuard(cfg.train.max_nonfinite_steps, monitor.message), _Window(), start_step
-    damage = getattr(loader, "damage", None)  # what a shard stream leaves out (pretrain.data.ShardDamage)
+    damage = getattr(loader, "damage", None)  # what a shard stream leaves out (medfm.pretrain.data.ShardDamage)
     if damage is not None:
         damage.report = partial(_warn_damage, accelerator, monitor, damage)
     model.train()

@@ -1,4 +1,4 @@
-"""What a pretraining or evaluation command can fail with (a leaf module: no torch; only ``data_shards.errors``,
+"""What a pretraining or evaluation command can fail with (a leaf module: no torch; only ``medfm.data_shards.errors``,
 where ``MedfmError``, the exit codes and the one map from failures to them live, re-exported here).
 
 Each error class carries its exit code: 0 done, 1 diverged or a file / input / weights problem (the message names
@@ -10,15 +10,15 @@ keeps its traceback.
 
 from __future__ import annotations
 
-from data_shards.errors import EXIT_CONFIG as EXIT_CONFIG  # re-exported: the codes and the map live in the leaf
-from data_shards.errors import EXIT_DISTRIBUTED, EXIT_REQUEUE, MedfmError
-from data_shards.errors import EXIT_FAILED as EXIT_FAILED
-from data_shards.errors import EXIT_OK as EXIT_OK
-from data_shards.errors import ConfigError as ConfigError  # re-exported: every package raises this one
-from data_shards.errors import InputError as InputError
-from data_shards.errors import MissingInputError as MissingInputError
-from data_shards.errors import exit_code as exit_code
-from data_shards.errors import run_command as run_command
+from medfm.data_shards.errors import EXIT_CONFIG as EXIT_CONFIG  # re-exported: the codes and the map live in the leaf
+from medfm.data_shards.errors import EXIT_DISTRIBUTED, EXIT_REQUEUE, MedfmError
+from medfm.data_shards.errors import EXIT_FAILED as EXIT_FAILED
+from medfm.data_shards.errors import EXIT_OK as EXIT_OK
+from medfm.data_shards.errors import ConfigError as ConfigError  # re-exported: every package raises this one
+from medfm.data_shards.errors import InputError as InputError
+from medfm.data_shards.errors import MissingInputError as MissingInputError
+from medfm.data_shards.errors import exit_code as exit_code
+from medfm.data_shards.errors import run_command as run_command
 
 
 class TrainingDiverged(MedfmError, RuntimeError):

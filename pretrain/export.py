@@ -1,17 +1,17 @@
-"""``medfm export``: write a pretraining run's release folder anywhere (``pretrain.release`` owns the format).
+"""``medfm export``: write a pretraining run's release folder anywhere (``medfm.pretrain.release`` owns the format).
 
 ``export_run(run_dir, out_dir)`` reads the newest checkpoint of a run directory, rebuilds the method from the
 config saved in it, takes ``SSLMethod.export_backbone()`` (the DINO teacher, the MoCo momentum encoder, the MAE
 encoder) and writes the release folder: the same folder a pretraining run leaves in ``RUN_DIR/release/`` at its
 end, with the model card's evaluation results as they are now (the ``results_summary.json`` files under the run
-directory plus the ``results`` paths given; ``pretrain.release.find_results``).
+directory plus the ``results`` paths given; ``medfm.pretrain.release.find_results``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.release import check_out_dir, load_run, write_run_release
+from medfm.pretrain.release import check_out_dir, load_run, write_run_release
 
 
 def export_run(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.errors import ReleaseError
-from pretrain.weights import CONFIG_NAME, WEIGHTS_NAME
+from medfm.pretrain.errors import ReleaseError
+from medfm.pretrain.weights import CONFIG_NAME, WEIGHTS_NAME
 
 RELEASE_FILES = (WEIGHTS_NAME, CONFIG_NAME, "README.md")
 

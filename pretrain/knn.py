@@ -8,13 +8,12 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from medfm.data_shards.codec import match_channels
+from medfm.pretrain.backbones import pooled_features
+from medfm.pretrain.distributed import gpu_supports_bf16
+from medfm.pretrain.errors import ConfigError, InputError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-
-from data_shards.codec import match_channels
-from pretrain.backbones import pooled_features
-from pretrain.distributed import gpu_supports_bf16
-from pretrain.errors import ConfigError, InputError
 
 
 def feature_precision(device: torch.device | str) -> str:

@@ -1,10 +1,10 @@
-"""Wiring: config -> data -> model -> Accelerator -> engine. ``python -m pretrain.main --config FILE [k=v ...]``.
+"""Wiring: config -> data -> model -> Accelerator -> engine. ``python -m medfm.pretrain.main --config FILE [k=v ...]``.
 
 The run directory (``train.run_dir``) receives ``config.yaml`` (resolved, with derived values), checkpoints
 (``last.pt``, ``step-XXXXXXX.pt``), ``metrics.jsonl``, the trackers' folders (``tensorboard/``; ``wandb/``, ``mlruns/``), ``figures/`` and, at the end, the release
-folder ``release/`` (``pretrain.release``: what ``medfm export`` writes). Running the same command again resumes
+folder ``release/`` (``medfm.pretrain.release``: what ``medfm export`` writes). Running the same command again resumes
 from ``last.pt``. One run at a time per run directory: the main process holds ``RUN_DIR/.medfm.lock``
-(``data_shards.outputs.lock_folder``: released by the kernel however the process ends) and a second
+(``medfm.data_shards.outputs.lock_folder``: released by the kernel however the process ends) and a second
 ``medfm pretrain`` on the same directory is refused (exit 1, naming the holder's pid and host) before it writes
 anything there.
 
@@ -12,7 +12,7 @@ Several processes: launch the same command with ``accelerate launch --multi_gpu 
 [--num_machines M --machine_rank R --main_process_ip HOST --main_process_port P]``, ``torchrun`` or one Slurm task
 per process (``slurm/pretrain.sbatch``). ``dist.backend=deepspeed`` (``dist.zero_stage`` 1-3 or
 ``dist.deepspeed_config``) trains with DeepSpeed ZeRO; its checkpoints are directories (``step-XXXXXXX/``, ``last``
--> the newest), resumed on the same number of processes, consolidated by ``pretrain.backends.zero_checkpoint.consolidate_deepspeed``.
+-> the newest), resumed on the same number of processes, consolidated by ``medfm.pretrain.backends.zero_checkpoint.consolidate_deepspeed``.
 Exit codes: 0 done, 1 diverged, 2 bad config, 3 distributed failure (a peer died or hung, or the rendezvous did not
 complete within ``dist.timeout_s``), 75 checkpointed on a stop signal (requeue).
 """
@@ -28,32 +28,31 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from medfm.data_shards.errors import FolderInUse, MissingInputError
+from medfm.data_shards.outputs import FolderLock, lock_folder
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain import distributed as dist
+from medfm.pretrain.backends import backend_for
+from medfm.pretrain.backends.zero_checkpoint import find_deepspeed_resume
+from medfm.pretrain.cli import configure
+from medfm.pretrain.config import Backend, Precision, derive, load_config, save_config, to_dict
+from medfm.pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
+from medfm.pretrain.engine import Schedules, build_optimizer, train
+from medfm.pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
+from medfm.pretrain.knn import KNNMonitor
+from medfm.pretrain.methods import METHODS, SSLMethod
+from medfm.pretrain.methods.auto_settings import AUTO
+from medfm.pretrain.monitor import Monitor, plot_training_curves
+from medfm.pretrain.preemption import StopRequest
+from medfm.pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
+from medfm.pretrain.supervise import report_run_dir
+from medfm.pretrain.weights import file_sha256, init_weights_path
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset
 
-from data_shards.errors import FolderInUse, MissingInputError
-from data_shards.outputs import FolderLock, lock_folder
-from pretrain import checkpoint as ckpt
-from pretrain import distributed as dist
-from pretrain.backends import backend_for
-from pretrain.backends.zero_checkpoint import find_deepspeed_resume
-from pretrain.cli import configure
-from pretrain.config import Backend, Precision, derive, load_config, save_config, to_dict
-from pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
-from pretrain.engine import Schedules, build_optimizer, train
-from pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
-from pretrain.knn import KNNMonitor
-from pretrain.methods import METHODS, SSLMethod
-from pretrain.methods.auto_settings import AUTO
-from pretrain.monitor import Monitor, plot_training_curves
-from pretrain.preemption import StopRequest
-from pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
-from pretrain.supervise import report_run_dir
-from pretrain.weights import file_sha256, init_weights_path
-
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:
-    """Run (or resume) one pretraining run; returns the process exit code (``pretrain.errors``)."""
+    """Run (or resume) one pretraining run; returns the process exit code (``medfm.pretrain.errors``)."""
     return run_command("pretrain", lambda: run_pretraining(load_config(config, overrides)))
 
 
@@ -62,8 +61,8 @@ _FAILURE_EVENTS = {TrainingDiverged: "diverged", Preempted: "preempted", Distrib
 
 
 def run_pretraining(cfg: DictConfig) -> int:
-    """Build, resume, train, release; returns the final step. Failures raise (``pretrain.errors``)."""
-    report_run_dir(cfg.train.run_dir)  # to the supervisor (pretrain.supervise), if one runs this process
+    """Build, resume, train, release; returns the final step. Failures raise (``medfm.pretrain.errors``)."""
+    report_run_dir(cfg.train.run_dir)  # to the supervisor (medfm.pretrain.supervise), if one runs this process
     resumed = settle_from_run_dir(cfg)  # a resumed run keeps the backend, precision and normalisation it started with
     accelerator, setup = dist.make_accelerator(cfg)  # auto precision / backend resolved into cfg
     setup = [*resumed, *setup]
@@ -166,7 +165,7 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         if kind == Backend.deepspeed and saved is not None and cfg.dist.zero_stage is None and cfg.dist.deepspeed_config is None:  # fmt: skip
             cfg.dist.zero_stage, cfg.dist.deepspeed_config = saved.dist.zero_stage, saved.dist.deepspeed_config
         adopted.append(f"dist.backend={kind.value}")
-    if saved is not None:  # a warm-started run is rebuilt as it was built (pretrain.methods.mae), source unread
+    if saved is not None:  # a warm-started run is rebuilt as it was built (medfm.pretrain.methods.mae), source unread
         cfg.derived.init_sha256 = OmegaConf.select(saved, "derived.init_sha256")
     if saved is not None and OmegaConf.select(saved, "method") == cfg.method:
         # "auto" values as the run chose them: the image count may differ now (more shards), the model may not.
@@ -293,17 +292,17 @@ def seed_process(seed: int, rank: int, step: int) -> None:
 
 
 def export(run: RunBackbone, run_dir: Path) -> Path:
-    """``RUN_DIR/release/``: the release folder that ``medfm export RUN_DIR`` writes (``pretrain.release``)."""
+    """``RUN_DIR/release/``: the release folder that ``medfm export RUN_DIR`` writes (``medfm.pretrain.release``)."""
     return write_run_release(run, run_dir / RELEASE_DIR, run_dir=run_dir, overwrite=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``medfm pretrain`` handler (``pretrain.cli`` names it, the ``medfm`` command imports it when chosen)."""
+    """The ``medfm pretrain`` handler (``medfm.pretrain.cli`` names it, the ``medfm`` command imports it when chosen)."""
     return pretrain(args.config, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configure(argparse.ArgumentParser(prog="python -m pretrain.main", description=__doc__))
+    parser = configure(argparse.ArgumentParser(prog="python -m medfm.pretrain.main", description=__doc__))
     return run(parser.parse_args(argv))
 
 

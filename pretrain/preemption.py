@@ -13,7 +13,7 @@ import signal
 import threading
 from types import FrameType
 
-from pretrain.errors import EXIT_REQUEUE, Preempted
+from medfm.pretrain.errors import EXIT_REQUEUE, Preempted
 
 __all__ = ["EXIT_REQUEUE", "STOP_SIGNALS", "Preempted", "StopRequest"]
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

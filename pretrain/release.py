@@ -11,10 +11,10 @@ A release folder holds:
 
 It loads without medfm: ``timm.create_model("local-dir:RELEASE", pretrained=True, num_classes=N)``; except a
 ResNet with medfm's small-image stem (``model_args.small_image_stem``, not a timm argument: timm refuses it), which
-timm builds with two more lines (``pretrain.backbones.use_small_image_stem``; the model card shows them).
+timm builds with two more lines (``medfm.pretrain.backbones.use_small_image_stem``; the model card shows them).
 
 Writers: a pretraining run at its end (``RUN_DIR/release/``, from the method in memory: :func:`run_backbone`)
-and ``medfm export RUN_DIR --out DIR`` (``pretrain.export``, from the newest checkpoint: :func:`load_run`), both
+and ``medfm export RUN_DIR --out DIR`` (``medfm.pretrain.export``, from the newest checkpoint: :func:`load_run`), both
 through :func:`write_run_release` -> :func:`write_release`. Reader: :func:`read_release`, downstream's only way
 in. It reads a release folder, a bare weights file, or a run directory: its ``release/`` when that is as new as
 the newest checkpoint, else the newest checkpoint (the method rebuilt from its saved config, the release module
@@ -22,7 +22,7 @@ taken). No pickled code runs: safetensors, or ``torch.load(weights_only=True)``.
 key checker (the release's weights, a checkpoint's method state, downstream's load): it names every missing,
 unexpected and mis-shaped key, and then (``check_dtypes``) refuses integer weights where the model has floating
 ones (an int8 re-save has the right names and shapes, and ``load_state_dict`` would cast it silently).
-``config.json`` is data, never code (``pretrain.weights.check_release_config``, for warm starts too): the architecture must be a timm model (or a
+``config.json`` is data, never code (``medfm.pretrain.weights.check_release_config``, for warm starts too): the architecture must be a timm model (or a
 ``module:NAME`` registered in this process; nothing named in a release is imported), ``model_args`` an object
 without timm's loading arguments, sizes and channels within bounds; anything else is a ``LoadError`` naming the
 file and the key, before any weight is read.
@@ -63,19 +63,14 @@ from typing import Any
 import timm
 import torch
 from huggingface_hub import EvalResult, ModelCardData
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
-
-from data_shards.outputs import disk_full, interrupting_signals, is_disk_full, lock_folder
-from pretrain import checkpoint as ckpt
-from pretrain.backbones import MODULE_PREFIX, SMALL_IMAGE_STEM, build_backbone, is_vit, use_small_image_stem
-from pretrain.backends import zero_checkpoint
-from pretrain.config import PretrainConfig, check_output_path, migrate_legacy_keys, to_dict
-from pretrain.errors import ConfigError, ReleaseError
-from pretrain.methods import METHODS
-from pretrain.weights import (
+from medfm.data_shards.outputs import disk_full, interrupting_signals, is_disk_full, lock_folder
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.backbones import MODULE_PREFIX, SMALL_IMAGE_STEM, build_backbone, is_vit, use_small_image_stem
+from medfm.pretrain.backends import zero_checkpoint
+from medfm.pretrain.config import PretrainConfig, check_output_path, migrate_legacy_keys, to_dict
+from medfm.pretrain.errors import ConfigError, ReleaseError
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.weights import (
     CONFIG_NAME,
     HF_PREFIX,
     PICKLE_SUFFIXES,
@@ -90,6 +85,10 @@ from pretrain.weights import (
     safe_torch_load,
     weights_in,
 )
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 CARD_NAME = "README.md"
 RELEASE_DIR = "release"  # what a finished pretraining run writes in its run directory
@@ -170,7 +169,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, deeps
 
     The checkpoint is read with ``weights_only=True`` (no pickled code runs) and loaded strictly: a key that the
     rebuilt method does not have, or lacks, is an error naming it. DeepSpeed ZeRO runs save checkpoint
-    directories; with ``deepspeed=True`` they are consolidated (``pretrain.backends.zero_checkpoint.consolidate_deepspeed``,
+    directories; with ``deepspeed=True`` they are consolidated (``medfm.pretrain.backends.zero_checkpoint.consolidate_deepspeed``,
     fp32 full weights) to the same contract, reading DeepSpeed's own files with ``weights_only=True`` too (a file
     that needs pickled code is refused, naming it); downstream loading passes ``deepspeed=False`` and asks for an
     export.
@@ -351,7 +350,7 @@ def write_release(
     the two renames (microseconds) it sees none, and a process killed right there (SIGKILL) leaves the old
     release in ``.NAME.PID.old``, which the next write puts back before it starts. An error, a full disk
     (``DiskFull``) or SIGTERM / SIGHUP removes the temp folder and leaves ``out_dir`` untouched. One writer at a
-    time: the lock file ``.NAME.lock`` beside it (``data_shards.outputs.lock_folder``).
+    time: the lock file ``.NAME.lock`` beside it (``medfm.data_shards.outputs.lock_folder``).
 
     Args:
         out_dir: the release folder; must be empty or absent unless ``overwrite``.

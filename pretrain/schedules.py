@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from medfm.pretrain.errors import ConfigError
 from omegaconf import DictConfig
-
-from pretrain.errors import ConfigError
 
 
 def cosine_schedule(
@@ -36,7 +35,7 @@ def linear_warmup_schedule(start: float, end: float, total_steps: int, warmup_st
 
 
 def epochs_to_steps(cfg: DictConfig, epochs: float) -> int:
-    """A duration given in (fractional) epochs, as optimizer steps; needs ``pretrain.config.derive`` first."""
+    """A duration given in (fractional) epochs, as optimizer steps; needs ``medfm.pretrain.config.derive`` first."""
     return round(epochs * cfg.derived.steps_per_epoch)
 
 

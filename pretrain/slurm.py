@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.errors import InputError, MissingInputError
+from medfm.pretrain.errors import InputError, MissingInputError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
 JOBS = ("pretrain", "finetune")

@@ -3,17 +3,17 @@
 Why: NCCL collectives are asynchronous. When a peer dies or hangs, the surviving process's Python thread blocks in
 its next host sync (``.item()``, a barrier) and never sees an exception; torch's NCCL watchdog thread notices the
 failed or timed-out collective (``dist.timeout_s``), logs it and takes the process down with ``std::abort``
-(SIGABRT: returncode -6, or 134 through a shell). medfm's own handling (``pretrain.distributed.as_collective_failure``:
+(SIGABRT: returncode -6, or 134 through a shell). medfm's own handling (``medfm.pretrain.distributed.as_collective_failure``:
 a message naming the failure, the event in ``metrics.jsonl``, exit 3) never runs. Gloo raises in Python instead,
 which is why the CPU tests never showed this.
 
-What: ``medfm pretrain`` runs the training as a child process (``python -m pretrain.main ARGS``, same environment
+What: ``medfm pretrain`` runs the training as a child process (``python -m medfm.pretrain.main ARGS``, same environment
 plus ``MEDFM_SUPERVISED=1`` so that it does not supervise again) and
 
 - forwards SIGTERM, SIGINT, SIGUSR1, SIGUSR2 and SIGCONT to it (the child has its own process group, so a signal
   sent to the group of the supervisor, e.g. Ctrl-C in a terminal, reaches it once, through the supervisor; a
   launcher that signals every process, like Slurm's cgroup tracking, may deliver a stop signal twice, which
-  ``pretrain.preemption.StopRequest`` treats as once); the child is SIGKILLed if the supervisor dies (Linux
+  ``medfm.pretrain.preemption.StopRequest`` treats as once); the child is SIGKILLed if the supervisor dies (Linux
   ``PR_SET_PDEATHSIG``), so a launcher that kills the supervisor never leaves a training process behind;
 - passes stdout through untouched (the child writes to the same file) and stderr through as it comes (progress
   bars included), scanning it line by line and keeping a bounded tail (:data:`TAIL_LINES`);
@@ -21,7 +21,7 @@ plus ``MEDFM_SUPERVISED=1`` so that it does not supervise again) and
   (:data:`SIGNATURES`, the texts of torch 2.4-2.14's ``ProcessGroupNCCL.cpp``), prints one line naming the
   collective, its sequence number and timeout and the rank, appends ``{"event": "distributed_failure", ...}`` to
   ``RUN_DIR/metrics.jsonl`` (global rank 0 only, and only if the child did not write one itself) and exits
-  :data:`pretrain.errors.EXIT_DISTRIBUTED` (3). Every other exit passes through unchanged (75 preempted, 0, 1,
+  :data:`medfm.pretrain.errors.EXIT_DISTRIBUTED` (3). Every other exit passes through unchanged (75 preempted, 0, 1,
   2; a child killed by signal N gives 128 + N, as a shell reports it).
 
 When: by default (``MEDFM_SUPERVISE`` unset or ``auto``) under a multi-process launch (``WORLD_SIZE`` > 1) on a
@@ -31,11 +31,11 @@ exit 134 and no event, and a flag that one has to know about would be missing on
 (gloo raises in Python and medfm handles it; an extra process would add nothing). ``MEDFM_SUPERVISE=0`` opts out
 (attach a debugger or profiler to the training process directly, or a launcher that manages signals itself);
 ``MEDFM_SUPERVISE=1`` forces it (``slurm/pretrain.sbatch`` sets it, and the CPU tests). ``accelerate launch -m
-pretrain.main`` starts the training module directly and is not supervised. ``MEDFM_SUPERVISE_CHILD`` replaces the
-child's command (shell words, the arguments follow), e.g. ``nsys profile python -m pretrain.main``; the tests use
+medfm.pretrain.main`` starts the training module directly and is not supervised. ``MEDFM_SUPERVISE_CHILD`` replaces the
+child's command (shell words, the arguments follow), e.g. ``nsys profile python -m medfm.pretrain.main``; the tests use
 it for a fake child.
 
-Which run directory: the child names it by calling :func:`report_run_dir` (one line in ``pretrain.main``, once the
+Which run directory: the child names it by calling :func:`report_run_dir` (one line in ``medfm.pretrain.main``, once the
 config is loaded), which writes it to the file named by ``MEDFM_SUPERVISOR_RUN_DIR_FILE``; until then, or if the
 child died first, the last ``train.run_dir=`` override, else ``train.run_dir`` in the config file.
 
@@ -73,11 +73,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from pretrain.errors import EXIT_DISTRIBUTED, EXIT_FAILED
+from medfm.pretrain.errors import EXIT_DISTRIBUTED, EXIT_FAILED
 
 SUPERVISE = "MEDFM_SUPERVISE"  # auto (default) | 1 | 0
 SUPERVISED = "MEDFM_SUPERVISED"  # set in the child's environment: do not supervise again
-CHILD = "MEDFM_SUPERVISE_CHILD"  # the child's command (shell words); default: python -m pretrain.main
+CHILD = "MEDFM_SUPERVISE_CHILD"  # the child's command (shell words); default: python -m medfm.pretrain.main
 RUN_DIR_FILE = "MEDFM_SUPERVISOR_RUN_DIR_FILE"  # where the child writes its resolved run directory
 EXIT_RECORD_DIR = "MEDFM_EXIT_RECORD_DIR"  # where each task writes its exit code (slurm/pretrain.sbatch)
 
@@ -250,9 +250,9 @@ def record_exit(code: int, environ: Mapping[str, str] = os.environ) -> None:
 
 
 def child_command(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """``MEDFM_SUPERVISE_CHILD`` (shell words) or ``python -m pretrain.main``; the arguments are appended."""
+    """``MEDFM_SUPERVISE_CHILD`` (shell words) or ``python -m medfm.pretrain.main``; the arguments are appended."""
     custom = environ.get(CHILD, "").strip()
-    return shlex.split(custom) if custom else [sys.executable, "-m", "pretrain.main"]
+    return shlex.split(custom) if custom else [sys.executable, "-m", "medfm.pretrain.main"]
 
 
 def _child_setup(parent: int) -> Callable[[], None]:
@@ -359,7 +359,7 @@ def pass_stderr(child: subprocess.Popen[bytes], out, linger_s: float = 2.0) -> S
 
 
 def failure_message(failure: WatchdogFailure, rank: int, run_dir: str | None) -> str:
-    """One line naming what failed, in the words of ``pretrain.distributed.failure_message``."""
+    """One line naming what failed, in the words of ``medfm.pretrain.distributed.failure_message``."""
     who = f"rank {failure.rank if failure.rank is not None else rank}"
     what = f"collective {failure.collective}" if failure.collective else "a collective"
     details = [f"SeqNum={failure.seq}"] if failure.seq is not None else []
@@ -450,9 +450,9 @@ def _int(value: str | None, default: int) -> int:
 
 
 def run(args: argparse.Namespace, train: Callable[[], int]) -> int:
-    """The ``medfm pretrain`` wrapper (``pretrain.cli``; ``train`` runs its handler, ``pretrain.main.run``, in this
+    """The ``medfm pretrain`` wrapper (``medfm.pretrain.cli``; ``train`` runs its handler, ``medfm.pretrain.main.run``, in this
     process): supervised (see the module docstring) or not; the exit code is recorded when
-    ``MEDFM_EXIT_RECORD_DIR`` is set. This module never imports ``pretrain.main``, which imports it."""
+    ``MEDFM_EXIT_RECORD_DIR`` is set. This module never imports ``medfm.pretrain.main``, which imports it."""
     if should_supervise():
         code = supervise(["--config", args.config, *args.overrides])
     else:

@@ -6,7 +6,7 @@ DINO and MoCo), which are meaningless or harmful on gray-level modalities. In th
 Blur sigmas are given at the references' 224-px images and scaled to the image size (``scale_blur_sigma``): a fixed
 0.1-2 px would blur a 28-px image 8x more, relative to its content, than SimCLR / DINO blur ImageNet.
 Randomness comes from torch's global generator only, so seeding it per sample makes a view reproducible
-(see ``pretrain.data``).
+(see ``medfm.pretrain.data``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Weights from anywhere, read without running pickled code and loaded strictly: the reading half of the release
-contract (``pretrain.release`` writes releases and reads run directories through it) and warm starts.
+contract (``medfm.pretrain.release`` writes releases and reads run directories through it) and warm starts.
 
 Readers: a release or timm hub folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``), a bare
 ``.safetensors`` file, a ``.pt`` / ``.pth`` / ``.bin`` state dict (``torch.load(weights_only=True)``: a file that
@@ -29,16 +29,15 @@ from typing import Any
 
 import timm
 import torch
+from medfm.data_shards.codec import file_sha256
+from medfm.pretrain import backbones
+from medfm.pretrain.backbones import MODULE_PREFIX
+from medfm.pretrain.errors import ReleaseError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
-
-from data_shards.codec import file_sha256
-from pretrain import backbones
-from pretrain.backbones import MODULE_PREFIX
-from pretrain.errors import ReleaseError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

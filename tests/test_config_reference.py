@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from downstream.config_reference import REFERENCE, reference_markdown
+from medfm.downstream.config_reference import REFERENCE, reference_markdown
 
 
 def test_the_config_reference_is_generated_from_the_current_schemas():
     assert REFERENCE.read_text() == reference_markdown(), (
-        "CONFIG.md is stale: run python -m downstream.config_reference"
+        "CONFIG.md is stale: run python -m medfm.downstream.config_reference"
     )
 
 

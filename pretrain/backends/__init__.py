@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 from accelerate import Accelerator
+from medfm.pretrain.backends.base import TrainingBackend
+from medfm.pretrain.backends.deepspeed import DeepSpeedBackend, uses_deepspeed
 from omegaconf import DictConfig
-
-from pretrain.backends.base import TrainingBackend
-from pretrain.backends.deepspeed import DeepSpeedBackend, uses_deepspeed
 
 __all__ = ["DeepSpeedBackend", "TrainingBackend", "backend_for"]
 

@@ -1,7 +1,7 @@
 """The backend interface, and its plain / DDP implementation (one process, or Accelerate's DDP on gloo or NCCL).
 
 Everything that differs between a plain (or DDP) run and a DeepSpeed run goes through a :class:`TrainingBackend`;
-the engine, the methods, ``pretrain.main`` and the release call only this interface:
+the engine, the methods, ``medfm.pretrain.main`` and the release call only this interface:
 
 - ``prepare(method, make_optimizer)``: the GPU speed settings, SyncBatchNorm, precision casts, the optimizer and
   ``accelerator.prepare``; returns the model and optimizer the loop trains.
@@ -12,7 +12,7 @@ the engine, the methods, ``pretrain.main`` and the release call only this interf
   (DeepSpeed bf16 holds the parameters in bf16).
 - ``gathered(module)``: the EMA update reads whole student parameters in it (ZeRO-3 shards them).
 - ``runs_models_on_one_process``: whether the main process alone can run the model (figures, kNN monitor).
-- ``store(run_dir, keep, model, optimizer)``: the run's checkpoint store (``pretrain.checkpoint`` contract).
+- ``store(run_dir, keep, model, optimizer)``: the run's checkpoint store (``medfm.pretrain.checkpoint`` contract).
 - ``released_backbone(model, run_dir, step)``: the backbone to release, whole, fp32, on the main process.
 """
 
@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
+from medfm.pretrain import checkpoint as ckpt
 from omegaconf import DictConfig
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 
-from pretrain import checkpoint as ckpt
-
 if TYPE_CHECKING:
-    from pretrain.release import RunBackbone
+    from medfm.pretrain.release import RunBackbone
 
 
 class TrainingBackend:
@@ -93,7 +92,7 @@ class TrainingBackend:
         return ckpt.TorchStore(self.accelerator, run_dir, keep, model, optimizer)
 
     def released_backbone(self, model: nn.Module, run_dir: Path, step: int) -> RunBackbone:
-        from pretrain.release import run_backbone
+        from medfm.pretrain.release import run_backbone
 
         return run_backbone(self.accelerator.unwrap_model(model), self.cfg, step, ckpt.find_resume(run_dir))
 

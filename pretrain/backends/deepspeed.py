@@ -1,6 +1,6 @@
 """The DeepSpeed ZeRO backend: the one place that knows how DeepSpeed differs from a plain / DDP run.
 
-DeepSpeed enters through Accelerate's DeepSpeed plugin (``pretrain.distributed.build_accelerator`` passes it the
+DeepSpeed enters through Accelerate's DeepSpeed plugin (``medfm.pretrain.distributed.build_accelerator`` passes it the
 config built here); the engine then owns the parameters (bf16 copies under ``precision: bf16``, sharded under
 ZeRO-3), the optimizer state and its checkpoints. What that means for medfm, all handled here:
 
@@ -14,7 +14,7 @@ ZeRO-3), the optimizer state and its checkpoints. What that means for medfm, all
 - ``autocast`` / ``inference``: torch autocast in bf16 for the step *and* for every other forward (figures, kNN),
   because the engine's parameters are bf16 and DeepSpeed does not cast inputs.
 - ``gathered``: ZeRO-3 gathers the whole student for the EMA update.
-- Checkpoints: directories of ZeRO partitions (``pretrain.backends.zero_checkpoint``); the release is built from
+- Checkpoints: directories of ZeRO partitions (``medfm.pretrain.backends.zero_checkpoint``); the release is built from
   the consolidated fp32 weights of the newest one.
 - ``runs_models_on_one_process``: False under ZeRO-3 (one rank cannot run a sharded model alone): figures and
   the kNN monitor are off there.
@@ -33,16 +33,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from medfm.pretrain.backends.base import TrainingBackend
+from medfm.pretrain.backends.zero_checkpoint import DeepSpeedStore
+from medfm.pretrain.config import Backend, Precision
+from medfm.pretrain.errors import ConfigError
 from omegaconf import DictConfig
 from torch import nn
 
-from pretrain.backends.base import TrainingBackend
-from pretrain.backends.zero_checkpoint import DeepSpeedStore
-from pretrain.config import Backend, Precision
-from pretrain.errors import ConfigError
-
 if TYPE_CHECKING:
-    from pretrain.release import RunBackbone
+    from medfm.pretrain.release import RunBackbone
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -103,7 +102,7 @@ class DeepSpeedBackend(TrainingBackend):
     def released_backbone(self, model: nn.Module, run_dir: Path, step: int) -> RunBackbone:
         # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state of
         # the newest checkpoint, strictly loaded, as `medfm export` does.
-        from pretrain.release import load_run
+        from medfm.pretrain.release import load_run
 
         return load_run(run_dir)
 

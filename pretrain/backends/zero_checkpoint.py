@@ -3,7 +3,7 @@
 A checkpoint is a directory ``step-XXXXXXX/`` holding DeepSpeed's ZeRO partitions (``zero/``, written by every
 rank) and our part ``medfm.pt`` (step, data position, RNG states, config as a plain dict, the EMA modules kept
 outside the engine); ``last`` is a symlink to the newest. ``DeepSpeedStore`` answers the same calls as
-``pretrain.checkpoint.TorchStore``. ``consolidate_deepspeed`` turns one into the ``last.pt`` format (fp32, full
+``medfm.pretrain.checkpoint.TorchStore``. ``consolidate_deepspeed`` turns one into the ``last.pt`` format (fp32, full
 weights) for release, reading DeepSpeed's files with ``weights_only=True`` only.
 
 Nothing here imports ``deepspeed`` at module level: finding and naming checkpoint directories must stay cheap for
@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from medfm.pretrain.checkpoint import VERSION, atomic_save, first_nonfinite, nonfinite_message
+from medfm.pretrain.errors import ConfigError, MissingInputError, ReleaseError, TrainingDiverged
 from torch import nn
-
-from pretrain.checkpoint import VERSION, atomic_save, first_nonfinite, nonfinite_message
-from pretrain.errors import ConfigError, MissingInputError, ReleaseError, TrainingDiverged
 
 DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
 META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
@@ -109,7 +108,7 @@ def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) 
     if saved != world_size:
         raise ConfigError(
             f"{path}: a DeepSpeed checkpoint resumes on the number of processes that saved it ({saved}, now "
-            f"{world_size}); consolidate it (pretrain.checkpoint.consolidate_deepspeed) to start a new run"
+            f"{world_size}); consolidate it (medfm.pretrain.checkpoint.consolidate_deepspeed) to start a new run"
         )
     loaded, _ = engine.load_checkpoint(
         str(path), tag=DEEPSPEED_TAG, load_module_strict=True, load_optimizer_states=True,

@@ -1,13 +1,13 @@
 """The pretraining objectives, by config name. Adding one: a file here, a line below, a config section, a test."""
 
-from pretrain.methods.base import SSLMethod
-from pretrain.methods.dino import DINO
-from pretrain.methods.dinov2 import DINOv2
-from pretrain.methods.distill import Distill
-from pretrain.methods.mae import MAE
-from pretrain.methods.moco import MoCo
-from pretrain.methods.simclr import SimCLR
-from pretrain.methods.spark import SparK
+from medfm.pretrain.methods.base import SSLMethod
+from medfm.pretrain.methods.dino import DINO
+from medfm.pretrain.methods.dinov2 import DINOv2
+from medfm.pretrain.methods.distill import Distill
+from medfm.pretrain.methods.mae import MAE
+from medfm.pretrain.methods.moco import MoCo
+from medfm.pretrain.methods.simclr import SimCLR
+from medfm.pretrain.methods.spark import SparK
 
 METHODS: dict[str, type[SSLMethod]] = {
     "mae": MAE,

@@ -7,10 +7,10 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
 - ``before_optimizer_step(step)``: edit gradients after clipping (DINO freezes its last layer).
 - ``update_momentum(step)``: EMA teacher / momentum encoder update after the optimizer step.
 - ``momentum_modules``: attribute names of the EMA submodules (not trained by the optimizer); DeepSpeed runs keep
-  them outside the engine (``pretrain.backends.deepspeed.keep_momentum_outside_engine``).
+  them outside the engine (``medfm.pretrain.backends.deepspeed.keep_momentum_outside_engine``).
 - ``export_backbone()``: the module to release (teacher, momentum encoder or encoder).
 - ``figures(views)``: pictures to log, ``{name: (3, H, W) in [0, 1]}``.
-- ``Config``: the dataclass of its config section, declared beside the method (``pretrain.config`` adds it to the
+- ``Config``: the dataclass of its config section, declared beside the method (``medfm.pretrain.config`` adds it to the
   schema under the method's ``METHODS`` key); ``check_config`` validates it.
 - ``from_config(cfg)`` / ``build_transform(cfg)``: the only places a method reads the config.
 """
@@ -23,13 +23,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from torch import Tensor, nn
-
-from pretrain.backbones import build_backbone, is_vit, use_uniform_drop_path
-from pretrain.errors import ConfigError
-from pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
-from pretrain.transforms import (
+from medfm.pretrain.backbones import build_backbone, is_vit, use_uniform_drop_path
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
+from medfm.pretrain.transforms import (
     ASYMMETRIC_GLOBAL_BLUR_PROBS,
     MedicalAugment,
     MultiView,
@@ -37,7 +34,9 @@ from pretrain.transforms import (
     multi_crop,
     scale_blur_sigma,
 )
-from pretrain.weights import load_init, source_normalization
+from medfm.pretrain.weights import load_init, source_normalization
+from omegaconf import DictConfig
+from torch import Tensor, nn
 
 
 class SSLMethod(nn.Module):
@@ -55,7 +54,7 @@ class SSLMethod(nn.Module):
 
     @staticmethod
     def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
-        """Replace the section's ``auto`` values by numbers derived from the data (``pretrain.config.derive``, after
+        """Replace the section's ``auto`` values by numbers derived from the data (``medfm.pretrain.config.derive``, after
         the step counts); returns ``key=value`` for each value chosen."""
         return []
 
@@ -90,7 +89,7 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> SSLMethod:
-        """Build from a config on which ``pretrain.config.derive`` has run (schedules need total steps)."""
+        """Build from a config on which ``medfm.pretrain.config.derive`` has run (schedules need total steps)."""
         raise NotImplementedError
 
     @staticmethod
@@ -158,7 +157,7 @@ def augment_from_config(
     aug = cfg.augment
     sigma = scale_blur_sigma(aug.blur_sigma, cfg.data.img_size)
     mean, std = aug.mean, aug.std
-    if mean is None:  # a config not derived (pretrain.config.resolve_normalization): the same rule, not stored
+    if mean is None:  # a config not derived (medfm.pretrain.config.resolve_normalization): the same rule, not stored
         found = source_normalization(cfg.model.init, cfg.model.backbone).for_channels(cfg.data.in_chans)
         mean, std = found.mean, found.std
     return augment_from_section(aug, size or cfg.data.img_size, mean, std, scale, blur_prob=blur_prob, blur_sigma=sigma)

@@ -22,13 +22,9 @@ from lightly.loss import DINOLoss
 from lightly.loss.capi_loss import sinkhorn_knopp as capi_sinkhorn_knopp
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.nn import functional as F
-
-from pretrain.backbones import pooled_features
-from pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
-from pretrain.methods.base import (
+from medfm.pretrain.backbones import pooled_features
+from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
+from medfm.pretrain.methods.base import (
     LastLayerFreeze,
     SSLMethod,
     at_step,
@@ -39,7 +35,10 @@ from pretrain.methods.base import (
     outside_autocast,
     teacher_schedules,
 )
-from pretrain.transforms import MultiView
+from medfm.pretrain.transforms import MultiView
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 NUM_GLOBAL_CROPS = 2
 
@@ -109,7 +108,7 @@ class DINOConfig:
 
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    # "auto" (pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
+    # "auto" (medfm.pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
     # the reference's ImageNet ViT-S/16: 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.996
     head_output_dim: int | str = AUTO
     head_batch_norm: bool = False

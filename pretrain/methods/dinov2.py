@@ -33,15 +33,10 @@ import torch
 from lightly.loss import IBOTPatchLoss, KoLeoLoss
 from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
 from lightly.models.utils import deactivate_requires_grad, random_block_mask_image, update_momentum
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import default_collate
-
-from pretrain.backbones import is_vit
-from pretrain.errors import ConfigError
-from pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
-from pretrain.methods.base import (
+from medfm.pretrain.backbones import is_vit
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
+from medfm.pretrain.methods.base import (
     LastLayerFreeze,
     SSLMethod,
     at_step,
@@ -52,9 +47,13 @@ from pretrain.methods.base import (
     outside_autocast,
     teacher_schedules,
 )
-from pretrain.methods.dino import Centering, dino_loss, sinkhorn_knopp_teacher
-from pretrain.schedules import SQRT_1024
-from pretrain.transforms import MultiView
+from medfm.pretrain.methods.dino import Centering, dino_loss, sinkhorn_knopp_teacher
+from medfm.pretrain.schedules import SQRT_1024
+from medfm.pretrain.transforms import MultiView
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import default_collate
 
 NUM_GLOBAL_CROPS = 2
 
@@ -65,7 +64,7 @@ class DINOv2Config:
 
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    # "auto" (pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
+    # "auto" (medfm.pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
     # the references' ImageNet values are 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.992
     head_output_dim: int | str = AUTO
     ibot_separate_head: bool = False

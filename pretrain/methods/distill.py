@@ -31,15 +31,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
-from torch import Tensor, nn
-
-from pretrain.backbones import build_backbone
-from pretrain.errors import ConfigError
-from pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config, outside_autocast
-from pretrain.schedules import LrScaling
-from pretrain.transforms import MultiView
-from pretrain.weights import (
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config, outside_autocast
+from medfm.pretrain.schedules import LrScaling
+from medfm.pretrain.transforms import MultiView
+from medfm.pretrain.weights import (
     CONFIG_NAME,
     check_keys,
     fit_state_dict,
@@ -48,6 +45,8 @@ from pretrain.weights import (
     resolve_source,
     source_normalization,
 )
+from omegaconf import DictConfig
+from torch import Tensor, nn
 
 LOSSES = ("queue_kl", "cosine", "mse")
 AUTO = "auto"

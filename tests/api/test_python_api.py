@@ -47,10 +47,25 @@ def test_import_medfm_is_light_and_exposes_the_api() -> None:
     code = "import sys, medfm; print(sorted(m for m in ('torch', 'timm', 'webdataset') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    for name in ("shard", "pretrain", "export", "evaluate", "finetune", "load_backbone", "register_module"):
+    for name in ("shard", "pretrain", "reduce", "export", "evaluate", "finetune", "load_backbone", "register_module"):
         assert callable(getattr(medfm, name))
     for name in ("ConfigError", "ShardError", "ReleaseError", "TrainingDiverged", "DistributedFailure", "Preempted"):
         assert issubclass(getattr(medfm, name), medfm.MedfmError)
+
+
+def test_medfm_pretrain_is_the_package_and_the_api_step() -> None:
+    """The pretraining package installs as medfm.pretrain, the name of the API's pretraining step too: importing
+    submodules (in any order, any form) leaves it both."""
+    code = (
+        "import inspect, medfm.pretrain.errors, medfm\n"
+        "import medfm.pretrain.schedules as schedules\n"
+        "from medfm.pretrain import config\n"
+        "print(callable(medfm.pretrain), medfm.pretrain.schedules is schedules, medfm.pretrain.config is config,"
+        " list(inspect.signature(medfm.pretrain).parameters)[:3])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True True True ['out', 'data', 'method']"
+    assert medfm.pretrain.__name__ == "medfm.pretrain" and callable(medfm.pretrain)
 
 
 def test_a_bad_key_raises_a_config_error_naming_it(tmp_path: Path, pneumonia: Path) -> None:
@@ -105,7 +120,7 @@ def test_pretrain_a_users_own_module_then_load_and_finetune_it(tmp_path: Path, p
 def test_a_module_release_needs_the_module_registered(tmp_path: Path, pneumonia: Path) -> None:
     run = medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=SmallNet(),
                          **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
-    from pretrain import backbones
+    from medfm.pretrain import backbones
 
     backbones._registered.clear()  # another process: nothing registered
     with pytest.raises(medfm.ConfigError, match="not registered"):
@@ -125,8 +140,9 @@ def test_a_module_that_fails_on_the_input_is_a_config_error(tmp_path: Path, pneu
 
 
 def test_section_arguments_and_dotted_keys_merge_at_every_depth() -> None:
+    from medfm.pretrain.config import nested
+
     from medfm.api import _downstream_values
-    from pretrain.config import nested
 
     assert nested({"a.b.c": 1, "a": {"b": {"d": 2}}}) == {"a": {"b": {"c": 1, "d": 2}}}
     given = _downstream_values({"inits": ["release", "random"]}, {"spec": "medmnist:x.npz", "batch_size": 8}, "o", {})

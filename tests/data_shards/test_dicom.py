@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from medfm.data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
+from medfm.data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-
-from data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
-from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Bundled with pydicom. get_testdata_file() would try the network for files that are not bundled.
@@ -170,7 +169,7 @@ def test_series_is_grouped_and_read_in_slice_order(series_dir: Path):
 def test_planning_header_read_agrees_with_a_full_pydicom_read(series_dir: Path, single: Path, tmp_path: Path):
     """Planning stops after Columns and reads DS/IS numbers from the raw bytes (its hot path): the stack key must be
     what pydicom's own conversion of the whole header gives, and odd values must not be stackable."""
-    from data_shards.dicom import _read_planning_header, _stack_key
+    from medfm.data_shards.dicom import _read_planning_header, _stack_key
 
     paths = sorted(series_dir.glob("*.dcm"))[:4] + sorted(single.glob("*.dcm"))
     for path in paths:
@@ -260,8 +259,8 @@ import json, sys
 from pathlib import Path
 for name in ("pylibjpeg", "libjpeg", "openjpeg"):
     sys.modules[name] = None
-from data_shards.dicom import DicomFile
-from data_shards.records import ReadOptions, SkipInput
+from medfm.data_shards.dicom import DicomFile
+from medfm.data_shards.records import ReadOptions, SkipInput
 reasons = {}
 for path in map(Path, sys.argv[1:]):
     try:

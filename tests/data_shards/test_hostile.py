@@ -120,7 +120,7 @@ def build_archive(root: Path, fuzzed: int) -> Path:
 
 
 def run_shard(inputs: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "medfm_cli", "shard", str(inputs), "--out", str(out), "--workers", "2",
+    command = [sys.executable, "-m", "medfm.cli", "shard", str(inputs), "--out", str(out), "--workers", "2",
                "--keep-paths", "--dedup", "none", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -173,7 +173,7 @@ def test_every_hostile_input_gets_a_result_and_the_run_goes_on(tmp_path):
 def test_dicom_paths_are_hashed_by_default(tmp_path):
     inputs = tmp_path / "PATIENT_SMITH_JOHN"
     write_series(inputs / "study", slices=2)
-    command = [sys.executable, "-m", "medfm_cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "medfm.cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "1"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "stored as salted hashes" in done.stderr
@@ -205,7 +205,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_shard_run_leaves_no_reader_process(tmp_path):
     inputs = build_archive(tmp_path, fuzzed=600)
-    command = [sys.executable, "-m", "medfm_cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
+    command = [sys.executable, "-m", "medfm.cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -256,11 +256,10 @@ class KillsItsReader:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers, monkeypatch):
+    from medfm.data_shards import discover
+    from medfm.data_shards.images import ImageFile
+    from medfm.data_shards.writer import ShardConfig, ShardWriter, prepare_folder
     from PIL import Image
-
-    from data_shards import discover
-    from data_shards.images import ImageFile
-    from data_shards.writer import ShardConfig, ShardWriter, prepare_folder
 
     for kind in (StuckInCode, KillsItsReader):  # the plan file names unit types
         monkeypatch.setitem(discover._UNIT_TYPES, kind.__name__, kind)

@@ -12,9 +12,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from medfm.data_shards.discover import Part
 
-from data_shards.discover import Part
-from medfm_cli import main
+from medfm.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from medfm.data_shards.images import ImageFile, NpzChunk, csv_rows, csv_units, imagefolder_units, npz_units
+from medfm.data_shards.nifti import NiftiFile, is_nifti
+from medfm.data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput
+from medfm.data_shards.windows import apply_window, quantize
 from PIL import Image
-
-from data_shards.images import ImageFile, NpzChunk, csv_rows, csv_units, imagefolder_units, npz_units
-from data_shards.nifti import NiftiFile, is_nifti
-from data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput
-from data_shards.windows import apply_window, quantize
 
 BRAIN_FOLDER = Path("imagefolder/brain_tumor_mri_4class")
 
@@ -424,7 +423,7 @@ def test_csv_single_label(shared_data, tmp_path):
 
 
 def test_csv_dicom_rows(tmp_path):
-    dicom = pytest.importorskip("data_shards.dicom")
+    dicom = pytest.importorskip("medfm.data_shards.dicom")
     csv_path = tmp_path / "series.csv"
     csv_path.write_text("path\nscan/IM0001\nscan/slice.dcm\n")
     units = csv_units(csv_path)

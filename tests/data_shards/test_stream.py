@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from medfm.data_shards.specs import parse_spec
+from medfm.data_shards.stream import ShardStream
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_shards.specs import parse_spec
-from data_shards.stream import ShardStream
-from medfm_cli import main
+from medfm.cli import main
 
 
 def write_images(folder: Path, count: int, size: int = 32, seed: int = 0) -> None:
@@ -153,7 +153,7 @@ def test_two_processes_with_more_readers_than_shards_do_not_hang(uneven_shards: 
 
 @pytest.fixture
 def png_shards(medmnist, tmp_path: Path) -> Path:
-    from medfm_cli import main
+    from medfm.cli import main
 
     out = tmp_path / "png"
     args = ["shard", f"medmnist:{medmnist('breastmnist')}", "--out", str(out), "--codec", "png", "--max-count", "300"]
@@ -170,7 +170,7 @@ def test_remote_shards_read_like_a_folder_brace_pipe_and_http(png_shards: Path):
     import threading
     from functools import partial
 
-    from data_shards.specs import open_dataset
+    from medfm.data_shards.specs import open_dataset
 
     names = sorted(p.name for p in png_shards.glob("shard-*.tar"))
     pattern = f"shard-{{000000..{len(names) - 1:06d}}}.tar"
@@ -213,7 +213,7 @@ def test_png_shards_open_with_plain_webdataset_and_timm(png_shards: Path):
 
 
 def test_the_manifest_is_found_beside_any_shard_pattern():
-    from data_shards.stream import beside, is_remote
+    from medfm.data_shards.stream import beside, is_remote
 
     assert beside("https://h/set/shard-{000000..000009}.tar", "manifest.json") == "https://h/set/manifest.json"
     assert beside("https://h/set/", "manifest.json") == "https://h/set/manifest.json"

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medfm_cli import main
+from medfm.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,7 +170,7 @@ def test_killed_run_resumes_to_the_same_shards(shared_data: Path, tmp_path: Path
     assert main(["shard", *common, "--out", str(reference)]) == 0
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "medfm_cli", "shard", *common, "--out", str(out)]
+    command = [sys.executable, "-m", "medfm.cli", "shard", *common, "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / ".progress.jsonl"
     deadline = time.time() + 120
@@ -291,8 +291,8 @@ def test_named_window_is_recorded(shared_data: Path, tmp_path: Path, window: str
 
 
 def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(shared_data: Path, tmp_path: Path, monkeypatch, capsys):  # fmt: skip
-    import data_shards.dicom as dicom
-    from data_shards.writer import ShardWriter
+    import medfm.data_shards.dicom as dicom
+    from medfm.data_shards.writer import ShardWriter
 
     common = [str(shared_data / "dicom"), "--max-count", "8", "--workers", "1", "--max-side", "64"]
     assert main(["shard", *common, "--out", str(tmp_path / "reference")]) == 0
@@ -322,7 +322,7 @@ def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(shared_da
 
 
 def planned(sources: list[str], path: Path, workers: int = 1):
-    from data_shards.discover import PlanWriter, plan_sources
+    from medfm.data_shards.discover import PlanWriter, plan_sources
 
     sink = PlanWriter(path, header={})
     plan_sources(sources, sink, workers=workers)
@@ -342,7 +342,7 @@ def test_headers_are_scanned_in_parallel_with_the_same_result(shared_data: Path,
 def test_the_plan_is_streamed_to_disk_while_the_folder_is_walked(shared_data: Path, tmp_path: Path, monkeypatch):
     """Memory holds the directories in flight, not the archive: units of the first studies reach the plan file
     before the walk has listed the last one."""
-    from data_shards import discover
+    from medfm.data_shards import discover
 
     folder = tmp_path / "archive"
     for study in range(5):
@@ -363,7 +363,7 @@ def test_the_plan_is_streamed_to_disk_while_the_folder_is_walked(shared_data: Pa
 
 
 def test_the_walk_does_not_follow_directory_links_and_lists_unreadable_folders(shared_data, tmp_path, monkeypatch):
-    from data_shards import discover
+    from medfm.data_shards import discover
 
     folder = tmp_path / "archive"
     shutil.copytree(shared_data / "dicom" / "series", folder / "study")

@@ -68,7 +68,7 @@ def brain_mri(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(medmnist, pretrain_overrides, tmp_path_factory, reset_accelerate) -> Path:
     """A real 4-step DINO run on PneumoniaMNIST through pretrain's own entry point (~5 s)."""
-    from pretrain.main import pretrain
+    from medfm.pretrain.main import pretrain
 
     run_dir = tmp_path_factory.mktemp("runs") / "dino_tiny"
     threads = torch.get_num_threads()
@@ -84,7 +84,7 @@ def tiny_run(medmnist, pretrain_overrides, tmp_path_factory, reset_accelerate) -
 
 @pytest.fixture(scope="session")
 def tiny_release(tiny_run: Path, tmp_path_factory) -> Path:
-    from pretrain.export import export_run
+    from medfm.pretrain.export import export_run
 
     return export_run(tiny_run, tmp_path_factory.mktemp("releases") / "dino_tiny")
 

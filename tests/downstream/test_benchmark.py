@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from data_shards.manifest import Manifest
-from downstream.benchmark import (
+from medfm.data_shards.manifest import Manifest
+from medfm.downstream.benchmark import (
     ablation_rows,
     ablation_section,
     build_report,
@@ -18,9 +17,10 @@ from downstream.benchmark import (
     load_quality_config,
     plan_steps,
 )
-from downstream.config import to_dict
-from medfm_cli import main as medfm
-from pretrain.errors import ConfigError
+from medfm.downstream.config import to_dict
+from medfm.pretrain.errors import ConfigError
+
+from medfm.cli import main as medfm
 
 
 def write_config(tmp_path: Path, tiny_overrides, make_npz, finetune: bool = True) -> Path:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from downstream.cli import add_parser, main
-from downstream.config import EvalConfig, FinetuneConfig, load_config
-from pretrain.config import ConfigError
+from medfm.downstream.cli import add_parser, main
+from medfm.downstream.config import EvalConfig, FinetuneConfig, load_config
+from medfm.pretrain.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs" / "downstream").glob("*.yaml"))

@@ -3,8 +3,9 @@ embedded sample images with a tiny labeled set, shrunk to seconds by pretraining
 
 from __future__ import annotations
 
-import downstream.demo as demo
-from medfm_cli import main as medfm
+import medfm.downstream.demo as demo
+
+from medfm.cli import main as medfm
 
 TINY = ["data.samples_per_epoch=32", "train.batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",
         "checkpoint.every_steps=2", "logging.every_steps=1", "logging.figure_every_steps=2",

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from downstream.config import EvalConfig, load_config
-from downstream.data import open_split, plan_unit_splits
-from downstream.evaluate import run_eval
-from pretrain.errors import ConfigError
+from medfm.downstream.config import EvalConfig, load_config
+from medfm.downstream.data import open_split, plan_unit_splits
+from medfm.downstream.evaluate import run_eval
+from medfm.pretrain.errors import ConfigError
 
 PLOTS = ("roc.png", "confusion.png", "embedding.png")
 
@@ -111,7 +110,7 @@ def test_csv_without_split_column_is_split_by_fractions(shapes_csv, tmp_path):
 
 
 def test_a_labeled_shard_set_through_shards_spec(tiny_release, medmnist, tmp_path):
-    from medfm_cli import main as medfm
+    from medfm.cli import main as medfm
 
     shards = tmp_path / "shards"
     args = ["shard", f"medmnist:{medmnist('breastmnist')}", "--out", str(shards), "--workers", "1", "--dedup", "none"]
@@ -146,9 +145,8 @@ def test_a_general_purpose_baseline_beside_the_release_and_random_init(
 
 def test_the_weights_checksum_covers_0_dim_buffers_of_batchnorm_models():
     import torch
-
-    from downstream.features import state_checksum
-    from pretrain.backbones import build_backbone
+    from medfm.downstream.features import state_checksum
+    from medfm.pretrain.backbones import build_backbone
 
     model = build_backbone("resnet18", img_size=28)
     before = state_checksum(model.state_dict())

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.backbones import pooled_features
+from medfm.pretrain.config import derive, load_config, to_dict
+from medfm.pretrain.export import export_run
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.release import RESULTS_NAME, ExportError, data_summary, load_run, write_results_summary
 from safetensors.torch import load_file
-
-from pretrain import checkpoint as ckpt
-from pretrain.backbones import pooled_features
-from pretrain.config import derive, load_config, to_dict
-from pretrain.export import export_run
-from pretrain.methods import METHODS
-from pretrain.release import RESULTS_NAME, ExportError, data_summary, load_run, write_results_summary
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +155,7 @@ def test_a_checkpoint_that_does_not_match_its_method_is_refused_naming_the_keys(
 
 
 def test_the_card_lists_the_results_summary_files_downstream_writes(tiny_run: Path, tmp_path: Path):
-    from downstream.report import write_results
+    from medfm.downstream.report import write_results
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -196,7 +195,7 @@ class _Payload:
 def test_exporting_a_deepspeed_run_never_runs_pickled_code(tmp_path, capsys):
     import torch
 
-    from medfm_cli import main as medfm
+    from medfm.cli import main as medfm
 
     marker = tmp_path / "code_ran"
     step = tmp_path / "run" / "step-0000002"

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from medfm.downstream.config import FinetuneConfig, load_config
+from medfm.downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
+from medfm.downstream.load import load_backbone
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.errors import ConfigError
 from safetensors.torch import load_file
-
-from downstream.config import FinetuneConfig, load_config
-from downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
-from downstream.load import load_backbone
-from pretrain.backbones import build_backbone
-from pretrain.errors import ConfigError
 
 
 def test_layer_wise_lr_decay_scales_by_depth(tiny_release: Path):
@@ -113,7 +112,7 @@ def test_label_budgets_over_seeds(tiny_release, medmnist, tmp_path):
 
 
 def test_a_killed_finetune_resumes_where_it_was_checkpointed(tiny_release, medmnist, tmp_path, monkeypatch):
-    from pretrain.checkpoint import TorchStore
+    from medfm.pretrain.checkpoint import TorchStore
 
     spec = f"medmnist:{medmnist('breastmnist')}"
     steps = ("train.max_steps=5", "train.eval_every_epochs=0.001", "train.drop_path=0.1", "plots=false")
@@ -156,10 +155,10 @@ def test_finetuning_the_general_purpose_baseline_with_the_same_recipe(
 def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_release, medmnist, tmp_path):
     """LP-FT: the classifier is the probe fitted on the frozen features, its standardisation folded into the layer,
     so that before any step the model's scores are the probe's; then a budgeted run trains from there."""
-    from downstream.data import EvalTransform, infer_task, open_split, split_labels
-    from downstream.features import extract_features
-    from downstream.finetune import init_head_from_probe
-    from downstream.linear import select_linear_probe
+    from medfm.downstream.data import EvalTransform, infer_task, open_split, split_labels
+    from medfm.downstream.features import extract_features
+    from medfm.downstream.finetune import init_head_from_probe
+    from medfm.downstream.linear import select_linear_probe
 
     spec = f"medmnist:{medmnist('breastmnist')}"
     model = load_backbone(tiny_release, num_classes=2)
@@ -187,9 +186,8 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
 
 
 def test_the_fine_tuning_blur_sigma_is_given_at_224_px_and_scaled_to_the_input():
+    from medfm.downstream.finetune import finetune_augment
     from torchvision.transforms import v2
-
-    from downstream.finetune import finetune_augment
 
     cfg = load_config(FinetuneConfig, None, ["backbone.path=x", "data.spec=x", "out_dir=x", "augment.blur_prob=1.0"])
     blurs = {size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]

@@ -16,7 +16,7 @@ def test_two_process_finetune(tiny_release, medmnist, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "downstream.cli", "finetune", "--backbone", str(tiny_release),
+        "-m", "medfm.downstream.cli", "finetune", "--backbone", str(tiny_release),
         "--data", f"medmnist:{medmnist('breastmnist')}", "--out", str(out),
         "train.max_steps=4", "train.batch_size=16", "plots=false",
     ]  # fmt: skip

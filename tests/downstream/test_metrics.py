@@ -8,10 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+from medfm.downstream.data import Task
+from medfm.downstream.metrics import classification_metrics, summary
 from sklearn import metrics as skm
-
-from downstream.data import Task
-from downstream.metrics import classification_metrics, summary
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

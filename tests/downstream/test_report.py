@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from medfm.downstream.data import Task
+from medfm.downstream.metrics import classification_metrics, summary
+from medfm.downstream.report import markdown, pca_2d, write_results
 from sklearn.decomposition import PCA
-
-from downstream.data import Task
-from downstream.metrics import classification_metrics, summary
-from downstream.report import markdown, pca_2d, write_results
 
 
 def test_undefined_metrics_are_null_in_json_and_explained_in_markdown(tmp_path):

@@ -1,4 +1,4 @@
-"""The robustness index (downstream.sites): its counts against a naive loop, the site sources (CSV column, folder
+"""The robustness index (medfm.downstream.sites): its counts against a naive loop, the site sources (CSV column, folder
 level, shard metadata, key file), and ``medfm eval`` on real brain MRI whose site signature the test plants."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from medfm.data_shards.errors import ConfigError, InputError
+from medfm.downstream.config import EvalConfig, load_config
+from medfm.downstream.data import class_names_of, split_label_lists
+from medfm.downstream.sites import robustness_index, sample_sites
 from PIL import Image
 
-from data_shards.errors import ConfigError, InputError
-from downstream.config import EvalConfig, load_config
-from downstream.data import class_names_of, split_label_lists
-from downstream.sites import robustness_index, sample_sites
-from medfm_cli import main
+from medfm.cli import main
 
 
 def naive_index(features: np.ndarray, labels: np.ndarray, sites: list[str], k: int) -> tuple[int, int, float]:
@@ -82,7 +82,7 @@ def test_dicom_scanners_as_sites_of_a_shard_set(shared_data, tmp_path):
     dicom = shared_data / "dicom" / "single"
     shards = tmp_path / "shards"
     assert main(["shard", str(dicom), "--out", str(shards), "--workers", "1", "--dedup", "none"]) == 0
-    from data_shards.stream import open_shard_set, read_shard, sample_record
+    from medfm.data_shards.stream import open_shard_set, read_shard, sample_record
 
     urls, manifest = open_shard_set(str(shards))
     records = {raw["__key__"]: sample_record(raw, url) for url, e in zip(urls, manifest.shards, strict=True) for raw in read_shard(url, e, whole=False)}  # fmt: skip

@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from medfm.downstream.benchmark import load_quality_config
+from medfm.downstream.config import EvalConfig, FinetuneConfig
+from medfm.downstream.config import load_config as load_downstream_config
+from medfm.pretrain.config import ConfigError, load_config, tracker_installed
 
-from downstream.benchmark import load_quality_config
-from downstream.config import EvalConfig, FinetuneConfig
-from downstream.config import load_config as load_downstream_config
-from medfm_cli import main as medfm
-from pretrain.config import ConfigError, load_config, tracker_installed
+from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ["data.spec=medmnist:x.npz", "train.run_dir=runs/x"]
@@ -135,9 +135,9 @@ BOMB_FLOW = "[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b
 # Each loader, in a child process (a regression hangs the child, not the suite): prints one line per loader.
 LOADERS = """
 import sys
-from pretrain.config import ConfigError, load_config
-from downstream.config import EvalConfig, FinetuneConfig, load_config as downstream
-from downstream.benchmark import load_quality_config
+from medfm.pretrain.config import ConfigError, load_config
+from medfm.downstream.config import EvalConfig, FinetuneConfig, load_config as downstream
+from medfm.downstream.benchmark import load_quality_config
 bomb, flow = sys.argv[1], sys.argv[2]
 for name, load in [("eval", lambda: downstream(EvalConfig, bomb)), ("finetune", lambda: downstream(FinetuneConfig, bomb)),
                    ("bench", lambda: load_quality_config(bomb)), ("override", lambda: load_config(None, ["knn.spec=" + flow]))]:
@@ -156,7 +156,7 @@ def test_a_yaml_alias_bomb_is_refused_before_the_config_is_built(tmp_path: Path)
     assert len(BOMB) < 500
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     try:
-        cli = subprocess.run([sys.executable, "-m", "medfm_cli", "pretrain", "--config", str(bomb), *REQUIRED],
+        cli = subprocess.run([sys.executable, "-m", "medfm.cli", "pretrain", "--config", str(bomb), *REQUIRED],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)  # fmt: skip
         loaders = subprocess.run([sys.executable, "-c", LOADERS, str(bomb), BOMB_FLOW],
                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)  # fmt: skip

@@ -1,7 +1,7 @@
 """The error contract (issue 21): every failure medfm recognises is a ``MedfmError`` whose class carries the exit
 code, and every subcommand reports it as one line; anything else is a bug and keeps its traceback.
 
-Before: ``pretrain.errors.exit_code`` turned every ``ValueError`` and ``FileNotFoundError`` into exit 1, so a bug
+Before: ``medfm.pretrain.errors.exit_code`` turned every ``ValueError`` and ``FileNotFoundError`` into exit 1, so a bug
 (an ``IndexError`` aside) looked like a user's mistake, and ``medfm shard`` kept a map of its own.
 """
 
@@ -11,12 +11,12 @@ import errno
 
 import pytest
 import torch
+from medfm.data_shards.errors import ConfigError, InputError, MedfmError, MissingInputError, exit_code
+from medfm.data_shards.manifest import ManifestError
+from medfm.data_shards.merge import MergeError
+from medfm.pretrain.errors import DistributedFailure, Preempted, ReleaseError, TrainingDiverged, run_command
 
-from data_shards.errors import ConfigError, InputError, MedfmError, MissingInputError, exit_code
-from data_shards.manifest import ManifestError
-from data_shards.merge import MergeError
-from medfm_cli import main as medfm
-from pretrain.errors import DistributedFailure, Preempted, ReleaseError, TrainingDiverged, run_command
+from medfm.cli import main as medfm
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_anything_else_is_a_bug_and_keeps_its_traceback(error, capsys):
 
 
 def test_medfm_shard_follows_the_same_contract(monkeypatch, tmp_path, capsys):
-    import data_shards.shard
+    from medfm.data_shards import shard as shard_module
 
     def failing(error: Exception):
         def shard(*args, **kwargs):
@@ -63,12 +63,12 @@ def test_medfm_shard_follows_the_same_contract(monkeypatch, tmp_path, capsys):
         return shard
 
     command = ["shard", "sample:", "--out", str(tmp_path / "out")]
-    monkeypatch.setattr(data_shards.shard, "shard", failing(InputError("a.csv:3: no label")))
+    monkeypatch.setattr(shard_module, "shard", failing(InputError("a.csv:3: no label")))
     assert medfm(command) == 1
     assert capsys.readouterr().err.strip() == "medfm shard: a.csv:3: no label"
-    monkeypatch.setattr(data_shards.shard, "shard", failing(ConfigError("--max-count must be positive")))
+    monkeypatch.setattr(shard_module, "shard", failing(ConfigError("--max-count must be positive")))
     assert medfm(command) == 2
-    monkeypatch.setattr(data_shards.shard, "shard", failing(ValueError("a bug")))
+    monkeypatch.setattr(shard_module, "shard", failing(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         medfm(command)
 

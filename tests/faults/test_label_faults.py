@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from medfm.data_shards.errors import MedfmError
+from medfm.data_shards.images import csv_units
+from medfm.downstream.data import open_split
 from PIL import Image
 from safetensors.torch import save_file
 
-from data_shards.errors import MedfmError
-from data_shards.images import csv_units
-from downstream.data import open_split
-from medfm_cli import main as medfm
+from medfm.cli import main as medfm
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +225,6 @@ def test_a_decompression_bomb_png_names_the_file_at_eval_and_is_skipped_at_shard
 
 
 def test_label_errors_are_medfm_errors():
-    from downstream.data import LabelError
+    from medfm.downstream.data import LabelError
 
     assert issubclass(LabelError, MedfmError) and issubclass(LabelError, ValueError)

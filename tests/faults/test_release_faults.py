@@ -31,12 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from medfm.downstream.load import load_backbone
+from medfm.pretrain.export import export_run
+from medfm.pretrain.release import ExportError, LoadError, write_release
 from safetensors.torch import load_file, save_file
 
-from downstream.load import load_backbone
-from medfm_cli import main as medfm
-from pretrain.export import export_run
-from pretrain.release import ExportError, LoadError, write_release
+from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, pretrain_overrides, reset_accelerate, noise_npz) -> Path:
     """A 4-step MAE run (checkpoints at steps 2 and 4) on noise images, and its step-2 release in ``old/``."""
-    from pretrain.main import pretrain
+    from medfm.pretrain.main import pretrain
 
     root = tmp_path_factory.mktemp("release_faults")
     npz = noise_npz(root / "noise.npz")
@@ -140,7 +140,7 @@ def test_a_hostile_config_json_is_refused_naming_the_file_and_key(
 def test_a_warm_start_source_gets_the_same_checks_as_a_release(old_release: Path):
     """``model.init`` (and eval's baselines) read weights through the same checks: an int8 re-save and a hostile
     ``config.json`` are refused naming the file, before anything is loaded."""
-    from pretrain.weights import load_init
+    from medfm.pretrain.weights import load_init
 
     config = json.loads((old_release / "config.json").read_text())
     model = load_backbone(old_release)
@@ -163,8 +163,8 @@ def test_a_warm_start_source_gets_the_same_checks_as_a_release(old_release: Path
 # Exports RUN into OUT (--overwrite) and sends itself SIGTERM just before config.json is written.
 SIGTERM_EXPORT = """
 import os, signal, sys
-import pretrain.release as release
-from medfm_cli import main
+import medfm.pretrain.release as release
+from medfm.cli import main
 
 write_text = release._write_text
 
@@ -205,9 +205,9 @@ def _full_disk_weights(tensors, filename, metadata=None) -> None:
 def test_a_full_disk_during_export_leaves_the_old_release_whole(
     target, full_disk, old_release: Path, run: Path, monkeypatch, capsys
 ):
-    import pretrain.release
+    from medfm.pretrain import release
 
-    monkeypatch.setattr(pretrain.release, target, full_disk)
+    monkeypatch.setattr(release, target, full_disk)
     assert medfm(["export", str(run), "--out", str(old_release), "--overwrite"]) == 1
     assert one_line_error(capsys) == (
         f"medfm export: disk full writing the release {old_release}: the release there is intact; free space and "
@@ -220,7 +220,7 @@ def test_a_full_disk_during_export_leaves_the_old_release_whole(
 
 
 def test_a_second_export_into_a_release_being_written_is_refused(old_release: Path, run: Path, capsys):
-    from data_shards.outputs import lock_folder
+    from medfm.data_shards.outputs import lock_folder
 
     lock_file = old_release.with_name(f".{old_release.name}.lock")
     with lock_folder(old_release, "medfm export", lock_file=lock_file):  # another export, in the middle of it

@@ -33,17 +33,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.main import pretrain
 
-from medfm_cli import main as medfm
-from pretrain import checkpoint as ckpt
-from pretrain.main import pretrain
+from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit_tiny_pneumonia28.yaml"
 # Holds a folder's lock the way a running medfm command does, until killed.
 LOCK_HOLDER = (
     "import sys, time\n"
-    "from data_shards.outputs import lock_folder\n"
+    "from medfm.data_shards.outputs import lock_folder\n"
     "lock = lock_folder(sys.argv[1], sys.argv[2])\n"
     "print('held', flush=True)\n"
     "time.sleep(300)\n"
@@ -68,7 +68,7 @@ def leftovers(folder: Path) -> list[str]:
 def infinite_lr_from(step: int, monkeypatch) -> None:
     """The engine's lr schedule becomes infinite from ``step`` on (the config refuses ``optim.base_lr=inf`` now:
     this is the same update, reached another way)."""
-    from pretrain.engine import Schedules
+    from medfm.pretrain.engine import Schedules
 
     original = Schedules.from_config
 
@@ -133,7 +133,7 @@ def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_a_killed_holder_free
     run = tmp_path / "run"
     first = pretrain_overrides("mae", f"medmnist:{npz}", run, **{"schedule.epochs": 1000, "checkpoint.every_steps": 10000})  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "medfm_cli", "pretrain", "--config", str(RECIPE), *first]
+    command = [sys.executable, "-m", "medfm.cli", "pretrain", "--config", str(RECIPE), *first]
     holder = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -177,7 +177,7 @@ def test_a_second_shard_run_into_a_busy_out_is_refused_and_leaves_the_shards(npz
 
 def test_eval_and_shard_merge_into_a_busy_out_are_refused(npz, tmp_path, capsys):
     """``medfm eval --out`` and ``medfm shard merge --out`` take the folder's lock as shard and pretrain do."""
-    from data_shards.outputs import lock_folder
+    from medfm.data_shards.outputs import lock_folder
 
     for k in (1, 2):
         part = ["shard", f"medmnist:{npz}", "--out", str(tmp_path / f"p{k}"), "--workers", "1", "--part", f"{k}/2"]
@@ -260,11 +260,10 @@ def test_a_full_disk_while_sharding_keeps_the_complete_shards_and_resume_finishe
 
 
 def test_a_full_disk_while_caching_features_leaves_no_partial_file(tmp_path, monkeypatch):
+    from medfm.data_shards.errors import MedfmError
+    from medfm.downstream import features as features_module
+    from medfm.downstream.features import FeatureCache, Features
     from safetensors import SafetensorError
-
-    from data_shards.errors import MedfmError
-    from downstream import features as features_module
-    from downstream.features import FeatureCache, Features
 
     cache = FeatureCache(tmp_path / "cache")
     one = Features(torch.rand(6, 4), torch.arange(6) % 2, tuple(f"k{i}" for i in range(6)))

@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from medfm.data_shards.errors import MedfmError
+from medfm.data_shards.manifest import Manifest, ManifestError
+from medfm.data_shards.stream import ShardStream
 from PIL import Image
 
-from data_shards.errors import MedfmError
-from data_shards.manifest import Manifest, ManifestError
-from data_shards.stream import ShardStream
-from medfm_cli import main as medfm
+from medfm.cli import main as medfm
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "mae_vit_tiny_pneumonia28.yaml"
 
@@ -219,7 +219,7 @@ def test_pretraining_leaves_out_a_damaged_sample_with_a_warning_and_a_count(copy
 
 
 def test_a_damaged_shard_among_many_is_left_out_and_counted_once(copy):
-    from pretrain.data import EpochLoader
+    from medfm.pretrain.data import EpochLoader
 
     many = copy("many")
     damage_header(many / "shard-000003.tar", 13)  # the second sample of the 4th shard: 4 of 100 samples lost

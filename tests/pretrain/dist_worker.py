@@ -1,7 +1,7 @@
 """``python tests/pretrain/dist_worker.py OUT_DIR KEY=VALUE ...``: ``medfm pretrain`` with probes, for the
 multi-process tests (launched by ``accelerate launch`` or directly).
 
-It runs the real entry point (``pretrain.main.pretrain``) with ``train`` wrapped so that each rank records:
+It runs the real entry point (``medfm.pretrain.main.pretrain``) with ``train`` wrapped so that each rank records:
 - ``grads0``: the flattened gradients of the first optimizer step after DDP's reduction (DDP only; DeepSpeed keeps
   gradients in its own partitioned buffers);
 - ``ema_errors``: per step, max |teacher_after - (m * teacher_before + (1 - m) * student)| over all EMA pairs,
@@ -17,10 +17,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import medfm.pretrain.main as entry
 import torch
-
-import pretrain.main as entry
-from pretrain.methods.base import at_step
+from medfm.pretrain.methods.base import at_step
 
 # EMA module -> the module it follows (DINO, MoCo).
 EMA_SOURCES = {

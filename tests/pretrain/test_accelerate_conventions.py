@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pretrain import distributed as dist
-from pretrain.backends.deepspeed import uses_deepspeed, zero_stage
-from pretrain.config import load_config
-from pretrain.errors import ConfigError
-from pretrain.main import pretrain
+from medfm.pretrain import distributed as dist
+from medfm.pretrain.backends.deepspeed import uses_deepspeed, zero_stage
+from medfm.pretrain.config import load_config
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.main import pretrain
 
 # what `accelerate launch` sets from an Accelerate config with `distributed_type: DEEPSPEED`, zero_stage 1, bf16
 LAUNCHED_DEEPSPEED = {
@@ -119,7 +118,7 @@ def test_trackers_run_offline_into_the_run_directory(tiny, tmp_path: Path, clean
 def test_an_unknown_or_missing_tracker_is_a_config_error(tiny, tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match=r"logging\.trackers.*'comet' is not one of"):
         load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[comet]"])
-    monkeypatch.setattr("pretrain.config.tracker_installed", lambda name: name != "wandb")
+    monkeypatch.setattr("medfm.pretrain.config.tracker_installed", lambda name: name != "wandb")
     with pytest.raises(ConfigError, match=r"wandb is not installed \(pip install wandb\)"):
         load_config(None, [*tiny("simclr", tmp_path), "logging.trackers=[tensorboard,wandb]"])
 
@@ -133,7 +132,7 @@ def test_accelerate_launch_with_a_config_file_sets_the_precision(tiny, tmp_path:
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
                       "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")  # fmt: skip
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "pretrain.main",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "medfm.pretrain.main",
                "--config", "configs/pretrain/simclr_resnet18_pneumonia28.yaml",
                *tiny("simclr", run_dir, **{"data.samples_per_epoch": 16})]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
@@ -156,7 +155,7 @@ def test_accelerate_launch_with_a_deepspeed_config_trains_with_zero2_bf16(tiny, 
         "mixed_precision: bf16\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n"
     )
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "pretrain.main",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "medfm.pretrain.main",
                "--config", "configs/pretrain/mae_vit_tiny_pneumonia28.yaml",
                *tiny("mae", run_dir, **{"data.samples_per_epoch": 32})]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
@@ -196,7 +195,7 @@ def test_a_resumed_run_keeps_the_settings_it_started_with(tiny, tmp_path: Path, 
 
 
 def test_configs_of_earlier_versions_still_load(tiny, tmp_path: Path) -> None:
-    from pretrain.release import run_config
+    from medfm.pretrain.release import run_config
 
     cfg = load_config(None, [*tiny("simclr", tmp_path), "logging.tensorboard=false"])
     assert list(cfg.logging.trackers) == []

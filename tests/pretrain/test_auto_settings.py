@@ -1,15 +1,14 @@
-"""``auto`` teacher settings of DINO / DINOv2 (pretrain.methods.auto_settings): LightlyTrain's data-size rules,
+"""``auto`` teacher settings of DINO / DINOv2 (medfm.pretrain.methods.auto_settings): LightlyTrain's data-size rules,
 DINO's small-batch momentum, chosen in ``derive``, recorded, and kept on resume."""
 
 from __future__ import annotations
 
 import pytest
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.main import pretrain
+from medfm.pretrain.methods.auto_settings import prototypes, teacher_momentum, teacher_temperatures, warmup_epochs
 from omegaconf import OmegaConf
-
-from pretrain.config import derive, load_config
-from pretrain.errors import ConfigError
-from pretrain.main import pretrain
-from pretrain.methods.auto_settings import prototypes, teacher_momentum, teacher_temperatures, warmup_epochs
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timm.layers import DropPath
-
-from pretrain.backbones import (
+from medfm.pretrain.backbones import (
     build_backbone,
     feature_function,
     is_vit,
@@ -14,7 +12,8 @@ from pretrain.backbones import (
     pooled_features,
     use_uniform_drop_path,
 )
-from pretrain.errors import ConfigError
+from medfm.pretrain.errors import ConfigError
+from timm.layers import DropPath
 
 
 @pytest.mark.parametrize(
@@ -76,8 +75,8 @@ def test_layer_features_pool_each_stage_of_a_cnn():
 
 
 def test_uniform_drop_path_gives_every_block_the_rate_and_keeps_the_weights(tiny, tmp_path):
-    from pretrain.config import derive, load_config
-    from pretrain.methods import METHODS
+    from medfm.pretrain.config import derive, load_config
+    from medfm.pretrain.methods import METHODS
 
     ramp = build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2)
     assert not isinstance(ramp.blocks[0].drop_path1, DropPath)  # timm: 0 at the first block ...

@@ -1,4 +1,4 @@
-"""The backend interface (``pretrain.backends``) and the GPU-path defects it fixes, shown on CPU.
+"""The backend interface (``medfm.pretrain.backends``) and the GPU-path defects it fixes, shown on CPU.
 
 - SyncBatchNorm conversion keeps timm's fused BatchNorm + activation (torch's conversion dropped the activation);
 - DeepSpeed bf16 casts parameters only: normalisation statistics follow their weights, so BatchNorm models train;
@@ -19,13 +19,12 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.backends import DeepSpeedBackend, TrainingBackend, backend_for
+from medfm.pretrain.backends.base import to_sync_batchnorm, use_channels_last
+from medfm.pretrain.backends.deepspeed import cast_norm_statistics
+from medfm.pretrain.distributed import build_accelerator
 from torch import nn
-
-from pretrain import checkpoint as ckpt
-from pretrain.backends import DeepSpeedBackend, TrainingBackend, backend_for
-from pretrain.backends.base import to_sync_batchnorm, use_channels_last
-from pretrain.backends.deepspeed import cast_norm_statistics
-from pretrain.distributed import build_accelerator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +122,7 @@ def _records(run_dir: Path) -> list[dict]:
 def _medfm_pretrain(recipe: str, overrides: list[str]) -> None:
     """``medfm pretrain`` in its own process (DeepSpeed keeps process-wide groups: one run per process)."""
     config = str(REPO / "configs" / "pretrain" / recipe)
-    done = subprocess.run([sys.executable, "-m", "pretrain.main", "--config", config, *overrides], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "medfm.pretrain.main", "--config", config, *overrides], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -155,7 +154,7 @@ def test_deepspeed_zero2_bf16_trains_batchnorm_models_and_draws_mae_figures_with
 
 
 def test_evaluation_features_run_in_bf16_on_gpus_with_bf16_only(monkeypatch) -> None:
-    from pretrain import knn
+    from medfm.pretrain import knn
 
     assert knn.feature_precision("cpu") == "fp32"
     monkeypatch.setattr(knn, "gpu_supports_bf16", lambda: True)
@@ -169,8 +168,7 @@ def test_train_compile_compiles_the_step_and_keeps_checkpoint_keys(pretrain_over
     """``train.compile=true``: torch.compile (inductor, on CPU here) runs the method's forward; the checkpoint and the
     release have the keys of an eager run, and the run resumes from them."""
     import torch._dynamo
-
-    from pretrain.main import pretrain
+    from medfm.pretrain.main import pretrain
 
     spec = f"medmnist:{medmnist('pneumoniamnist')}"
     torch._dynamo.reset()
@@ -189,7 +187,7 @@ def test_train_compile_compiles_the_step_and_keeps_checkpoint_keys(pretrain_over
 
 def test_compile_is_refused_when_deepspeed_is_chosen_after_the_config_checks() -> None:
     """dist.backend=auto becomes DeepSpeed from an Accelerate config or a resumed run, after load_config."""
-    from pretrain.errors import ConfigError
+    from medfm.pretrain.errors import ConfigError
 
     cfg = SimpleNamespace(train=SimpleNamespace(compile=True))
     backend = DeepSpeedBackend(SimpleNamespace(device=torch.device("cpu"), num_processes=1), cfg)

@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from pretrain.backbones import build_backbone
-from pretrain.methods import DINO, DINOv2
-from pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss, sinkhorn_knopp_teacher
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.methods import DINO, DINOv2
+from medfm.pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss, sinkhorn_knopp_teacher
 
 
 def reference_sinkhorn_knopp(

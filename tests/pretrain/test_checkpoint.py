@@ -7,8 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from pretrain import checkpoint as ckpt
+from medfm.pretrain import checkpoint as ckpt
 
 
 def state(step: int) -> dict:
@@ -109,7 +108,7 @@ def test_no_readable_checkpoint_at_all_is_an_error_naming_the_files(tmp_path):
 
 
 def test_a_checkpoint_that_needs_pickle_is_refused_not_skipped(tmp_path):
-    from pretrain.errors import ConfigError
+    from medfm.pretrain.errors import ConfigError
 
     ckpt.save_checkpoint(tmp_path, state(1), keep=2)
     torch.save({**state(2), "version": ckpt.VERSION, "payload": object()}, tmp_path / "last.pt")

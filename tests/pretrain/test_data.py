@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain.data import EpochLoader, EpochSampler
+from medfm.pretrain.transforms import MedicalAugment, MultiView
 from torch.utils.data import IterableDataset
-
-from data_shards.specs import MedMNISTDataset
-from pretrain.data import EpochLoader, EpochSampler
-from pretrain.transforms import MedicalAugment, MultiView
 
 
 def test_sampler_is_deterministic_and_splits_ranks():

@@ -9,10 +9,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pretrain.backbones import build_backbone
-from pretrain.methods import DINOv2
-from pretrain.methods.dinov2 import BlockMasks, WithBlockMasks, mask_indices
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.methods import DINOv2
+from medfm.pretrain.methods.dinov2 import BlockMasks, WithBlockMasks, mask_indices
 
 
 def tiny_dinov2(name: str = "vit_tiny_patch16_224", **kwargs) -> DINOv2:
@@ -110,7 +109,7 @@ def test_the_masks_of_the_views_reach_the_student_and_never_the_prefix_tokens(na
 
 
 def test_the_transform_returns_the_views_then_the_masks(tmp_path):
-    from pretrain.config import derive, load_config
+    from medfm.pretrain.config import derive, load_config
 
     cfg = load_config(None, ["method=dinov2", "data.spec=medmnist:x.npz", "data.img_size=28", f"train.run_dir={tmp_path}",
                              "model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs.patch_size=7",
@@ -210,8 +209,7 @@ def test_indexing_with_the_collates_indices_gives_the_boolean_mask_loss_and_grad
 
 def test_ibot_patch_loss_with_given_weights_is_lightlys():
     from lightly.loss import IBOTPatchLoss
-
-    from pretrain.methods.dinov2 import ibot_patch_loss, mask_weights
+    from medfm.pretrain.methods.dinov2 import ibot_patch_loss, mask_weights
 
     torch.manual_seed(1)
     mask = torch.rand(6, 3, 3) < 0.3
@@ -259,7 +257,7 @@ def test_koleo_and_the_centres_are_fp32_under_a_bf16_autocast():
 
 def test_the_dino_centre_is_averaged_in_fp32_under_a_bf16_autocast(monkeypatch):
     """The teacher outputs reach DINO's loss and centre in fp32 (before: the head's bf16 outputs, averaged in bf16)."""
-    from pretrain.methods import DINO
+    from medfm.pretrain.methods import DINO
 
     vit = build_backbone("vit_tiny_patch16_224", img_size=28, in_chans=1, depth=2, patch_size=7)
     model = DINO(vit, [0.99] * 10, [0.04] * 10, 0, 64, 32, 128)
@@ -318,8 +316,8 @@ def test_the_students_lr_and_weight_decay_multipliers_are_dinov2s(name):
 
 
 def test_patch_embed_lr_mult_and_centering_come_from_the_config():
-    from pretrain.config import derive, load_config
-    from pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss
+    from medfm.pretrain.config import derive, load_config
+    from medfm.pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss
 
     cfg = load_config(None, ["method=dinov2", "data.spec=medmnist:x.npz", "data.img_size=28", "model.backbone=vit_tiny_patch16_224",
                              "model.backbone_kwargs={patch_size: 7, depth: 2}", "dinov2.num_local_crops=0",

@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-from data_shards.specs import MedMNISTDataset
-from pretrain import checkpoint as ckpt
-from pretrain.backbones import build_backbone
-from pretrain.config import derive, load_config
-from pretrain.errors import ConfigError
-from pretrain.main import pretrain
-from pretrain.methods import METHODS
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.main import pretrain
+from medfm.pretrain.methods import METHODS
 
 
 def distill_config(tiny, run_dir, **extra):
@@ -63,7 +62,7 @@ def test_medfm_pretrain_distils_releases_the_student_and_exports_without_the_tea
     assert not any(k.startswith("teacher") for k in state["model"])
     config = json.loads((run / "release" / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["medfm"]["exported_module"] == "student"
-    from pretrain.release import load_run
+    from medfm.pretrain.release import load_run
 
     teacher = state["config"]["distill"]["teacher"]
     (tmp_path / "moved").mkdir()
@@ -123,7 +122,7 @@ def test_the_queue_takes_each_batch_first_and_drops_the_oldest(tiny, tmp_path):
 
 
 def test_mixup_is_one_convex_combination_of_the_batch_with_a_permutation_of_it():
-    from pretrain.methods.distill import mix_batch
+    from medfm.pretrain.methods.distill import mix_batch
 
     images = torch.randn(6, 1, 4, 4)
     torch.manual_seed(3)
@@ -134,7 +133,7 @@ def test_mixup_is_one_convex_combination_of_the_batch_with_a_permutation_of_it()
 
 
 def test_queue_size_and_lr_follow_the_image_count_and_batch_as_lighttrain(tiny, tmp_path):
-    from pretrain.methods.distill import QUEUE_BUCKETS
+    from medfm.pretrain.methods.distill import QUEUE_BUCKETS
 
     assert QUEUE_BUCKETS[0] == (50, 16) and QUEUE_BUCKETS[-1] == (20_000, 4096)
     cfg = distill_config(tiny, tmp_path)  # 64 images: fewer than 100 -> 32

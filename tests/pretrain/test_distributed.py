@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pretrain.backends.deepspeed import deepspeed_config, default_deepspeed_config, keep_momentum_outside_engine
-from pretrain.config import ConfigError, derive, load_config
-from pretrain.distributed import EXIT_DISTRIBUTED
-from pretrain.methods import DINO, METHODS
+from medfm.pretrain.backends.deepspeed import deepspeed_config, default_deepspeed_config, keep_momentum_outside_engine
+from medfm.pretrain.config import ConfigError, derive, load_config
+from medfm.pretrain.distributed import EXIT_DISTRIBUTED
+from medfm.pretrain.methods import DINO, METHODS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +100,7 @@ def rank_command(tiny, run_dir: Path, **extra) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pretrain.main",
+        "medfm.pretrain.main",
         "--config",
         str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"),
         *overrides,

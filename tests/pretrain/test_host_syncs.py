@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.data import EpochLoader
+from medfm.pretrain.engine import Optimization
+from medfm.pretrain.host_syncs import HostSyncCounter, count_host_syncs
+from medfm.pretrain.methods import METHODS
 from torch.utils.data import Dataset
-
-from pretrain.config import derive, load_config
-from pretrain.data import EpochLoader
-from pretrain.engine import Optimization
-from pretrain.host_syncs import HostSyncCounter, count_host_syncs
-from pretrain.methods import METHODS
 
 x = torch.arange(12.0).reshape(4, 3)
 mask = torch.tensor([True, False, True, False])
@@ -192,9 +191,9 @@ def test_an_engine_step_syncs_the_host_once_beyond_the_methods_own(method, pretr
     """``train_step`` (Accelerate, clipping, the finite / stop collective, AdamW, EMA update): one host sync per
     optimizer step on top of the method's forward and backward (SimCLR: lightly's loss adds 2, see above).
     d3f9bf3 had 3 (``float(norm)``, two ``bool(flags...)``)."""
-    from pretrain.backends import backend_for
-    from pretrain.distributed import build_accelerator
-    from pretrain.engine import build_optimizer, train_step
+    from medfm.pretrain.backends import backend_for
+    from medfm.pretrain.distributed import build_accelerator
+    from medfm.pretrain.engine import build_optimizer, train_step
 
     cfg = derive(load_config(None, pretrain_overrides(method, "medmnist:x.npz", tmp_path)), 1, 16)
     loader = EpochLoader(RandomImages(), METHODS[method].build_transform(cfg), batch_size=8, batches_per_epoch=2,

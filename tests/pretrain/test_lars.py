@@ -7,12 +7,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from lightly.utils.lars import LARS
-
-from pretrain.checkpoint import TorchStore
-from pretrain.config import derive, load_config
-from pretrain.engine import Optimization, build_optimizer, train_step
-from pretrain.errors import ConfigError
-from pretrain.methods import METHODS
+from medfm.pretrain.checkpoint import TorchStore
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.engine import Optimization, build_optimizer, train_step
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods import METHODS
 
 LR, WEIGHT_DECAY = 0.5, 1e-3  # a decay large enough to show in the update
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss, NTXentLoss
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain.backbones import build_backbone, pooled_features
+from medfm.pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
+from medfm.pretrain.methods.distill import Distill
+from medfm.pretrain.methods.moco import MoCoV3Loss
+from medfm.pretrain.methods.spark import SparK
 from torch import nn
-
-from data_shards.specs import MedMNISTDataset
-from pretrain.backbones import build_backbone, pooled_features
-from pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
-from pretrain.methods.distill import Distill
-from pretrain.methods.moco import MoCoV3Loss
-from pretrain.methods.spark import SparK
 
 
 def vit(**kwargs) -> nn.Module:

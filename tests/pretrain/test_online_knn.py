@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from data_shards.specs import MedMNISTDataset
-from pretrain.backbones import build_backbone
-from pretrain.knn import KNNMonitor, knn_accuracy
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.knn import KNNMonitor, knn_accuracy
 
 
 def test_separable_clusters_are_classified_exactly():

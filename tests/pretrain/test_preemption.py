@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pretrain import checkpoint as ckpt
-from pretrain.preemption import EXIT_REQUEUE
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.preemption import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def command(overrides: list[str]) -> list[str]:
     config = str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml")
-    return [sys.executable, "-m", "medfm_cli", "pretrain", "--config", config, *overrides]
+    return [sys.executable, "-m", "medfm.cli", "pretrain", "--config", config, *overrides]
 
 
 def events(run_dir: Path, name: str) -> list[dict]:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from medfm.data_shards.specs import MedMNISTDataset
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.knn import KNNMonitor
 from safetensors.torch import load_file
-
-from data_shards.specs import MedMNISTDataset
-from pretrain.backbones import build_backbone
-from pretrain.knn import KNNMonitor
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 15  # 540 steps of batch 128: ~4 min on 2 free cores, ~9 min on a shared machine
@@ -29,7 +28,7 @@ MARGIN = 0.10
 
 @pytest.mark.slow
 def test_simclr_pretraining_beats_random_init_on_knn(pneumonia, tmp_path):
-    command = [sys.executable, "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain/simclr_resnet18_pneumonia28.yaml"),
+    command = [sys.executable, "-m", "medfm.pretrain.main", "--config", str(REPO / "configs/pretrain/simclr_resnet18_pneumonia28.yaml"),
                f"data.spec=medmnist:{pneumonia}", f"train.run_dir={tmp_path}", f"schedule.epochs={EPOCHS}",
                "schedule.warmup_epochs=1", "logging.progress_bar=false"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pretrain import checkpoint as ckpt
-from pretrain.backends.deepspeed import default_deepspeed_config
-from pretrain.backends.zero_checkpoint import consolidate_deepspeed
-from pretrain.methods import METHODS
-from pretrain.release import run_config
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.backends.deepspeed import default_deepspeed_config
+from medfm.pretrain.backends.zero_checkpoint import consolidate_deepspeed
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.release import run_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = str(REPO / "tests/pretrain/dist_worker.py")
@@ -110,7 +109,7 @@ def test_two_machines_on_one_host_train_and_checkpoint(tiny, tmp_path):
     port, overrides = free_port(), tiny("simclr", tmp_path, **{"train.batch_size": 8})
     config = str(REPO / "configs/pretrain/simclr_resnet18_pneumonia28.yaml")
     machines = [
-        subprocess.Popen(accelerate_launch(2, "-m", "pretrain.main", "--config", config, *overrides, machines=2,
+        subprocess.Popen(accelerate_launch(2, "-m", "medfm.pretrain.main", "--config", config, *overrides, machines=2,
                                            machine_rank=rank, port=port),
                          cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for rank in (1, 0)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from pretrain.config import derive, load_config
-from pretrain.engine import Schedules
-from pretrain.schedules import cosine_schedule, linear_warmup_schedule
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.engine import Schedules
+from medfm.pretrain.schedules import cosine_schedule, linear_warmup_schedule
 
 
 def test_cosine_with_warmup():

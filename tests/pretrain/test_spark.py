@@ -8,11 +8,10 @@ import copy
 
 import pytest
 import torch
+from medfm.pretrain.backbones import build_backbone
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods.spark import MaskState, SparK, SparseBatchNorm2d, sparsify
 from torch import nn
-
-from pretrain.backbones import build_backbone
-from pretrain.errors import ConfigError
-from pretrain.methods.spark import MaskState, SparK, SparseBatchNorm2d, sparsify
 
 
 def conv_bn() -> nn.Sequential:
@@ -93,8 +92,8 @@ def test_convnext_trains_with_layernorm_densify_and_its_unreached_head_norm_froz
 
 
 def test_a_spark_release_loads_into_a_plain_timm_cnn(pretrain_overrides, medmnist, tmp_path):
-    from downstream.load import load_backbone
-    from pretrain.main import pretrain
+    from medfm.downstream.load import load_backbone
+    from medfm.pretrain.main import pretrain
 
     run = tmp_path / "spark"
     assert pretrain(None, pretrain_overrides("spark", f"medmnist:{medmnist('pneumoniamnist')}", run)) == 0

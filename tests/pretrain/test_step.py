@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from medfm.pretrain.checkpoint import TorchStore
+from medfm.pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, set_schedule, train_step
+from medfm.pretrain.errors import TrainingDiverged
 from torch import nn
-
-from pretrain.checkpoint import TorchStore
-from pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, set_schedule, train_step
-from pretrain.errors import TrainingDiverged
 
 
 class Hooks:

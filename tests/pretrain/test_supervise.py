@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pretrain.errors import EXIT_DISTRIBUTED, EXIT_REQUEUE
-from pretrain.supervise import (
+from medfm.pretrain.errors import EXIT_DISTRIBUTED, EXIT_REQUEUE
+from medfm.pretrain.supervise import (
     TAIL_LINES,
     StderrScanner,
     record_exit,
@@ -58,7 +57,7 @@ REMOTE_ERROR = [
 CHILD = r"""
 import json, os, resource, signal, sys, time
 from pathlib import Path
-from pretrain.supervise import report_run_dir
+from medfm.pretrain.supervise import report_run_dir
 mode, args = sys.argv[1], sys.argv[2:]
 if os.environ.get("REPORT_RUN_DIR"):
     report_run_dir(os.environ["REPORT_RUN_DIR"])
@@ -187,7 +186,7 @@ def test_sigusr1_to_the_supervisor_reaches_the_child_once(tmp_path: Path):
     records = tmp_path / "exits"
     env = environ(tmp_path, MEDFM_SUPERVISE="1", MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} trap",
                   MEDFM_EXIT_RECORD_DIR=str(records))  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "medfm_cli", "pretrain", "--config", "c.yaml"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert process.stdout.readline() == "ready\n", process.stderr.read()
     process.send_signal(signal.SIGUSR1)
@@ -199,14 +198,14 @@ def test_sigusr1_to_the_supervisor_reaches_the_child_once(tmp_path: Path):
 def test_medfm_pretrain_passes_its_arguments_and_marks_the_child(tmp_path: Path):
     env = environ(tmp_path, MEDFM_SUPERVISE="1", MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} args",
                   MEDFM_EXIT_RECORD_DIR=str(tmp_path / "exits"))  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "medfm_cli", "pretrain", "--config", "c.yaml", "a.b=1"], env=env,
+    out = subprocess.run([sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml", "a.b=1"], env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout == "--config c.yaml a.b=1 1 None\n"  # MEDFM_SUPERVISED=1; the child records nothing itself
 
 
 def test_supervisor_imports_no_torch():
-    code = "import sys, medfm_cli, pretrain.supervise; print('torch' in sys.modules)"
+    code = "import sys, medfm.cli, medfm.pretrain.supervise; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout == "False\n"

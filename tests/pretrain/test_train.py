@@ -15,13 +15,13 @@ from typing import ClassVar
 
 import pytest
 import torch
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.main import pretrain
+from medfm.pretrain.methods import METHODS, SimCLR
+from medfm.pretrain.monitor import effective_rank, embedding_std
 from safetensors.torch import load_file
 
-from medfm_cli import main as medfm
-from pretrain import checkpoint as ckpt
-from pretrain.main import pretrain
-from pretrain.methods import METHODS, SimCLR
-from pretrain.monitor import effective_rank, embedding_std
+from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,7 +146,7 @@ RECIPES = {"mae": "mae_vit_tiny_pneumonia28.yaml", "dinov2": "mae_vit_tiny_pneum
 
 
 def run_command(run_dir: Path, overrides: list[str], method: str = "mae") -> list[str]:
-    return [sys.executable, "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain" / RECIPES[method]),
+    return [sys.executable, "-m", "medfm.pretrain.main", "--config", str(REPO / "configs/pretrain" / RECIPES[method]),
             *overrides]  # fmt: skip
 
 

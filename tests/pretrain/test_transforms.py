@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.transforms import v2
-
-from pretrain.config import load_config
-from pretrain.methods import METHODS
-from pretrain.methods.base import augment_from_config
-from pretrain.transforms import (
+from medfm.pretrain.config import load_config
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.methods.base import augment_from_config
+from medfm.pretrain.transforms import (
     MedicalAugment,
     MultiView,
     RandomIntensity,
@@ -20,6 +18,7 @@ from pretrain.transforms import (
     multi_crop,
     scale_blur_sigma,
 )
+from torchvision.transforms import v2
 
 
 def ramp(channels: int = 1, size: int = 28) -> torch.Tensor:

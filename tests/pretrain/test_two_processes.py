@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightly.loss import NTXentLoss
-
-from pretrain import checkpoint as ckpt
-from pretrain.methods.moco import MoCoV3Loss
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.methods.moco import MoCoV3Loss
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -77,7 +76,7 @@ def test_two_process_run_is_one_run_and_resumes(tiny, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-        str(free_port()), "-m", "pretrain.main", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"),
+        str(free_port()), "-m", "medfm.pretrain.main", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for epochs in (1, 2):

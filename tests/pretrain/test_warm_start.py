@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.main import pretrain
+from medfm.pretrain.methods import METHODS
+from medfm.pretrain.weights import LoadError, file_sha256, load_init
 from safetensors.torch import save_file
-
-from pretrain import checkpoint as ckpt
-from pretrain.config import derive, load_config
-from pretrain.main import pretrain
-from pretrain.methods import METHODS
-from pretrain.weights import LoadError, file_sha256, load_init
 
 ARCH = "vit_tiny_patch16_224"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from medfm.pretrain.slurm import Resources, render
 
-from medfm_cli import main
-from pretrain.slurm import Resources, render
+from medfm.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -61,7 +61,7 @@ def fake_cluster(tmp_path: Path, exits: list[str] | None = None) -> tuple[dict[s
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     medfm = (
-        f'#!/bin/bash\nexec "{sys.executable}" -m medfm_cli "$@"\n'
+        f'#!/bin/bash\nexec "{sys.executable}" -m medfm.cli "$@"\n'
         if exits is not None
         else '#!/bin/bash\necho "medfm $* rank=$RANK cpus=${SLURM_CPUS_PER_TASK:-unset}" >> "$CALLS"\n'
     )

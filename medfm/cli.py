@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 # (module providing add_parser) in the order shown by --help.
-SUBCOMMAND_MODULES = ("data_shards.cli", "pretrain.cli", "downstream.cli", "pretrain.slurm")
-REPO = Path(__file__).resolve().parent
+SUBCOMMAND_MODULES = ("medfm.data_shards.cli", "medfm.pretrain.cli", "medfm.downstream.cli", "medfm.pretrain.slurm")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +49,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench_quality(args: argparse.Namespace) -> int:
-    from pretrain.errors import run_command
+    from medfm.pretrain.errors import run_command
 
     failed: list[int] = []
 
     def body() -> None:
-        from downstream.benchmark import BenchmarkError, load_quality_config, markdown, run_benchmark
+        from medfm.downstream.benchmark import BenchmarkError, load_quality_config, markdown, run_benchmark
 
         overrides = ([f"out_dir={args.out}"] if args.out else []) + list(args.overrides)
         cfg = load_quality_config(args.config, overrides)
@@ -91,8 +91,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from downstream.demo import plan_demo
-    from downstream.demo import run_demo as run_chain
+    from medfm.downstream.demo import plan_demo
+    from medfm.downstream.demo import run_demo as run_chain
 
     plan = plan_demo(args.out, args.data, args.labeled, not args.no_pool_labeled, args.overrides)
     return run_chain(plan, main)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         return int(resolve_handler(args.handler)(args) or 0)
 
-    # A subcommand's optional wrapper decides how its handler runs (``pretrain.supervise.run``: here, or supervised).
+    # A subcommand's optional wrapper decides how its handler runs (``medfm.pretrain.supervise.run``: here, or supervised).
     wrapper = getattr(args, "wrapper", None)
     return int(resolve_handler(wrapper)(args, run)) if wrapper else run()
 
