@@ -257,9 +257,9 @@ def train(
             window.add(outcome)
             monitor.advance()
             hooks_start = time.perf_counter()
-            if step % cfg.logging.every_steps == 0 or step == total:
+            logged = step % cfg.logging.every_steps == 0 or step == total
+            if logged:
                 _log(cfg, accelerator, monitor, window, outcome.out, step, schedules, damage)
-                window = _Window()
             _after_step(cfg, backend, method, monitor, outcome, step, evaluate)
             if (step % cfg.checkpoint.every_steps == 0 or step == total or outcome.stop) and guard.in_a_row == 0:
                 save(step)
@@ -267,7 +267,8 @@ def train(
                 received = stop.received if stop is not None and stop.received else None
                 name = received.name if received else "stop signal (another rank)"
                 raise Preempted(step, name, checkpointed=guard.in_a_row == 0)
-            window.start += time.perf_counter() - hooks_start  # img/s counts training time only
+            # img/s counts training time only: a new window starts after this step's hooks, an open one skips them
+            window = _Window() if logged else window.skip(time.perf_counter() - hooks_start)
             if step >= total:
                 break
     return step
@@ -312,6 +313,11 @@ class _Window:
         self.steps += 1
         self.loss += outcome.loss
         self.grad_norm = outcome.grad_norm
+
+    def skip(self, seconds: float) -> _Window:
+        """Leave ``seconds`` (logging, pictures, checkpoints) out of the window's elapsed time."""
+        self.start += seconds
+        return self
 
 
 def _warn_damage(accelerator, monitor, damage, reason: str) -> None:

@@ -207,3 +207,33 @@ def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_older_one(tin
     assert any("step-0000008.pt is unreadable" in r.get("message", "") for r in events)
     assert [r["step"] for r in events if r.get("event") == "resume"] == [4]
     assert ckpt.load_checkpoint(run / "last.pt")["step"] == 12
+
+
+def test_img_s_counts_training_time_only(tiny, tmp_path, monkeypatch):
+    """On a fake clock: each optimizer step takes 1 s, each log line 5 s, the pictures / kNN hook 10 s; img/s is
+    the global batch per second of steps (before, a log's seconds came off the next window twice: overstated)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from medfm.pretrain import engine
+
+    clock = [0.0]
+
+    def advancing(function, seconds: float, before: bool):
+        def wrapped(*args, **kwargs):
+            clock[0] += seconds if before else 0.0
+            result = function(*args, **kwargs)
+            clock[0] += 0.0 if before else seconds
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(engine, "train_step", advancing(engine.train_step, 1.0, before=True))
+    monkeypatch.setattr(engine, "_log", advancing(engine._log, 5.0, before=False))  # after it reads the clock
+    monkeypatch.setattr(engine, "_after_step", advancing(engine._after_step, 10.0, before=True))
+    assert pretrain(None, tiny("simclr", tmp_path, **{"logging.every_steps": 2})) == 0
+    batch = OmegaConf.load(tmp_path / "config.yaml").derived.global_batch
+    rates = [r["img_s"] for r in records(tmp_path) if "img_s" in r]
+    assert len(rates) == 4 and all(rate == pytest.approx(batch / 1.0) for rate in rates), (rates, batch)
