@@ -54,7 +54,7 @@ def run_bench_quality(args: argparse.Namespace) -> int:
     failed: list[int] = []
 
     def body() -> None:
-        from medfm.downstream.benchmark import BenchmarkError, load_quality_config, markdown, run_benchmark
+        from medfm.benchmark import BenchmarkError, load_quality_config, markdown, run_benchmark
 
         overrides = ([f"out_dir={args.out}"] if args.out else []) + list(args.overrides)
         cfg = load_quality_config(args.config, overrides)
@@ -91,8 +91,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from medfm.downstream.demo import plan_demo
-    from medfm.downstream.demo import run_demo as run_chain
+    from medfm.demo import plan_demo
+    from medfm.demo import run_demo as run_chain
 
     plan = plan_demo(args.out, args.data, args.labeled, not args.no_pool_labeled, args.overrides)
     return run_chain(plan, main)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from medfm.downstream.config_reference import REFERENCE, reference_markdown
+from medfm.config_reference import REFERENCE, reference_markdown
 
 
 def test_the_config_reference_is_generated_from_the_current_schemas():
-    assert REFERENCE.read_text() == reference_markdown(), (
-        "CONFIG.md is stale: run python -m medfm.downstream.config_reference"
-    )
+    assert REFERENCE.read_text() == reference_markdown(), "CONFIG.md is stale: run python -m medfm.config_reference"
 
 
 def test_the_reference_documents_nested_and_method_keys_with_their_comments():

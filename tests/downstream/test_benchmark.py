@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from medfm.data_shards.manifest import Manifest
-from medfm.downstream.benchmark import (
+from medfm.downstream.config import to_dict
+from medfm.pretrain.errors import ConfigError
+
+from medfm.benchmark import (
     ablation_rows,
     ablation_section,
     build_report,
@@ -17,9 +20,6 @@ from medfm.downstream.benchmark import (
     load_quality_config,
     plan_steps,
 )
-from medfm.downstream.config import to_dict
-from medfm.pretrain.errors import ConfigError
-
 from medfm.cli import main as medfm
 
 

@@ -3,8 +3,7 @@ embedded sample images with a tiny labeled set, shrunk to seconds by pretraining
 
 from __future__ import annotations
 
-import medfm.downstream.demo as demo
-
+import medfm.demo as demo
 from medfm.cli import main as medfm
 
 TINY = ["data.samples_per_epoch=32", "train.batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",

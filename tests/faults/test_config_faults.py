@@ -26,11 +26,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from medfm.downstream.benchmark import load_quality_config
 from medfm.downstream.config import EvalConfig, FinetuneConfig
 from medfm.downstream.config import load_config as load_downstream_config
 from medfm.pretrain.config import ConfigError, load_config, tracker_installed
 
+from medfm.benchmark import load_quality_config
 from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +137,7 @@ LOADERS = """
 import sys
 from medfm.pretrain.config import ConfigError, load_config
 from medfm.downstream.config import EvalConfig, FinetuneConfig, load_config as downstream
-from medfm.downstream.benchmark import load_quality_config
+from medfm.benchmark import load_quality_config
 bomb, flow = sys.argv[1], sys.argv[2]
 for name, load in [("eval", lambda: downstream(EvalConfig, bomb)), ("finetune", lambda: downstream(FinetuneConfig, bomb)),
                    ("bench", lambda: load_quality_config(bomb)), ("override", lambda: load_config(None, ["knn.spec=" + flow]))]:

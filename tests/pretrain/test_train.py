@@ -214,9 +214,8 @@ def test_img_s_counts_training_time_only(tiny, tmp_path, monkeypatch):
     the global batch per second of steps (before, a log's seconds came off the next window twice: overstated)."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
     from medfm.pretrain import engine
+    from omegaconf import OmegaConf
 
     clock = [0.0]
 

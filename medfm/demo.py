@@ -113,7 +113,7 @@ def run_demo(plan: DemoPlan, run_step: RunStep, echo: Callable[[str], None] = pr
 
 def results_table(evaluation: Path) -> list[str]:
     """Markdown lines: test ACC / AUC per init and protocol at each label budget (mean ± std over seeds)."""
-    from medfm.downstream.benchmark import budget_table, result_rows
+    from medfm.benchmark import budget_table, result_rows
 
     rows = []
     release_first = lambda path: (path.parent.parent.name != "release", str(path))  # noqa: E731

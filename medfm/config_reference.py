@@ -1,11 +1,11 @@
 """The config reference (``CONFIG.md``), generated from the typed schemas so that it cannot drift from them.
 
 Every key of ``medfm pretrain`` (``medfm.pretrain.config.PretrainConfig``, method sections included), ``medfm eval``,
-``medfm finetune`` (``medfm.downstream.config``) and ``medfm bench quality`` (``medfm.downstream.benchmark``) with its type,
+``medfm finetune`` (``medfm.downstream.config``) and ``medfm bench quality`` (``medfm.benchmark``) with its type,
 default and the comment beside (or above) its declaration.
 
-    python -m medfm.downstream.config_reference            # rewrites CONFIG.md
-    python -m medfm.downstream.config_reference --check    # exit 1 when CONFIG.md is not what the schemas give
+    python -m medfm.config_reference            # rewrites CONFIG.md
+    python -m medfm.config_reference --check    # exit 1 when CONFIG.md is not what the schemas give
 """
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ def schema_markdown(title: str, schema: type, intro: str) -> list[str]:
 
 
 def reference_markdown() -> str:
-    from medfm.downstream.benchmark import QualityConfig
+    from medfm.benchmark import QualityConfig
     from medfm.downstream.config import EvalConfig, FinetuneConfig
     from medfm.pretrain.config import PretrainConfig
 
     lines = [
         "# Config reference",
         "",
-        "Generated from the typed schemas by `python -m medfm.downstream.config_reference` (a test fails when this file "
+        "Generated from the typed schemas by `python -m medfm.config_reference` (a test fails when this file "
         "is out of date). YAML files hold overrides of these defaults; `key=value` arguments go on top. An unknown "
         "key, a wrong type or a missing required value fails before anything runs, naming the key.",
         "",
@@ -129,7 +129,7 @@ def reference_markdown() -> str:
     lines += schema_markdown("`medfm pretrain`", PretrainConfig, "Schema: `pretrain/config.py`; each method's section is declared beside its code in `pretrain/methods/`. Recipes: `configs/pretrain/`. The `derived` section is computed (global batch, scaled lr, step counts) and saved with the run, never set.")  # fmt: skip
     lines += schema_markdown("`medfm eval`", EvalConfig, "Schema: `downstream/config.py` (`EvalConfig`). Examples: `configs/downstream/eval_*.yaml`.")  # fmt: skip
     lines += schema_markdown("`medfm finetune`", FinetuneConfig, "Schema: `downstream/config.py` (`FinetuneConfig`). Examples: `configs/downstream/finetune_*.yaml`.")  # fmt: skip
-    lines += schema_markdown("`medfm bench quality`", QualityConfig, "Schema: `downstream/benchmark.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.")  # fmt: skip
+    lines += schema_markdown("`medfm bench quality`", QualityConfig, "Schema: `medfm/benchmark.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.")  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = REFERENCE.read_text() if REFERENCE.is_file() else ""
         if current != text:
-            print(f"{REFERENCE} is out of date: run python -m medfm.downstream.config_reference", file=sys.stderr)
+            print(f"{REFERENCE} is out of date: run python -m medfm.config_reference", file=sys.stderr)
             return 1
         return 0
     REFERENCE.write_text(text)
