@@ -200,7 +200,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: Accelerator, rep
     """The row of one method; ``report(row)`` after every timed block and count (the JSON is rewritten)."""
     overrides = [
         f"train.batch_size={args.batch}",
-        f"train.precision='{args.precision}'",  # quoted: YAML reads a bare no as false
+        f"train.precision={args.precision}",
         f"logging.every_steps={args.log_every}",
         "logging.progress_bar=false",
         "logging.trackers=[]",
@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per block")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per path (median reported)")
     parser.add_argument("--log-every", type=int, default=20, help="engine logging cadence (the recipes' default)")
-    parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--precision", choices=("fp32", "no", "bf16", "fp16"), default="fp32")  # no: fp32
     parser.add_argument("--json", type=Path, help="rewritten after every block and count")
     args = parser.parse_args()
     args.methods = args.methods or [item.split("=", 1)[0] for item in args.recipe] or sorted(RECIPES)

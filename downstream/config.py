@@ -176,7 +176,7 @@ class TrainConfig:
     head_init: str = "new"
     clip_grad: float = field(default=0.0, metadata=NON_NEGATIVE)  # max global grad norm; 0: no clipping
     eval_every_epochs: float = field(default=1.0, metadata=POSITIVE)
-    precision: str = "auto"  # auto (Accelerate's choice, else no), no, bf16 or fp16; an explicit value wins
+    precision: str = "auto"  # auto (Accelerate's choice, else fp32), fp32 (or no), bf16 or fp16; an explicit value wins
     seed: int = 0
     max_steps: int | None = field(default=None, metadata=AT_LEAST_ONE)  # cap on optimizer steps (smoke tests)
 
@@ -201,7 +201,7 @@ class FinetuneConfig:
         need(t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
         need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
         need(t.head_init in ("new", "linear_probe"), "train.head_init", "must be new or linear_probe")
-        need(t.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "must be auto, no, bf16 or fp16 (quote 'no': YAML reads a bare no as false)")  # fmt: skip
+        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "must be auto, fp32 (or no), bf16 or fp16")  # fmt: skip
         for key in ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma"):
             value = list(OmegaConf.select(cfg, key))
             need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")

@@ -100,8 +100,8 @@ def check_output_path(path: str | Path, what: str) -> None:
 
 
 class Precision(str, Enum):
-    auto = "auto"  # Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`), else no
-    no = "no"
+    auto = "auto"  # Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`), else fp32
+    fp32 = "fp32"  # no mixed precision; `no` (Accelerate's word, or YAML's false) is read as fp32
     bf16 = "bf16"
     fp16 = "fp16"
 
@@ -328,8 +328,6 @@ def config_error(schema: type, source: str, err: OmegaConfBaseException) -> Conf
     key = getattr(err, "full_key", None) or "?"
     message = str(getattr(err, "msg", None) or err).splitlines()[0]
     hint = ""
-    if "Invalid value 'False'" in message and "no," in message:
-        hint = " (YAML reads a bare no as false: write 'no' in quotes, e.g. train.precision=\"'no'\")"
     if "not in" in message:
         close = difflib.get_close_matches(key.split(".")[-1], _known_keys(schema, key), n=1)
         hint = f" (did you mean {'.'.join([*key.split('.')[:-1], close[0]])!r}?)" if close else ""
@@ -542,9 +540,19 @@ def nested(values: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(layer)
 
 
+def precision_name(value: Any) -> Any:
+    """``train.precision`` as medfm spells it: Accelerate's ``no`` and YAML's reading of a bare ``no`` (false) are
+    ``fp32``; anything else unchanged (the schema checks it)."""
+    return "fp32" if value is False or (isinstance(value, str) and value.lower() == "no") else value
+
+
 def migrate_legacy_keys(layer: Any) -> Any:
     """Keys of earlier medfm versions, rewritten in a config layer (a recipe, a run's saved config):
-    ``logging.tensorboard: true/false`` became ``logging.trackers: [tensorboard] / []``."""
+    ``logging.tensorboard: true/false`` became ``logging.trackers: [tensorboard] / []``; ``train.precision: no``
+    became ``fp32`` (``no`` is still read as such)."""
+    train = layer.get("train") if isinstance(layer, (dict, DictConfig)) else None
+    if isinstance(train, (dict, DictConfig)) and "precision" in train:
+        train["precision"] = precision_name(train["precision"])
     logging = layer.get("logging") if isinstance(layer, (dict, DictConfig)) else None
     if isinstance(logging, (dict, DictConfig)) and "tensorboard" in logging:
         enabled = logging.pop("tensorboard")
@@ -589,7 +597,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dist.backend == Backend.deepspeed:
         # fp16 under DeepSpeed skips overflowing steps through its own loss scaler, which the engine's
         # non-finite-step accounting would count as divergence; bf16 needs no scaler.
-        need(cfg.train.precision != Precision.fp16, "train.precision", "must be no or bf16 with dist.backend=deepspeed")
+        need(
+            cfg.train.precision != Precision.fp16, "train.precision", "must be fp32 or bf16 with dist.backend=deepspeed"
+        )
         # DeepSpeed compiles through its own engine (engine.compile), which medfm does not drive yet.
         need(not cfg.train.compile, "train.compile", "is not supported with dist.backend=deepspeed (use ddp)")
     else:

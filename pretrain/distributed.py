@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 from medfm.pretrain.backends.deepspeed import deepspeed_config, deepspeed_file_precision
-from medfm.pretrain.config import Backend, Precision
+from medfm.pretrain.config import Backend, Precision, precision_name
 from medfm.pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
 from medfm.pretrain.monitor import offline_tracker_defaults
 from omegaconf import DictConfig
@@ -62,7 +62,7 @@ def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
     precision, precision_note = resolve_precision(cfg.train.precision.value, deepspeed_file_precision(cfg))
     cfg.train.precision = Precision(precision)
     if cfg.dist.backend == Backend.deepspeed and cfg.train.precision == Precision.fp16:
-        raise ConfigError(f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or no")  # fmt: skip
+        raise ConfigError(f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or fp32")  # fmt: skip
     deepspeed = deepspeed_config(cfg) if cfg.dist.backend == Backend.deepspeed else None
     trackers = list(cfg.logging.trackers)
     tracker_notes = offline_tracker_defaults(trackers, Path(cfg.train.run_dir))
@@ -81,8 +81,9 @@ def resolve_precision(requested: str, deepspeed_file: str | None = None) -> tupl
     """``(precision, where it came from)``. ``auto`` defers to Accelerate: the precision the run's DeepSpeed config
     file enables (``deepspeed_file``), else the mixed precision that ``accelerate config`` / ``accelerate launch
     --mixed_precision`` chose (``ACCELERATE_MIXED_PRECISION``), else bf16 on a GPU that supports it (Ampere and
-    later: fp32 there wastes most of the tensor cores), else ``no``; an explicit value wins over all of them."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    later: fp32 there wastes most of the tensor cores), else ``fp32``; an explicit value wins over all of them (``no`` is ``fp32``)."""
+    launcher = precision_name(os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()) or None
+    requested = precision_name(requested)
     if requested == "auto" and deepspeed_file is not None:
         return deepspeed_file, f"precision {deepspeed_file} (train.precision=auto: the DeepSpeed config file)"
     if requested == "auto" and launcher:
@@ -90,7 +91,7 @@ def resolve_precision(requested: str, deepspeed_file: str | None = None) -> tupl
     if requested == "auto" and gpu_supports_bf16():
         return "bf16", "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)"
     if requested == "auto":
-        return "no", "precision no (train.precision=auto: no Accelerate setting: fp32)"
+        return "fp32", "precision fp32 (train.precision=auto: no Accelerate setting)"
     ignored = f"; the Accelerate setting {launcher} is not used" if launcher and launcher != requested else ""
     return requested, f"precision {requested} (train.precision={requested}{ignored})"
 
@@ -156,7 +157,7 @@ def build_accelerator(
     """The one way every medfm command (pretrain, finetune, bench) gets its Accelerator: CPU processes on gloo
     (``cpu=True``: without it a 2-process CPU launch gives two unsynchronised runs), DeepSpeed when
     ``deepspeed_config`` is given, a rendezvous timeout. Raises DistributedFailure when the rendezvous fails.
-    ``precision``: ``no``, ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``)."""
+    ``precision``: ``fp32`` (or ``no``), ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``)."""
     environ = dict(os.environ)
     precision = resolve_precision(precision)[0]
     if deepspeed_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -176,7 +177,7 @@ def build_accelerator(
         accelerator = Accelerator(
             # DeepSpeed: accelerate only takes its DeepSpeed path with cpu=False (the device is still the CPU).
             cpu=not cuda and not deepspeed,
-            mixed_precision=precision,
+            mixed_precision="no" if precision == "fp32" else precision,  # Accelerate's word for fp32
             gradient_accumulation_steps=grad_accum,
             deepspeed_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(**init)],

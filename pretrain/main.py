@@ -35,7 +35,7 @@ from medfm.pretrain import distributed as dist
 from medfm.pretrain.backends import backend_for
 from medfm.pretrain.backends.zero_checkpoint import find_deepspeed_resume
 from medfm.pretrain.cli import configure
-from medfm.pretrain.config import Backend, Precision, derive, load_config, save_config, to_dict
+from medfm.pretrain.config import Backend, Precision, derive, load_config, precision_name, save_config, to_dict
 from medfm.pretrain.data import EpochLoader, build_loader, dataset_size, open_source, sample_seed
 from medfm.pretrain.engine import Schedules, build_optimizer, train
 from medfm.pretrain.errors import ConfigError, DistributedFailure, Preempted, TrainingDiverged, run_command
@@ -183,7 +183,7 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         cfg.derived.normalization = OmegaConf.select(saved, "derived.normalization")
     saved_precision = OmegaConf.select(saved, "train.precision") if saved is not None else None
     if cfg.train.precision == Precision.auto and saved_precision not in (None, Precision.auto.value):
-        cfg.train.precision = Precision(saved_precision)
+        cfg.train.precision = Precision(precision_name(saved_precision))  # a run saved by an earlier version: no
         adopted.append(f"train.precision={saved_precision}")
     return [f"resuming: {' and '.join(adopted)} as the run started"] if adopted else []
 

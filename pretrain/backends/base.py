@@ -123,7 +123,7 @@ def use_channels_last(cfg: DictConfig, method: nn.Module, device: torch.device) 
 
 def set_speed_settings(device: torch.device, cudnn_benchmark: bool = True) -> None:
     """GPU settings every medfm command uses: TF32 for fp32 matmuls and convolutions on Ampere and later (fp32
-    work that autocast leaves, and ``precision: no`` runs), cuDNN autotuning (fixed input sizes)."""
+    work that autocast leaves, and ``precision: fp32`` runs), cuDNN autotuning (fixed input sizes)."""
     if device.type != "cuda":
         return
     torch.set_float32_matmul_precision("high")

@@ -36,12 +36,12 @@ def clean_env(monkeypatch):
 
 
 def test_precision_auto_defers_to_accelerate_and_an_explicit_value_wins(clean_env) -> None:
-    assert dist.resolve_precision("auto") == ("no", "precision no (train.precision=auto: no Accelerate setting: fp32)")
+    assert dist.resolve_precision("auto") == ("fp32", "precision fp32 (train.precision=auto: no Accelerate setting)")
     clean_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     value, note = dist.resolve_precision("auto")
     assert value == "bf16" and "Accelerate config" in note
-    value, note = dist.resolve_precision("no")
-    assert value == "no" and "the Accelerate setting bf16 is not used" in note
+    value, note = dist.resolve_precision("no")  # Accelerate's word: an alias of fp32
+    assert value == "fp32" and "the Accelerate setting bf16 is not used" in note
 
 
 def test_precision_auto_is_bf16_on_a_gpu_that_supports_it(clean_env, monkeypatch) -> None:
@@ -51,9 +51,9 @@ def test_precision_auto_is_bf16_on_a_gpu_that_supports_it(clean_env, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
     assert dist.resolve_precision("auto") == ("bf16", "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)")  # fmt: skip
-    assert dist.resolve_precision("no")[0] == "no"
+    assert dist.resolve_precision("fp32")[0] == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # V100, T4
-    assert dist.resolve_precision("auto")[0] == "no"
+    assert dist.resolve_precision("auto")[0] == "fp32"
 
 
 def test_a_run_records_the_precision_accelerate_chose(tiny, tmp_path: Path, clean_env) -> None:
@@ -88,7 +88,7 @@ def test_an_explicit_backend_wins_over_the_accelerate_config(tiny, tmp_path: Pat
     accelerator, notes = dist.make_accelerator(cfg)
     assert not uses_deepspeed(accelerator) and accelerator.mixed_precision == "no"
     assert "dist.backend=ddp: the Accelerate config's DeepSpeed settings are not used" in notes
-    assert "precision no (train.precision=no; the Accelerate setting bf16 is not used)" in notes
+    assert "precision fp32 (train.precision=fp32; the Accelerate setting bf16 is not used)" in notes
 
 
 def test_accelerate_settings_that_contradict_the_config_name_the_key(tiny, tmp_path: Path, clean_env) -> None:
@@ -202,3 +202,13 @@ def test_configs_of_earlier_versions_still_load(tiny, tmp_path: Path) -> None:
     saved = {"method": "simclr", "logging": {"tensorboard": True}, "train": {"run_dir": str(tmp_path)},
              "data": {"spec": "x"}}  # fmt: skip
     assert list(run_config(saved, "old/config.yaml").logging.trackers) == ["tensorboard"]
+
+
+@pytest.mark.parametrize("written", ["train.precision=no", "train.precision='no'", "train.precision=NO", "train.precision=fp32"])  # fmt: skip
+def test_precision_fp32_and_its_alias_no(written, tiny, tmp_path: Path, clean_env) -> None:
+    """``no`` (Accelerate's word; bare, YAML reads it as false) is fp32, and the run's config says fp32."""
+    cfg = load_config(None, [*tiny("simclr", tmp_path), written])
+    assert cfg.train.precision.value == "fp32"
+    accelerator, notes = dist.make_accelerator(cfg)
+    assert accelerator.mixed_precision == "no" and "precision fp32 (train.precision=fp32)" in notes
+    dist.shutdown(accelerator)
