@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
+
+from medfm.cli import main as medfm
 from medfm.data_shards.codec import match_channels, pixels_to_tensor
 from medfm.data_shards.dicom import DicomFile
 from medfm.data_shards.manifest import Manifest
 from medfm.data_shards.records import ReadOptions
 from medfm.data_shards.stream import ShardStream
-from torchvision.transforms import v2
-
-from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import default_collate
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.backends import backend_for
 from medfm.pretrain.config import derive, load_config
@@ -54,7 +56,6 @@ from medfm.pretrain.engine import Schedules, build_optimizer, train
 from medfm.pretrain.host_syncs import HostSyncCounter
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.monitor import Monitor
-from torch.utils.data import default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {  # distill is left out: it needs a teacher model on disk

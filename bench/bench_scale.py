@@ -38,8 +38,9 @@ SETTINGS = [  # name, processes, overrides
 
 def worker(out: Path, overrides: list[str]) -> int:
     """One rank: run ``medfm pretrain``, then record this process's peak memory."""
-    import medfm.pretrain.main as entry
     import torch
+
+    import medfm.pretrain.main as entry
 
     peak: dict = {}
     real_train = entry.train

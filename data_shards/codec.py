@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from medfm.data_shards.errors import ConfigError, InputError
 from PIL import Image
 from scipy.fft import dctn
+
+from medfm.data_shards.errors import ConfigError, InputError
 
 # zlib level 3 writes ~3x faster than the default 6 for a few % larger medical PNGs; decoding speed is the same.
 PNG_COMPRESS_LEVEL = 3

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from medfm.data_shards.errors import ConfigError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.tag import Tag
+
+from medfm.data_shards.errors import ConfigError
 
 from .records import Image2D, ReadOptions, SkipInput, SkippedPart, check_pixel_budget, relative_source
 from .windows import (

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 from medfm.data_shards.errors import InputError
 from medfm.data_shards.records import Image2D, InputUnit, ReadOptions, SkipInput, check_pixel_budget, relative_source
 from medfm.data_shards.windows import to_pixels
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPZ_SPLITS = ("train", "val", "test")

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from medfm.data_shards.manifest import Manifest
-from medfm.data_shards.stream import SampleDamaged, ShardDamaged, read_shard, sample_pixels, sample_record, shard_paths
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from medfm.data_shards.manifest import Manifest
+from medfm.data_shards.stream import SampleDamaged, ShardDamaged, read_shard, sample_pixels, sample_record, shard_paths
 
 TILE = 160
 MAX_SHARDS_SCANNED = 16  # reservoir-sample from at most this many shards so inspect stays quick on huge sets

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
 from medfm.data_shards.codec import file_sha256
 from medfm.data_shards.errors import EXIT_CONFIG, MedfmError
 from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest

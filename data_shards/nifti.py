@@ -39,6 +39,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
 from medfm.data_shards.errors import ConfigError
 from medfm.data_shards.records import Image2D, ReadOptions, SkipInput, check_pixel_budget
 from medfm.data_shards.windows import (
@@ -49,8 +52,6 @@ from medfm.data_shards.windows import (
     to_pixels,
     window_label,
 )
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

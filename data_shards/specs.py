@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
+
 from medfm.data_shards.codec import UNLABELED, label_value, match_channels, pixels_to_tensor
 from medfm.data_shards.errors import ConfigError, InputError, MissingInputError
 from medfm.data_shards.manifest import Manifest
 from medfm.data_shards.records import ReadOptions, SkipInput
 from medfm.data_shards.stream import ShardStream, is_remote
-from torch.utils.data import Dataset
 
 SPEC_KINDS = ("shards", "medmnist", "imagefolder", "csv")
 

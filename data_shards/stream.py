@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
 from medfm.data_shards.codec import content_hash, decode_pixels, label_value, match_channels, pixels_to_tensor
 from medfm.data_shards.errors import InputError, MissingInputError, ShardError
 from medfm.data_shards.manifest import Manifest, ManifestError
-from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTENSIONS = ("png", "npy")
 # Training stops once the damaged shards' listed samples plus the rejected samples pass this share of the shard

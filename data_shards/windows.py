@@ -6,9 +6,10 @@ All functions map to float32 in [0, 1]; :func:`quantize` turns that into the sto
 from __future__ import annotations
 
 import numpy as np
-from medfm.data_shards.errors import ConfigError
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_windowing
+
+from medfm.data_shards.errors import ConfigError
 
 # Common radiology windows as (center, width) in Hounsfield units.
 NAMED_WINDOWS: dict[str, tuple[float, float]] = {

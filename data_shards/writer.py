@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
+
 from medfm.data_shards.codec import CODECS, content_hash, encode_pixels, file_sha256, hamming, perceptual_hash
 from medfm.data_shards.discover import PlanFile
 from medfm.data_shards.errors import ConfigError, DiskFull, ShardError
@@ -43,7 +45,6 @@ from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest
 from medfm.data_shards.outputs import LOCK_NAME, disk_full, is_disk_full
 from medfm.data_shards.records import ALLOWED_META_KEYS, InputUnit, ReadOptions, SkipInput, SkippedPart
 from medfm.data_shards.workers import init_worker
-from tqdm import tqdm
 
 JOURNAL = ".progress.jsonl"
 PLAN = ".plan.jsonl"  # the planned inputs of an unfinished run (discover.PlanWriter): --resume does not rescan

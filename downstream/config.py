@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING, DictConfig, OmegaConf
+
 from medfm.pretrain.backbones import POOLINGS
 from medfm.pretrain.config import (
     AT_LEAST_ONE,
@@ -22,7 +24,6 @@ from medfm.pretrain.config import (
     load_structured,
     within,
 )
-from omegaconf import MISSING, DictConfig, OmegaConf
 
 PROTOCOLS = ("knn", "linear", "robustness_index")
 INITS = ("release", "random", "baseline")

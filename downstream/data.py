@@ -28,6 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, IterableDataset, Subset
+
 from medfm.data_shards.errors import ConfigError, InputError
 from medfm.data_shards.images import (
     CSV_PATH_COLUMNS,
@@ -40,10 +45,6 @@ from medfm.data_shards.images import (
 from medfm.data_shards.records import ReadOptions, SkipInput
 from medfm.data_shards.specs import MedMNISTDataset, UnitImageDataset, open_dataset, parse_spec
 from medfm.data_shards.stream import read_manifest_at
-from sklearn.model_selection import train_test_split
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import Dataset, IterableDataset, Subset
 
 SPLITS = ("train", "val", "test")
 _SHOWN = 5  # files / classes named in one message

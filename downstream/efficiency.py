@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from medfm.downstream.data import stratified_take
 from medfm.pretrain.errors import ConfigError
-from torch import Tensor
 
 
 def _strata(labels: Tensor) -> np.ndarray:

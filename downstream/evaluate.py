@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
 from medfm.data_shards.outputs import lock_folder
 from medfm.downstream import report
 from medfm.downstream.config import save_config, to_dict
@@ -39,8 +42,6 @@ from medfm.downstream.robustness import Corruption, corruption_rows
 from medfm.downstream.sites import per_site_rows, robustness_index, sample_sites
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.knn import feature_precision, knn_scores
-from omegaconf import DictConfig
-from torch import Tensor, nn
 
 Scorer = Callable[[Tensor], Tensor]  # features (N, D) -> scores (N, C)
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from medfm.data_shards.outputs import disk_full, is_disk_full
-from medfm.pretrain import knn
-from medfm.pretrain.backbones import feature_function
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from medfm.data_shards.outputs import disk_full, is_disk_full
+from medfm.pretrain import knn
+from medfm.pretrain.backbones import feature_function
 
 
 @dataclass(frozen=True)

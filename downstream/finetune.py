@@ -25,6 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
 from medfm.downstream import report
 from medfm.downstream.config import save_config, to_dict
 from medfm.downstream.data import EvalTransform, Task, checked_task, class_names_of, open_split, split_labels
@@ -43,12 +50,6 @@ from medfm.pretrain.errors import ConfigError, InputError
 from medfm.pretrain.monitor import strict_json
 from medfm.pretrain.schedules import cosine_schedule, derive_steps
 from medfm.pretrain.transforms import MedicalAugment, augment_from_section, scale_blur_sigma
-from omegaconf import DictConfig
-from safetensors.torch import save_file
-from timm.models import group_parameters
-from timm.optim import param_groups_layer_decay
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 # Per-run checkpoints (``OUT_DIR/.checkpoints/<init>[/<budget>-seed<k>]``): a killed ``medfm finetune`` run again
 # with the same command resumes each run where it was checkpointed; removed once every result is written.

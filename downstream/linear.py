@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from medfm.downstream.data import Task
 from medfm.downstream.metrics import classification_metrics
-from torch import Tensor, nn
 
 DINOV2_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))  # scikit-learn's C, as dinov2's log_regression.py
 C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 12))  # the default: DINOv2's range, one value per decade

@@ -22,11 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.release import LoadError, Release, check_keys, read_release
 from medfm.pretrain.weights import fit_state_dict, read_init
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ import math
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
 from medfm.downstream.data import Task
 from medfm.pretrain.release import SUMMARY_KEYS  # the headline metrics, defined once with the results-file format
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 
 def _auc(truth: np.ndarray, score: np.ndarray) -> float:

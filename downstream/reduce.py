@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from medfm.data_shards.codec import file_sha256, match_channels, pixels_to_tensor
 from medfm.data_shards.errors import ConfigError, InputError
 from medfm.data_shards.manifest import FORMAT, MANIFEST, Manifest
@@ -51,7 +53,6 @@ from medfm.downstream.load import load_backbone
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.knn import feature_autocast
 from medfm.pretrain.weights import read_init
-from tqdm.auto import tqdm
 
 METHODS = ("kcenter", "random")
 INHERITED_TOTALS = ("inputs_planned", "inputs_read", "inputs_skipped", "duplicates_exact", "duplicates_near")

@@ -23,11 +23,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score, roc_curve
+
 from medfm.downstream.data import Task
 from medfm.downstream.metrics import SUMMARY_KEYS
 from medfm.pretrain.release import write_results_summary
-from sklearn.decomposition import PCA
-from sklearn.metrics import roc_auc_score, roc_curve
 
 MAX_EMBEDDING_POINTS = 5000
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from medfm.pretrain.errors import ConfigError
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
+
+from medfm.pretrain.errors import ConfigError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 _NOISE_STD = (0.04, 0.06, 0.08, 0.10, 0.12)

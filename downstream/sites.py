@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from medfm.data_shards.errors import ConfigError, InputError
 from medfm.data_shards.images import csv_rows
 from medfm.data_shards.specs import parse_spec
 from medfm.data_shards.stream import open_shard_set, read_shard, sample_record
-from torch import Tensor
 
 SOURCE_FORMS = "csv (the site column of a csv: spec), level:N, meta:FIELD or file:SITES.csv"
 _SHOWN = 5

@@ -21,10 +21,11 @@ from typing import Any
 
 import timm
 import torch
-from medfm.pretrain.errors import ConfigError, InputError
 from timm.layers import DropPath
 from timm.models import ResNet, VisionTransformer
 from torch import Tensor, nn
+
+from medfm.pretrain.errors import ConfigError, InputError
 
 # timm kwargs only models with a fixed token grid take; size-agnostic models (CNNs) reject them.
 _SIZE_KWARGS = ("img_size", "dynamic_img_size")

@@ -33,9 +33,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from torch import nn
+
 from medfm.data_shards.outputs import disk_full, is_disk_full
 from medfm.pretrain.errors import ConfigError, MedfmError, TrainingDiverged
-from torch import nn
 
 VERSION = 1
 LAST = "last.pt"
@@ -259,14 +260,15 @@ def load_newest_readable(run_dir: str | Path) -> tuple[Path, dict[str, Any], lis
     for path in resume_candidates(run_dir):
         try:
             return path, load_checkpoint(path), notes
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" not in str(err):  # garbage bytes read as a legacy pickle: damage, not code
+        except pickle.UnpicklingError:
+            unsafe = unsafe_globals(path)
+            if not unsafe:  # garbage bytes read as a legacy pickle: damage, not code
                 notes.append(f"{path} is unreadable (not a checkpoint); trying an older checkpoint")
                 continue
-            reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or ["?"])[0]
             raise ConfigError(
                 f"config key 'train.run_dir': {path} holds pickled objects other than tensors and plain values "
-                f"({reason}); medfm resumes with weights_only=True only. Move the file away or use another run_dir"
+                f"({', '.join(unsafe[:3])}); medfm resumes with weights_only=True only. Move the file away or use "
+                "another run_dir"
             ) from None
         except _UNREADABLE as err:
             first_line = (str(err).splitlines() or ["empty or truncated"])[0][:120]
@@ -274,6 +276,15 @@ def load_newest_readable(run_dir: str | Path) -> tuple[Path, dict[str, Any], lis
     if notes:
         raise CheckpointError(f"{run_dir}: no readable checkpoint: " + "; ".join(notes))
     return None
+
+
+def unsafe_globals(path: str | Path) -> list[str]:
+    """The classes / functions a torch file would need pickle for (``weights_only=True`` refuses them), read
+    without running the file; [] for a file that is not a torch zip file at all (damage)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip / not a pickle: whatever it raises, the file is damaged, not code
+        return []
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

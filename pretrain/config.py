@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError, OmegaConfBaseException
+
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.schedules import derive_steps
 from medfm.pretrain.weights import source_normalization
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationValidationError, OmegaConfBaseException
 
 
 @dataclass(frozen=True)

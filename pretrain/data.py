@@ -18,10 +18,11 @@ from itertools import islice
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
 from medfm.data_shards.codec import match_channels
 from medfm.data_shards.specs import open_dataset
 from medfm.data_shards.stream import DamageLedger, ShardStream
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 ViewsTransform = Callable[[torch.Tensor], list[torch.Tensor]]
 

@@ -33,11 +33,12 @@ import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from omegaconf import DictConfig
+
 from medfm.pretrain.backends.deepspeed import deepspeed_config, deepspeed_file_precision
 from medfm.pretrain.config import Backend, Precision, precision_name
 from medfm.pretrain.errors import EXIT_DISTRIBUTED, ConfigError, DistributedFailure
 from medfm.pretrain.monitor import offline_tracker_defaults
-from omegaconf import DictConfig
 
 __all__ = ["EXIT_DISTRIBUTED", "DistributedFailure", "make_accelerator", "shutdown"]
 

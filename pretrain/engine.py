@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from lightly.utils.lars import LARS
+from omegaconf import DictConfig
+from torch import nn
+
 from medfm.pretrain.backends import TrainingBackend
 from medfm.pretrain.config import OptimizerName
 from medfm.pretrain.data import EpochLoader
@@ -33,8 +36,6 @@ from medfm.pretrain.errors import ConfigError, Preempted, TrainingDiverged
 from medfm.pretrain.monitor import Monitor, effective_rank, embedding_std
 from medfm.pretrain.preemption import StopRequest
 from medfm.pretrain.schedules import cosine_schedule
-from omegaconf import DictConfig
-from torch import nn
 
 
 @dataclass

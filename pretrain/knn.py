@@ -8,12 +8,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
 from medfm.data_shards.codec import match_channels
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.distributed import gpu_supports_bf16
 from medfm.pretrain.errors import ConfigError, InputError
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 
 def feature_precision(device: torch.device | str) -> str:

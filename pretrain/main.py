@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import IterableDataset
+
 from medfm.data_shards.errors import FolderInUse, MissingInputError
 from medfm.data_shards.outputs import FolderLock, lock_folder
 from medfm.pretrain import checkpoint as ckpt
@@ -47,8 +50,6 @@ from medfm.pretrain.preemption import StopRequest
 from medfm.pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
 from medfm.pretrain.supervise import report_run_dir
 from medfm.pretrain.weights import file_sha256, init_weights_path
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import IterableDataset
 
 
 def pretrain(config: str | Path | None, overrides: list[str]) -> int:

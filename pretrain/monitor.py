@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 from lightly.utils.debug import std_of_l2_normalized
-from medfm.data_shards.outputs import disk_full, is_disk_full
 from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
+
+from medfm.data_shards.outputs import disk_full, is_disk_full
 
 
 @torch.no_grad()

@@ -63,6 +63,11 @@ from typing import Any
 import timm
 import torch
 from huggingface_hub import EvalResult, ModelCardData
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
 from medfm.data_shards.outputs import disk_full, interrupting_signals, is_disk_full, lock_folder
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backbones import MODULE_PREFIX, SMALL_IMAGE_STEM, build_backbone, is_vit, use_small_image_stem
@@ -85,10 +90,6 @@ from medfm.pretrain.weights import (
     safe_torch_load,
     weights_in,
 )
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
 
 CARD_NAME = "README.md"
 RELEASE_DIR = "release"  # what a finished pretraining run writes in its run directory

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from medfm.pretrain.errors import ConfigError
 from omegaconf import DictConfig
+
+from medfm.pretrain.errors import ConfigError
 
 
 def cosine_schedule(

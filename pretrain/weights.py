@@ -29,15 +29,16 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv  # exported by timm.models (public) since timm 0.9
+from torch import Tensor, nn
+
 from medfm.data_shards.codec import file_sha256
 from medfm.pretrain import backbones
 from medfm.pretrain.backbones import MODULE_PREFIX
 from medfm.pretrain.errors import ReleaseError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed
-from timm.models._manipulate import adapt_input_conv
-from torch import Tensor, nn
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 from accelerate import Accelerator
+from omegaconf import DictConfig
+
 from medfm.pretrain.backends.base import TrainingBackend
 from medfm.pretrain.backends.deepspeed import DeepSpeedBackend, uses_deepspeed
-from omegaconf import DictConfig
 
 __all__ = ["DeepSpeedBackend", "TrainingBackend", "backend_for"]
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from medfm.pretrain import checkpoint as ckpt
 from omegaconf import DictConfig
 from timm.layers import convert_sync_batchnorm
 from torch import nn
+
+from medfm.pretrain import checkpoint as ckpt
 
 if TYPE_CHECKING:
     from medfm.pretrain.release import RunBackbone

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from omegaconf import DictConfig
+from torch import nn
+
 from medfm.pretrain.backends.base import TrainingBackend
 from medfm.pretrain.backends.zero_checkpoint import DeepSpeedStore
 from medfm.pretrain.config import Backend, Precision
 from medfm.pretrain.errors import ConfigError
-from omegaconf import DictConfig
-from torch import nn
 
 if TYPE_CHECKING:
     from medfm.pretrain.release import RunBackbone

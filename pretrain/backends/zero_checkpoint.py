@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from medfm.pretrain.checkpoint import VERSION, atomic_save, first_nonfinite, nonfinite_message
-from medfm.pretrain.errors import ConfigError, MissingInputError, ReleaseError, TrainingDiverged
 from torch import nn
+
+from medfm.pretrain.checkpoint import VERSION, atomic_save, first_nonfinite, nonfinite_message, unsafe_globals
+from medfm.pretrain.errors import ConfigError, MissingInputError, ReleaseError, TrainingDiverged
 
 DEEPSPEED_TAG = "zero"  # sub-folder of a checkpoint directory that DeepSpeed writes
 META = "medfm.pt"  # our part of a DeepSpeed checkpoint: step, data position, RNG, config, EMA modules
 LAST_DIR = "last"  # symlink to the newest DeepSpeed checkpoint directory
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load's documented override of its weights_only argument
 
 
 def _rank0_then_all(accelerator: Any, fn: Callable[[], object]) -> None:
@@ -139,27 +141,32 @@ def _deepspeed_safe_globals() -> list[Any]:
 def weights_only_loads(where: Path) -> Iterator[None]:
     """Every ``torch.load`` inside (DeepSpeed's zero_to_fp32 included, which asks for ``weights_only=False``) runs
     with ``weights_only=True``: tensors, plain values and DeepSpeed's own record types only. A file that needs
-    anything else is refused with a ReleaseError naming it, before any of its code could run."""
-    original = torch.load
+    anything else is refused with a ReleaseError naming it and what it needs, before any of its code could run.
 
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        try:
-            return original(*args, **kwargs)
-        except pickle.UnpicklingError as err:
-            reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or ["?"])[0]
-            file = args[0] if args else kwargs.get("f", where)
-            raise ReleaseError(
-                f"{file}: refused to unpickle it ({reason}); medfm reads DeepSpeed checkpoints with "
-                "weights_only=True only, so a checkpoint from elsewhere cannot run code on export"
-            ) from None
-
-    torch.load = load
+    torch's documented switch ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (read on every ``torch.load``) overrides the
+    ``weights_only=False`` that zero_to_fp32 passes; DeepSpeed has no argument for it.
+    ``tests/downstream/test_export.py`` (a checkpoint whose unpickling would leave a marker file) catches a torch
+    that stops reading the variable."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             yield
+    except pickle.UnpicklingError:
+        safe = {f"{g.__module__}.{g.__name__}" for g in _deepspeed_safe_globals()}
+        needs = {file: [g for g in unsafe_globals(file) if g not in safe] for file in sorted(Path(where).rglob("*.pt"))}  # fmt: skip
+        named = "; ".join(f"{file} needs {', '.join(found[:3])}" for file, found in needs.items() if found) or str(
+            where
+        )
+        raise ReleaseError(
+            f"refused to unpickle the checkpoint ({named}): medfm reads DeepSpeed checkpoints with weights_only=True "
+            "only, so a checkpoint from elsewhere cannot run code on export"
+        ) from None
     finally:
-        torch.load = original
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:

@@ -23,6 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
 from medfm.pretrain.backbones import build_backbone, is_vit, use_uniform_drop_path
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.schedules import LINEAR_256, LrScaling, cosine_schedule, epochs_to_steps, linear_warmup_schedule
@@ -35,8 +38,6 @@ from medfm.pretrain.transforms import (
     scale_blur_sigma,
 )
 from medfm.pretrain.weights import load_init, source_normalization
-from omegaconf import DictConfig
-from torch import Tensor, nn
 
 
 class SSLMethod(nn.Module):

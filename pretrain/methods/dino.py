@@ -22,6 +22,10 @@ from lightly.loss import DINOLoss
 from lightly.loss.capi_loss import sinkhorn_knopp as capi_sinkhorn_knopp
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn import functional as F
+
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
 from medfm.pretrain.methods.base import (
@@ -36,9 +40,6 @@ from medfm.pretrain.methods.base import (
     teacher_schedules,
 )
 from medfm.pretrain.transforms import MultiView
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 NUM_GLOBAL_CROPS = 2
 

@@ -33,6 +33,11 @@ import torch
 from lightly.loss import IBOTPatchLoss, KoLeoLoss
 from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
 from lightly.models.utils import deactivate_requires_grad, random_block_mask_image, update_momentum
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import default_collate
+
 from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
@@ -50,10 +55,6 @@ from medfm.pretrain.methods.base import (
 from medfm.pretrain.methods.dino import Centering, dino_loss, sinkhorn_knopp_teacher
 from medfm.pretrain.schedules import SQRT_1024
 from medfm.pretrain.transforms import MultiView
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import default_collate
 
 NUM_GLOBAL_CROPS = 2
 

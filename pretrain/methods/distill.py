@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config, outside_autocast
@@ -45,8 +48,6 @@ from medfm.pretrain.weights import (
     resolve_source,
     source_normalization,
 )
-from omegaconf import DictConfig
-from torch import Tensor, nn
 
 LOSSES = ("queue_kl", "cosine", "mse")
 AUTO = "auto"

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchvision.utils import make_grid
+
 from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
 from medfm.pretrain.transforms import MultiView
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torchvision.utils import make_grid
 
 
 @dataclass

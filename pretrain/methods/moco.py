@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils import dist
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
 from medfm.pretrain.backbones import is_vit, pooled_features
 from medfm.pretrain.methods.base import (
     SSLMethod,
@@ -30,8 +33,6 @@ from medfm.pretrain.methods.base import (
 )
 from medfm.pretrain.schedules import cosine_schedule
 from medfm.pretrain.transforms import MultiView
-from omegaconf import DictConfig
-from torch import Tensor, nn
 
 
 def mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, last_bn: bool) -> ProjectionHead:

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
 from medfm.pretrain.transforms import MultiView
-from omegaconf import DictConfig
-from torch import Tensor, nn
 
 
 @dataclass

@@ -22,14 +22,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-from medfm.pretrain.backbones import is_vit
-from medfm.pretrain.errors import ConfigError
-from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
-from medfm.pretrain.transforms import MultiView
 from omegaconf import DictConfig
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 from torchvision.utils import make_grid
+
+from medfm.pretrain.backbones import is_vit
+from medfm.pretrain.errors import ConfigError
+from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
+from medfm.pretrain.transforms import MultiView
 
 DENSIFY_NORMS = ("auto", "bn", "ln", "none")
 

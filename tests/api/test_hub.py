@@ -13,10 +13,10 @@ import httpx2
 import pytest
 from huggingface_hub import ModelCard, constants, set_client_factory
 from huggingface_hub.utils import _http
-from medfm.pretrain.main import pretrain
-from medfm.pretrain.release import hub_base_model, write_results_summary
 
 from medfm.cli import main
+from medfm.pretrain.main import pretrain
+from medfm.pretrain.release import hub_base_model, write_results_summary
 
 
 @pytest.fixture(scope="module")

@@ -140,9 +140,8 @@ def test_a_module_that_fails_on_the_input_is_a_config_error(tmp_path: Path, pneu
 
 
 def test_section_arguments_and_dotted_keys_merge_at_every_depth() -> None:
-    from medfm.pretrain.config import nested
-
     from medfm.api import _downstream_values
+    from medfm.pretrain.config import nested
 
     assert nested({"a.b.c": 1, "a": {"b": {"d": 2}}}) == {"a": {"b": {"c": 1, "d": 2}}}
     given = _downstream_values({"inits": ["release", "random"]}, {"spec": "medmnist:x.npz", "batch_size": 8}, "o", {})

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from medfm.data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
-from medfm.data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
+
+from medfm.data_shards.dicom import DicomFile, DicomSeries, group_dicom_files, is_dicom
+from medfm.data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput, SkippedPart
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Bundled with pydicom. get_testdata_file() would try the network for files that are not bundled.

@@ -256,10 +256,11 @@ class KillsItsReader:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers, monkeypatch):
+    from PIL import Image
+
     from medfm.data_shards import discover
     from medfm.data_shards.images import ImageFile
     from medfm.data_shards.writer import ShardConfig, ShardWriter, prepare_folder
-    from PIL import Image
 
     for kind in (StuckInCode, KillsItsReader):  # the plan file names unit types
         monkeypatch.setitem(discover._UNIT_TYPES, kind.__name__, kind)

@@ -12,9 +12,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from medfm.data_shards.discover import Part
 
 from medfm.cli import main
+from medfm.data_shards.discover import Part
 
 REPO = Path(__file__).resolve().parents[2]
 

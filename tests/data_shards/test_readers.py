@@ -8,11 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
+
 from medfm.data_shards.images import ImageFile, NpzChunk, csv_rows, csv_units, imagefolder_units, npz_units
 from medfm.data_shards.nifti import NiftiFile, is_nifti
 from medfm.data_shards.records import ALLOWED_META_KEYS, ReadOptions, SkipInput
 from medfm.data_shards.windows import apply_window, quantize
-from PIL import Image
 
 BRAIN_FOLDER = Path("imagefolder/brain_tumor_mri_4class")
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from medfm.data_shards.specs import parse_spec
-from medfm.data_shards.stream import ShardStream
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from medfm.cli import main
+from medfm.data_shards.specs import parse_spec
+from medfm.data_shards.stream import ShardStream
 
 
 def write_images(folder: Path, count: int, size: int = 32, seed: int = 0) -> None:

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from medfm.data_shards.manifest import Manifest
-from medfm.downstream.config import to_dict
-from medfm.pretrain.errors import ConfigError
 
 from medfm.benchmark import (
     ablation_rows,
@@ -21,6 +18,9 @@ from medfm.benchmark import (
     plan_steps,
 )
 from medfm.cli import main as medfm
+from medfm.data_shards.manifest import Manifest
+from medfm.downstream.config import to_dict
+from medfm.pretrain.errors import ConfigError
 
 
 def write_config(tmp_path: Path, tiny_overrides, make_npz, finetune: bool = True) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from medfm.downstream.cli import add_parser, main
 from medfm.downstream.config import EvalConfig, FinetuneConfig, load_config
 from medfm.pretrain.config import ConfigError

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from medfm.downstream.config import EvalConfig, load_config
 from medfm.downstream.data import open_split, plan_unit_splits
 from medfm.downstream.evaluate import run_eval
@@ -145,6 +146,7 @@ def test_a_general_purpose_baseline_beside_the_release_and_random_init(
 
 def test_the_weights_checksum_covers_0_dim_buffers_of_batchnorm_models():
     import torch
+
     from medfm.downstream.features import state_checksum
     from medfm.pretrain.backbones import build_backbone
 

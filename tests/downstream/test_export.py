@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.config import derive, load_config, to_dict
 from medfm.pretrain.export import export_run
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.release import RESULTS_NAME, ExportError, data_summary, load_run, write_results_summary
-from safetensors.torch import load_file
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -207,5 +208,7 @@ def test_exporting_a_deepspeed_run_never_runs_pickled_code(tmp_path, capsys):
     code = medfm(["export", str(tmp_path / "run"), "--out", str(tmp_path / "release")])
     assert not marker.exists(), "exporting the run executed code from its checkpoint"
     assert code == 1
-    assert "refused to unpickle" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refused to unpickle" in err
+    assert "mp_rank_00_model_states.pt needs" in err and "getattr" in err  # the file and what it needs, named
     assert not (tmp_path / "release").exists() or not any((tmp_path / "release").iterdir())

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
+
 from medfm.downstream.config import FinetuneConfig, load_config
 from medfm.downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
 from medfm.downstream.load import load_backbone
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
-from safetensors.torch import load_file
 
 
 def test_layer_wise_lr_decay_scales_by_depth(tiny_release: Path):
@@ -186,8 +187,9 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
 
 
 def test_the_fine_tuning_blur_sigma_is_given_at_224_px_and_scaled_to_the_input():
-    from medfm.downstream.finetune import finetune_augment
     from torchvision.transforms import v2
+
+    from medfm.downstream.finetune import finetune_augment
 
     cfg = load_config(FinetuneConfig, None, ["backbone.path=x", "data.spec=x", "out_dir=x", "augment.blur_prob=1.0"])
     blurs = {size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]

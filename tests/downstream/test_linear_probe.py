@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+
 from medfm.downstream.data import Task
 from medfm.downstream.linear import C_GRID, DINOV2_C_GRID, fit_linear_probe, select_linear_probe, weight_decay_for_c
-from sklearn.linear_model import LogisticRegression
 
 BINARY = Task("binary", ("normal", "abnormal"))
 FOUR_CLASSES = Task("multiclass", ("a", "b", "c", "d"))

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+
 from medfm.downstream.load import LoadError, build_model, load_backbone, load_weights, read_release
 from medfm.pretrain.backbones import build_backbone, pooled_features
 from medfm.pretrain.release import ExportError, check_keys, load_run
-from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
+
 from medfm.downstream.data import Task
 from medfm.downstream.metrics import classification_metrics, summary
-from sklearn import metrics as skm
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+
 from medfm.downstream.data import Task, stratified_split
 from medfm.downstream.efficiency import label_subset, mean_std
 from medfm.downstream.linear import C_GRID, class_weight_tensor, fit_linear_probe, select_linear_probe
 from medfm.downstream.robustness import CORRUPTIONS, SEVERITIES, Corruption
 from medfm.pretrain.knn import knn_scores
-from sklearn.linear_model import LogisticRegression
 
 
 def dino_knn_reference(train, train_labels, test, num_classes, k, t):

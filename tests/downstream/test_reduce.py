@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from medfm.cli import main
 from medfm.data_shards.manifest import Manifest
 from medfm.data_shards.stream import open_shard_set, read_shard, sample_record
 from medfm.downstream.reduce import kcenter_order, kept_per_cluster
-
-from medfm.cli import main
 
 
 def test_kcenter_order_picks_the_farthest_and_its_gains_fall():

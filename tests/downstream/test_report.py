@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.decomposition import PCA
+
 from medfm.downstream.data import Task
 from medfm.downstream.metrics import classification_metrics, summary
 from medfm.downstream.report import markdown, pca_2d, write_results
-from sklearn.decomposition import PCA
 
 
 def test_undefined_metrics_are_null_in_json_and_explained_in_markdown(tmp_path):

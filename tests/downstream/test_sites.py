@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from medfm.cli import main
 from medfm.data_shards.errors import ConfigError, InputError
 from medfm.downstream.config import EvalConfig, load_config
 from medfm.downstream.data import class_names_of, split_label_lists
 from medfm.downstream.sites import robustness_index, sample_sites
-from PIL import Image
-
-from medfm.cli import main
 
 
 def naive_index(features: np.ndarray, labels: np.ndarray, sites: list[str], k: int) -> tuple[int, int, float]:

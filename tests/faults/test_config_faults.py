@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from medfm.downstream.config import EvalConfig, FinetuneConfig
-from medfm.downstream.config import load_config as load_downstream_config
-from medfm.pretrain.config import ConfigError, load_config, tracker_installed
 
 from medfm.benchmark import load_quality_config
 from medfm.cli import main as medfm
+from medfm.downstream.config import EvalConfig, FinetuneConfig
+from medfm.downstream.config import load_config as load_downstream_config
+from medfm.pretrain.config import ConfigError, load_config, tracker_installed
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ["data.spec=medmnist:x.npz", "train.run_dir=runs/x"]

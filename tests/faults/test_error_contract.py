@@ -11,12 +11,12 @@ import errno
 
 import pytest
 import torch
+
+from medfm.cli import main as medfm
 from medfm.data_shards.errors import ConfigError, InputError, MedfmError, MissingInputError, exit_code
 from medfm.data_shards.manifest import ManifestError
 from medfm.data_shards.merge import MergeError
 from medfm.pretrain.errors import DistributedFailure, Preempted, ReleaseError, TrainingDiverged, run_command
-
-from medfm.cli import main as medfm
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from medfm.data_shards.errors import MedfmError
-from medfm.data_shards.images import csv_units
-from medfm.downstream.data import open_split
 from PIL import Image
 from safetensors.torch import save_file
 
 from medfm.cli import main as medfm
+from medfm.data_shards.errors import MedfmError
+from medfm.data_shards.images import csv_units
+from medfm.downstream.data import open_split
 
 
 @pytest.fixture(scope="module")

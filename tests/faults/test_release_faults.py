@@ -31,12 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from medfm.downstream.load import load_backbone
-from medfm.pretrain.export import export_run
-from medfm.pretrain.release import ExportError, LoadError, write_release
 from safetensors.torch import load_file, save_file
 
 from medfm.cli import main as medfm
+from medfm.downstream.load import load_backbone
+from medfm.pretrain.export import export_run
+from medfm.pretrain.release import ExportError, LoadError, write_release
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from medfm.pretrain import checkpoint as ckpt
-from medfm.pretrain.main import pretrain
 
 from medfm.cli import main as medfm
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.main import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit_tiny_pneumonia28.yaml"
@@ -260,10 +260,11 @@ def test_a_full_disk_while_sharding_keeps_the_complete_shards_and_resume_finishe
 
 
 def test_a_full_disk_while_caching_features_leaves_no_partial_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
     from medfm.data_shards.errors import MedfmError
     from medfm.downstream import features as features_module
     from medfm.downstream.features import FeatureCache, Features
-    from safetensors import SafetensorError
 
     cache = FeatureCache(tmp_path / "cache")
     one = Features(torch.rand(6, 4), torch.arange(6) % 2, tuple(f"k{i}" for i in range(6)))

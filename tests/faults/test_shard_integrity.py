@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from medfm.data_shards.errors import MedfmError
-from medfm.data_shards.manifest import Manifest, ManifestError
-from medfm.data_shards.stream import ShardStream
 from PIL import Image
 
 from medfm.cli import main as medfm
+from medfm.data_shards.errors import MedfmError
+from medfm.data_shards.manifest import Manifest, ManifestError
+from medfm.data_shards.stream import ShardStream
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "mae_vit_tiny_pneumonia28.yaml"
 

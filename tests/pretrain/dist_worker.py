@@ -17,8 +17,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import medfm.pretrain.main as entry
 import torch
+
+import medfm.pretrain.main as entry
 from medfm.pretrain.methods.base import at_step
 
 # EMA module -> the module it follows (DINO, MoCo).

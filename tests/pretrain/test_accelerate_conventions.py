@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from medfm.pretrain import distributed as dist
 from medfm.pretrain.backends.deepspeed import uses_deepspeed, zero_stage
 from medfm.pretrain.config import load_config

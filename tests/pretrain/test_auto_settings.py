@@ -4,11 +4,12 @@ DINO's small-batch momentum, chosen in ``derive``, recorded, and kept on resume.
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
+
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.main import pretrain
 from medfm.pretrain.methods.auto_settings import prototypes, teacher_momentum, teacher_temperatures, warmup_epochs
-from omegaconf import OmegaConf
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import DropPath
+
 from medfm.pretrain.backbones import (
     build_backbone,
     feature_function,
@@ -13,7 +15,6 @@ from medfm.pretrain.backbones import (
     use_uniform_drop_path,
 )
 from medfm.pretrain.errors import ConfigError
-from timm.layers import DropPath
 
 
 @pytest.mark.parametrize(

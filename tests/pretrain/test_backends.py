@@ -19,12 +19,13 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+from torch import nn
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backends import DeepSpeedBackend, TrainingBackend, backend_for
 from medfm.pretrain.backends.base import to_sync_batchnorm, use_channels_last
 from medfm.pretrain.backends.deepspeed import cast_norm_statistics
 from medfm.pretrain.distributed import build_accelerator
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,6 +169,7 @@ def test_train_compile_compiles_the_step_and_keeps_checkpoint_keys(pretrain_over
     """``train.compile=true``: torch.compile (inductor, on CPU here) runs the method's forward; the checkpoint and the
     release have the keys of an eager run, and the run resumes from them."""
     import torch._dynamo
+
     from medfm.pretrain.main import pretrain
 
     spec = f"medmnist:{medmnist('pneumoniamnist')}"

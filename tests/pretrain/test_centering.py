@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.methods import DINO, DINOv2
 from medfm.pretrain.methods.dino import Centering, SinkhornKnoppDINOLoss, sinkhorn_knopp_teacher

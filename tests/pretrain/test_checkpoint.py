@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from medfm.pretrain import checkpoint as ckpt
 
 

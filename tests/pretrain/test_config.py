@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
 from medfm.pretrain.config import ConfigError, derive, load_config, save_config
 from medfm.pretrain.methods import METHODS
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ["data.spec=medmnist:x.npz", "train.run_dir=runs/x"]
@@ -120,10 +121,9 @@ def test_every_224_recipe_builds(recipe):
 
 
 def test_subcommand_parser():
+    from medfm.cli import resolve_handler
     from medfm.pretrain.cli import add_parser
     from medfm.pretrain.main import run
-
-    from medfm.cli import resolve_handler
 
     parser = argparse.ArgumentParser(prog="medfm")
     add_parser(parser.add_subparsers(dest="command"))

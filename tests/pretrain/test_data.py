@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import IterableDataset
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.data import EpochLoader, EpochSampler
 from medfm.pretrain.transforms import MedicalAugment, MultiView
-from torch.utils.data import IterableDataset
 
 
 def test_sampler_is_deterministic_and_splits_ranks():

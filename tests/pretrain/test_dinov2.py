@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.methods import DINOv2
 from medfm.pretrain.methods.dinov2 import BlockMasks, WithBlockMasks, mask_indices
@@ -209,6 +210,7 @@ def test_indexing_with_the_collates_indices_gives_the_boolean_mask_loss_and_grad
 
 def test_ibot_patch_loss_with_given_weights_is_lightlys():
     from lightly.loss import IBOTPatchLoss
+
     from medfm.pretrain.methods.dinov2 import ibot_patch_loss, mask_weights
 
     torch.manual_seed(1)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backbones import build_backbone

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from medfm.pretrain.backends.deepspeed import deepspeed_config, default_deepspeed_config, keep_momentum_outside_engine
 from medfm.pretrain.config import ConfigError, derive, load_config
 from medfm.pretrain.distributed import EXIT_DISTRIBUTED

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.data import EpochLoader
 from medfm.pretrain.engine import Optimization
 from medfm.pretrain.host_syncs import HostSyncCounter, count_host_syncs
 from medfm.pretrain.methods import METHODS
-from torch.utils.data import Dataset
 
 x = torch.arange(12.0).reshape(4, 3)
 mask = torch.tensor([True, False, True, False])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from lightly.utils.lars import LARS
+
 from medfm.pretrain.checkpoint import TorchStore
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.engine import Optimization, build_optimizer, train_step

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss, NTXentLoss
+from torch import nn
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.backbones import build_backbone, pooled_features
 from medfm.pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
 from medfm.pretrain.methods.distill import Distill
 from medfm.pretrain.methods.moco import MoCoV3Loss
 from medfm.pretrain.methods.spark import SparK
-from torch import nn
 
 
 def vit(**kwargs) -> nn.Module:

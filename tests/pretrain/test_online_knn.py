@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.knn import KNNMonitor, knn_accuracy

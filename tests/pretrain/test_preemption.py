@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.preemption import EXIT_REQUEUE
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.knn import KNNMonitor
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 15  # 540 steps of batch 128: ~4 min on 2 free cores, ~9 min on a shared machine

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backends.deepspeed import default_deepspeed_config
 from medfm.pretrain.backends.zero_checkpoint import consolidate_deepspeed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.engine import Schedules
 from medfm.pretrain.schedules import cosine_schedule, linear_warmup_schedule

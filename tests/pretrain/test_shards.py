@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from medfm.pretrain import checkpoint as ckpt
-from medfm.pretrain.main import pretrain
 
 from medfm.cli import main as medfm
+from medfm.pretrain import checkpoint as ckpt
+from medfm.pretrain.main import pretrain
 
 
 @pytest.fixture(scope="module")

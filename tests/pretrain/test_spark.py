@@ -8,10 +8,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.spark import MaskState, SparK, SparseBatchNorm2d, sparsify
-from torch import nn
 
 
 def conv_bn() -> nn.Sequential:

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from torch import nn
+
 from medfm.pretrain.checkpoint import TorchStore
 from medfm.pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, set_schedule, train_step
 from medfm.pretrain.errors import TrainingDiverged
-from torch import nn
 
 
 class Hooks:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from medfm.pretrain.errors import EXIT_DISTRIBUTED, EXIT_REQUEUE
 from medfm.pretrain.supervise import (
     TAIL_LINES,

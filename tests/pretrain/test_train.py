@@ -15,13 +15,13 @@ from typing import ClassVar
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from medfm.cli import main as medfm
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.main import pretrain
 from medfm.pretrain.methods import METHODS, SimCLR
 from medfm.pretrain.monitor import effective_rank, embedding_std
-from safetensors.torch import load_file
-
-from medfm.cli import main as medfm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,8 +214,9 @@ def test_img_s_counts_training_time_only(tiny, tmp_path, monkeypatch):
     the global batch per second of steps (before, a log's seconds came off the next window twice: overstated)."""
     from types import SimpleNamespace
 
-    from medfm.pretrain import engine
     from omegaconf import OmegaConf
+
+    from medfm.pretrain import engine
 
     clock = [0.0]
 

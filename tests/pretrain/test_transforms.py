@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.transforms import v2
+
 from medfm.pretrain.config import load_config
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.methods.base import augment_from_config
@@ -18,7 +20,6 @@ from medfm.pretrain.transforms import (
     multi_crop,
     scale_blur_sigma,
 )
-from torchvision.transforms import v2
 
 
 def ramp(channels: int = 1, size: int = 28) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightly.loss import NTXentLoss
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.methods.moco import MoCoV3Loss
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
+
 from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.main import pretrain
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.weights import LoadError, file_sha256, load_init
-from safetensors.torch import save_file
 
 ARCH = "vit_tiny_patch16_224"
 

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.main import pretrain
 from medfm.pretrain.methods import METHODS
 from medfm.pretrain.methods.base import augment_from_config
 from medfm.pretrain.weights import source_normalization
-from omegaconf import OmegaConf
-from PIL import Image
-from safetensors.torch import save_file
-from timm.data import create_transform, resolve_data_config
 
 ARCH = "vit_tiny_patch16_224"
 SHAPE = {"depth": 1, "img_size": 32, "patch_size": 8}

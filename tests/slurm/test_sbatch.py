@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from medfm.pretrain.slurm import Resources, render
 
 from medfm.cli import main
+from medfm.pretrain.slurm import Resources, render
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
