@@ -114,6 +114,42 @@ def pretrain_overrides():
     return tiny_overrides
 
 
+# `medfm` in a child process that sends itself a signal right after the Nth call of a method: a test that kills or
+# preempts a run at a known point, where waiting for a file to appear raced the run's end on a fast machine.
+_SIGNAL_AFTER = """
+import importlib, os, sys
+owner = getattr(importlib.import_module({module!r}), {owner!r})
+original = getattr(owner, {method!r})
+calls = []
+
+def then_signal(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls.append(args)
+    if len(calls) == {nth}:
+        os.kill(os.getpid(), {signum})
+    return result
+
+setattr(owner, {method!r}, then_signal)
+from medfm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def medfm_signalled_after(target: str, nth: int, signum: int) -> list[str]:
+    """``[python, -c, CODE]``, to be followed by ``medfm`` arguments: the command runs and, right after the
+    ``nth`` call of ``target`` (``module:Class.method``) returns, sends itself ``signum``."""
+    module, _, qualified = target.partition(":")
+    owner, _, method = qualified.rpartition(".")
+    code = _SIGNAL_AFTER.format(module=module, owner=owner, method=method, nth=nth, signum=int(signum))
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture(scope="session")
+def signalled_after():
+    """``signalled_after("medfm.pretrain.checkpoint:TorchStore.save", 1, signal.SIGKILL) + [medfm args]``."""
+    return medfm_signalled_after
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # lightly's DINOProjectionHead uses torch's deprecated weight_norm: not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:.*weight_norm.*:FutureWarning")

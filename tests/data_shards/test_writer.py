@@ -7,9 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -163,24 +161,18 @@ def test_existing_output_is_never_overwritten_silently(shared_data: Path, tmp_pa
     assert shard(source, "--out", out, "--overwrite") == 0
 
 
-def test_killed_run_resumes_to_the_same_shards(shared_data: Path, tmp_path: Path):
+def test_killed_run_resumes_to_the_same_shards(shared_data: Path, tmp_path: Path, signalled_after):
     npz = f"medmnist:{shared_data / 'medmnist' / 'pneumoniamnist.npz'}"
     common = [npz, "--max-count", "150", "--workers", "1", "--dedup", "exact"]
     reference = tmp_path / "reference"
     assert main(["shard", *common, "--out", str(reference)]) == 0
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "medfm.cli", "shard", *common, "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out / ".progress.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 4:  # header + 3 shards
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill = signalled_after("medfm.data_shards.writer:ShardWriter._close_shard", 3, signal.SIGKILL)  # 3 shards done
+    process = subprocess.run([*kill, "shard", *common, "--out", str(out)], cwd=REPO, capture_output=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    assert len((out / ".progress.jsonl").read_text().splitlines()) == 4  # header + 3 shards
+    assert not (out / "manifest.json").exists()
     # without --resume the partial output is refused, with it the run completes
     assert main(["shard", *common, "--out", str(out)]) == 1
     assert main(["shard", *common, "--out", str(out), "--resume"]) == 0

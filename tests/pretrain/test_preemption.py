@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,14 @@ def events(run_dir: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_checkpoints_exits_75_and_the_next_launch_resumes(tiny, tmp_path: Path, signum: int):
+def test_signal_checkpoints_exits_75_and_the_next_launch_resumes(tiny, tmp_path: Path, signum: int, signalled_after):
     extra = {"schedule.epochs": 4, "schedule.warmup_epochs": 1, "checkpoint.every_steps": 4}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    process = subprocess.Popen(command(tiny("mae", run, **extra)), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run / "step-0000004.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.01)
-    process.send_signal(signum)
-    assert process.wait(timeout=120) == EXIT_REQUEUE, process.stderr.read().decode()[-2000:]
+    preempt = signalled_after("medfm.pretrain.checkpoint:TorchStore.save", 1, signum)  # after step 4's checkpoint
+    process = subprocess.run([*preempt, *command(tiny("mae", run, **extra))[3:]], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    assert process.returncode == EXIT_REQUEUE, process.stderr.decode()[-2000:]
     stopped_at = ckpt.load_checkpoint(run / "last.pt")["step"]
     assert 4 <= stopped_at < 32, "the run finished before the signal"
     assert [e["step"] for e in events(run, "preempted")] == [stopped_at]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -151,13 +150,13 @@ def run_command(run_dir: Path, overrides: list[str], method: str = "mae") -> lis
 
 
 @pytest.mark.parametrize("method", ["mae", "dinov2", "spark"])
-def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method, signalled_after):
     """Tolerance atol 1e-6 (bitwise equal on this CPU: same ops in the same order; the slack is for BLAS builds
     whose reductions depend on thread timing).
 
     64 samples per epoch, batch 4 x grad_accum 2 -> 8 steps per epoch, 3 epochs, 2 loader workers, drop path
-    on (the RNG state matters); a checkpoint every 4 steps; the run is killed as soon as step 4's checkpoint
-    exists (mid-epoch), then the same command resumes it."""
+    on (the RNG state matters); a checkpoint every 4 steps; the run SIGKILLs itself right after step 4's
+    checkpoint is written (mid-epoch), then the same command resumes it."""
     extra = {
         "schedule.epochs": 3,
         "schedule.warmup_epochs": 1,
@@ -169,15 +168,11 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method):
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(run_command(killed, tiny(method, killed, **extra), method), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (killed / "step-0000004.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    recipe = str(REPO / "configs/pretrain" / RECIPES[method])
+    kill = signalled_after("medfm.pretrain.checkpoint:TorchStore.save", 1, signal.SIGKILL)
+    process = subprocess.run([*kill, "pretrain", "--config", recipe, *tiny(method, killed, **extra)], cwd=REPO,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
     killed_at = ckpt.load_checkpoint(killed / "last.pt")["step"]
     assert 4 <= killed_at < 24, "the run finished before it could be killed"
     for run_dir in (killed, reference):
