@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from medfm.pretrain.config import ConfigError, derive, load_config, save_config
@@ -108,16 +109,30 @@ def test_derive_rejects_a_batch_larger_than_an_epoch():
 def test_every_recipe_loads_and_builds(recipe):
     cfg = load_config(recipe, ["data.spec=medmnist:x.npz"])
     derive(cfg, world_size=1, dataset_size=100_000)
+    d = cfg.derived
+    assert d.global_batch == cfg.train.batch_size * cfg.train.grad_accum and 0 <= d.warmup_steps < d.total_steps
     method = METHODS[cfg.method]
-    method.build_transform(cfg)
-    if cfg.data.img_size <= 64:  # the CPU recipes: build the model too (the 224 px ones: below)
-        method.from_config(cfg)
+    size, channels = cfg.data.img_size, cfg.data.in_chans
+    views = method.build_transform(cfg)(torch.rand(channels, size + 16, size + 16))
+    assert views and views[0].shape == (channels, size, size)  # the first (global) view at the recipe's size
+    crops = [v for v in views if v.is_floating_point() and v.ndim == 3]  # DINOv2 adds its iBOT masks
+    assert all(v.shape[0] == channels and v.shape[-1] <= size and torch.isfinite(v).all() for v in crops)
+    if size <= 64:  # the CPU recipes: build the model too (the 224 px ones: below)
+        assert_builds(method.from_config(cfg), cfg)
+
+
+def assert_builds(built, cfg) -> None:
+    """A method with trainable parameters whose exported backbone is the recipe's timm architecture."""
+    assert any(p.requires_grad for p in built.parameters())
+    backbone = built.export_backbone()
+    assert backbone.default_cfg["architecture"] == cfg.model.backbone.removeprefix("timm/")
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "pretrain").glob("*_224.yaml")), ids=lambda p: p.stem)
 def test_every_224_recipe_builds(recipe):
     cfg = derive(load_config(recipe, ["data.spec=medmnist:x.npz"]), world_size=1, dataset_size=100_000)
-    METHODS[cfg.method].from_config(cfg)
+    assert cfg.data.img_size == 224
+    assert_builds(METHODS[cfg.method].from_config(cfg), cfg)
 
 
 def test_subcommand_parser():
