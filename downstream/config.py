@@ -139,8 +139,9 @@ class EvalConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Fine-tuning augmentation (medfm.pretrain.transforms.MedicalAugment); mild by default."""
+class FinetuneAugmentConfig:
+    """Fine-tuning augmentation (medfm.pretrain.transforms.MedicalAugment): the geometric and intensity keys of
+    pretraining's ``AugmentConfig`` with mild defaults (no view pairs, no normalisation: the release's own)."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0], metadata=within("(0, 1]"))  # [low, high]
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata=POSITIVE)
@@ -188,7 +189,7 @@ class FinetuneConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=256))
     train: TrainConfig = field(default_factory=TrainConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
     selection_metric: str = "auc"  # val metric choosing the best checkpoint
     efficiency: EfficiencyConfig = field(default_factory=lambda: EfficiencyConfig(seeds=[0]))
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
@@ -242,14 +243,3 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
     need(len(cfg.efficiency.seeds) >= 1, "efficiency.seeds", "needs at least one seed")
     need(all(c in CORRUPTIONS for c in cfg.robustness.corruptions), "robustness.corruptions", f"must be in {sorted(CORRUPTIONS)}")  # fmt: skip
     need(all(s in SEVERITIES for s in cfg.robustness.severities), "robustness.severities", f"must be in {SEVERITIES}")
-
-
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    """Plain-python copy: what results and checkpoints store. Interpolations stay as written, never their values
-    (``medfm.pretrain.config.to_dict``): a secret in the environment is not copied into the output."""
-    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
-
-
-def save_config(cfg: DictConfig, path: str | Path) -> None:
-    """Write the config as YAML, interpolations as written."""
-    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=False))

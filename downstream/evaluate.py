@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from medfm.data_shards.outputs import lock_folder
 from medfm.downstream import report
-from medfm.downstream.config import save_config, to_dict
 from medfm.downstream.data import (
     EvalTransform,
     Task,
@@ -33,13 +32,14 @@ from medfm.downstream.data import (
     split_label_lists,
 )
 from medfm.downstream.efficiency import label_efficiency_rows, label_subset
-from medfm.downstream.features import FeatureCache, Features, extract_features, state_checksum
+from medfm.downstream.features import FeatureCache, Features, dataset_features, state_checksum
 from medfm.downstream.linear import select_linear_probe
 from medfm.downstream.load import Release, load_for_init, read_baseline, read_release
 from medfm.downstream.metrics import classification_metrics, summary
 from medfm.downstream.report import write_plots, write_results
 from medfm.downstream.robustness import Corruption, corruption_rows
 from medfm.downstream.sites import per_site_rows, robustness_index, sample_sites
+from medfm.pretrain.config import save_config, to_dict
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.knn import feature_precision, knn_scores
 
@@ -85,7 +85,7 @@ class FrozenSetup:
                 test_fraction=self.data.test_fraction,
                 seed=self.data.split_seed,
             )
-            return extract_features(
+            return dataset_features(
                 self.model,
                 dataset,
                 batch_size=self.data.batch_size,

@@ -60,7 +60,7 @@ def collate(batch: list[dict]) -> dict:
     return {"image": torch.stack([b["image"] for b in batch]), "label": label_tensor, "key": [b["key"] for b in batch]}
 
 
-def extract_features(
+def dataset_features(
     backbone: nn.Module,
     dataset: Dataset,
     *,

@@ -33,16 +33,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from medfm.downstream import report
-from medfm.downstream.config import save_config, to_dict
 from medfm.downstream.data import EvalTransform, Task, checked_task, class_names_of, open_split, split_labels
 from medfm.downstream.efficiency import budget_name, label_efficiency_rows, label_subset
-from medfm.downstream.features import collate, extract_features
+from medfm.downstream.features import collate, dataset_features
 from medfm.downstream.linear import class_weight_tensor, loss_function, select_linear_probe
 from medfm.downstream.load import Release, load_for_init, read_baseline, read_release
 from medfm.downstream.metrics import SUMMARY_KEYS, classification_metrics, summary
 from medfm.downstream.report import write_plots, write_results
 from medfm.downstream.robustness import Corruption, corruption_rows
 from medfm.pretrain.checkpoint import TorchStore, config_changes, gather_rng, restore_rng
+from medfm.pretrain.config import save_config, to_dict
 from medfm.pretrain.data import EpochLoader
 from medfm.pretrain.distributed import build_accelerator, resolve_precision, shutdown
 from medfm.pretrain.engine import NonFiniteGuard, Optimization, optimizer_steps, train_step
@@ -279,8 +279,8 @@ def init_head_from_probe(
     if not isinstance(classifier, nn.Linear) or classifier.out_features != task.num_outputs or classifier.bias is None:
         raise ConfigError(f"train.head_init=linear_probe: the model's classifier is {type(classifier).__name__}, "
                           f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=new")  # fmt: skip
-    train_features = extract_features(model, train, batch_size=batch_size, pooling="head", device=device)
-    val_features = extract_features(model, val, batch_size=batch_size, pooling="head", device=device)
+    train_features = dataset_features(model, train, batch_size=batch_size, pooling="head", device=device)
+    val_features = dataset_features(model, val, batch_size=batch_size, pooling="head", device=device)
     selection = select_linear_probe(
         (train_features.features, train_features.labels),
         (val_features.features, val_features.labels),

@@ -25,8 +25,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from medfm.data_shards.manifest import Manifest
-from medfm.downstream.config import save_config, to_dict
-from medfm.pretrain.config import OUTPUT_PATH, Need, config_need, load_structured
+from medfm.pretrain.config import OUTPUT_PATH, Need, config_need, load_structured, save_config, to_dict
 from medfm.pretrain.config import load_config as load_pretrain_config
 
 RunStep = Callable[[list[str]], int]  # one medfm command line (without "medfm") -> exit code

@@ -19,7 +19,7 @@ from medfm.benchmark import (
 )
 from medfm.cli import main as medfm
 from medfm.data_shards.manifest import Manifest
-from medfm.downstream.config import to_dict
+from medfm.pretrain.config import to_dict
 from medfm.pretrain.errors import ConfigError
 
 

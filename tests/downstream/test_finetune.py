@@ -157,7 +157,7 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
     """LP-FT: the classifier is the probe fitted on the frozen features, its standardisation folded into the layer,
     so that before any step the model's scores are the probe's; then a budgeted run trains from there."""
     from medfm.downstream.data import EvalTransform, infer_task, open_split, split_labels
-    from medfm.downstream.features import extract_features
+    from medfm.downstream.features import dataset_features
     from medfm.downstream.finetune import init_head_from_probe
     from medfm.downstream.linear import select_linear_probe
 
@@ -168,7 +168,7 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
     train, val = (open_split(spec, split, transform, channels=1) for split in ("train", "val"))
     task = infer_task(split_labels(train))
     init_head_from_probe(model, train, val, task, metric="auc", class_weights=True, batch_size=256)
-    features = {name: extract_features(model, split) for name, split in (("train", train), ("val", val))}
+    features = {name: dataset_features(model, split) for name, split in (("train", train), ("val", val))}
     probe = select_linear_probe(*(((f.features, f.labels)) for f in features.values()), task, class_weights=True).probe
     images = torch.stack([val[i]["image"] for i in range(32)])
     with torch.no_grad():
