@@ -12,7 +12,8 @@ The run contract, one module per concern:
   DeepSpeed is imported there only. ``checkpoint``: the checkpoint contract and its torch-file store;
   ``distributed``: the one Accelerator builder, process groups, failure detection; ``supervise``: ``medfm
   pretrain`` under a multi-process GPU launch (an NCCL watchdog abort becomes exit 3).
-- ``release``: the release folder (write, read, one key checker, results files, model card); ``export``:
+- ``release/``: the release folder (``format``: write, read, one key checker; ``results``: results files; ``card``:
+  the model card from ``card.md``); ``runs``: a run's method rebuilt from its checkpoint; ``export``:
   ``medfm export``; ``main``: wiring; ``monitor`` / ``knn``: what a run reports.
 Imports go one way: data_shards <- pretrain <- downstream, with no circle inside a package (tests/test_imports.py).
 """

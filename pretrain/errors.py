@@ -47,3 +47,7 @@ class Preempted(MedfmError):
         self.step = step
         self.signal_name = signal_name
         self.checkpointed = checkpointed
+
+
+class ExportError(ReleaseError):
+    """A run that cannot be released: no checkpoint, a checkpoint that does not match its config, bad keys."""

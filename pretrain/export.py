@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medfm.pretrain.release import check_out_dir, load_run, write_run_release
+from medfm.pretrain.release import check_out_dir, write_run_release
+from medfm.pretrain.runs import load_run
 
 
 def export_run(

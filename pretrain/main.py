@@ -47,7 +47,8 @@ from medfm.pretrain.methods import METHODS, SSLMethod
 from medfm.pretrain.methods.auto_settings import AUTO
 from medfm.pretrain.monitor import Monitor, plot_training_curves
 from medfm.pretrain.preemption import StopRequest
-from medfm.pretrain.release import RELEASE_DIR, RunBackbone, write_run_release
+from medfm.pretrain.release import write_run_release
+from medfm.pretrain.runs import RELEASE_DIR, RunBackbone
 from medfm.pretrain.supervise import report_run_dir
 from medfm.pretrain.weights import file_sha256, init_weights_path
 

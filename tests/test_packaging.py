@@ -35,6 +35,7 @@ def test_the_wheel_installs_the_medfm_namespace_only(tmp_path):
     packages = {p.parent.relative_to(target).as_posix() for p in target.rglob("__init__.py")}
     assert {"medfm/data_shards", "medfm/pretrain", "medfm/pretrain/methods", "medfm/downstream"} <= packages
     assert (target / "medfm" / "pretrain" / "methods" / "spark.py").is_file()
+    assert (target / "medfm" / "pretrain" / "release" / "card.md").is_file()  # package data: the card template
     scripts = (next(target.glob("medfm-*.dist-info")) / "entry_points.txt").read_text()
     assert "medfm = medfm.cli:main" in scripts
     # every package folder of the repository is in the wheel (a new subpackage must be listed in pyproject.toml)

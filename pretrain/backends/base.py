@@ -32,7 +32,7 @@ from torch import nn
 from medfm.pretrain import checkpoint as ckpt
 
 if TYPE_CHECKING:
-    from medfm.pretrain.release import RunBackbone
+    from medfm.pretrain.runs import RunBackbone
 
 
 class TrainingBackend:
@@ -93,7 +93,7 @@ class TrainingBackend:
         return ckpt.TorchStore(self.accelerator, run_dir, keep, model, optimizer)
 
     def released_backbone(self, model: nn.Module, run_dir: Path, step: int) -> RunBackbone:
-        from medfm.pretrain.release import run_backbone
+        from medfm.pretrain.runs import run_backbone
 
         return run_backbone(self.accelerator.unwrap_model(model), self.cfg, step, ckpt.find_resume(run_dir))
 

@@ -42,7 +42,7 @@ from medfm.pretrain.config import Backend, Precision
 from medfm.pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from medfm.pretrain.release import RunBackbone
+    from medfm.pretrain.runs import RunBackbone
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -103,7 +103,7 @@ class DeepSpeedBackend(TrainingBackend):
     def released_backbone(self, model: nn.Module, run_dir: Path, step: int) -> RunBackbone:
         # The engine's parameters may be sharded (ZeRO-3) and in bf16: release from the consolidated fp32 state of
         # the newest checkpoint, strictly loaded, as `medfm export` does.
-        from medfm.pretrain.release import load_run
+        from medfm.pretrain.runs import load_run
 
         return load_run(run_dir)
 

@@ -15,7 +15,8 @@ from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.config import derive, load_config, to_dict
 from medfm.pretrain.export import export_run
 from medfm.pretrain.methods import METHODS
-from medfm.pretrain.release import RESULTS_NAME, ExportError, data_summary, load_run, write_results_summary
+from medfm.pretrain.release import RESULTS_NAME, ExportError, data_summary, write_results_summary
+from medfm.pretrain.runs import load_run
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

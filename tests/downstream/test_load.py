@@ -14,7 +14,8 @@ from timm.layers import resample_abs_pos_embed
 
 from medfm.downstream.load import LoadError, build_model, load_backbone, load_weights, read_release
 from medfm.pretrain.backbones import build_backbone, pooled_features
-from medfm.pretrain.release import ExportError, check_keys, load_run
+from medfm.pretrain.release import ExportError, check_keys
+from medfm.pretrain.runs import load_run
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

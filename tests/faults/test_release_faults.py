@@ -163,17 +163,17 @@ def test_a_warm_start_source_gets_the_same_checks_as_a_release(old_release: Path
 # Exports RUN into OUT (--overwrite) and sends itself SIGTERM just before config.json is written.
 SIGTERM_EXPORT = """
 import os, signal, sys
-import medfm.pretrain.release as release
+import medfm.pretrain.release.format as release
 from medfm.cli import main
 
-write_text = release._write_text
+write_text = release.write_text
 
 def interrupted(path, text):
     if path.name == "config.json":
         os.kill(os.getpid(), signal.SIGTERM)
     write_text(path, text)
 
-release._write_text = interrupted
+release.write_text = interrupted
 sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--overwrite"]))
 """
 
@@ -187,7 +187,7 @@ def test_sigterm_during_export_leaves_the_old_release_whole(old_release: Path, r
 
 
 def _full_disk_text(path: Path, text: str) -> None:
-    """``_write_text`` on a disk that fills up after a few bytes of the temp file."""
+    """``write_text`` on a disk that fills up after a few bytes of the temp file."""
     path.with_name(f".{path.name}.{os.getpid()}.tmp").write_text(text[:16])
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
@@ -200,14 +200,14 @@ def _full_disk_weights(tensors, filename, metadata=None) -> None:
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize(("target", "full_disk"), [("save_file", _full_disk_weights), ("_write_text", _full_disk_text)],
+@pytest.mark.parametrize(("target", "full_disk"), [("save_file", _full_disk_weights), ("write_text", _full_disk_text)],
                          ids=["weights", "config"])  # fmt: skip
 def test_a_full_disk_during_export_leaves_the_old_release_whole(
     target, full_disk, old_release: Path, run: Path, monkeypatch, capsys
 ):
-    from medfm.pretrain import release
+    from medfm.pretrain.release import format as release_format
 
-    monkeypatch.setattr(release, target, full_disk)
+    monkeypatch.setattr(release_format, target, full_disk)
     assert medfm(["export", str(run), "--out", str(old_release), "--overwrite"]) == 1
     assert one_line_error(capsys) == (
         f"medfm export: disk full writing the release {old_release}: the release there is intact; free space and "

@@ -196,7 +196,7 @@ def test_a_resumed_run_keeps_the_settings_it_started_with(tiny, tmp_path: Path, 
 
 
 def test_configs_of_earlier_versions_still_load(tiny, tmp_path: Path) -> None:
-    from medfm.pretrain.release import run_config
+    from medfm.pretrain.runs import run_config
 
     cfg = load_config(None, [*tiny("simclr", tmp_path), "logging.tensorboard=false"])
     assert list(cfg.logging.trackers) == []

@@ -63,7 +63,7 @@ def test_medfm_pretrain_distils_releases_the_student_and_exports_without_the_tea
     assert not any(k.startswith("teacher") for k in state["model"])
     config = json.loads((run / "release" / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["medfm"]["exported_module"] == "student"
-    from medfm.pretrain.release import load_run
+    from medfm.pretrain.runs import load_run
 
     teacher = state["config"]["distill"]["teacher"]
     (tmp_path / "moved").mkdir()

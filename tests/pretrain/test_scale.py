@@ -32,7 +32,7 @@ from medfm.pretrain import checkpoint as ckpt
 from medfm.pretrain.backends.deepspeed import default_deepspeed_config
 from medfm.pretrain.backends.zero_checkpoint import consolidate_deepspeed
 from medfm.pretrain.methods import METHODS
-from medfm.pretrain.release import run_config
+from medfm.pretrain.runs import run_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = str(REPO / "tests/pretrain/dist_worker.py")

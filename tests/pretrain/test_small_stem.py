@@ -15,7 +15,8 @@ from medfm.pretrain.backbones import build_backbone, pooled_features
 from medfm.pretrain.config import derive, load_config
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods import METHODS
-from medfm.pretrain.release import run_backbone, write_run_release
+from medfm.pretrain.release import write_run_release
+from medfm.pretrain.runs import run_backbone
 
 
 def test_at_28_px_the_stem_keeps_a_4x4_final_map_where_timms_stem_leaves_1x1():
