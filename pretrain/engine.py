@@ -31,7 +31,7 @@ from torch import nn
 
 from medfm.pretrain.backends import TrainingBackend
 from medfm.pretrain.config import OptimizerName
-from medfm.pretrain.data import EpochLoader
+from medfm.pretrain.data import EpochLoader, ShardDamage
 from medfm.pretrain.errors import ConfigError, Preempted, TrainingDiverged
 from medfm.pretrain.monitor import Monitor, effective_rank, embedding_std
 from medfm.pretrain.preemption import StopRequest
@@ -246,6 +246,7 @@ def train(
     damage = getattr(loader, "damage", None)  # what a shard stream leaves out (medfm.pretrain.data.ShardDamage)
     if damage is not None:
         damage.report = partial(_warn_damage, accelerator, monitor, damage)
+    context = LoopContext(cfg, accelerator, backend, method, monitor, schedules, damage, evaluate)
     model.train()
     while step < total:
         epoch, done = divmod(step, per_epoch)
@@ -260,8 +261,8 @@ def train(
             hooks_start = time.perf_counter()
             logged = step % cfg.logging.every_steps == 0 or step == total
             if logged:
-                _log(cfg, accelerator, monitor, window, outcome.out, step, schedules, damage)
-            _after_step(cfg, backend, method, monitor, outcome, step, evaluate)
+                _log(context, window, outcome.out, step)
+            _after_step(context, outcome, step)
             if (step % cfg.checkpoint.every_steps == 0 or step == total or outcome.stop) and guard.in_a_row == 0:
                 save(step)
             if outcome.stop:
@@ -279,9 +280,30 @@ def _views_forward(model: nn.Module, backend: TrainingBackend, step: int, batch:
     return model([backend.to_device(v) for v in batch["views"]], step)
 
 
-def _after_step(cfg, backend: TrainingBackend, method, monitor, outcome: StepOutcome, step: int, evaluate) -> None:
+@dataclass(frozen=True)
+class LoopContext:
+    """What the loop's hooks after each optimizer step (the log line, pictures, the kNN monitor) read: one run's."""
+
+    cfg: DictConfig
+    accelerator: Accelerator
+    backend: TrainingBackend
+    method: nn.Module  # unwrapped: its figures and exported backbone
+    monitor: Monitor
+    schedules: Schedules
+    damage: ShardDamage | None  # what a shard stream left out so far (None: not streaming shards)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None  # the kNN monitor on the exported backbone
+
+
+def _after_step(context: LoopContext, outcome: StepOutcome, step: int) -> None:
     """Pictures and the kNN monitor, on the main process, at their cadences, in the backend's inference context
     (under DeepSpeed bf16 the parameters are bf16: an fp32 forward would fail on a dtype mismatch)."""
+    cfg, backend, method, monitor, evaluate = (
+        context.cfg,
+        context.backend,
+        context.method,
+        context.monitor,
+        context.evaluate,
+    )
     if not backend.accelerator.is_main_process:
         return
     every = cfg.logging.figure_every_steps
@@ -332,8 +354,10 @@ def _warn_damage(accelerator, monitor, damage, reason: str) -> None:
         print(f"rank {accelerator.process_index}: warning: {text}", file=sys.stderr)
 
 
-def _log(cfg, accelerator, monitor, window, out, step, schedules, damage=None) -> None:
-    # The reduce is a collective: every process comes here; only the main one writes.
+def _log(context: LoopContext, window: _Window, out: dict[str, torch.Tensor], step: int) -> None:
+    """The log line of the steps in ``window``: a collective (the loss is averaged over processes), every process
+    comes here; only the main one writes."""
+    cfg, accelerator, schedules, damage = context.cfg, context.accelerator, context.schedules, context.damage
     loss = accelerator.reduce(torch.as_tensor(window.loss, device=accelerator.device).float(), "mean")
     elapsed = time.perf_counter() - window.start
     metrics = {
@@ -350,4 +374,4 @@ def _log(cfg, accelerator, monitor, window, out, step, schedules, damage=None) -
     if "embeddings" in out and accelerator.is_main_process:
         metrics["embedding_std"] = embedding_std(out["embeddings"])
         metrics["effective_rank"] = effective_rank(out["embeddings"])
-    monitor.log(step, metrics)
+    context.monitor.log(step, metrics)
