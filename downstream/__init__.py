@@ -5,8 +5,8 @@ probe), fine-tuning, metrics and reports. Imports go one way: ``data_shards`` <-
 - ``data``: labeled train / val / test splits of a dataset spec, the task they define, the eval transform.
 - ``features`` / ``linear``: cached frozen features and the weighted kNN on them (the rule is pretraining's
   ``medfm.pretrain.knn``), logistic-regression probe.
-- ``finetune``: full fine-tuning with layer-wise lr decay, best-on-val, random-init baseline, on pretraining's
-  ``train_step`` and checkpoint store (a killed run resumes).
+- ``finetune_run``: one fine-tuning run with layer-wise lr decay, best-on-val, on pretraining's ``train_step`` and
+  checkpoint store (a killed run resumes); ``finetune``: the grid (inits, label budgets x seeds, corrupted test).
 - ``metrics`` / ``report``: MedMNIST-convention metrics; JSON (with ``results_summary.json`` for the model card),
   Markdown (the one summary table) and PNG reports.
 - ``efficiency`` / ``robustness`` / ``sites``: the one label-budget loop over seeds; the one corrupted-test loop;

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from medfm.downstream.config import FinetuneConfig, load_config
-from medfm.downstream.finetune import freeze_blocks, freeze_norm_statistics, optimizer_groups, run_finetune
+from medfm.downstream.finetune import run_finetune
+from medfm.downstream.finetune_run import freeze_blocks, freeze_norm_statistics, optimizer_groups
 from medfm.downstream.load import load_backbone
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
@@ -158,7 +159,7 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
     so that before any step the model's scores are the probe's; then a budgeted run trains from there."""
     from medfm.downstream.data import EvalTransform, infer_task, open_split, split_labels
     from medfm.downstream.features import dataset_features
-    from medfm.downstream.finetune import init_head_from_probe
+    from medfm.downstream.finetune_run import init_head_from_probe
     from medfm.downstream.linear import select_linear_probe
 
     spec = f"medmnist:{medmnist('breastmnist')}"
@@ -189,7 +190,7 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
 def test_the_fine_tuning_blur_sigma_is_given_at_224_px_and_scaled_to_the_input():
     from torchvision.transforms import v2
 
-    from medfm.downstream.finetune import finetune_augment
+    from medfm.downstream.finetune_run import finetune_augment
 
     cfg = load_config(FinetuneConfig, None, ["backbone.path=x", "data.spec=x", "out_dir=x", "augment.blur_prob=1.0"])
     blurs = {size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]
