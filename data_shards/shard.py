@@ -56,7 +56,8 @@ def shard(
     the equivalent ``medfm shard`` command line).
     """
     from medfm.data_shards.discover import Part, PlanFile, PlanWriter, check_sources, plan_sources
-    from medfm.data_shards.writer import PLAN, ShardConfig, ShardDiskFull, ShardWriter, hash_path, prepare_folder
+    from medfm.data_shards.workers import ShardConfig, hash_path
+    from medfm.data_shards.writer import PLAN, ShardDiskFull, ShardWriter, prepare_folder
 
     out = Path(out)
     workers = workers or os.cpu_count() or 1

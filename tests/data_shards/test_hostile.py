@@ -260,7 +260,8 @@ def test_a_reader_stuck_in_c_code_or_killed_costs_one_input(tmp_path, workers, m
 
     from medfm.data_shards import discover
     from medfm.data_shards.images import ImageFile
-    from medfm.data_shards.writer import ShardConfig, ShardWriter, prepare_folder
+    from medfm.data_shards.workers import ShardConfig
+    from medfm.data_shards.writer import ShardWriter, prepare_folder
 
     for kind in (StuckInCode, KillsItsReader):  # the plan file names unit types
         monkeypatch.setitem(discover._UNIT_TYPES, kind.__name__, kind)
