@@ -28,7 +28,14 @@ _FIELD = re.compile(r"^\s+(\w+):\s*[^=#]+?(?:=.*?)?(?:#\s*(.*))?$")
 
 def field_comments(cls: type) -> dict[str, str]:
     """``{field: comment}`` from the class source: the comment after the declaration, or the comment lines
-    right above it."""
+    right above it; a field declared in a base dataclass (and not again) has the base's comment."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):

@@ -104,16 +104,16 @@ def dino_loss(centering: Centering | str, output_dim: int, student_temp: float, 
 
 
 @dataclass
-class DINOConfig:
-    """The ``dino:`` config section."""
+class TeacherStudentConfig:
+    """The keys DINO and DINOv2 share: projection heads, multi-crop, temperatures, the teacher's momentum and
+    centering (defaults: DINO's; ``DINOv2Config`` changes the local crops)."""
 
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     # "auto" (medfm.pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
-    # the reference's ImageNet ViT-S/16: 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.996
+    # the references' ImageNet values: 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.996
+    # (DINO ViT-S/16) / 0.992 (DINOv2)
     head_output_dim: int | str = AUTO
-    head_batch_norm: bool = False
-    norm_last_layer: bool = True
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     local_crop_size: int = 96  # ViTs: a multiple of the patch size; global crops use augment.crop_scale
     num_local_crops: int = 8
@@ -121,10 +121,19 @@ class DINOConfig:
     teacher_temp: int | float | str = AUTO  # reached after the warm-up
     warmup_teacher_temp: int | float | str = AUTO
     warmup_teacher_temp_epochs: int | float | str = AUTO
-    center_momentum: float = 0.9  # running centre (centering: mean)
-    centering: Centering = Centering.mean  # or sinkhorn_knopp (DINOv2's large-data recipes; no running centre)
+    center_momentum: float = 0.9  # running centre(s) (centering: mean)
+    # mean (the references' default) or sinkhorn_knopp (DINOv2's large-data recipes; no running centre)
+    centering: Centering = Centering.mean
     momentum_teacher: int | float | str = AUTO  # cosine schedule from this to 1.0 over training
     freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class DINOConfig(TeacherStudentConfig):
+    """The ``dino:`` config section."""
+
+    head_batch_norm: bool = False
+    norm_last_layer: bool = True
 
 
 class DINO(SSLMethod):

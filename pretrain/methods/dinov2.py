@@ -40,7 +40,7 @@ from torch.utils.data import default_collate
 
 from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
-from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
+from medfm.pretrain.methods.auto_settings import check_auto_numbers, resolve_teacher_auto
 from medfm.pretrain.methods.base import (
     LastLayerFreeze,
     SSLMethod,
@@ -52,7 +52,7 @@ from medfm.pretrain.methods.base import (
     outside_autocast,
     teacher_schedules,
 )
-from medfm.pretrain.methods.dino import Centering, dino_loss, sinkhorn_knopp_teacher
+from medfm.pretrain.methods.dino import Centering, TeacherStudentConfig, dino_loss, sinkhorn_knopp_teacher
 from medfm.pretrain.schedules import SQRT_1024
 from medfm.pretrain.transforms import MultiView
 
@@ -60,27 +60,12 @@ NUM_GLOBAL_CROPS = 2
 
 
 @dataclass
-class DINOv2Config:
+class DINOv2Config(TeacherStudentConfig):
     """The ``dinov2:`` config section (defaults of the reference ViT-S/14 / ViT-B/14 recipes)."""
 
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    # "auto" (medfm.pretrain.methods.auto_settings): from the image count, global batch and run length, as LightlyTrain;
-    # the references' ImageNet values are 65536 prototypes, temperature 0.04 -> 0.07 over 30 epochs, momentum 0.992
-    head_output_dim: int | str = AUTO
-    ibot_separate_head: bool = False
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     local_crop_size: int = 98  # a multiple of the patch size (reference: 96 at patch 16 -> 98 at patch 14)
-    num_local_crops: int = 8
-    student_temp: float = 0.1
-    teacher_temp: int | float | str = AUTO  # reached after the warm-up
-    warmup_teacher_temp: int | float | str = AUTO
-    warmup_teacher_temp_epochs: int | float | str = AUTO
-    center_momentum: float = 0.9  # running centres (centering: mean)
-    # mean (the reference's default "centering") or sinkhorn_knopp (its ViT-g / LVD-142M recipes): both losses
-    centering: Centering = Centering.mean
-    momentum_teacher: int | float | str = AUTO  # cosine schedule from this to 1.0 over training
-    freeze_last_layer_epochs: float = 1.0
+    ibot_separate_head: bool = False
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
