@@ -98,7 +98,8 @@ class FinetuneStage:
     """``medfm finetune`` of every release and of the random init with the same recipe."""
 
     enabled: bool = True
-    recipes: list[str] = field(default_factory=list)  # recipe names to fine-tune; empty: every recipe
+    # recipe names to fine-tune (ablations included when named); empty: every recipe that is not an ablation
+    recipes: list[str] = field(default_factory=list)
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     config: str | None = None  # a finetune YAML (configs/downstream/...); None: the schema's defaults
@@ -217,7 +218,10 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
                     *cfg.frozen.overrides, *task.overrides]  # fmt: skip
             steps.append(Step("eval", f"kNN + linear probe: {recipe.name} on {task.name}", tuple(argv)))
     if cfg.finetune.enabled:
-        tuned = [r for r in cfg.recipes if r.ablation_of is None and (not cfg.finetune.recipes or r.name in cfg.finetune.recipes)]  # fmt: skip
+        # the recipes named in finetune.recipes (an ablation too: a method comparison fine-tunes both), else every
+        # recipe that is not an ablation
+        named = cfg.finetune.recipes
+        tuned = [r for r in cfg.recipes if (r.name in named if named else r.ablation_of is None)]
         for recipe in tuned:
             for task in (t for t in cfg.tasks if t.finetune):
                 argv = ["finetune", *(["--config", cfg.finetune.config] if cfg.finetune.config else []),

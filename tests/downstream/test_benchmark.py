@@ -145,6 +145,10 @@ def test_an_ablation_is_probed_beside_its_recipe_and_left_out_of_fine_tuning_and
     assert [s.label for s in steps if s.stage == "pretrain"] == ["pretrain r", "pretrain r_before"]
     assert any(s.label.startswith("kNN + linear probe: r_before") for s in steps)
     assert [s.label for s in steps if s.stage == "finetune"] == ["fine-tune: r on t"]
+    named = load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes, "tasks=[{name: t, spec: x}]",
+                                       "finetune.recipes=[r, r_before]"])  # fmt: skip
+    # named in finetune.recipes, an ablation is fine-tuned too (bench/spark.yaml: SparK against SimCLR)
+    assert [s.label for s in plan_steps(named) if s.stage == "finetune"] == ["fine-tune: r on t", "fine-tune: r_before on t"]  # fmt: skip
 
     def row(recipe: str, fraction: float, acc: float, auc: float) -> dict:
         return {"task": "t", "recipe": recipe, "init": "release", "protocol": "linear", "fraction": fraction,
