@@ -65,6 +65,11 @@ class FeatureConfig:
     # DINO's linear evaluation; CNN: each stage average-pooled), usually better on small medical images.
     pooling: str = "head"
     layers: int = field(default=4, metadata=AT_LEAST_ONE)
+    # Input sides as multiples of the backbone's (backbone.img_size, else the release's). With several, each protocol
+    # is fitted at each side and the side with the best val selection_metric is kept (label budgets and corruptions
+    # then use it): a backbone pretrained on random-resized crops sees objects larger than whole images show them,
+    # and often evaluates better above its training side (FixRes, Touvron et al. 2019).
+    input_scales: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -135,6 +140,13 @@ class EvalConfig:
         check_shared(cfg, need)
         need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
         need(cfg.features.pooling in POOLINGS, "features.pooling", f"must be one of {POOLINGS}")
+        scales = list(cfg.features.input_scales)
+        distinct = len(scales) > 0 and len(set(scales)) == len(scales)
+        need(
+            distinct and all(0 < s <= 8 for s in scales),
+            "features.input_scales",
+            "must be distinct multiples in (0, 8]",
+        )
         need("robustness_index" not in cfg.protocols or cfg.sites.source is not None, "sites.source", "must say where each sample's site comes from for protocol robustness_index (csv, level:N, meta:FIELD or file:SITES.csv)")  # fmt: skip
 
 

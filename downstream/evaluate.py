@@ -9,6 +9,7 @@ Output: ``OUT_DIR/config.yaml``, ``OUT_DIR/<init>/<protocol>/results.{json,md}``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,11 +103,20 @@ class FrozenSetup:
         return int(self.model.pretrained_cfg["input_size"][0])
 
 
-def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release | None = None) -> FrozenSetup:
-    """Load the backbone (strictly) for feature extraction and set up the cache."""
+def frozen_setups(cfg: DictConfig, release: Release, init: str, baseline: Release | None = None) -> list[FrozenSetup]:
+    """One setup per ``features.input_scales``: the backbone at each input side."""
+    side = cfg.backbone.img_size or release.img_size
+    return [frozen_setup(cfg, release, init, baseline, img_size=round(side * s)) for s in cfg.features.input_scales]
+
+
+def frozen_setup(
+    cfg: DictConfig, release: Release, init: str, baseline: Release | None = None, img_size: int | None = None
+) -> FrozenSetup:
+    """Load the backbone (strictly) for feature extraction at ``img_size`` (default: ``backbone.img_size``, else
+    the release's) and set up the cache."""
     torch.manual_seed(cfg.seed)  # random-init baselines are reproducible
     model, weights = load_for_init(
-        release, init, baseline, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans
+        release, init, baseline, img_size=img_size or cfg.backbone.img_size, in_chans=cfg.backbone.in_chans
     )
     model.eval()
     input_cfg = model.pretrained_cfg
@@ -215,28 +225,38 @@ def _evaluate_into(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict[s
     results: dict[str, dict[str, dict[str, Any]]] = {}
     cache = {"hits": 0, "misses": 0}
     for init in cfg.backbone.inits:
-        setup = frozen_setup(cfg, release, init, baseline)
-        results[init] = evaluate_frozen(setup, cfg, out_dir / init)
-        cache = {k: cache[k] + getattr(setup.cache, k) for k in cache}
+        setups = frozen_setups(cfg, release, init, baseline)
+        results[init] = evaluate_frozen(setups, cfg, out_dir / init)
+        cache = {k: cache[k] + sum(getattr(setup.cache, k) for setup in setups) for k in cache}
     (out_dir / "summary.md").write_text(summary_table(results))
     (out_dir / "run.json").write_text(json.dumps({"config": to_dict(cfg), "cache": cache}, indent=2))
     return results
 
 
-def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """The protocols on one backbone's features: ``{protocol: result}``, each written to ``out_dir/<protocol>``."""
-    splits = {split: setup.features(split).labeled() for split in ("train", "val", "test")}
-    task = task_of(cfg.data.spec, splits)
+def evaluate_frozen(setups: list[FrozenSetup], cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The protocols on one backbone's features: ``{protocol: result}``, each written to ``out_dir/<protocol>``.
+    With several input sides (``setups``), each protocol keeps the side of the best val ``selection_metric``; the
+    robustness index uses the first."""
+    splits_by_side = [{split: s.features(split).labeled() for split in ("train", "val", "test")} for s in setups]
+    task = task_of(cfg.data.spec, splits_by_side[0])
     sites = None
     if cfg.sites.source is not None:
-        sites = {split: sample_sites(cfg.sites.source, cfg.data.spec, f.keys) for split, f in splits.items()}
+        keys = {split: f.keys for split, f in splits_by_side[0].items()}
+        sites = {split: sample_sites(cfg.sites.source, cfg.data.spec, split_keys) for split, split_keys in keys.items()}
     results = {}
     for protocol in cfg.protocols:
         if protocol == "robustness_index":
-            results[protocol] = centre_robustness(setup, cfg, splits, sites, task, out_dir / protocol)
+            results[protocol] = centre_robustness(setups[0], cfg, splits_by_side[0], sites, task, out_dir / protocol)
             continue
-        scorer, settings = fit_protocol(protocol, splits["train"], splits["val"], task, cfg)
-        val, _ = _metrics(task, splits["val"], scorer)
+        fits = [fit_protocol(protocol, s["train"], s["val"], task, cfg) for s in splits_by_side]
+        vals = [_metrics(task, s["val"], scorer)[0] for s, (scorer, _) in zip(splits_by_side, fits, strict=True)]
+        best = best_on_val([summary(v).get(cfg.selection_metric, math.nan) for v in vals])
+        setup, splits, (scorer, settings), val = setups[best], splits_by_side[best], fits[best], vals[best]
+        settings = {**settings, "input_side": setup.transform.size}
+        if len(setups) > 1:
+            sides = [s.transform.size for s in setups]
+            by_side = {side: summary(v).get(cfg.selection_metric) for side, v in zip(sides, vals, strict=True)}
+            settings[f"val_{cfg.selection_metric}_by_input_side"] = by_side
         test, test_scores = _metrics(task, splits["test"], scorer)
         result: dict[str, Any] = {
             "protocol": protocol,
@@ -264,6 +284,14 @@ def evaluate_frozen(setup: FrozenSetup, cfg: DictConfig, out_dir: Path) -> dict[
             write_plots(out_dir / protocol, task, labels, test_scores, test.get("confusion"), embedding, title)
         results[protocol] = result
     return results
+
+
+def best_on_val(values: list[float]) -> int:
+    """The index of the highest value, the first on ties; NaN (an undefined metric) ranks last."""
+    return max(
+        range(len(values)),
+        key=lambda i: (not math.isnan(values[i]), values[i] if not math.isnan(values[i]) else 0.0, -i),
+    )
 
 
 def centre_robustness(

@@ -35,28 +35,6 @@ def medmnist(shared_data: Path):
     return path
 
 
-# 2-block ViT-Tiny with 7-px patches at 28 px (16 tokens): a forward pass over 100 images takes ~0.1 s.
-TINY_VIT = {
-    "model.backbone": "vit_tiny_patch16_224",
-    "model.backbone_kwargs.patch_size": 7,
-    "model.backbone_kwargs.depth": 2,
-}
-TINY_HEADS = {
-    "dino": {"dino.head_hidden_dim": 64, "dino.head_bottleneck_dim": 32, "dino.head_output_dim": 128,
-             "dino.num_local_crops": 2, "dino.local_crop_size": 14, "dino.freeze_last_layer_epochs": 0},
-    "dinov2": {"dinov2.head_hidden_dim": 64, "dinov2.head_bottleneck_dim": 32, "dinov2.head_output_dim": 128,
-               "dinov2.num_local_crops": 2, "dinov2.local_crop_size": 14, "dinov2.freeze_last_layer_epochs": 0,
-               "dinov2.warmup_teacher_temp_epochs": 0},
-    "distill": {"distill.teacher_img_size": 32},  # + distill.teacher: tiny_teacher()
-    "mae": {"mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2},
-    "moco": {"moco.hidden_dim": 64, "moco.output_dim": 32},
-    "simclr": {"simclr.hidden_dim": 64, "simclr.output_dim": 32},
-    # SparK needs a CNN: a ResNet-18 with the small-image stem at 32 px (a 4 x 4 grid of 8-px cells)
-    "spark": {"model.backbone": "resnet18", "model.backbone_kwargs.small_image_stem": True, "data.img_size": 32,
-              "spark.decoder_width": 32},
-}  # fmt: skip
-
-
 @functools.cache
 def tiny_teacher() -> Path:
     """A general-purpose model to distil, as a timm hub snapshot folder (written once per test session): a seeded
@@ -68,8 +46,9 @@ def tiny_teacher() -> Path:
     import torch
     from safetensors.torch import save_file
 
-    torch.manual_seed(11)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is the same whether this ran before or not
+        torch.manual_seed(11)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
     folder = Path(tempfile.mkdtemp(prefix="medfm-teacher-"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"depth": 1},
@@ -82,15 +61,17 @@ def tiny_teacher() -> Path:
 def tiny_overrides(
     method: str, spec: str, run_dir: Path, backbone: dict[str, object] | None = None, **extra: object
 ) -> list[str]:
-    """A complete pretraining config as ``key=value`` overrides: ``method`` with a tiny ViT (or ``backbone``),
-    4 steps of 8 images."""
+    """A complete pretraining config as ``key=value`` overrides: ``method`` at its ``tiny_config`` size (or with
+    ``backbone``), 4 steps of 8 images."""
+    from medfm.pretrain.methods import METHODS
+
     values = {
         "method": method,
         "data.spec": spec,
-        "data.img_size": 28,
         "data.samples_per_epoch": 32,
         "data.num_workers": 0,
-        **(backbone if backbone is not None else {} if method == "spark" else TINY_VIT),
+        **{k: v for k, v in METHODS[method].tiny_config.items() if backbone is None or not k.startswith("model.")},
+        **(backbone or {}),
         "train.run_dir": str(run_dir),
         "train.batch_size": 8,
         "schedule.epochs": 1,
@@ -101,8 +82,8 @@ def tiny_overrides(
         "logging.figure_every_steps": 0,
         "logging.trackers": "[]",
         "logging.progress_bar": False,
-        **TINY_HEADS[method],
-        **({"distill.teacher": str(tiny_teacher())} if method == "distill" else {}),
+        # the general-purpose model that distillation needs and only a test can supply; other methods ignore it
+        "distill.teacher": str(tiny_teacher()),
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]

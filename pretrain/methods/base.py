@@ -13,6 +13,8 @@ The engine only calls what ``SSLMethod`` declares, so a new method is one file +
 - ``Config``: the dataclass of its config section, declared beside the method (``medfm.pretrain.config`` adds it to the
   schema under the method's ``METHODS`` key); ``check_config`` validates it.
 - ``from_config(cfg)`` / ``build_transform(cfg)``: the only places a method reads the config.
+- ``tiny_config``: config overrides that shrink the method to a CPU test's size (a tiny backbone and heads); the tests
+  build every method from it, so they need no per-method branches.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ from medfm.pretrain.transforms import (
 )
 from medfm.pretrain.weights import load_init, source_normalization
 
+# The smallest ViT that exercises a method: ViT-Tiny's 2 first blocks with 7-px patches at 28 px (16 tokens); a
+# forward pass over 100 images takes ~0.1 s on one core.
+TINY_VIT: dict[str, Any] = {
+    "data.img_size": 28,
+    "model.backbone": "vit_tiny_patch16_224",
+    "model.backbone_kwargs.patch_size": 7,
+    "model.backbone_kwargs.depth": 2,
+}
+
 
 class SSLMethod(nn.Module):
     """Base class of the pretraining objectives (see the module docstring for the contract)."""
@@ -48,6 +59,8 @@ class SSLMethod(nn.Module):
     momentum_modules: tuple[str, ...] = ()
     # How optim.base_lr follows the global batch (derived.lr), as the objective's reference code scales it.
     lr_scaling: ClassVar[LrScaling] = LINEAR_256
+    # ``key: value`` overrides giving the method a CPU test's size (see the module docstring); extend TINY_VIT.
+    tiny_config: ClassVar[dict[str, Any]] = TINY_VIT
 
     @staticmethod
     def check_config(section: DictConfig, need: Callable[[bool, str, str], None]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 from medfm.pretrain.backbones import pooled_features
 from medfm.pretrain.methods.auto_settings import AUTO, check_auto_numbers, resolve_teacher_auto
 from medfm.pretrain.methods.base import (
+    TINY_VIT,
     LastLayerFreeze,
     SSLMethod,
     at_step,
@@ -150,6 +152,15 @@ class DINO(SSLMethod):
 
     Config = DINOConfig
     description = "DINO self-distillation (Caron et al. 2021); released: the EMA teacher backbone"
+    tiny_config: ClassVar[dict[str, Any]] = {
+        **TINY_VIT,
+        "dino.head_hidden_dim": 64,
+        "dino.head_bottleneck_dim": 32,
+        "dino.head_output_dim": 128,
+        "dino.num_local_crops": 2,
+        "dino.local_crop_size": 14,
+        "dino.freeze_last_layer_epochs": 0,
+    }
 
     @staticmethod
     def check_config(section, need) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.auto_settings import check_auto_numbers, resolve_teacher_auto
 from medfm.pretrain.methods.base import (
+    TINY_VIT,
     LastLayerFreeze,
     SSLMethod,
     at_step,
@@ -94,6 +96,16 @@ class DINOv2(SSLMethod):
         "released: the EMA teacher ViT"
     )
     momentum_modules = ("teacher_backbone", "teacher_head")
+    tiny_config: ClassVar[dict[str, Any]] = {
+        **TINY_VIT,
+        "dinov2.head_hidden_dim": 64,
+        "dinov2.head_bottleneck_dim": 32,
+        "dinov2.head_output_dim": 128,
+        "dinov2.num_local_crops": 2,
+        "dinov2.local_crop_size": 14,
+        "dinov2.freeze_last_layer_epochs": 0,
+        "dinov2.warmup_teacher_temp_epochs": 0,
+    }
 
     @staticmethod
     def check_config(section, need) -> None:

@@ -27,7 +27,7 @@ first forward (exporting a run never needs it). Released: the student.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from medfm.pretrain.backbones import build_backbone
 from medfm.pretrain.errors import ConfigError
-from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config, outside_autocast
+from medfm.pretrain.methods.base import TINY_VIT, SSLMethod, augment_from_config, backbone_from_config, outside_autocast
 from medfm.pretrain.schedules import LrScaling
 from medfm.pretrain.transforms import MultiView
 from medfm.pretrain.weights import (
@@ -179,6 +179,8 @@ class Distill(SSLMethod):
 
     Config = DistillConfig
     description = "feature distillation of a frozen general-purpose teacher (pooled and patch features)"
+    # distill.teacher has no tiny default: a test supplies the general-purpose model (tests/conftest.py)
+    tiny_config: ClassVar[dict[str, Any]] = {**TINY_VIT, "distill.teacher_img_size": 32}
 
     lr_scaling = SQRT_1536
 

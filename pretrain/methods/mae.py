@@ -10,6 +10,7 @@ Medical recipe (Xiao et al. 2023, chest X-ray): mask ratio 0.90, random-resized-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torchvision.utils import make_grid
 
 from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
-from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
+from medfm.pretrain.methods.base import TINY_VIT, SSLMethod, augment_from_config, backbone_from_config
 from medfm.pretrain.transforms import MultiView
 
 
@@ -48,6 +49,12 @@ class MAE(SSLMethod):
 
     Config = MAEConfig
     description = "masked autoencoding (He et al. 2022); released: the ViT encoder (decoder dropped)"
+    tiny_config: ClassVar[dict[str, Any]] = {
+        **TINY_VIT,
+        "mae.decoder_dim": 32,
+        "mae.decoder_depth": 1,
+        "mae.decoder_heads": 2,
+    }
 
     @staticmethod
     def check_config(section, need) -> None:

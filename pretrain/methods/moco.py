@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from medfm.pretrain.backbones import is_vit, pooled_features
 from medfm.pretrain.methods.base import (
+    TINY_VIT,
     SSLMethod,
     at_step,
     backbone_from_config,
@@ -81,6 +83,7 @@ class MoCo(SSLMethod):
 
     Config = MoCoConfig
     description = "MoCo v3 contrastive learning (Chen et al. 2021); released: the momentum encoder"
+    tiny_config: ClassVar[dict[str, Any]] = {**TINY_VIT, "moco.hidden_dim": 64, "moco.output_dim": 32}
 
     momentum_modules = ("backbone_momentum", "projection_head_momentum")
 

@@ -7,6 +7,7 @@ processes (``gather_distributed=True``: the effective batch of negatives is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from lightly.loss import NTXentLoss
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from medfm.pretrain.backbones import pooled_features
-from medfm.pretrain.methods.base import SSLMethod, augment_from_config, backbone_from_config
+from medfm.pretrain.methods.base import TINY_VIT, SSLMethod, augment_from_config, backbone_from_config
 from medfm.pretrain.transforms import MultiView
 
 
@@ -34,6 +35,7 @@ class SimCLR(SSLMethod):
 
     Config = SimCLRConfig
     description = "SimCLR contrastive learning (Chen et al. 2020); released: the backbone (projection head dropped)"
+    tiny_config: ClassVar[dict[str, Any]] = {**TINY_VIT, "simclr.hidden_dim": 64, "simclr.output_dim": 32}
 
     def __init__(
         self,

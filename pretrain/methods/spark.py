@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -198,6 +199,13 @@ class SparK(SSLMethod):
         "sparse masked image modeling for CNNs (SparK, Tian et al. 2023); released: the CNN encoder (densify layers "
         "and decoder dropped)"
     )
+    # SparK needs a CNN: a ResNet-18 with the small-image stem at 32 px (a 4 x 4 grid of 8-px cells)
+    tiny_config: ClassVar[dict[str, Any]] = {
+        "data.img_size": 32,
+        "model.backbone": "resnet18",
+        "model.backbone_kwargs.small_image_stem": True,
+        "spark.decoder_width": 32,
+    }
 
     @staticmethod
     def check_config(section, need) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from medfm.downstream.config import EvalConfig, load_config
 from medfm.downstream.data import open_split, plan_unit_splits
-from medfm.downstream.evaluate import run_eval
+from medfm.downstream.evaluate import best_on_val, run_eval
 from medfm.pretrain.errors import ConfigError
 
 PLOTS = ("roc.png", "confusion.png", "embedding.png")
@@ -66,6 +66,32 @@ def test_breastmnist_64_at_another_size_and_the_random_init_baseline(tiny_releas
     table = (tmp_path / "eval" / "summary.md").read_text()
     assert "| release | linear |" in table and "| random | linear |" in table
     assert (tmp_path / "eval" / "random" / "knn" / "embedding.png").is_file()
+
+
+def test_each_protocol_keeps_the_input_side_of_its_best_val_metric(tiny_release, medmnist, tmp_path):
+    """features.input_scales [1, 2]: every protocol is fitted at 28 and 56 px and keeps the side whose val AUC is
+    higher (recorded with both val AUCs); the test metrics, label budgets and plots are those of that side."""
+    spec = f"medmnist:{medmnist('breastmnist')}"
+    scales = ("features.input_scales=[1.0,2.0]", "efficiency.fractions=[0.1]", "efficiency.seeds=[0]")
+    results = evaluate(tiny_release, spec, tmp_path / "both", *scales)["release"]
+    for protocol, result in results.items():
+        by_side = result["settings"]["val_auc_by_input_side"]
+        assert set(by_side) == {28, 56}, protocol
+        chosen = result["settings"]["input_side"]
+        assert by_side[chosen] == max(by_side.values()) == pytest.approx(result["val"]["auc"])
+        assert result["backbone"]["input_size"] == [1, chosen, chosen]
+        alone = evaluate(tiny_release, spec, tmp_path / f"alone{chosen}", f"backbone.img_size={chosen}")["release"]
+        assert result["summary"] == pytest.approx(alone[protocol]["summary"])  # the same fit as that side alone
+        assert result["label_efficiency"][0]["n_train"] == 55
+    with pytest.raises(ConfigError, match=r"features\.input_scales"):
+        evaluate(tiny_release, spec, tmp_path / "bad", "features.input_scales=[1.0,1.0]")
+
+
+def test_best_on_val_ranks_an_undefined_metric_last_and_keeps_the_first_of_ties():
+    assert best_on_val([0.7, float("nan"), 0.9]) == 2
+    assert best_on_val([float("nan"), 0.6]) == 1
+    assert best_on_val([0.8, 0.8]) == 0
+    assert best_on_val([float("nan")]) == 0
 
 
 def test_brain_mri_image_folder_with_val_carved_from_train(tiny_release, brain_mri, tmp_path):

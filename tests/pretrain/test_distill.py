@@ -43,7 +43,8 @@ def test_the_students_features_approach_the_teachers_on_real_images(student, tin
     train, held_out = images[:64], images[64:]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     before = agreement(model, held_out)
-    for step in range(30):
+    # 60 steps: at 30 the student passed 0.5 from 2 of 4 seeds (0.40-0.63); at 60 from all (0.58-0.70)
+    for step in range(60):
         batch = train[(step * 16) % 64 :][:16]
         loss = model([batch], step)["loss"]
         optimizer.zero_grad()

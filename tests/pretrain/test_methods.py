@@ -5,67 +5,60 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss, NTXentLoss
+from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import default_collate
 
 from medfm.data_shards.specs import MedMNISTDataset
 from medfm.pretrain.backbones import build_backbone, pooled_features
-from medfm.pretrain.methods import DINO, MAE, METHODS, DINOv2, MoCo, SimCLR
-from medfm.pretrain.methods.distill import Distill
+from medfm.pretrain.config import derive, load_config
+from medfm.pretrain.methods import DINO, MAE, METHODS, MoCo, SSLMethod
 from medfm.pretrain.methods.moco import MoCoV3Loss
-from medfm.pretrain.methods.spark import SparK
 
 
 def vit(**kwargs) -> nn.Module:
     return build_backbone("vit_tiny_patch16_224", img_size=28, in_chans=1, patch_size=7, depth=2, **kwargs)
 
 
-def small_resnet() -> nn.Module:
-    """SparK's tiny CNN: a ResNet-18 with the small-image stem at 32 px (4 x 4 cells of 8 px)."""
-    return build_backbone("resnet18", img_size=32, in_chans=1, small_image_stem=True)
+@dataclass
+class Tiny:
+    """A method as ``from_config`` builds it at its ``tiny_config`` size (100 steps), with its config."""
+
+    model: SSLMethod
+    cfg: DictConfig
+
+    @property
+    def side(self) -> int:
+        return self.cfg.data.img_size
+
+    def views(self, images: torch.Tensor | None = None, batch: int = 8) -> list[torch.Tensor]:
+        """A batch of the method's own views (its ``build_transform`` and loader collate, as the engine gets them)
+        of ``images`` (N, C, H, W) in [0, 1]; random images by default."""
+        if images is None:
+            images = torch.rand(batch, 1, self.side, self.side)
+        transform = type(self.model).build_transform(self.cfg)
+        collate = getattr(transform, "collate", default_collate)
+        return collate([{"views": transform(image)} for image in images])["views"]
 
 
-SIDE = {"spark": 32}  # input side per method (default 28)
+@pytest.fixture
+def tiny(pretrain_overrides, tmp_path):
+    """``tiny(method, backbone=None, **overrides) -> Tiny``: no per-method code, only each method's tiny_config."""
 
+    def build(method: str, backbone: dict[str, object] | None = None, **overrides: object) -> Tiny:
+        values = {"data.samples_per_epoch": 800, **overrides}  # 100 steps of 8 images
+        cfg = load_config(None, pretrain_overrides(method, "medmnist:unused.npz", tmp_path, backbone, **values))
+        cfg = derive(cfg, world_size=1, dataset_size=800)
+        return Tiny(METHODS[method].from_config(cfg), cfg)
 
-def tiny(method: str, backbone: nn.Module | None = None, steps: int = 100) -> nn.Module:
-    if method == "spark":
-        return SparK(backbone or small_resnet(), 32, decoder_width=32)
-    backbone = backbone or vit(dynamic_img_size=method in ("dino", "dinov2"))
-    if method == "mae":
-        return MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
-    if method == "dino":
-        return DINO(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
-    if method == "dinov2":
-        return DINOv2(backbone, [0.99] * steps, [0.04] * steps, 0, 64, 32, 128)
-    if method == "distill":
-        return Distill(backbone, FixedTeacher(), 16)
-    if method == "simclr":
-        return SimCLR(backbone, hidden_dim=64, output_dim=32)
-    return MoCo(backbone, [0.99] * steps, hidden_dim=64, output_dim=32)
-
-
-class FixedTeacher:
-    """A frozen random conv net standing in for a general model: pooled (B, 16) and patch (B, 16, 4, 4) features."""
-
-    def __init__(self):
-        torch.manual_seed(123)
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 7, stride=7), nn.GELU()).requires_grad_(False)
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self.net(images)
-        return patches.mean(dim=(2, 3)), patches
-
-
-def views_for(method: str, batch: int = 8) -> list[torch.Tensor]:
-    side = SIDE.get(method, 28)
-    global_views = [torch.randn(batch, 1, side, side) for _ in range(1 if method in ("mae", "spark") else 2)]
-    return global_views + ([torch.randn(batch, 1, 14, 14) for _ in range(2)] if method in ("dino", "dinov2") else [])
+    return build
 
 
 def test_registry_is_the_seven_methods():
@@ -73,13 +66,14 @@ def test_registry_is_the_seven_methods():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_forward_backward_and_export(method):
+def test_forward_backward_and_export(method, tiny):
     torch.manual_seed(0)
-    model = tiny(method)
-    out = model(views_for(method), step=0)
+    method_at_tiny_size = tiny(method)
+    model = method_at_tiny_size.model
+    out = model(method_at_tiny_size.views(), step=0)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     exported = model.export_backbone()
-    width, side = exported.num_features, SIDE.get(method, 28)
+    width, side = exported.num_features, method_at_tiny_size.side
     assert out["embeddings"].shape == (8, width) and not out["embeddings"].requires_grad
     out["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -92,9 +86,9 @@ def test_mae_rejects_a_cnn_clearly():
         MAE(build_backbone("resnet18", img_size=28))
 
 
-def test_mae_loss_is_mse_on_normalised_masked_patches():
+def test_mae_loss_is_mse_on_normalised_masked_patches(tiny):
     torch.manual_seed(0)
-    model = tiny("mae")
+    model = tiny("mae").model
     images = torch.randn(4, 1, 28, 28)
     torch.manual_seed(1)
     loss = model([images], step=0)["loss"]
@@ -109,16 +103,17 @@ def test_mae_loss_is_mse_on_normalised_masked_patches():
     assert torch.allclose(loss, ((prediction - target) ** 2).mean(), atol=1e-6)
 
 
-def test_mae_figure_grid():
-    grid = tiny("mae").figures([torch.randn(3, 1, 28, 28)])["mae_reconstruction"]
+def test_mae_figure_grid(tiny):
+    grid = tiny("mae").model.figures([torch.randn(3, 1, 28, 28)])["mae_reconstruction"]
     assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
 
 
-def test_dino_loss_matches_lightly():
+def test_dino_loss_matches_lightly(tiny):
     torch.manual_seed(0)
-    model = tiny("dino")
+    dino = tiny("dino")
+    model = dino.model
     model.teacher_temp_schedule = np.array([0.04, 0.05, 0.06])
-    views = views_for("dino")
+    views = dino.views()
     reference = DINOLoss(output_dim=128, student_temp=0.1, center_momentum=0.9)
     reference.center.copy_(torch.randn_like(reference.center))
     model.criterion.center.copy_(reference.center)
@@ -131,15 +126,15 @@ def test_dino_loss_matches_lightly():
     assert torch.allclose(model.criterion.center, reference.center, atol=1e-6)  # center updated the same way
 
 
-def test_dino_works_with_a_cnn():
-    model = tiny("dino", backbone=build_backbone("resnet18", img_size=28))
-    out = model(views_for("dino"), step=0)
+def test_dino_works_with_a_cnn(tiny):
+    dino = tiny("dino", backbone={"model.backbone": "resnet18"})
+    out = dino.model(dino.views(), step=0)
     assert out["embeddings"].shape == (8, 512) and torch.isfinite(out["loss"])
 
 
-def test_dino_teacher_starts_equal_and_follows_the_ema():
+def test_dino_teacher_starts_equal_and_follows_the_ema(tiny):
     torch.manual_seed(0)
-    model = tiny("dino")
+    model = tiny("dino").model
     model.momentum_schedule = np.array([0.5])
     for s, t in zip(model.student_head.parameters(), model.teacher_head.parameters(), strict=True):
         assert torch.equal(s, t)
@@ -154,20 +149,21 @@ def test_dino_teacher_starts_equal_and_follows_the_ema():
     assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
 
 
-def test_dino_last_layer_is_frozen_for_the_first_steps():
+def test_dino_last_layer_is_frozen_for_the_first_steps(tiny):
+    views = tiny("dino").views()
     model = DINO(vit(dynamic_img_size=True), [0.99] * 4, [0.04] * 4, 2, 64, 32, 128)
     for step, frozen in [(0, True), (1, True), (2, False)]:
         model.zero_grad()
-        model(views_for("dino"), step=step)["loss"].backward()
+        model(views, step=step)["loss"].backward()
         model.before_optimizer_step(step)
         assert (model.student_head.last_layer.weight_v.grad is None) == frozen
         assert model.student_head.layers[0].weight.grad is not None
 
 
-def test_simclr_loss_matches_lightly_ntxent():
+def test_simclr_loss_matches_lightly_ntxent(tiny):
     torch.manual_seed(0)
-    model = tiny("simclr")
-    views = views_for("simclr")
+    simclr = tiny("simclr")
+    model, views = simclr.model, simclr.views()
     loss = model(views, step=0)["loss"]
     z0, z1 = model.projection_head(pooled_features(model.backbone, torch.cat(views))).chunk(2)
     assert torch.allclose(loss, NTXentLoss(temperature=0.1)(z0, z1), atol=1e-6)
@@ -181,11 +177,11 @@ def test_moco_v3_loss_matches_a_naive_reference():
     assert torch.allclose(MoCoV3Loss(tau)(q, k), 2 * tau * torch.stack(terms).mean(), atol=1e-6)
 
 
-def test_moco_is_symmetric_and_momentum_encoder_moves():
+def test_moco_is_symmetric_and_momentum_encoder_moves(tiny):
     torch.manual_seed(0)
-    model = tiny("moco")
+    moco = tiny("moco")
+    model, views = moco.model, moco.views()
     model.momentum_schedule = np.array([0.0])
-    views = views_for("moco")
     loss = model(views, step=0)["loss"]
     swapped = model(views[::-1], step=0)["loss"]
     assert torch.allclose(loss, swapped, atol=1e-5)
@@ -198,22 +194,21 @@ def test_moco_is_symmetric_and_momentum_encoder_moves():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
-    """12 AdamW steps on one batch of real images with fixed views: the loss must go down."""
+def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia, tiny):
+    """12 AdamW steps on one batch of real images with fixed views (the method's own, drawn once): the loss must go
+    down."""
     dataset = MedMNISTDataset(pneumonia)
-    images = torch.stack([dataset[i]["image"] for i in range(16)]) * 2 - 1
-    if method == "spark":
-        images = F.interpolate(images, size=32, mode="bilinear")
-    views = [images, images.flip(-1)][: 1 if method in ("mae", "spark") else 2]
-    if method in ("dino", "dinov2"):
-        views += [F.interpolate(images[..., :14, :14], size=14), F.interpolate(images[..., 14:, 14:], size=14)]
     torch.manual_seed(0)
-    model = tiny(method)
+    method_at_tiny_size = tiny(method)
+    model = method_at_tiny_size.model
+    side = method_at_tiny_size.side
+    images = F.interpolate(torch.stack([dataset[i]["image"] for i in range(16)]), size=side, mode="bilinear")
+    views = method_at_tiny_size.views(images.clamp(0, 1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(12):
-        torch.manual_seed(step if method not in ("mae", "spark") else 0)  # MAE, SparK: the same mask every step
-        random.seed(step)  # DINOv2's block masks
+        torch.manual_seed(0)  # masked modeling: the same mask every step
+        random.seed(0)
         loss = model(views, step=step)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -225,13 +220,15 @@ def test_loss_decreases_on_a_fixed_real_batch(method, pneumonia):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
-@pytest.mark.parametrize("method", ["dino", "moco"])
-def test_the_ema_targets_are_deterministic_with_drop_path(method):
+@pytest.mark.parametrize(
+    ("method", "teacher_name", "student_name"),
+    [("dino", "teacher_backbone", "student_backbone"), ("moco", "backbone_momentum", "backbone")],
+)
+def test_the_ema_targets_are_deterministic_with_drop_path(method, teacher_name, student_name, tiny):
     """The student keeps its drop path; the teacher / momentum encoder has none (DINO builds its teacher without
     it): two passes of the teacher on one input in training mode give the same targets."""
-    model = tiny(method, vit(drop_path_rate=0.5, dynamic_img_size=method == "dino")).train()
-    teacher = model.teacher_backbone if method == "dino" else model.backbone_momentum
-    student = model.student_backbone if method == "dino" else model.backbone
+    model = tiny(method, **{"model.drop_path_rate": 0.5}).model.train()
+    teacher, student = getattr(model, teacher_name), getattr(model, student_name)
     images = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(pooled_features(teacher, images), pooled_features(teacher, images))
@@ -239,10 +236,10 @@ def test_the_ema_targets_are_deterministic_with_drop_path(method):
     assert teacher.state_dict().keys() == student.state_dict().keys()
 
 
-def test_moco_heads_follow_the_reference_build_mlp():
+def test_moco_heads_follow_the_reference_build_mlp(tiny):
     """moco/builder.py: bias-free linears, a final BatchNorm1d(affine=False) on the projector and, for ViTs only,
     on the predictor (``_build_mlp(..., last_bn=True)``); 3 projector layers for ViTs, 2 for ResNets."""
-    vit_moco = tiny("moco")
+    vit_moco = tiny("moco").model
     last = list(vit_moco.prediction_head.modules())[-1]
     assert isinstance(last, nn.BatchNorm1d) and not last.affine
     assert isinstance(list(vit_moco.projection_head.modules())[-1], nn.BatchNorm1d)

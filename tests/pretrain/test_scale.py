@@ -71,8 +71,6 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def dino(tiny, run_dir: Path, method: str = "dino", **extra) -> list[str]:
-    # DINOv2's KoLeo term takes nearest neighbours within each process's batch (as the reference): off here.
-    koleo = {"dinov2.koleo_loss_weight": 0.0} if method == "dinov2" else {}
     # The teacher as the reference's ImageNet recipe, not "auto" for 4 steps (momentum 0.9, temperature 0.02): the
     # iBOT centres' per-process weighting (below) would be amplified past these tolerances by the sharper targets.
     teacher = {
@@ -80,14 +78,18 @@ def dino(tiny, run_dir: Path, method: str = "dino", **extra) -> list[str]:
         f"{method}.warmup_teacher_temp": 0.04,
         f"{method}.momentum_teacher": 0.992,
     }
-    return tiny(method, run_dir, **{"logging.every_steps": 1, **koleo, **teacher, **extra})
+    return tiny(method, run_dir, **{"logging.every_steps": 1, **teacher, **extra})
 
 
-@pytest.mark.parametrize("method", ["dino", "dinov2"])
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path, method):
+# DINOv2's KoLeo term takes nearest neighbours within each process's batch (as the reference): off here. Its
+# losses agree to a looser tolerance (the iBOT centre, below).
+@pytest.mark.parametrize(
+    ("method", "extra", "loss_rel"), [("dino", {}, 1e-4), ("dinov2", {"dinov2.koleo_loss_weight": 0.0}, 1e-3)]
+)
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path, method, extra, loss_rel):
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, WORKER, str(one / "probe"), *dino(tiny, one, method, **{"train.batch_size": 16})])
-    run(accelerate_launch(2, WORKER, str(two / "probe"), *dino(tiny, two, method, **{"train.batch_size": 8})))
+    run([sys.executable, WORKER, str(one / "probe"), *dino(tiny, one, method, **extra, **{"train.batch_size": 16})])
+    run(accelerate_launch(2, WORKER, str(two / "probe"), *dino(tiny, two, method, **extra, **{"train.batch_size": 8})))
     ref = torch.load(one / "probe/rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"probe/rank{r}.pt", weights_only=True) for r in range(2)]
     assert ref["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
@@ -98,7 +100,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny, tmp_path
     # DINOv2's iBOT centre is the mean of per-process means of the masked tokens (lightly's Center, like the
     # reference's all-reduce): processes with different masked-token counts weigh them differently than one
     # process does, so after the first update the losses agree to ~1e-4 rather than to float rounding.
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4 if method == "dino" else 1e-3)
+    assert losses(two) == pytest.approx(losses(one), rel=loss_rel)
     # After 4 AdamW steps, parameters whose gradients were ~0 can move by ~lr in either direction (Adam's first
     # steps are ~lr * sign(g)): compare to a few lr (lr = 1e-3 * 16 / 256).
     for key, value in ref["params"].items():

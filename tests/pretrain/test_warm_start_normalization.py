@@ -59,8 +59,10 @@ def source_model(folder: Path) -> torch.nn.Module:
     return timm.create_model(ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **SHAPE).eval()
 
 
-@pytest.mark.parametrize("method", ["dino", "mae"])
-def test_the_first_forward_equals_the_sources_with_its_own_preprocessing(method, hub_folder, tiny, tmp_path):
+@pytest.mark.parametrize(("method", "student_name"), [("dino", "student_backbone"), ("mae", "encoder")])
+def test_the_first_forward_equals_the_sources_with_its_own_preprocessing(
+    method, student_name, hub_folder, tiny, tmp_path
+):
     cfg = run_config(tiny, tmp_path, method, hub_folder, **NO_RANDOMNESS)
     assert list(cfg.augment.mean) == IMAGENET[0] and list(cfg.augment.std) == IMAGENET[1]
     assert str(hub_folder / "config.json") in cfg.derived.normalization
@@ -70,7 +72,7 @@ def test_the_first_forward_equals_the_sources_with_its_own_preprocessing(method,
         expected = source.forward_features(create_transform(**resolve_data_config({}, model=source))(Image.fromarray(pixels))[None])  # fmt: skip
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # medfm's images: (C, H, W) in [0, 1]
         model = METHODS[method].from_config(cfg).eval()
-        student = model.student_backbone if method == "dino" else model.encoder
+        student = getattr(model, student_name)
         student = getattr(student, "vit", student)
         got = student.forward_features(augment_from_config(cfg)(image)[None])
         assert torch.allclose(got, expected, atol=1e-4)
