@@ -125,8 +125,14 @@ def multicrop_rate(recipe: str, samples: int) -> dict:
         start = time.perf_counter()
         views = [len(item["image"]) if isinstance(item["image"], (list, tuple)) else 1 for item in stream]
     speed = rate(len(views), time.perf_counter() - start)
-    return {"recipe": recipe, "method": cfg.method, "img_size": cfg.data.img_size, "torch_threads": 1,
-            "views_per_image": max(views, default=0), "img_s_per_core": speed}  # fmt: skip
+    return {
+        "recipe": recipe,
+        "method": cfg.method,
+        "img_size": cfg.data.img_size,
+        "torch_threads": 1,
+        "views_per_image": max(views, default=0),
+        "img_s_per_core": speed,
+    }
 
 
 def run(data: Path, samples: int, dicom_samples: int) -> dict:

@@ -270,9 +270,14 @@ def measure(method: str, args: argparse.Namespace, accelerator: Accelerator, rep
             if block > 0:
                 engine_rate = images / statistics.median(times["engine"])
                 bare_rate = images / statistics.median(times["bare"])
-                row.update(engine_img_s=engine_rate, bare_img_s=bare_rate, repeats_done=block,
-                           overhead_pct=100.0 * (bare_rate / engine_rate - 1.0),
-                           engine_peak_mb=memory["engine"] / 2**20, bare_peak_mb=memory["bare"] / 2**20)  # fmt: skip
+                row.update(
+                    engine_img_s=engine_rate,
+                    bare_img_s=bare_rate,
+                    repeats_done=block,
+                    overhead_pct=100.0 * (bare_rate / engine_rate - 1.0),
+                    engine_peak_mb=memory["engine"] / 2**20,
+                    bare_peak_mb=memory["bare"] / 2**20,
+                )
                 report(row)
         if args.flops:
             flops = step_flops(bare_model, views, bare_autocast)
@@ -318,9 +323,17 @@ def main() -> None:
         "--data", type=Path, default=REPO.parent / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
     )
     parser.add_argument("--methods", nargs="+", help="default: the --recipe names, else " + " ".join(sorted(RECIPES)))
-    parser.add_argument("--recipe", nargs="*", default=[], metavar="METHOD=YAML", help="recipe of configs/pretrain/ per method (default: the 28 px CPU ones)")  # fmt: skip
+    parser.add_argument(
+        "--recipe",
+        nargs="*",
+        default=[],
+        metavar="METHOD=YAML",
+        help="recipe of configs/pretrain/ per method (default: the 28 px CPU ones)",
+    )
     parser.add_argument("--flops", action="store_true", help="model FLOPs per step and FLOP utilisation")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for --flops (H100/H200 SXM: 989)")  # fmt: skip
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak for --flops (H100/H200 SXM: 989)"
+    )
     parser.add_argument("--count-syncs", action="store_true", help="host-device synchronisations per optimizer step")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per block")
@@ -333,8 +346,14 @@ def main() -> None:
     if not args.data.is_file():
         print(f"{args.data} not found: the batches are random images")
     accelerator = build_accelerator(args.precision)
-    results = {"device": str(accelerator.device), "threads": torch.get_num_threads(), "batch": args.batch,
-               "steps": args.steps, "precision": args.precision, "methods": {}}  # fmt: skip
+    results = {
+        "device": str(accelerator.device),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "steps": args.steps,
+        "precision": args.precision,
+        "methods": {},
+    }
     if accelerator.device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name()
 
@@ -343,15 +362,20 @@ def main() -> None:
         if args.json:
             write_json(args.json, results)
 
-    print(f"{'method':<8} {'backbone':<24} {'engine img/s':>12} {'bare img/s':>11} {'overhead':>9} "
-          f"{'engine MB':>10} {'bare MB':>8}")  # fmt: skip
+    print(
+        f"{'method':<8} {'backbone':<24} {'engine img/s':>12} {'bare img/s':>11} {'overhead':>9} "
+        f"{'engine MB':>10} {'bare MB':>8}"
+    )
     for method in args.methods:
         row = measure(method, args, accelerator, lambda row, method=method: report(method, row))
         extra = "".join(f"  {key}={row[key]:.3g}" for key in ("step_tflop", "engine_tflops_s", "mfu_pct",
                         "engine_syncs_per_step", "engine_syncs_logging_step", "bare_syncs_per_step",
                         "engine_cuda_debug_syncs_per_step", "bare_cuda_debug_syncs_per_step") if key in row)  # fmt: skip
-        print(f"{method:<8} {row['backbone']:<24} {row['engine_img_s']:>12.1f} {row['bare_img_s']:>11.1f} "
-              f"{row['overhead_pct']:>8.1f}% {row['engine_peak_mb']:>10.1f} {row['bare_peak_mb']:>8.1f}{extra}", flush=True)  # fmt: skip
+        print(
+            f"{method:<8} {row['backbone']:<24} {row['engine_img_s']:>12.1f} {row['bare_img_s']:>11.1f} "
+            f"{row['overhead_pct']:>8.1f}% {row['engine_peak_mb']:>10.1f} {row['bare_peak_mb']:>8.1f}{extra}",
+            flush=True,
+        )
         for site, count in row.get("engine_sync_sites", {}).items():
             print(f"         engine step sync x{count}: {site}")
 

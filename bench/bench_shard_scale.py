@@ -48,7 +48,9 @@ def make_corpus(series_dir: Path, out: Path, series: int, slices: int, size: int
         for index in range(slices):
             ds = templates[index % len(templates)]
             ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.{number + 1}"
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{number + 1}.{index + 1}"  # fmt: skip
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+                f"1.2.826.0.1.3680043.8.498.{number + 1}.{index + 1}"
+            )
             ds.InstanceNumber = index + 1
             ds.ImagePositionPatient = [0.0, 0.0, 1.5 * index]
             ds.save_as(folder / f"{index:04d}.dcm", enforce_file_format=True)
@@ -84,8 +86,14 @@ def run_shard(corpus: Path, out: Path, workers: int, extra: list[str], kill_at: 
     manifest = out / "manifest.json"
     samples = json.loads(manifest.read_text())["totals"]["samples"] if manifest.exists() else None
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"plan_s": planned_at, "startup_s": planning_from, "total_s": total, "samples": samples,
-            "returncode": process.returncode, "peak_rss_mib": max(peak, before) / 1024}  # fmt: skip
+    return {
+        "plan_s": planned_at,
+        "startup_s": planning_from,
+        "total_s": total,
+        "samples": samples,
+        "returncode": process.returncode,
+        "peak_rss_mib": max(peak, before) / 1024,
+    }
 
 
 def main() -> None:
@@ -122,9 +130,12 @@ def main() -> None:
             run["plan_files_s_per_worker"] = run["plan_files_s"] / workers
             run["write_img_s"] = run["samples"] / (run["total_s"] - run["plan_s"])
             results["runs"][f"workers{workers}"] = run
-            print(f"workers {workers}: start-up {run['startup_s']:.1f} s, planning {run['plan_files_s']:,.0f} files/s "
-                  f"({run['plan_s'] - run['startup_s']:.1f} s), writing {run['write_img_s']:,.0f} images/s, "
-                  f"total {run['total_s']:.1f} s, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"workers {workers}: start-up {run['startup_s']:.1f} s, planning {run['plan_files_s']:,.0f} files/s "
+                f"({run['plan_s'] - run['startup_s']:.1f} s), writing {run['write_img_s']:,.0f} images/s, "
+                f"total {run['total_s']:.1f} s, peak RSS {run['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
         workers = max(args.workers)
         full = results["runs"][f"workers{workers}"]["total_s"]
         shards = -(-results["runs"][f"workers{workers}"]["samples"] // 500)
@@ -132,15 +143,25 @@ def main() -> None:
         resumed = run_shard(tmp_dir / "corpus", tmp_dir / "resume", workers, ["--resume"])
         # the resumed run prints "inputs planned" once it has started and opened the saved plan
         after_startup = resumed["total_s"] - resumed["plan_s"]
-        results["resume"] = {"killed_at_shards": int(0.9 * shards), "killed_returncode": killed["returncode"],
-                             "of_shards": shards, "resume_s": resumed["total_s"], "startup_s": resumed["plan_s"],
-                             "full_run_s": full, "fraction_of_full": resumed["total_s"] / full,
-                             "fraction_of_full_after_startup": after_startup / (full - results["runs"][f"workers{workers}"]["startup_s"]),
-                             "samples": resumed["samples"]}  # fmt: skip
-        print(f"resume of a run killed at 90 %: {resumed['total_s']:.1f} s = "
-              f"{100 * resumed['total_s'] / full:.0f} % of a full run ({full:.1f} s); after the start-up "
-              f"({resumed['plan_s']:.1f} s, the interpreter and imports): "
-              f"{100 * results['resume']['fraction_of_full_after_startup']:.0f} %", flush=True)  # fmt: skip
+        results["resume"] = {
+            "killed_at_shards": int(0.9 * shards),
+            "killed_returncode": killed["returncode"],
+            "of_shards": shards,
+            "resume_s": resumed["total_s"],
+            "startup_s": resumed["plan_s"],
+            "full_run_s": full,
+            "fraction_of_full": resumed["total_s"] / full,
+            "fraction_of_full_after_startup": after_startup
+            / (full - results["runs"][f"workers{workers}"]["startup_s"]),
+            "samples": resumed["samples"],
+        }
+        print(
+            f"resume of a run killed at 90 %: {resumed['total_s']:.1f} s = "
+            f"{100 * resumed['total_s'] / full:.0f} % of a full run ({full:.1f} s); after the start-up "
+            f"({resumed['plan_s']:.1f} s, the interpreter and imports): "
+            f"{100 * results['resume']['fraction_of_full_after_startup']:.0f} %",
+            flush=True,
+        )
         shutil.rmtree(tmp_dir / "corpus")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

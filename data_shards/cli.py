@@ -220,7 +220,10 @@ def inspect_command(shard_dir: Path, per_modality: int, verify: bool = False) ->
     try:
         written = write_grids(shard_dir, shard_dir / "inspect", per_modality=per_modality)
     except MedfmError as error:  # a damaged shard among those sampled
-        print(f"medfm shard inspect: {error} (`medfm shard inspect --verify {shard_dir}` checks every shard)", file=sys.stderr)  # fmt: skip
+        print(
+            f"medfm shard inspect: {error} (`medfm shard inspect --verify {shard_dir}` checks every shard)",
+            file=sys.stderr,
+        )
         return 1
     for path in written:
         print(f"wrote {path}")

@@ -217,8 +217,11 @@ def _stack_key(ds: Dataset) -> tuple[tuple | None, float, int]:
     if len(orientation) != 6 or len(position) != 3 or not all(map(math.isfinite, orientation + position)):
         return None, 0.0, 0
     row, column = orientation[:3], orientation[3:]
-    normal = (row[1] * column[2] - row[2] * column[1], row[2] * column[0] - row[0] * column[2],
-              row[0] * column[1] - row[1] * column[0])  # fmt: skip
+    normal = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
     key = (series, rows, columns, tuple(round(value, 3) for value in orientation))
     return key, sum(p * n for p, n in zip(position, normal, strict=True)), instance
 

@@ -378,8 +378,14 @@ class PlanWriter:
         self.skipped += 1
 
     def close(self) -> PlanFile:
-        end = {"units": self.units, "skipped": self.skipped, "left_out": self.left_out, "has_dicom": self.has_dicom,
-               "origins": sorted(self.origins), "digest": self._digest.hexdigest()}  # fmt: skip
+        end = {
+            "units": self.units,
+            "skipped": self.skipped,
+            "left_out": self.left_out,
+            "has_dicom": self.has_dicom,
+            "origins": sorted(self.origins),
+            "digest": self._digest.hexdigest(),
+        }
         self._handle.write(json.dumps({"end": end}) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -436,7 +442,9 @@ class PlanFile:
                     yield index, _unit_from(entry["unit"]), entry["origin"]
                 index += 1
         if index != self.units:  # the journal's unit indexes would point at the wrong inputs
-            raise ShardError(f"{self.path}: {index} units where the plan ends with {self.units}: damaged; rerun with --overwrite")  # fmt: skip
+            raise ShardError(
+                f"{self.path}: {index} units where the plan ends with {self.units}: damaged; rerun with --overwrite"
+            )
 
     def iter_skipped(self) -> Iterator[tuple[str, str]]:
         """(source, reason) of every input skipped while listing."""

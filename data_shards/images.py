@@ -237,7 +237,7 @@ def _read_npy_rows(
             raise InputError(f"{key}: rows [{start}, {stop}) out of range for shape {shape}")
         row_values = math.prod(int(n) for n in shape[1:])
         if max_values is not None:
-            check_pixel_budget((stop - start) * row_values, max_values, f"{key} rows [{start}, {stop})")  # fmt: skip
+            check_pixel_budget((stop - start) * row_values, max_values, f"{key} rows [{start}, {stop})")
         row_bytes = dtype.itemsize * row_values
         member.seek(start * row_bytes, io.SEEK_CUR)  # a deflated member decompresses forward, never whole
         data = member.read((stop - start) * row_bytes)
@@ -262,7 +262,9 @@ def npz_units(path: Path, root: Path, chunk_size: int = 2048, source: str | None
             names = archive.namelist()
             present = [split for split in NPZ_SPLITS if f"{split}_images.npy" in names]
             if not present:
-                raise SkipInput(f"not a MedMNIST-style npz: no train_images / val_images / test_images key (keys: {sorted(names)[:8]})")  # fmt: skip
+                raise SkipInput(
+                    f"not a MedMNIST-style npz: no train_images / val_images / test_images key (keys: {sorted(names)[:8]})"
+                )
             for split in present:
                 with archive.open(f"{split}_images.npy") as member:
                     shape, _, _ = _npy_header(member)
@@ -393,15 +395,22 @@ def csv_rows(csv_path: Path, *, allow_outside: bool | None = None) -> list[CsvRo
         label_columns = [c for c in columns if c not in (path_column, split_column, site_column)]
         rows = [(reader.line_num, row) for row in reader]
 
-    _refuse_lines(csv_path, [(line, "") for line, row in rows if not _cell(row, path_column)],
-                  f"empty path in column {path_column!r}")  # fmt: skip
+    _refuse_lines(
+        csv_path,
+        [(line, "") for line, row in rows if not _cell(row, path_column)],
+        f"empty path in column {path_column!r}",
+    )
     base = csv_path.parent
     if allow_outside is None:
         allow_outside = os.environ.get(ALLOW_OUTSIDE_ENV, "") == "1"
     if not allow_outside:
         outside = [(line, _cell(row, path_column)) for line, row in rows if not _inside(_cell(row, path_column), base)]
-        _refuse_lines(csv_path, outside, f"path outside the CSV's folder {os.path.abspath(base)} (refused; set "
-                      f"{ALLOW_OUTSIDE_ENV}=1 to allow absolute and ../ paths)")  # fmt: skip
+        _refuse_lines(
+            csv_path,
+            outside,
+            f"path outside the CSV's folder {os.path.abspath(base)} (refused; set "
+            f"{ALLOW_OUTSIDE_ENV}=1 to allow absolute and ../ paths)",
+        )
     for column in label_columns:
         missing = [(line, _cell(row, column)) for line, row in rows if _cell(row, column).lower() in MISSING_LABELS]
         _refuse_lines(csv_path, missing, f"no label in column {column!r} (give every row a label, or remove the row)")

@@ -87,7 +87,9 @@ class SampleSink:
     def write(self, sample: dict[str, Any], record: dict[str, Any]) -> None:
         """One sample (``{"__key__", extension: bytes}``) and its decoded json ``record``."""
         size = sum(len(v) for k, v in sample.items() if k != "__key__")
-        if self._writer is not None and (self._in_shard >= self.max_count or self._handle.tell() + size + 3072 > self.max_bytes):  # fmt: skip
+        if self._writer is not None and (
+            self._in_shard >= self.max_count or self._handle.tell() + size + 3072 > self.max_bytes
+        ):
             self._close()
         if self._writer is None:
             self._handle = open(self.out / f"shard-{len(self.shards):06d}.tar.tmp", "wb")  # noqa: SIM115 (closed in _close())
@@ -113,7 +115,9 @@ class SampleSink:
         self._handle.close()
         name = f"shard-{len(self.shards):06d}.tar"
         tmp = self.out / f"{name}.tmp"
-        self.shards.append({"name": name, "count": self._in_shard, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)})  # fmt: skip
+        self.shards.append(
+            {"name": name, "count": self._in_shard, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        )
         os.replace(tmp, self.out / name)
         self._handle = self._writer = None
 

@@ -88,18 +88,26 @@ def lock_folder(folder: str | Path, what: str, lock_file: str | Path | None = No
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # a read-only folder, a full disk: the writes that follow will say so
-            return FolderLock(path, None, f"cannot create the lock file {path} ({err.strerror}): two writers are not prevented")  # fmt: skip
+            return FolderLock(
+                path, None, f"cannot create the lock file {path} ({err.strerror}): two writers are not prevented"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(path)
             os.close(fd)
-            raise FolderInUse(f"{folder} is being written by another {what} ({holder}): wait for it to end, or write elsewhere") from None  # fmt: skip
+            raise FolderInUse(
+                f"{folder} is being written by another {what} ({holder}): wait for it to end, or write elsewhere"
+            ) from None
         except OSError as err:
             os.close(fd)
             if err.errno not in _NO_LOCKS:
                 raise
-            return FolderLock(path, None, f"cannot lock {folder} (the file system does not support flock: {err.strerror}): two writers are not prevented")  # fmt: skip
+            return FolderLock(
+                path,
+                None,
+                f"cannot lock {folder} (the file system does not support flock: {err.strerror}): two writers are not prevented",
+            )
         # A holder that let go between our open and our flock removed the file: we would hold the lock of a file
         # nobody else can see. Then take the lock of the file that is there now.
         if _same_file(path, fd) or attempt == 19:

@@ -125,7 +125,10 @@ def shard(
         hashed = (plan.has_dicom or parsed_part is not None) if hash_paths is None else hash_paths
         if hashed and hash_paths is None:
             why = "a part of a multi-machine run" if parsed_part is not None else "DICOM inputs"
-            print(f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)", file=sys.stderr)  # fmt: skip
+            print(
+                f"medfm shard: {why}: source paths are stored as salted hashes (--keep-paths to keep them)",
+                file=sys.stderr,
+            )
         salt = os.environ.get("MEDFM_PATH_SALT", "") if hashed else ""
         config = dataclasses.replace(config, hash_paths=hashed, path_salt=salt)
         print(

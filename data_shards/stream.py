@@ -259,7 +259,9 @@ def open_shard_set(location: str) -> tuple[list[str], Manifest]:
         urls = [posixpath.join(location, shard["name"]) for shard in manifest.shards]
     names = [shard["name"] for shard in manifest.shards]
     if len(urls) != len(names) or any(name not in url for url, name in zip(urls, names, strict=True)):
-        raise InputError(f"shards:{location}: the pattern gives {len(urls)} shards, the manifest lists {len(names)} ({names[0]} ... {names[-1]})")  # fmt: skip
+        raise InputError(
+            f"shards:{location}: the pattern gives {len(urls)} shards, the manifest lists {len(names)} ({names[0]} ... {names[-1]})"
+        )
     return urls, manifest
 
 
@@ -333,7 +335,9 @@ class ShardStream(IterableDataset):
             raise ShardDamaged(f"shards:{shard_dir}: {'; '.join(list(mismatches.values())[:3])}; {VERIFY_HINT}")
         for url, reason in mismatches.items():
             entry = self.entries[url]
-            self.damaged_at_open.append({"shard": entry["name"], "count": entry["count"], "key": None, "reason": reason})  # fmt: skip
+            self.damaged_at_open.append(
+                {"shard": entry["name"], "count": entry["count"], "key": None, "reason": reason}
+            )
             self._ledger.add(self.damaged_at_open[-1])
             self._ledger.check(f"shards:{shard_dir}", reason)
         totals = manifest.totals

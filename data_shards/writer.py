@@ -227,10 +227,15 @@ class ShardWriter:
             self._discard_partial()
             done = len(self.state.shards)
             what = MANIFEST if self._writing_manifest else self._shard_name()
-            raise ShardDiskFull(str(disk_full(
-                f"{what} in {self.out}", f"the {done} complete shard(s) and the progress journal are intact",
-                "rerun the same command with --resume (instead of --overwrite) to continue",
-            ))) from err  # fmt: skip
+            raise ShardDiskFull(
+                str(
+                    disk_full(
+                        f"{what} in {self.out}",
+                        f"the {done} complete shard(s) and the progress journal are intact",
+                        "rerun the same command with --resume (instead of --overwrite) to continue",
+                    )
+                )
+            ) from err
 
     def _discard_partial(self) -> None:
         """The shard being written, a half-written manifest, a journal whose header did not reach the disk."""

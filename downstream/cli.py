@@ -30,11 +30,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR", help="pretraining run directory (last.pt / step-*.pt)")
     export.add_argument("--out", required=True, metavar="RELEASE_DIR", help="release folder to write")
     export.add_argument("--checkpoint", help="export this checkpoint file instead of the newest")
-    export.add_argument("--results", nargs="*", default=[], metavar="RESULTS", help="results_summary.json / results.json files, or folders to search, for the card")  # fmt: skip
+    export.add_argument(
+        "--results",
+        nargs="*",
+        default=[],
+        metavar="RESULTS",
+        help="results_summary.json / results.json files, or folders to search, for the card",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace the files of an existing release folder")
-    export.add_argument("--license", default="other", help="the weights' license id for the model card, e.g. apache-2.0, cc-by-4.0 (default: other; the weights inherit the pretraining data's terms)")  # fmt: skip
-    export.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the release folder to this Hugging Face Hub model repo (created if needed; token from $HF_TOKEN or `hf auth login`)")  # fmt: skip
-    export.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public (default: private)")  # fmt: skip
+    export.add_argument(
+        "--license",
+        default="other",
+        help="the weights' license id for the model card, e.g. apache-2.0, cc-by-4.0 (default: other; the weights inherit the pretraining data's terms)",
+    )
+    export.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="then upload the release folder to this Hugging Face Hub model repo (created if needed; token from $HF_TOKEN or `hf auth login`)",
+    )
+    export.add_argument(
+        "--public", action="store_true", help="with --push-to-hub: create the repo public (default: private)"
+    )
     export.set_defaults(handler=run_export)
 
     evaluate = subparsers.add_parser(
@@ -64,7 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=CONFIG_HELP)
-    parser.add_argument("--backbone", metavar="PATH", help="release folder, run directory or weights file (backbone.path)")  # fmt: skip
+    parser.add_argument(
+        "--backbone", metavar="PATH", help="release folder, run directory or weights file (backbone.path)"
+    )
     parser.add_argument("--data", metavar="SPEC", help="dataset spec, e.g. medmnist:FILE.npz (data.spec)")
     parser.add_argument("--out", metavar="DIR", help="output directory (out_dir)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. knn.k=10")
@@ -91,8 +109,14 @@ def run_export(args: argparse.Namespace) -> int:
         check_output_path(args.out, "--out")
         if args.push_to_hub:
             check_repo_id(args.push_to_hub)  # before the release is written
-        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, results=args.results,
-                         overwrite=args.overwrite, license=args.license)  # fmt: skip
+        out = export_run(
+            args.run_dir,
+            args.out,
+            checkpoint=args.checkpoint,
+            results=args.results,
+            overwrite=args.overwrite,
+            license=args.license,
+        )
         print(f"released {args.run_dir} -> {out} (model.safetensors, config.json, README.md)")
         if args.push_to_hub:
             url = push_release(out, args.push_to_hub, private=not args.public)
@@ -133,10 +157,18 @@ def add_reduce_options(shard: argparse.ArgumentParser) -> None:
     """``medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR``: options on data_shards' ``shard``
     parser (the verb embeds images with a backbone, which data_shards must not import)."""
     group = shard.add_argument_group("reduce (medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR)")
-    group.add_argument("--model", help="reduce: backbone to embed with (a release, run directory, timm hub snapshot, hf-hub:ORG/NAME from the local cache, or a weights file)")  # fmt: skip
+    group.add_argument(
+        "--model",
+        help="reduce: backbone to embed with (a release, run directory, timm hub snapshot, hf-hub:ORG/NAME from the local cache, or a weights file)",
+    )
     group.add_argument("--architecture", help="reduce: timm name, only for a bare weights file")
     group.add_argument("--keep", type=float, help="reduce: fraction of the images to keep, e.g. 0.5")
-    group.add_argument("--method", default="kcenter", choices=("kcenter", "random"), help="reduce: k-center greedy on the embeddings within k-means clusters, one coverage radius for the whole set (default), or a seeded random subset of the same size")  # fmt: skip
+    group.add_argument(
+        "--method",
+        default="kcenter",
+        choices=("kcenter", "random"),
+        help="reduce: k-center greedy on the embeddings within k-means clusters, one coverage radius for the whole set (default), or a seeded random subset of the same size",
+    )
     group.add_argument("--clusters", type=int, help="reduce: k-means clusters (default ceil(sqrt(N)))")
     group.add_argument("--img-size", type=int, help="reduce: input side (default: the model's)")
     group.add_argument("--batch-size", type=int, default=256, help="reduce: embedding batch (default 256)")
@@ -159,7 +191,10 @@ def run_reduce(args: argparse.Namespace) -> int:
     from medfm.downstream.reduce import reduce_shards
 
     if len(args.sources) != 2 or args.out is None or args.model is None or args.keep is None:
-        print("usage: medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR [--method kcenter|random]", file=sys.stderr)  # fmt: skip
+        print(
+            "usage: medfm shard reduce SHARDS --model SRC --keep FRACTION --out DIR [--method kcenter|random]",
+            file=sys.stderr,
+        )
         return 2
     argv = list(getattr(args, "argv", sys.argv[1:]))
     manifest = reduce_shards(
@@ -178,7 +213,9 @@ def run_reduce(args: argparse.Namespace) -> int:
     )
     print(summary_text(manifest))
     reduction = manifest.reduction
-    print(f"kept {reduction['kept']} of {reduction['samples_before']} ({reduction['method']}); dropped list: {args.out}/{reduction['dropped_list']}")  # fmt: skip
+    print(
+        f"kept {reduction['kept']} of {reduction['samples_before']} ({reduction['method']}); dropped list: {args.out}/{reduction['dropped_list']}"
+    )
     return 0
 
 

@@ -138,7 +138,11 @@ class EvalConfig:
     def check_config(cfg: DictConfig, need: Need) -> None:
         """Checks the types cannot express: ``need(ok, key, what)``."""
         check_shared(cfg, need)
-        need(len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols), "protocols", f"must be a non-empty subset of {PROTOCOLS}")  # fmt: skip
+        need(
+            len(cfg.protocols) > 0 and all(p in PROTOCOLS for p in cfg.protocols),
+            "protocols",
+            f"must be a non-empty subset of {PROTOCOLS}",
+        )
         need(cfg.features.pooling in POOLINGS, "features.pooling", f"must be one of {POOLINGS}")
         scales = list(cfg.features.input_scales)
         distinct = len(scales) > 0 and len(set(scales)) == len(scales)
@@ -147,7 +151,11 @@ class EvalConfig:
             "features.input_scales",
             "must be distinct multiples in (0, 8]",
         )
-        need("robustness_index" not in cfg.protocols or cfg.sites.source is not None, "sites.source", "must say where each sample's site comes from for protocol robustness_index (csv, level:N, meta:FIELD or file:SITES.csv)")  # fmt: skip
+        need(
+            "robustness_index" not in cfg.protocols or cfg.sites.source is not None,
+            "sites.source",
+            "must say where each sample's site comes from for protocol robustness_index (csv, level:N, meta:FIELD or file:SITES.csv)",
+        )
 
 
 @dataclass
@@ -215,7 +223,11 @@ class FinetuneConfig:
         need(t.warmup_epochs <= t.epochs, "train.warmup_epochs", "must be in [0, epochs]")
         need(t.freeze_blocks >= -1, "train.freeze_blocks", "must be >= -1")
         need(t.head_init in ("new", "linear_probe"), "train.head_init", "must be new or linear_probe")
-        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "must be auto, fp32 (or no), bf16 or fp16")  # fmt: skip
+        need(
+            t.precision in ("auto", "fp32", "bf16", "fp16"),
+            "train.precision",
+            "must be auto, fp32 (or no), bf16 or fp16",
+        )
         for key in ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma"):
             value = list(OmegaConf.select(cfg, key))
             need(len(value) == 2 and value[0] <= value[1], key, "must be [low, high]")
@@ -240,7 +252,11 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
     from medfm.downstream.robustness import CORRUPTIONS, SEVERITIES
 
     inits = list(cfg.backbone.inits)
-    need(len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS), "backbone.inits", f"must be distinct values of {INITS}")  # fmt: skip
+    need(
+        len(inits) > 0 and len(set(inits)) == len(inits) and set(inits) <= set(INITS),
+        "backbone.inits",
+        f"must be distinct values of {INITS}",
+    )
     need(
         "baseline" not in inits or cfg.backbone.baseline is not None,
         "backbone.baseline",
@@ -253,5 +269,9 @@ def check_shared(cfg: DictConfig, need: Need) -> None:
         "must be in [0, 1 - val_fraction)",
     )
     need(len(cfg.efficiency.seeds) >= 1, "efficiency.seeds", "needs at least one seed")
-    need(all(c in CORRUPTIONS for c in cfg.robustness.corruptions), "robustness.corruptions", f"must be in {sorted(CORRUPTIONS)}")  # fmt: skip
+    need(
+        all(c in CORRUPTIONS for c in cfg.robustness.corruptions),
+        "robustness.corruptions",
+        f"must be in {sorted(CORRUPTIONS)}",
+    )
     need(all(s in SEVERITIES for s in cfg.robustness.severities), "robustness.severities", f"must be in {SEVERITIES}")

@@ -205,7 +205,12 @@ def plan_unit_splits(spec: str, val_fraction: float = 0.1, test_fraction: float 
     present = {s for s in given if s is not None}
     if not present:
         train, val, test = stratified_split(labels, [1 - val_fraction - test_fraction, val_fraction], seed)
-        return SplitPlan(units, {"train": train, "val": val, "test": test}, f"stratified {val_fraction}/{test_fraction} (seed {seed})", where)  # fmt: skip
+        return SplitPlan(
+            units,
+            {"train": train, "val": val, "test": test},
+            f"stratified {val_fraction}/{test_fraction} (seed {seed})",
+            where,
+        )
     indices = {s: np.array([i for i, g in enumerate(given) if g == s], dtype=np.int64) for s in SPLITS}
     origin = "given"
     if not len(indices["val"]) and len(indices["train"]):
@@ -313,7 +318,9 @@ def checked_task(spec: str, labels_by_split: dict[str, Sequence[Any]], class_nam
     task = infer_task(labels, class_names)
     if task.multilabel:
         return task
-    counts = {split: Counter(int(np.asarray(v).reshape(-1)[0]) for v in values) for split, values in labels_by_split.items()}  # fmt: skip
+    counts = {
+        split: Counter(int(np.asarray(v).reshape(-1)[0]) for v in values) for split, values in labels_by_split.items()
+    }
 
     def name(c: int) -> str:
         return repr(task.class_names[c] if 0 <= c < len(task.class_names) else str(c))
@@ -335,7 +342,9 @@ def checked_task(spec: str, labels_by_split: dict[str, Sequence[Any]], class_nam
     return task
 
 
-def split_label_lists(spec: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[Any]] | None:  # fmt: skip
+def split_label_lists(
+    spec: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[Any]] | None:
     """The labels of each split without reading an image (None for a shard set: only a pass over it tells)."""
     kind = parse_spec(spec).kind
     if kind == "shards":
@@ -347,7 +356,10 @@ def split_label_lists(spec: str, val_fraction: float = 0.1, test_fraction: float
             missing = [f"{s}_labels" for s, a in arrays.items() if a is None]
             raise InputError(f"{spec}: no {', '.join(missing)} array")
         rows = {s: a.reshape(len(a), -1) for s, a in arrays.items()}
-        return {s: [int(r[0]) if len(r) == 1 else tuple(int(v) for v in r) for r in a if r.min() >= 0] for s, a in rows.items()}  # fmt: skip
+        return {
+            s: [int(r[0]) if len(r) == 1 else tuple(int(v) for v in r) for r in a if r.min() >= 0]
+            for s, a in rows.items()
+        }
     plan = plan_unit_splits(spec, val_fraction, test_fraction, seed)
     return {s: [label for i in plan.indices[s] if (label := _unit_label(plan.units[i])) != -1] for s in SPLITS}
 

@@ -275,7 +275,9 @@ def evaluate_frozen(setups: list[FrozenSetup], cfg: DictConfig, out_dir: Path) -
             result["robustness"] = robustness(setup, scorer, task, summary(test), cfg)
         if sites is not None:
             labels = splits["test"].labels.numpy()
-            result["per_site"] = per_site_rows(sites["test"], labels, test_scores, lambda y, s: summary(classification_metrics(task, y, s)))  # fmt: skip
+            result["per_site"] = per_site_rows(
+                sites["test"], labels, test_scores, lambda y, s: summary(classification_metrics(task, y, s))
+            )
         write_results(out_dir / protocol, result)
         if cfg.plots:
             embedding = (splits["test"].features.numpy(), splits["test"].labels.numpy())
@@ -331,5 +333,7 @@ def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             if protocol != "robustness_index"
         ]
     )
-    indices = {init: protocols["robustness_index"] for init, protocols in results.items() if "robustness_index" in protocols}  # fmt: skip
+    indices = {
+        init: protocols["robustness_index"] for init, protocols in results.items() if "robustness_index" in protocols
+    }
     return table + (("\n" if table else "") + report.robustness_index_table(indices) if indices else "")

@@ -136,8 +136,11 @@ def write_features(features: Features, path: Path, description: dict[str, str]) 
     except Exception as err:  # safetensors reports a full disk as a SafetensorError
         if not is_disk_full(err):
             raise
-        raise disk_full(f"the feature cache file {path}", "the files already cached there are intact",
-                        "rerun the same command (or point cache_dir at another disk)") from err  # fmt: skip
+        raise disk_full(
+            f"the feature cache file {path}",
+            "the files already cached there are intact",
+            "rerun the same command (or point cache_dir at another disk)",
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
 

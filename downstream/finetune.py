@@ -66,8 +66,16 @@ def run_finetune(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         folder = out_dir / init
         if main:
             folder.mkdir(parents=True, exist_ok=True)
-        run = finetune_once(cfg, release, init, accelerator, seed=cfg.train.seed, log_path=folder / "metrics.jsonl",
-                            checkpoint_dir=out_dir / CHECKPOINTS / init, baseline=baseline)  # fmt: skip
+        run = finetune_once(
+            cfg,
+            release,
+            init,
+            accelerator,
+            seed=cfg.train.seed,
+            log_path=folder / "metrics.jsonl",
+            checkpoint_dir=out_dir / CHECKPOINTS / init,
+            baseline=baseline,
+        )
         weights = baseline if init == "baseline" else release
         result: dict[str, Any] = {
             "protocol": "finetune",
@@ -125,8 +133,9 @@ def _label_efficiency(
 ) -> list[dict[str, Any]]:
     def run(budget: dict[str, Any], seed: int) -> tuple[dict[str, float], int]:
         folder = out_dir / CHECKPOINTS / init / budget_name(**budget).replace("/", "_per_") / f"seed{seed}"
-        tuned = finetune_once(cfg, release, init, accelerator, seed=seed, budget=budget, checkpoint_dir=folder,
-                              baseline=baseline)  # fmt: skip
+        tuned = finetune_once(
+            cfg, release, init, accelerator, seed=seed, budget=budget, checkpoint_dir=folder, baseline=baseline
+        )
         return summary(tuned.test), tuned.n_train
 
     return label_efficiency_rows(cfg.efficiency, run)

@@ -54,7 +54,9 @@ def freeze_blocks(model: nn.Module, blocks: int) -> list[str]:
         frozen = [n for n, _ in model.named_parameters() if not any(n.startswith(f"{c}.") for c in names)]
     else:
         if not hasattr(model, "group_matcher"):
-            raise ConfigError(f"config key 'train.freeze_blocks': {type(model).__name__} has no timm group_matcher to count blocks by; use 0 or -1")  # fmt: skip
+            raise ConfigError(
+                f"config key 'train.freeze_blocks': {type(model).__name__} has no timm group_matcher to count blocks by; use 0 or -1"
+            )
         layer_of = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
         frozen = [n for n, _ in model.named_parameters() if layer_of.get(n, math.inf) <= blocks]
     parameters = dict(model.named_parameters())
@@ -162,8 +164,12 @@ def task_data(
 ) -> TaskData:
     """The splits of ``cfg.data.spec`` and the task their labels define; ``budget``: a seeded label subset."""
     d = cfg.data
-    split_args = {"channels": channels, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-                  "seed": d.split_seed}  # fmt: skip
+    split_args = {
+        "channels": channels,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "seed": d.split_seed,
+    }
     train_set: Dataset = open_split(d.spec, "train", None, **split_args)
     eval_sets = {s: open_split(d.spec, s, transform, **split_args) for s in ("val", "test")}
     labels = split_labels(train_set)
@@ -193,8 +199,14 @@ def finetune_once(
     """Train one model with the recipe in ``cfg.train``; the best val checkpoint is evaluated once on test."""
     t = cfg.train
     torch.manual_seed(seed)
-    model, _ = load_for_init(release, init, baseline, img_size=cfg.backbone.img_size, in_chans=cfg.backbone.in_chans,
-                             drop_path_rate=t.drop_path)  # fmt: skip
+    model, _ = load_for_init(
+        release,
+        init,
+        baseline,
+        img_size=cfg.backbone.img_size,
+        in_chans=cfg.backbone.in_chans,
+        drop_path_rate=t.drop_path,
+    )
     input_cfg = model.pretrained_cfg
     size, mean, std = input_cfg["input_size"][-1], input_cfg["mean"], input_cfg["std"]
     channels = input_cfg["input_size"][0]
@@ -216,9 +228,16 @@ def finetune_once(
         probe_train = open_split(d.spec, "train", EvalTransform(size, mean, std), **split_args)
         if isinstance(train_set, Subset):
             probe_train = Subset(probe_train, train_set.indices)
-        note = init_head_from_probe(model, probe_train, eval_sets["val"], task, metric=cfg.selection_metric,
-                                    class_weights=t.class_weights, batch_size=d.batch_size,
-                                    device=accelerator.device)  # fmt: skip
+        note = init_head_from_probe(
+            model,
+            probe_train,
+            eval_sets["val"],
+            task,
+            metric=cfg.selection_metric,
+            class_weights=t.class_weights,
+            batch_size=d.batch_size,
+            device=accelerator.device,
+        )
         accelerator.print(f"finetune ({init}, seed {seed}): head from the linear probe ({note})")
     frozen = freeze_blocks(model, t.freeze_blocks)
     optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay, t.layer_decay), betas=(0.9, 0.999))
@@ -228,10 +247,17 @@ def finetune_once(
     derived = {**derive(t, world, len(train_set)), "head_init": head_init}
     augment = finetune_augment(cfg, size, mean, std)
     train_loader = EpochLoader(
-        train_set, lambda image: [augment(image)], batch_size=t.batch_size,
-        batches_per_epoch=derived["steps_per_epoch"], in_chans=channels, seed=seed, num_workers=d.num_workers,
-        rank=accelerator.process_index, world_size=world, pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
+        train_set,
+        lambda image: [augment(image)],
+        batch_size=t.batch_size,
+        batches_per_epoch=derived["steps_per_epoch"],
+        in_chans=channels,
+        seed=seed,
+        num_workers=d.num_workers,
+        rank=accelerator.process_index,
+        world_size=world,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     loaders = {
         s: DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate)
         for s, ds in eval_sets.items()
@@ -240,7 +266,10 @@ def finetune_once(
     criterion = criterion.to(accelerator.device)
     schedule = cosine_schedule(derived["lr"], t.min_lr, derived["total_steps"], derived["warmup_steps"])
 
-    accelerator.print(f"finetune ({init}, seed {seed}, {len(train_set)} training images): " + ", ".join(f"{k}={v}" for k, v in derived.items()))  # fmt: skip
+    accelerator.print(
+        f"finetune ({init}, seed {seed}, {len(train_set)} training images): "
+        + ", ".join(f"{k}={v}" for k, v in derived.items())
+    )
     opt = Optimization(accelerator, model, optimizer, clip_grad=t.clip_grad)
     store = None if checkpoint_dir is None else TorchStore(accelerator, checkpoint_dir, 1, model, optimizer)
     best = train_loop(
@@ -287,8 +316,10 @@ def init_head_from_probe(
     decay chosen on ``val`` by ``metric``), folding the probe's standardisation into the layer. Returns a note."""
     classifier = model.get_classifier()
     if not isinstance(classifier, nn.Linear) or classifier.out_features != task.num_outputs or classifier.bias is None:
-        raise ConfigError(f"train.head_init=linear_probe: the model's classifier is {type(classifier).__name__}, "
-                          f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=new")  # fmt: skip
+        raise ConfigError(
+            f"train.head_init=linear_probe: the model's classifier is {type(classifier).__name__}, "
+            f"not one linear layer with {task.num_outputs} outputs and a bias; use train.head_init=new"
+        )
     train_features = dataset_features(model, train, batch_size=batch_size, pooling="head", device=device)
     val_features = dataset_features(model, val, batch_size=batch_size, pooling="head", device=device)
     selection = select_linear_probe(
@@ -317,7 +348,11 @@ class Best:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_meta(self) -> dict[str, Any]:
-        plain = json.loads(json.dumps({"step": self.step, "value": self.value, "val": self.val, "history": self.history}, default=_plain))  # fmt: skip
+        plain = json.loads(
+            json.dumps(
+                {"step": self.step, "value": self.value, "val": self.val, "history": self.history}, default=_plain
+            )
+        )
         return {"best_state": self.state, "best": plain}
 
     @classmethod

@@ -48,8 +48,12 @@ def classification_metrics(task: Task, y_true: np.ndarray, scores: np.ndarray) -
         raise ValueError(f"scores {scores.shape} do not fit {len(y_true)} samples of a {task.num_outputs}-output task")
     if not len(y_true):  # e.g. a val split that stratification left empty: every metric undefined, not a crash
         reason = "no samples in this split"
-        return {"n": 0, **dict.fromkeys(SUMMARY_KEYS, math.nan), "per_class": [],
-                "undefined": dict.fromkeys(SUMMARY_KEYS, reason)}  # fmt: skip
+        return {
+            "n": 0,
+            **dict.fromkeys(SUMMARY_KEYS, math.nan),
+            "per_class": [],
+            "undefined": dict.fromkeys(SUMMARY_KEYS, reason),
+        }
     if task.multilabel:
         return _multilabel_metrics(task, y_true.astype(np.int64), scores)
     y_true = y_true.astype(np.int64).reshape(-1)

@@ -240,7 +240,9 @@ def cluster_kcenter(embedded: Embedded, target: int, clusters: int, seed: int) -
         dropped, chosen = embedded.units(rows[prefix:]), embedded.units(rows[:prefix])
         similarity = dropped @ chosen.T
         for row, best, value in zip(rows[prefix:], similarity.argmax(axis=1), similarity.max(axis=1), strict=True):
-            reasons[int(row)] = f"redundant: cosine {value:.4f} to kept sample {embedded.keys[rows[best]]} (cluster {cluster})"  # fmt: skip
+            reasons[int(row)] = (
+                f"redundant: cosine {value:.4f} to kept sample {embedded.keys[rows[best]]} (cluster {cluster})"
+            )
     return np.sort(np.concatenate(kept)), reasons
 
 

@@ -85,13 +85,7 @@ def markdown(result: dict[str, Any]) -> str:
     test = result.get("test", {})
     if test.get("per_class"):
         columns = [c for c in ("support", "precision", "recall", "f1", "auc", "acc") if c in test["per_class"][0]]
-        lines += [
-            "",
-            "Per class (test):",
-            "",
-            "| class | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
+        lines += _table_head("Per class (test):", ["class", *columns])
         lines += [
             f"| {row['class']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in test["per_class"]
         ]
@@ -100,19 +94,34 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Undefined metrics (NaN, shown as -):", "", *undefined]
     efficiency = result.get("label_efficiency")
     if efficiency:
-        lines += ["", "Label efficiency (test, mean ± std over seeds):", "", "| labels | n train | seeds | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|---|" + "---|" * len(SUMMARY_KEYS)]  # fmt: skip
+        lines += _table_head(
+            "Label efficiency (test, mean ± std over seeds):", ["labels", "n train", "seeds", *SUMMARY_KEYS]
+        )
         for row in efficiency:
             stats = row["test"]
-            lines.append(f"| {row['budget']} | {row['n_train']} | {len(row['seeds'])} | " + " | ".join(_pm(stats.get(k, {})) for k in SUMMARY_KEYS) + " |")  # fmt: skip
+            lines.append(
+                f"| {row['budget']} | {row['n_train']} | {len(row['seeds'])} | "
+                + " | ".join(_pm(stats.get(k, {})) for k in SUMMARY_KEYS)
+                + " |"
+            )
     robustness = result.get("robustness")
     if robustness:
-        lines += ["", "Robustness (test; drop = clean - corrupted):", "", "| corruption | severity | auc | acc | auc drop | acc drop |", "|---|---|---|---|---|---|"]  # fmt: skip
+        columns = ["corruption", "severity", "auc", "acc", "auc drop", "acc drop"]
+        lines += _table_head("Robustness (test; drop = clean - corrupted):", columns)
         for row in robustness:
-            lines.append(f"| {row['corruption']} | {row['severity']} | {_fmt(row['test']['auc'])} | {_fmt(row['test']['acc'])} | {_fmt(row['drop']['auc'])} | {_fmt(row['drop']['acc'])} |")  # fmt: skip
+            cells = [
+                row["corruption"],
+                row["severity"],
+                *(_fmt(row[part][k]) for part in ("test", "drop") for k in ("auc", "acc")),
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     per_site = result.get("per_site")
     if per_site:
-        lines += ["", "Per site (test):", "", "| site | n | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]  # fmt: skip
-        lines += [f"| {row['site']} | {row['n']} | " + " | ".join(_fmt(row.get(k)) for k in SUMMARY_KEYS) + " |" for row in per_site]  # fmt: skip
+        lines += _table_head("Per site (test):", ["site", "n", *SUMMARY_KEYS])
+        lines += [
+            f"| {row['site']} | {row['n']} | " + " | ".join(_fmt(row.get(k)) for k in SUMMARY_KEYS) + " |"
+            for row in per_site
+        ]
     settings = result.get("settings")
     if settings:
         lines += ["", "Settings: `" + json.dumps(_clean(settings)) + "`"]
@@ -138,7 +147,9 @@ def robustness_index_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['k']} | {_fmt(row['robustness_index'])} | {row['same_class_other_site']} | {row['other_class_same_site']} | {_fmt(row['site_knn_acc'])} | {_fmt(row['class_knn_acc'])} |")  # fmt: skip
+        lines.append(
+            f"| {row['k']} | {_fmt(row['robustness_index'])} | {row['same_class_other_site']} | {row['other_class_same_site']} | {_fmt(row['site_knn_acc'])} | {_fmt(row['class_knn_acc'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -147,11 +158,15 @@ def robustness_index_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| init | k | RI | site kNN acc | class kNN acc |", "|---|---|---|---|---|"]
     for init, result in results.items():
         for row in result["rows"]:
-            lines.append(f"| {init} | {row['k']} | {_metric_cell(row['robustness_index'])} | {_metric_cell(row['site_knn_acc'])} | {_metric_cell(row['class_knn_acc'])} |")  # fmt: skip
+            lines.append(
+                f"| {init} | {row['k']} | {_metric_cell(row['robustness_index'])} | {_metric_cell(row['site_knn_acc'])} | {_metric_cell(row['class_knn_acc'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def write_robustness_index(out_dir: Path, result: dict[str, Any], features: np.ndarray, sites: list[str], *, plots: bool) -> None:  # fmt: skip
+def write_robustness_index(
+    out_dir: Path, result: dict[str, Any], features: np.ndarray, sites: list[str], *, plots: bool
+) -> None:
     """``results.json``, ``results.md`` and (with ``plots``) ``sites.png`` of protocol robustness_index."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "results.json")
@@ -322,3 +337,8 @@ def summary_table(rows: list[tuple[dict[str, str], dict[str, float | None]]]) ->
 
 def _metric_cell(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.4f}"
+
+
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """A titled Markdown table's first lines: a blank line, the title, a blank line, the header and its rule."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -63,7 +63,9 @@ def sample_sites(source: str, spec: str, keys: Sequence[str]) -> list[str]:
         table = {key: _folder(path, int(argument)) for key, path in paths.items()}
     elif kind == "meta":
         if parsed.kind != "shards" or not argument:
-            raise ConfigError(f"config key 'sites.source': meta:FIELD reads shard metadata (a shards: spec), got {source!r} for {spec!r}")  # fmt: skip
+            raise ConfigError(
+                f"config key 'sites.source': meta:FIELD reads shard metadata (a shards: spec), got {source!r} for {spec!r}"
+            )
         table = _shard_field(parsed.path, argument, keys)
     elif kind == "file":
         table = _site_file(Path(argument))
@@ -72,7 +74,9 @@ def sample_sites(source: str, spec: str, keys: Sequence[str]) -> list[str]:
     missing = [key for key in keys if table.get(key) in (None, "")]
     if missing:
         more = f" (and {len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""
-        raise InputError(f"sites.source {source!r}: {len(missing)} sample(s) of {spec} have no site{more}: {', '.join(missing[:_SHOWN])}")  # fmt: skip
+        raise InputError(
+            f"sites.source {source!r}: {len(missing)} sample(s) of {spec} have no site{more}: {', '.join(missing[:_SHOWN])}"
+        )
     return [str(table[key]) for key in keys]
 
 
@@ -127,7 +131,9 @@ def robustness_index(features: Tensor, labels: Tensor, sites: Sequence[str], ks:
         raise ConfigError("protocol robustness_index: needs single-label data (one class per image)")
     site_names = sorted(set(sites))
     if len(site_names) < 2:
-        raise InputError(f"protocol robustness_index: the data has {len(site_names)} site(s) ({', '.join(site_names)}); the index compares sites, it needs 2 or more")  # fmt: skip
+        raise InputError(
+            f"protocol robustness_index: the data has {len(site_names)} site(s) ({', '.join(site_names)}); the index compares sites, it needs 2 or more"
+        )
     site = torch.tensor([site_names.index(s) for s in sites])
     k_max = min(max(ks), len(features) - 1)
     order = neighbours(features, k_max)

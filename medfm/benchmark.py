@@ -149,9 +149,17 @@ class QualityConfig:
         for i, recipe in enumerate(cfg.recipes):
             if recipe.reduce is not None:
                 need(0 < recipe.reduce.keep < 1, f"recipes[{i}].reduce.keep", "must be in (0, 1)")
-                need(recipe.reduce.method in ("kcenter", "random"), f"recipes[{i}].reduce.method", "must be kcenter or random")  # fmt: skip
+                need(
+                    recipe.reduce.method in ("kcenter", "random"),
+                    f"recipes[{i}].reduce.method",
+                    "must be kcenter or random",
+                )
                 earlier = [r.name for r in cfg.recipes[:i]]
-                need(recipe.reduce.model in earlier or Path(recipe.reduce.model).exists(), f"recipes[{i}].reduce.model", f"must name an earlier recipe of {earlier} or an existing model")  # fmt: skip
+                need(
+                    recipe.reduce.model in earlier or Path(recipe.reduce.model).exists(),
+                    f"recipes[{i}].reduce.model",
+                    f"must name an earlier recipe of {earlier} or an existing model",
+                )
             if recipe.ablation_of is not None:
                 others = sorted(recipes - {recipe.name})
                 need(recipe.ablation_of in others, f"recipes[{i}].ablation_of", f"must name another recipe of {others}")
@@ -186,8 +194,10 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
              "--dedup", cfg.pool.dedup, "--workers", str(cfg.workers), "--hash-paths"]  # fmt: skip
     if cfg.pool.max_side is not None:
         shard += ["--max-side", str(cfg.pool.max_side)]
-    steps = [Step("shard", "pool the unlabeled train images", (*shard, "--overwrite")),
-             Step("inspect", "look at the pool", ("shard", "inspect", str(pool)))]  # fmt: skip
+    steps = [
+        Step("shard", "pool the unlabeled train images", (*shard, "--overwrite")),
+        Step("inspect", "look at the pool", ("shard", "inspect", str(pool))),
+    ]
     recipe_names = {recipe.name for recipe in cfg.recipes}
     for recipe in cfg.recipes:
         run_dir = out / "pretrain" / recipe.name
@@ -201,13 +211,22 @@ def plan_steps(cfg: DictConfig) -> list[Step]:
                                "--method", reduction.method, "--out", str(reduced), "--overwrite")))  # fmt: skip
             # an epoch as long as on the whole pool: the recipe's own samples_per_epoch, else the pool's size (known
             # once it is written: run_benchmark plans again before every step)
-            size = load_pretrain_config(recipe.config, ["data.spec=shards:unused", "train.run_dir=unused", *recipe.overrides]).data.samples_per_epoch  # fmt: skip
+            size = load_pretrain_config(
+                recipe.config, ["data.spec=shards:unused", "train.run_dir=unused", *recipe.overrides]
+            ).data.samples_per_epoch
             if size is None:
                 size = Manifest.read(pool).totals["samples"] if Manifest.exists(pool) else "POOL_SIZE"
             data = [f"data.spec=shards:{reduced}", f"data.samples_per_epoch={size}"]
         # data.split=null: every pool image, also those of sources without splits (DICOM, NIfTI)
-        argv = ["pretrain", "--config", recipe.config, *data, f"train.run_dir={run_dir}", "data.split=null",
-                *recipe.overrides]  # fmt: skip
+        argv = [
+            "pretrain",
+            "--config",
+            recipe.config,
+            *data,
+            f"train.run_dir={run_dir}",
+            "data.split=null",
+            *recipe.overrides,
+        ]
         steps.append(Step("pretrain", f"pretrain {recipe.name}", tuple(argv)))
     for recipe in cfg.recipes:
         for task in cfg.tasks:
@@ -253,7 +272,12 @@ def run_benchmark(cfg: DictConfig, run_step: RunStep, *, echo: Callable[[str], N
         code = run_step(list(step.argv))
         if code != 0:
             raise BenchmarkError(f"step {number} ({step.label}) failed with exit code {code}", code)
-        record = {"stage": step.stage, "label": step.label, "argv": list(step.argv), "seconds": time.monotonic() - step_start}  # fmt: skip
+        record = {
+            "stage": step.stage,
+            "label": step.label,
+            "argv": list(step.argv),
+            "seconds": time.monotonic() - step_start,
+        }
         marker.write_text(json.dumps(record, indent=2))
     report = build_report(cfg, steps)
     write_report(cfg, report)
@@ -294,10 +318,18 @@ def result_rows(result: dict[str, Any], **identity: str) -> list[dict[str, Any]]
     for entry in efficiency:
         if entry.get("fraction") is None:
             continue
-        rows.append({**identity, "fraction": entry["fraction"], "n_train": entry["n_train"],
-                     **{m: _stat(entry["test"].get(m)) for m in METRICS}})  # fmt: skip
+        rows.append(
+            {
+                **identity,
+                "fraction": entry["fraction"],
+                "n_train": entry["n_train"],
+                **{m: _stat(entry["test"].get(m)) for m in METRICS},
+            }
+        )
     if not any(row["fraction"] == 1.0 for row in rows):
-        rows.append({**identity, "fraction": 1.0, "n_train": None, **{m: _stat(result["summary"].get(m)) for m in METRICS}})  # fmt: skip
+        rows.append(
+            {**identity, "fraction": 1.0, "n_train": None, **{m: _stat(result["summary"].get(m)) for m in METRICS}}
+        )
     return sorted(rows, key=lambda row: row["fraction"])
 
 
@@ -368,7 +400,11 @@ def check_target(
     ablations = {recipe.name for recipe in cfg.recipes if recipe.ablation_of is not None}
     for task in cfg.target.tasks:
         reference = published.get(task, {}).get(cfg.target.reference)
-        probes = [r for r in _find(rows, task=task, init="release", protocol="linear", fraction=1.0) if r["recipe"] not in ablations]  # fmt: skip
+        probes = [
+            r
+            for r in _find(rows, task=task, init="release", protocol="linear", fraction=1.0)
+            if r["recipe"] not in ablations
+        ]
 
         def beats(row: dict[str, Any], reference: dict[str, Any] | None = reference) -> bool:
             return reference is not None and all(
@@ -387,9 +423,14 @@ def check_target(
         matches = []
         for recipe, row in tuned.items():
             if recipe in scratch:
-                matches.append({"recipe": recipe, **{f"release_{fraction:g}_{m}": _mean(row, m) for m in METRICS},
-                                **{f"random_1_{m}": _mean(scratch[recipe], m) for m in METRICS},
-                                "matches": all(_mean(row, m) >= _mean(scratch[recipe], m) for m in METRICS)})  # fmt: skip
+                matches.append(
+                    {
+                        "recipe": recipe,
+                        **{f"release_{fraction:g}_{m}": _mean(row, m) for m in METRICS},
+                        **{f"random_1_{m}": _mean(scratch[recipe], m) for m in METRICS},
+                        "matches": all(_mean(row, m) >= _mean(scratch[recipe], m) for m in METRICS),
+                    }
+                )
         if matches:
             check["finetune"] = matches
         checks.append(check)
@@ -405,8 +446,10 @@ def _cell(stat: dict[str, float] | None) -> str:
 def budget_table(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:
     """Markdown lines: one row per distinct ``keys`` values, one column per label fraction, cells ``ACC / AUC``."""
     fractions = sorted({row["fraction"] for row in rows})
-    lines = ["| " + " | ".join(keys) + " | " + " | ".join(f"{f * 100:g} % labels" for f in fractions) + " |",
-             "|" + "---|" * (len(keys) + len(fractions))]  # fmt: skip
+    lines = [
+        "| " + " | ".join(keys) + " | " + " | ".join(f"{f * 100:g} % labels" for f in fractions) + " |",
+        "|" + "---|" * (len(keys) + len(fractions)),
+    ]
     for values in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
         by_fraction = {r["fraction"]: r for r in _find(rows, **dict(zip(keys, values, strict=True)))}
         cells = []
@@ -422,22 +465,32 @@ def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = ["# medfm quality benchmark", ""]
     pool = report["pool"]
-    lines += [f"Pool: {pool.get('samples')} unlabeled images (splits {', '.join(cfg['pool']['splits'])} only) from "
-              f"{len(cfg['pool']['sources'])} sources. Wall time {report['total_minutes']:.1f} min "
-              f"(budget {report['budget_minutes']:g} min): "
-              + ", ".join(f"{stage} {s / 60:.1f}" for stage, s in report["seconds"].items()) + ".", ""]  # fmt: skip
+    lines += [
+        f"Pool: {pool.get('samples')} unlabeled images (splits {', '.join(cfg['pool']['splits'])} only) from "
+        f"{len(cfg['pool']['sources'])} sources. Wall time {report['total_minutes']:.1f} min "
+        f"(budget {report['budget_minutes']:g} min): "
+        + ", ".join(f"{stage} {s / 60:.1f}" for stage, s in report["seconds"].items())
+        + ".",
+        "",
+    ]
     for name, info in report["pretrain"].items():
         recipe = next(r for r in cfg["recipes"] if r["name"] == name)
-        lines.append(f"- `{name}`: {info.get('objective')} on `{info.get('architecture')}`, {info.get('steps')} steps "
-                     f"(`{recipe['config']}` {' '.join(recipe['overrides'])})")  # fmt: skip
+        lines.append(
+            f"- `{name}`: {info.get('objective')} on `{info.get('architecture')}`, {info.get('steps')} steps "
+            f"(`{recipe['config']}` {' '.join(recipe['overrides'])})"
+        )
     lines.append("")
     for task in cfg["tasks"]:
         name = task["name"]
         rows = _find(report["rows"], task=name)
         fractions = sorted({row["fraction"] for row in rows})
-        lines += [f"## {name} (`{task['spec']}`)", "",
-                  "Test ACC / AUC (mean ± std over seeds; the number of training labels in brackets).", "",
-                  *budget_table(rows, ("recipe", "init", "protocol"))]  # fmt: skip
+        lines += [
+            f"## {name} (`{task['spec']}`)",
+            "",
+            "Test ACC / AUC (mean ± std over seeds; the number of training labels in brackets).",
+            "",
+            *budget_table(rows, ("recipe", "init", "protocol")),
+        ]
         for ref_name, ref in report["published"].get(name, {}).items():
             acc = "-" if ref.get("acc") is None else f"{ref['acc']:.3f}"
             auc = "-" if ref.get("auc") is None else f"{ref['auc']:.3f}"
@@ -452,14 +505,18 @@ def markdown(report: dict[str, Any]) -> str:
             ref = check.get("reference_metrics") or {}
             if probe:
                 verdict = "beats" if check.get("beats_reference") else "does not beat"
-                lines.append(f"- {check['task']}: best linear probe ({probe['recipe']}) ACC {probe['acc']:.3f} / AUC "
-                             f"{probe['auc']:.3f} {verdict} {check['reference']} ({ref.get('acc')} / {ref.get('auc')}).")  # fmt: skip
+                lines.append(
+                    f"- {check['task']}: best linear probe ({probe['recipe']}) ACC {probe['acc']:.3f} / AUC "
+                    f"{probe['auc']:.3f} {verdict} {check['reference']} ({ref.get('acc')} / {ref.get('auc')})."
+                )
             for match in check.get("finetune", []):
                 verdict = "matches" if match["matches"] else "does not match"
                 values = [v for k, v in match.items() if k.startswith(("release_", "random_"))]
-                lines.append(f"- {check['task']}: fine-tuning {match['recipe']} on "
-                             f"{cfg['target']['finetune_fraction'] * 100:g} % of the labels (ACC {values[0]:.3f} / AUC "
-                             f"{values[1]:.3f}) {verdict} random init on 100 % ({values[2]:.3f} / {values[3]:.3f}).")  # fmt: skip
+                lines.append(
+                    f"- {check['task']}: fine-tuning {match['recipe']} on "
+                    f"{cfg['target']['finetune_fraction'] * 100:g} % of the labels (ACC {values[0]:.3f} / AUC "
+                    f"{values[1]:.3f}) {verdict} random init on 100 % ({values[2]:.3f} / {values[3]:.3f})."
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -475,9 +532,17 @@ def ablation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             if recipe is None:
                 continue
             deltas = {f"delta_{m}": _mean(recipe, m) - _mean(row, m) for m in METRICS}
-            compared.append({**where, "recipe": ablation["ablation_of"], "ablation": ablation["name"],
-                             "n_train": row["n_train"], **{m: _mean(recipe, m) for m in METRICS},
-                             **{f"ablation_{m}": _mean(row, m) for m in METRICS}, **deltas})  # fmt: skip
+            compared.append(
+                {
+                    **where,
+                    "recipe": ablation["ablation_of"],
+                    "ablation": ablation["name"],
+                    "n_train": row["n_train"],
+                    **{m: _mean(recipe, m) for m in METRICS},
+                    **{f"ablation_{m}": _mean(row, m) for m in METRICS},
+                    **deltas,
+                }
+            )
     return compared
 
 
@@ -488,20 +553,30 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Ablation", ""]
     for ablation in (r for r in report["config"]["recipes"] if r.get("ablation_of")):
-        lines += [f"`{ablation['ablation_of']}` against `{ablation['name']}` ({' '.join(ablation['overrides'])}): "
-                  "test ACC / AUC of the releases on the same label subsets and seeds; difference = recipe - "
-                  "ablation.", "",
-                  "| task | protocol | labels | recipe | ablation | difference |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"`{ablation['ablation_of']}` against `{ablation['name']}` ({' '.join(ablation['overrides'])}): "
+            "test ACC / AUC of the releases on the same label subsets and seeds; difference = recipe - "
+            "ablation.",
+            "",
+            "| task | protocol | labels | recipe | ablation | difference |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in (r for r in compared if r["ablation"] == ablation["name"]):
             labels = f"{row['fraction'] * 100:g} %" + (f" ({row['n_train']})" if row["n_train"] is not None else "")
-            lines.append(f"| {row['task']} | {row['protocol']} | {labels} | {row['acc']:.3f} / {row['auc']:.3f} | "
-                         f"{row['ablation_acc']:.3f} / {row['ablation_auc']:.3f} | "
-                         f"{row['delta_acc']:+.3f} / {row['delta_auc']:+.3f} |")  # fmt: skip
+            lines.append(
+                f"| {row['task']} | {row['protocol']} | {labels} | {row['acc']:.3f} / {row['auc']:.3f} | "
+                f"{row['ablation_acc']:.3f} / {row['ablation_auc']:.3f} | "
+                f"{row['delta_acc']:+.3f} / {row['delta_auc']:+.3f} |"
+            )
         wins = [r for r in compared if r["ablation"] == ablation["name"]]
         better = sum(r["delta_auc"] > 0 for r in wins)
         mean_delta = sum(r["delta_auc"] for r in wins) / len(wins) if wins else math.nan
-        lines += ["", f"The recipe has the higher AUC in {better} of {len(wins)} comparisons (mean AUC difference "
-                  f"{mean_delta:+.3f}).", ""]  # fmt: skip
+        lines += [
+            "",
+            f"The recipe has the higher AUC in {better} of {len(wins)} comparisons (mean AUC difference "
+            f"{mean_delta:+.3f}).",
+            "",
+        ]
     return lines
 
 
@@ -558,8 +633,15 @@ def plot_report(report: dict[str, Any], folder: Path) -> None:
             curve = _find(rows, recipe=key[0], init=key[1], protocol=key[2])
             points = [(r["fraction"], _mean(r, "auc"), (r["auc"] or {}).get("std", 0.0)) for r in curve]
             xs, ys, errs = zip(*points, strict=True)
-            axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=f"{key[0]} {key[2]} ({key[1]})",
-                          linestyle="-" if key[1] == "release" else "--")  # fmt: skip
+            axis.errorbar(
+                xs,
+                ys,
+                yerr=errs,
+                marker="o",
+                capsize=3,
+                label=f"{key[0]} {key[2]} ({key[1]})",
+                linestyle="-" if key[1] == "release" else "--",
+            )
         axis.set_xscale("log")
         axis.set_xlabel("fraction of training labels")
         axis.set_ylabel("test AUC")

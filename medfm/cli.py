@@ -42,9 +42,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
             "numbers. Re-running the same command continues where it stopped."
         ),
     )
-    quality.add_argument("--config", default=str(REPO / "bench" / "quality.yaml"), help="benchmark YAML (default: bench/quality.yaml)")  # fmt: skip
+    quality.add_argument(
+        "--config", default=str(REPO / "bench" / "quality.yaml"), help="benchmark YAML (default: bench/quality.yaml)"
+    )
     quality.add_argument("--out", metavar="DIR", help="output folder (out_dir)")
-    quality.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. finetune.enabled=false")  # fmt: skip
+    quality.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. finetune.enabled=false"
+    )
     quality.set_defaults(handler=run_bench_quality)
 
 
@@ -83,10 +87,20 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
-    parser.add_argument("--data", nargs="+", metavar="DIR_OR_SPEC", help="pretraining images (any medfm shard SOURCE; default: sample:)")  # fmt: skip
-    parser.add_argument("--labeled", metavar="SPEC", help="labeled dataset for the evaluation (medmnist:, imagefolder:, csv:)")  # fmt: skip
-    parser.add_argument("--no-pool-labeled", action="store_true", help="pretrain on --data only, not also on the labeled set's train images")  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretraining config overrides (configs/pretrain/demo.yaml)")  # fmt: skip
+    parser.add_argument(
+        "--data", nargs="+", metavar="DIR_OR_SPEC", help="pretraining images (any medfm shard SOURCE; default: sample:)"
+    )
+    parser.add_argument(
+        "--labeled", metavar="SPEC", help="labeled dataset for the evaluation (medmnist:, imagefolder:, csv:)"
+    )
+    parser.add_argument(
+        "--no-pool-labeled",
+        action="store_true",
+        help="pretrain on --data only, not also on the labeled set's train images",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="pretraining config overrides (configs/pretrain/demo.yaml)"
+    )
     parser.set_defaults(handler=run_demo)
 
 

@@ -133,10 +133,26 @@ def reference_markdown() -> str:
         "key, a wrong type or a missing required value fails before anything runs, naming the key.",
         "",
     ]
-    lines += schema_markdown("`medfm pretrain`", PretrainConfig, "Schema: `pretrain/config.py`; each method's section is declared beside its code in `pretrain/methods/`. Recipes: `configs/pretrain/`. The `derived` section is computed (global batch, scaled lr, step counts) and saved with the run, never set.")  # fmt: skip
-    lines += schema_markdown("`medfm eval`", EvalConfig, "Schema: `downstream/config.py` (`EvalConfig`). Examples: `configs/downstream/eval_*.yaml`.")  # fmt: skip
-    lines += schema_markdown("`medfm finetune`", FinetuneConfig, "Schema: `downstream/config.py` (`FinetuneConfig`). Examples: `configs/downstream/finetune_*.yaml`.")  # fmt: skip
-    lines += schema_markdown("`medfm bench quality`", QualityConfig, "Schema: `medfm/benchmark.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.")  # fmt: skip
+    lines += schema_markdown(
+        "`medfm pretrain`",
+        PretrainConfig,
+        "Schema: `pretrain/config.py`; each method's section is declared beside its code in `pretrain/methods/`. Recipes: `configs/pretrain/`. The `derived` section is computed (global batch, scaled lr, step counts) and saved with the run, never set.",
+    )
+    lines += schema_markdown(
+        "`medfm eval`",
+        EvalConfig,
+        "Schema: `downstream/config.py` (`EvalConfig`). Examples: `configs/downstream/eval_*.yaml`.",
+    )
+    lines += schema_markdown(
+        "`medfm finetune`",
+        FinetuneConfig,
+        "Schema: `downstream/config.py` (`FinetuneConfig`). Examples: `configs/downstream/finetune_*.yaml`.",
+    )
+    lines += schema_markdown(
+        "`medfm bench quality`",
+        QualityConfig,
+        "Schema: `medfm/benchmark.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.",
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -80,20 +80,28 @@ class DemoPlan:
                   "efficiency.seeds=[0,1,2]"])
             )  # fmt: skip
         results = ["--results", str(evaluation)] if self.labeled is not None else []
-        steps.append(("release the backbone", ["export", str(run), "--out", str(out / "release"), "--overwrite", *results]))  # fmt: skip
+        steps.append(
+            ("release the backbone", ["export", str(run), "--out", str(out / "release"), "--overwrite", *results])
+        )
         return steps
 
 
 def run_demo(plan: DemoPlan, run_step: RunStep, echo: Callable[[str], None] = print) -> int:
     """Run the chain, then write the report; returns the first non-zero exit code, or 0."""
     if plan.labeled is None:
-        echo("medfm demo: no labeled dataset given (--labeled SPEC) or found in "
-             + ", ".join(str(f) for f in shared_data_folders()) + ": the labeled evaluation is skipped")  # fmt: skip
+        echo(
+            "medfm demo: no labeled dataset given (--labeled SPEC) or found in "
+            + ", ".join(str(f) for f in shared_data_folders())
+            + ": the labeled evaluation is skipped"
+        )
     else:
         how = "found in the shared data folder" if plan.labeled_found else "given with --labeled"
         echo(f"medfm demo: labeled evaluation on {plan.labeled} ({how})")
-    echo("medfm demo: pretraining on " + " + ".join(plan.data)
-         + (f" + the train images of {plan.labeled} without their labels" if plan.labeled and plan.pool_labeled else ""))  # fmt: skip
+    echo(
+        "medfm demo: pretraining on "
+        + " + ".join(plan.data)
+        + (f" + the train images of {plan.labeled} without their labels" if plan.labeled and plan.pool_labeled else "")
+    )
     steps = plan.steps()
     started = time.monotonic()
     for number, (label, argv) in enumerate(steps, 1):
@@ -156,16 +164,23 @@ def write_report(plan: DemoPlan, seconds: float) -> Path:
         "",
         f"Finished in {seconds / 60:.1f} min. Pretraining pool: {totals['samples']} images "
         f"({', '.join(f'{k} {v}' for k, v in totals['by_modality'].items())}) from {' + '.join(plan.pool)}"
-        + (" (the labeled set's train images without labels)" if plan.labeled and plan.pool_labeled else "") + ".",
+        + (" (the labeled set's train images without labels)" if plan.labeled and plan.pool_labeled else "")
+        + ".",
         "",
-    ]  # fmt: skip
+    ]
     table = results_table(out / "eval")
     if table:
-        lines += [f"## Results on `{plan.labeled}` (test split)", "",
-                  "Test ACC / AUC of a kNN classifier and a linear probe on frozen features (the last 4 blocks pooled) "
-                  "of the release and of the same architecture at random init, trained on 1 %, 10 % and 100 % of "
-                  "the labels (mean ± std over 3 seeds; number of labels in brackets). Every metric: "
-                  "`../eval/<init>/<protocol>/results.md`.", "", *table, ""]  # fmt: skip
+        lines += [
+            f"## Results on `{plan.labeled}` (test split)",
+            "",
+            "Test ACC / AUC of a kNN classifier and a linear probe on frozen features (the last 4 blocks pooled) "
+            "of the release and of the same architecture at random init, trained on 1 %, 10 % and 100 % of "
+            "the labels (mean ± std over 3 seeds; number of labels in brackets). Every metric: "
+            "`../eval/<init>/<protocol>/results.md`.",
+            "",
+            *table,
+            "",
+        ]
     else:
         lines += ["No labeled evaluation: no labeled dataset was given (`--labeled SPEC`) or found.", ""]
     for title, path in pictures:
@@ -174,15 +189,23 @@ def write_report(plan: DemoPlan, seconds: float) -> Path:
         name = path.name if path.parent.name != "linear" else f"{path.parent.parent.name}_{path.name}"
         shutil.copyfile(path, report / name)
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
-    lines += ["## Files", "", f"- shards: `{out / 'shards'}` (manifest.json)", f"- run: `{run}`",
-              f"- release: `{out / 'release'}` (model.safetensors, config.json, README.md model card)",
-              f"- evaluation: `{out / 'eval'}`", ""]  # fmt: skip
+    lines += [
+        "## Files",
+        "",
+        f"- shards: `{out / 'shards'}` (manifest.json)",
+        f"- run: `{run}`",
+        f"- release: `{out / 'release'}` (model.safetensors, config.json, README.md model card)",
+        f"- evaluation: `{out / 'eval'}`",
+        "",
+    ]
     path = report / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def plan_demo(out: str, data: Sequence[str] | None, labeled: str | None, pool_labeled: bool, overrides: Sequence[str]) -> DemoPlan:  # fmt: skip
+def plan_demo(
+    out: str, data: Sequence[str] | None, labeled: str | None, pool_labeled: bool, overrides: Sequence[str]
+) -> DemoPlan:
     found = labeled is None
     return DemoPlan(
         out=Path(out),

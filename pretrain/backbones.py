@@ -98,7 +98,9 @@ def _build_registered(name: str, img_size: int, in_chans: int) -> nn.Module:
     finally:
         probe.train(was_training)
     if features.ndim != 2 or features.shape[0] != 2:
-        raise InputError(f"{name}: the module must give (B, D) features or a (B, D, h, w) map, got {tuple(features.shape)}")  # fmt: skip
+        raise InputError(
+            f"{name}: the module must give (B, D) features or a (B, D, h, w) map, got {tuple(features.shape)}"
+        )
     if timm_like:
         return model
     return ModuleBackbone(model, num_features=int(features.shape[1]))
@@ -149,7 +151,9 @@ def use_uniform_drop_path(model: nn.Module, rate: float) -> nn.Module:
     (timm ramps it linearly from 0 at the first block to ``rate`` at the last), in place; returns ``model``.
     ``DropPath`` holds no weights: the state dict and a release are unchanged."""
     if not is_vit(model):
-        raise ConfigError(f"config key 'model.drop_path_uniform': applies to ViTs (timm VisionTransformer), not {type(model).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"config key 'model.drop_path_uniform': applies to ViTs (timm VisionTransformer), not {type(model).__name__}"
+        )
     if rate > 0:
         for block in model.blocks:
             block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)

@@ -175,8 +175,9 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
         _atomic_copy(run_dir / LAST, path)
     except OSError as err:
         if is_disk_full(err):
-            raise disk_full(f"{target.name} (step {state['step']}) in {run_dir}", intact,
-                            "rerun the same command to resume") from err  # fmt: skip
+            raise disk_full(
+                f"{target.name} (step {state['step']}) in {run_dir}", intact, "rerun the same command to resume"
+            ) from err
         raise
     prune_steps(run_dir, keep)
     return path
@@ -221,7 +222,11 @@ def _flat_tensors(value: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]
 def nonfinite_message(step: int, tensor: str | None, run_dir: Path, intact: str | None = None) -> str:
     """Why the checkpoint of ``step`` was not written (``tensor``: the first non-finite one, None: on another
     process) and what is intact (default: the torch checkpoints of ``run_dir``)."""
-    what = f"{tensor} holds NaN or infinite values" if tensor else "a tensor on another process holds NaN or infinite values"  # fmt: skip
+    what = (
+        f"{tensor} holds NaN or infinite values"
+        if tensor
+        else "a tensor on another process holds NaN or infinite values"
+    )
     intact = intact or _newest_checkpoint(Path(run_dir))
     return (
         f"step {step}: {what}, so its checkpoint was not written; in {run_dir}, {intact}. "
@@ -338,8 +343,12 @@ class TorchStore:
         """Every process checks its replica for non-finite values (DDP replicas are equal: every process decides
         alike), the main process writes, and one collective tells every process whether the write failed (a full
         disk), so that all of them stop together instead of waiting for the main one."""
-        state = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
-                 "optimizer": self.optimizer.state_dict(), **_scaler_state(self.accelerator), **meta}  # fmt: skip
+        state = {
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            **_scaler_state(self.accelerator),
+            **meta,
+        }
         bad = first_nonfinite({"model": state["model"], "optimizer": {"state": state["optimizer"]["state"]}})
         failure: MedfmError | None = None
         if bad is not None:

@@ -594,7 +594,11 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.dist.zero_stage in (None, 1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
     for tracker in cfg.logging.trackers:
         need(tracker in TRACKERS, "logging.trackers", f"{tracker!r} is not one of {list(TRACKERS)}")
-        need(tracker_installed(tracker), "logging.trackers", f"{tracker} is not installed (pip install {TRACKERS[tracker]})")  # fmt: skip
+        need(
+            tracker_installed(tracker),
+            "logging.trackers",
+            f"{tracker} is not installed (pip install {TRACKERS[tracker]})",
+        )
     if cfg.dist.backend == Backend.deepspeed:
         # fp16 under DeepSpeed skips overflowing steps through its own loss scaler, which the engine's
         # non-finite-step accounting would count as divergence; bf16 needs no scaler.

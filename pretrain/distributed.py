@@ -63,19 +63,26 @@ def make_accelerator(cfg: DictConfig) -> tuple[Accelerator, list[str]]:
     precision, precision_note = resolve_precision(cfg.train.precision.value, deepspeed_file_precision(cfg))
     cfg.train.precision = Precision(precision)
     if cfg.dist.backend == Backend.deepspeed and cfg.train.precision == Precision.fp16:
-        raise ConfigError(f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or fp32")  # fmt: skip
+        raise ConfigError(
+            f"config key 'train.precision': fp16 ({precision_note}) does not run with DeepSpeed: use bf16 or fp32"
+        )
     deepspeed = deepspeed_config(cfg) if cfg.dist.backend == Backend.deepspeed else None
     trackers = list(cfg.logging.trackers)
     tracker_notes = offline_tracker_defaults(trackers, Path(cfg.train.run_dir))
-    accelerator = build_accelerator(precision, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed,
-                                    log_with=trackers, project_dir=cfg.train.run_dir)  # fmt: skip
+    accelerator = build_accelerator(
+        precision, cfg.train.grad_accum, cfg.dist.timeout_s, deepspeed, log_with=trackers, project_dir=cfg.train.run_dir
+    )
     accelerator.medfm_environ = environ
     return accelerator, [precision_note, *([backend_note] if backend_note else []), *tracker_notes]
 
 
 # What `accelerate launch` sets from an Accelerate config that chose DeepSpeed (accelerate.utils.launch).
-_DEEPSPEED_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
-                  "ACCELERATE_GRADIENT_CLIPPING")  # fmt: skip
+_DEEPSPEED_ENV = (
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_CONFIG_DS_FIELDS",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "ACCELERATE_GRADIENT_CLIPPING",
+)
 
 
 def resolve_precision(requested: str, deepspeed_file: str | None = None) -> tuple[str, str]:
@@ -124,13 +131,19 @@ def resolve_backend(cfg: DictConfig) -> str | None:
         return f"dist.backend={requested.value}: the Accelerate config's DeepSpeed settings are not used"
     unsupported = {k: v for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED_OFFLOAD") and v != "none"}
     if unsupported:
-        raise ConfigError(f"config key 'dist.backend': auto takes the ZeRO stage or config file of the Accelerate config, not {unsupported}: put offloading in a DeepSpeed JSON (dist.deepspeed_config)")  # fmt: skip
+        raise ConfigError(
+            f"config key 'dist.backend': auto takes the ZeRO stage or config file of the Accelerate config, not {unsupported}: put offloading in a DeepSpeed JSON (dist.deepspeed_config)"
+        )
     accumulation = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if accumulation is not None and int(accumulation) != cfg.train.grad_accum:
-        raise ConfigError(f"config key 'train.grad_accum': {cfg.train.grad_accum}, but the Accelerate config sets gradient_accumulation_steps={accumulation}: make them agree")  # fmt: skip
+        raise ConfigError(
+            f"config key 'train.grad_accum': {cfg.train.grad_accum}, but the Accelerate config sets gradient_accumulation_steps={accumulation}: make them agree"
+        )
     clipping = env.get("ACCELERATE_GRADIENT_CLIPPING")
     if clipping is not None and float(clipping) != float(cfg.optim.clip_grad):
-        raise ConfigError(f"config key 'optim.clip_grad': {cfg.optim.clip_grad}, but the Accelerate config sets gradient_clipping={clipping}: make them agree")  # fmt: skip
+        raise ConfigError(
+            f"config key 'optim.clip_grad': {cfg.optim.clip_grad}, but the Accelerate config sets gradient_clipping={clipping}: make them agree"
+        )
     if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         cfg.dist.deepspeed_config = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
         origin = f"config file {cfg.dist.deepspeed_config}"

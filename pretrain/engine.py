@@ -201,8 +201,11 @@ class NonFiniteGuard:
             self.report(
                 f"step {step}: non-finite loss or gradient norm ({loss:.4g}, {outcome.grad_norm:.4g}); "
                 f"update skipped ({self.in_a_row}/{self.limit} in a row)",
-                event="nonfinite_step_skipped", step=step, loss=loss, grad_norm=outcome.grad_norm,
-            )  # fmt: skip
+                event="nonfinite_step_skipped",
+                step=step,
+                loss=loss,
+                grad_norm=outcome.grad_norm,
+            )
         if self.in_a_row >= self.limit:
             raise TrainingDiverged(
                 f"{self.in_a_row} non-finite optimizer steps in a row (steps {step - self.in_a_row + 1}-{step}): "
@@ -252,8 +255,15 @@ def train(
         epoch, done = divmod(step, per_epoch)
         for micro_batches in optimizer_steps(loader.epoch(epoch, skip=done * accum), accum):
             forward = partial(_views_forward, model, backend, step)
-            outcome = train_step(opt, step, micro_batches, forward, lr=schedules.lr[step],
-                                 weight_decay=schedules.weight_decay[step], stop_requested=stop is not None and stop.requested)  # fmt: skip
+            outcome = train_step(
+                opt,
+                step,
+                micro_batches,
+                forward,
+                lr=schedules.lr[step],
+                weight_decay=schedules.weight_decay[step],
+                stop_requested=stop is not None and stop.requested,
+            )
             guard.check(step, outcome)
             step += 1
             window.add(outcome)
@@ -276,7 +286,9 @@ def train(
     return step
 
 
-def _views_forward(model: nn.Module, backend: TrainingBackend, step: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # fmt: skip
+def _views_forward(
+    model: nn.Module, backend: TrainingBackend, step: int, batch: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     return model([backend.to_device(v) for v in batch["views"]], step)
 
 
@@ -346,7 +358,9 @@ class _Window:
 def _warn_damage(accelerator, monitor, damage, reason: str) -> None:
     """A warning line and event for a shard or sample the shard stream left out (rank 0 writes the event; other
     ranks print their own finds, which rank 0 may meet later)."""
-    text = f"left out of training: {reason} ({damage.shards} damaged shard(s), {damage.samples} rejected sample(s) so far)"  # fmt: skip
+    text = (
+        f"left out of training: {reason} ({damage.shards} damaged shard(s), {damage.samples} rejected sample(s) so far)"
+    )
     if accelerator.is_main_process:
         counts = {"shards_damaged": damage.shards, "samples_rejected": damage.samples}
         monitor.message(f"warning: {text}", event="warning", message=text, **counts)

@@ -96,8 +96,9 @@ def knn_features(
             images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
         return (images - mean_t) / std_t
 
-    features, labels, _ = extract_features(backbone, dataset, batch_size=batch_size, device=device, prepare=prepare,
-                                           num_workers=num_workers)  # fmt: skip
+    features, labels, _ = extract_features(
+        backbone, dataset, batch_size=batch_size, device=device, prepare=prepare, num_workers=num_workers
+    )
     return F.normalize(features, dim=1), torch.cat([label.view(-1) for label in labels]).long()
 
 
@@ -168,8 +169,15 @@ class KNNMonitor:
         self.bank, self.query, self.k, self.temperature = bank, query, k, temperature
         # num_workers: the other ranks wait at their next collective while the main process runs the monitor, so
         # its images are read by loader workers, as the training batches are.
-        self.options = {"mean": mean, "std": std, "in_chans": in_chans, "img_size": img_size, "device": device,
-                        "max_samples": max_samples, "num_workers": num_workers}  # fmt: skip
+        self.options = {
+            "mean": mean,
+            "std": std,
+            "in_chans": in_chans,
+            "img_size": img_size,
+            "device": device,
+            "max_samples": max_samples,
+            "num_workers": num_workers,
+        }
 
     def __call__(self, backbone: nn.Module) -> float:
         bank = knn_features(backbone, self.bank, **self.options)

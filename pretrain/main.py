@@ -85,10 +85,18 @@ def run_pretraining(cfg: DictConfig) -> int:
         if not backend.runs_models_on_one_process and (evaluate is not None or cfg.logging.figure_every_steps):
             # Figures and the kNN monitor run a model on the main process only; ZeRO-3 needs every rank for that.
             evaluate, cfg.logging.figure_every_steps = None, 0
-            notes.append(f"{backend.name} ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)")  # fmt: skip
-        monitor = Monitor(run_dir, enabled=accelerator.is_main_process, total_steps=cfg.derived.total_steps,
-                          start_step=start_step, progress_bar=cfg.logging.progress_bar, accelerator=accelerator,
-                          config=to_dict(cfg))  # fmt: skip
+            notes.append(
+                f"{backend.name} ZeRO-3: method figures and the kNN monitor are off (they would run on one rank only)"
+            )
+        monitor = Monitor(
+            run_dir,
+            enabled=accelerator.is_main_process,
+            total_steps=cfg.derived.total_steps,
+            start_step=start_step,
+            progress_bar=cfg.logging.progress_bar,
+            accelerator=accelerator,
+            config=to_dict(cfg),
+        )
         if accelerator.is_main_process:
             save_config(cfg, run_dir / "config.yaml")
         derived = ", ".join(f"{k}={v}" for k, v in cfg.derived.items())
@@ -160,11 +168,18 @@ def settle_from_run_dir(cfg: DictConfig) -> list[str]:
         kind = Backend(saved.dist.backend)
     if cfg.dist.backend not in (Backend.auto, kind):
         found = "DeepSpeed checkpoint directories" if kind == Backend.deepspeed else "torch checkpoints (last.pt)"
-        raise ConfigError(f"config key 'dist.backend': {cfg.dist.backend.value} cannot resume {run_dir}, which holds {found}: use {kind.value} or auto")  # fmt: skip
+        raise ConfigError(
+            f"config key 'dist.backend': {cfg.dist.backend.value} cannot resume {run_dir}, which holds {found}: use {kind.value} or auto"
+        )
     adopted = []
     if cfg.dist.backend == Backend.auto:
         cfg.dist.backend = kind
-        if kind == Backend.deepspeed and saved is not None and cfg.dist.zero_stage is None and cfg.dist.deepspeed_config is None:  # fmt: skip
+        if (
+            kind == Backend.deepspeed
+            and saved is not None
+            and cfg.dist.zero_stage is None
+            and cfg.dist.deepspeed_config is None
+        ):
             cfg.dist.zero_stage, cfg.dist.deepspeed_config = saved.dist.zero_stage, saved.dist.deepspeed_config
         adopted.append(f"dist.backend={kind.value}")
     if saved is not None:  # a warm-started run is rebuilt as it was built (medfm.pretrain.methods.mae), source unread
@@ -266,8 +281,10 @@ def saver(cfg: DictConfig, store: ckpt.CheckpointStore) -> Callable[[int], None]
 
 def knn_monitor(cfg: DictConfig, device: torch.device) -> KNNMonitor:
     k = cfg.knn
-    bank, query = (open_source(k.spec, split, seed=0, samples_per_epoch=None, shuffle_buffer=1)
-                   for split in (k.bank_split, k.query_split))  # fmt: skip
+    bank, query = (
+        open_source(k.spec, split, seed=0, samples_per_epoch=None, shuffle_buffer=1)
+        for split in (k.bank_split, k.query_split)
+    )
     if isinstance(bank, IterableDataset):
         raise ConfigError(f"config key 'knn.spec': {k.spec!r} is a stream; the kNN monitor needs an indexable dataset")
     return KNNMonitor(

@@ -63,7 +63,9 @@ def offline_tracker_defaults(trackers: list[str], run_dir: Path) -> list[str]:
         env["MLFLOW_TRACKING_URI"] = (Path(run_dir).resolve() / "mlruns").as_uri()
         env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 keeps the file store behind this flag
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        notes.append(f"mlflow file store {run_dir}/mlruns (MLFLOW_TRACKING_URI unset): `mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}`")  # fmt: skip
+        notes.append(
+            f"mlflow file store {run_dir}/mlruns (MLFLOW_TRACKING_URI unset): `mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}`"
+        )
     return notes
 
 
@@ -192,8 +194,11 @@ class Monitor:
         except OSError as err:
             if not is_disk_full(err):
                 raise
-            raise disk_full(self.run_dir / "metrics.jsonl", "the checkpoints in the run directory are intact",
-                            "rerun the same command to resume") from err  # fmt: skip
+            raise disk_full(
+                self.run_dir / "metrics.jsonl",
+                "the checkpoints in the run directory are intact",
+                "rerun the same command to resume",
+            ) from err
 
     def close(self) -> None:
         if self.bar is not None:

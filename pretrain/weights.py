@@ -50,8 +50,15 @@ _PRETRAINING_ONLY = ("decoder", "mask_token")
 MAX_IMG_SIZE = 8192  # px per side a release may declare: a ViT's position embedding grows with its square
 MAX_IN_CHANS = 512
 # timm.create_model arguments that load or describe other weights: never taken from a release's model_args.
-_LOADING_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-                 "num_classes", "features_only")  # fmt: skip
+_LOADING_ARGS = (
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+    "cache_dir",
+    "num_classes",
+    "features_only",
+)
 
 
 class LoadError(ReleaseError):
@@ -164,7 +171,9 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise LoadError(f"{path}: not a state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")  # fmt: skip
+        raise LoadError(
+            f"{path}: not a state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
+        )
     prefix = "module."  # DistributedDataParallel wrappers
     if obj and all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
@@ -240,11 +249,16 @@ def check_release_config(config: dict[str, Any], path: str | Path) -> None:
     if architecture.startswith(MODULE_PREFIX):
         # A user module is built from the class the user registered in this process, never imported by name.
         if architecture.removeprefix(MODULE_PREFIX) not in backbones._registered:
-            refuse("architecture", f"is {architecture!r}, a user module that is not registered in this process: "
-                   "register its class first (medfm.register_module); medfm never imports code a release names")  # fmt: skip
+            refuse(
+                "architecture",
+                f"is {architecture!r}, a user module that is not registered in this process: "
+                "register its class first (medfm.register_module); medfm never imports code a release names",
+            )
     elif not timm.is_model(architecture):
-        refuse("architecture", f"is {architecture!r}, not a timm model (timm.list_models()); medfm never imports "
-               "code a release names")  # fmt: skip
+        refuse(
+            "architecture",
+            f"is {architecture!r}, not a timm model (timm.list_models()); medfm never imports code a release names",
+        )
     for key in ("model_args", "pretrained_cfg", "medfm"):
         if key in config and not isinstance(config[key], dict):
             refuse(key, f"must be a JSON object, got {type(config[key]).__name__} {str(config[key])[:60]!r}")
@@ -255,14 +269,19 @@ def check_release_config(config: dict[str, Any], path: str | Path) -> None:
     if "img_size" in args:
         sizes = args["img_size"] if isinstance(args["img_size"], list) else [args["img_size"]]
         if not sizes or len(sizes) > 2 or not all(_int_in(v, 1, MAX_IMG_SIZE) for v in sizes):
-            refuse("model_args.img_size", f"must be an image side (or [height, width]) of 1 to {MAX_IMG_SIZE} px, got {args['img_size']!r}")  # fmt: skip
+            refuse(
+                "model_args.img_size",
+                f"must be an image side (or [height, width]) of 1 to {MAX_IMG_SIZE} px, got {args['img_size']!r}",
+            )
     if "in_chans" in args and not _int_in(args["in_chans"], 1, MAX_IN_CHANS):
         refuse("model_args.in_chans", f"must be a channel count of 1 to {MAX_IN_CHANS}, got {args['in_chans']!r}")
     input_size = config.get("pretrained_cfg", {}).get("input_size")
     if input_size is not None and not (
-        isinstance(input_size, list) and len(input_size) == 3 and _int_in(input_size[0], 1, MAX_IN_CHANS)
+        isinstance(input_size, list)
+        and len(input_size) == 3
+        and _int_in(input_size[0], 1, MAX_IN_CHANS)
         and all(_int_in(v, 1, MAX_IMG_SIZE) for v in input_size[1:])
-    ):  # fmt: skip
+    ):
         refuse("pretrained_cfg.input_size", f"must be [channels, height, width] within bounds, got {input_size!r}")
 
 
@@ -292,8 +311,13 @@ class InitReport:
     dropped: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "file": str(self.path), "sha256": self.sha256,
-                "adapted": list(self.adapted), "dropped": list(self.dropped)}  # fmt: skip
+        return {
+            "source": self.source,
+            "file": str(self.path),
+            "sha256": self.sha256,
+            "adapted": list(self.adapted),
+            "dropped": list(self.dropped),
+        }
 
 
 def resolve_source(source: str, key: str = "model.init") -> Path:
@@ -349,8 +373,9 @@ def read_init(source: str, architecture: str, key: str = "model.init") -> Releas
             f"{key}: {path} has no {CONFIG_NAME} (a release, a timm hub snapshot, or a run directory with "
             "release/; for a run still training, `medfm export` it first)"
         )
-    return Release(architecture=architecture, model_args={}, state_dict=read_weights(path), pretrained_cfg={},
-                   source=path)  # fmt: skip
+    return Release(
+        architecture=architecture, model_args={}, state_dict=read_weights(path), pretrained_cfg={}, source=path
+    )
 
 
 DEFAULT_NORMALIZATION = ([0.5], [0.5])  # medfm's for a random init: [0, 1] images to [-1, 1]
@@ -390,7 +415,9 @@ def source_normalization(source: str | None, architecture: str, key: str = "mode
     timm_cfg = timm.models.get_pretrained_cfg(architecture)
     if timm_cfg is not None and timm_cfg.mean and timm_cfg.std:
         tag = f"{architecture}.{timm_cfg.tag}" if timm_cfg.tag and "." not in architecture else architecture
-        return Normalization(list(timm_cfg.mean), list(timm_cfg.std), f"timm's pretrained_cfg of {tag} ({key} names no config.json)")  # fmt: skip
+        return Normalization(
+            list(timm_cfg.mean), list(timm_cfg.std), f"timm's pretrained_cfg of {tag} ({key} names no config.json)"
+        )
     return Normalization(*DEFAULT_NORMALIZATION, f"medfm's default ({key} and timm name none for {architecture})")
 
 
@@ -423,8 +450,9 @@ def fit_state_dict(
         and pos.shape[-1] == target.shape[-1]
     ):
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
-                                                    num_prefix_tokens=prefix, verbose=False)  # fmt: skip
+        state["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, verbose=False
+        )
     first_conv = first_conv or (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     key = f"{first_conv}.weight" if first_conv else None
     if key in state and key in expected and state[key].ndim == 4:

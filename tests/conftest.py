@@ -51,9 +51,17 @@ def tiny_teacher() -> Path:
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
     folder = Path(tempfile.mkdtemp(prefix="medfm-teacher-"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"depth": 1},
-              "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
-                                 "std": [0.229, 0.224, 0.225], "first_conv": "patch_embed.proj"}}  # fmt: skip
+    config = {
+        "architecture": "vit_tiny_patch16_224",
+        "num_classes": 0,
+        "model_args": {"depth": 1},
+        "pretrained_cfg": {
+            "input_size": [3, 224, 224],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "first_conv": "patch_embed.proj",
+        },
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 

@@ -11,7 +11,12 @@ def test_the_config_reference_is_generated_from_the_current_schemas():
 
 def test_the_reference_documents_nested_and_method_keys_with_their_comments():
     text = reference_markdown()
-    for line in ("| `dinov2.koleo_loss_weight` |", "| `features.pooling` | `str` | `head` |", "| `recipes[].overrides` |",
-                 "| `model.init` |", "| `tasks[].published.NAME.acc` |"):  # fmt: skip
+    for line in (
+        "| `dinov2.koleo_loss_weight` |",
+        "| `features.pooling` | `str` | `head` |",
+        "| `recipes[].overrides` |",
+        "| `model.init` |",
+        "| `tasks[].published.NAME.acc` |",
+    ):
         assert line in text, line
     assert "any timm model name" in text  # the comment beside model.backbone

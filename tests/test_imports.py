@@ -57,7 +57,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int
     return found
 
 
-def import_graph(root: Path, packages: tuple[str, ...] = LAYERS, namespace: str | None = NAMESPACE) -> dict[str, dict[str, int]]:  # fmt: skip
+def import_graph(
+    root: Path, packages: tuple[str, ...] = LAYERS, namespace: str | None = NAMESPACE
+) -> dict[str, dict[str, int]]:
     modules = module_files(root, packages, namespace)
     return {name: imports_of(name, path, modules) for name, path in modules.items()}
 
@@ -143,5 +145,9 @@ def test_every_import_of_the_library_goes_through_the_namespace():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
-            bare += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in (*LAYERS[:-1], "medfm_cli")]  # fmt: skip
+            bare += [
+                f"{path.relative_to(REPO)}:{node.lineno} imports {n}"
+                for n in names
+                if n.split(".")[0] in (*LAYERS[:-1], "medfm_cli")
+            ]
     assert not bare, "import the library as medfm.data_shards / medfm.pretrain / medfm.downstream:\n" + "\n".join(bare)

@@ -173,7 +173,9 @@ def deepspeed_file_precision(cfg: DictConfig) -> str | None:
         return None
     ds = _read_deepspeed_json(cfg.dist.deepspeed_config)
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ConfigError(f"config key 'dist.deepspeed_config': {cfg.dist.deepspeed_config} enables fp16; use bf16 (or fp32)")  # fmt: skip
+        raise ConfigError(
+            f"config key 'dist.deepspeed_config': {cfg.dist.deepspeed_config} enables fp16; use bf16 (or fp32)"
+        )
     enabled = ds.get("bf16", {}).get("enabled", "auto")
     return None if enabled == "auto" else ("bf16" if enabled else "fp32")
 
@@ -221,7 +223,9 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     if d.deepspeed_config is not None:
         ds = _read_deepspeed_json(d.deepspeed_config)
         if ds.get("fp16", {}).get("enabled") is True:
-            raise ConfigError(f"config key 'dist.deepspeed_config': {d.deepspeed_config} enables fp16; use bf16 (or fp32)")  # fmt: skip
+            raise ConfigError(
+                f"config key 'dist.deepspeed_config': {d.deepspeed_config} enables fp16; use bf16 (or fp32)"
+            )
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if d.zero_stage is not None and d.zero_stage != stage:
             raise ConfigError(

@@ -113,9 +113,12 @@ def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) 
             f"{world_size}); consolidate it (medfm.pretrain.checkpoint.consolidate_deepspeed) to start a new run"
         )
     loaded, _ = engine.load_checkpoint(
-        str(path), tag=DEEPSPEED_TAG, load_module_strict=True, load_optimizer_states=True,
+        str(path),
+        tag=DEEPSPEED_TAG,
+        load_module_strict=True,
+        load_optimizer_states=True,
         load_lr_scheduler_states=False,
-    )  # fmt: skip
+    )
     if loaded is None:
         raise MissingInputError(f"{path}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
     for name, state in meta["momentum"].items():
@@ -126,9 +129,11 @@ def load_deepspeed(engine: Any, method: nn.Module, path: Path, world_size: int) 
 def _deepspeed_safe_globals() -> list[Any]:
     """The non-tensor types DeepSpeed writes into its checkpoint files (enums and plain records, no code)."""
     found: list[Any] = []
-    for module, names in (("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):  # fmt: skip
+    for module, names in (
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
         try:
             imported = importlib.import_module(module)
         except ImportError:
@@ -154,7 +159,7 @@ def weights_only_loads(where: Path) -> Iterator[None]:
             yield
     except pickle.UnpicklingError:
         safe = {f"{g.__module__}.{g.__name__}" for g in _deepspeed_safe_globals()}
-        needs = {file: [g for g in unsafe_globals(file) if g not in safe] for file in sorted(Path(where).rglob("*.pt"))}  # fmt: skip
+        needs = {file: [g for g in unsafe_globals(file) if g not in safe] for file in sorted(Path(where).rglob("*.pt"))}
         named = "; ".join(f"{file} needs {', '.join(found[:3])}" for file, found in needs.items() if found) or str(
             where
         )
@@ -236,8 +241,14 @@ class DeepSpeedStore:
         if float(self.accelerator.reduce(flag, "sum")) > 0:
             intact = f"the checkpoint that {LAST_DIR} points at is intact"
             raise TrainingDiverged(nonfinite_message(step, bad, self.run_dir, intact))
-        save_deepspeed(self.accelerator, self.engine, self.run_dir, {**meta, "step": step, "momentum": momentum},
-                       step, keep=self.keep)  # fmt: skip
+        save_deepspeed(
+            self.accelerator,
+            self.engine,
+            self.run_dir,
+            {**meta, "step": step, "momentum": momentum},
+            step,
+            keep=self.keep,
+        )
 
     def load(self, path: Path) -> dict[str, Any]:
         return load_deepspeed(self.engine, self.method(), path, self.accelerator.num_processes)

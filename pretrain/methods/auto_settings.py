@@ -82,14 +82,22 @@ def resolve_teacher_auto(cfg: DictConfig, section: str, images: int) -> list[str
 
 def check_auto_numbers(section: DictConfig, need: Callable[[bool, str, str], None]) -> None:
     """Each ``auto``-able key is ``auto`` or a number in its range."""
-    ranges = {"head_output_dim": (1, None), "teacher_temp": (0, None), "warmup_teacher_temp": (0, None),
-              "warmup_teacher_temp_epochs": (0, None), "momentum_teacher": (0, 1)}  # fmt: skip
+    ranges = {
+        "head_output_dim": (1, None),
+        "teacher_temp": (0, None),
+        "warmup_teacher_temp": (0, None),
+        "warmup_teacher_temp_epochs": (0, None),
+        "momentum_teacher": (0, 1),
+    }
     for key, (low, high) in ranges.items():
         value = section[key]
         if value == AUTO:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        need(number and value >= low and (high is None or value <= high), key,
-             f"must be 'auto' or a number in [{low}, {'inf' if high is None else high}]")  # fmt: skip
+        need(
+            number and value >= low and (high is None or value <= high),
+            key,
+            f"must be 'auto' or a number in [{low}, {'inf' if high is None else high}]",
+        )
         if key == "head_output_dim":
             need(float(value).is_integer(), key, "must be 'auto' or a whole number of prototypes")

@@ -157,7 +157,9 @@ class DINOv2(SSLMethod):
         deactivate_requires_grad(self.teacher_head)
         self.centering = Centering(centering)
         self.dino_loss = dino_loss(self.centering, head_output_dim, student_temp, center_momentum)
-        self.ibot_loss = IBOTPatchLoss(output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum)  # fmt: skip
+        self.ibot_loss = IBOTPatchLoss(
+            output_dim=head_output_dim, student_temp=student_temp, center_momentum=center_momentum
+        )
         self.koleo_loss = KoLeoLoss()
         self.loss_weights = loss_weights
         self.mask_sample_probability, self.mask_ratio = mask_sample_probability, mask_ratio
@@ -207,8 +209,7 @@ class DINOv2(SSLMethod):
             if mask_index is None:
                 mask_index = block_mask.flatten().nonzero().flatten()  # one host sync: the collate avoids it
         prefix, num_patches = vit.num_prefix_tokens, grid[0] * grid[1]
-        token_mask = torch.zeros(block_mask.shape[0], prefix + num_patches, dtype=torch.bool,
-                                 device=block_mask.device)  # fmt: skip
+        token_mask = torch.zeros(block_mask.shape[0], prefix + num_patches, dtype=torch.bool, device=block_mask.device)
         token_mask[:, prefix:] = block_mask.flatten(1)  # class / register tokens never masked
         # the masked patch tokens' rows in the (2B * (prefix + num_patches), D) tokens: a view, no copy of the rest
         token_rows = mask_index + (torch.div(mask_index, num_patches, rounding_mode="floor") + 1) * prefix
@@ -228,9 +229,16 @@ class DINOv2(SSLMethod):
             student_cls.append(self.student_head["dino_head"](local_tokens[:, 0]))
         student_patches = self._ibot_head(self.student_head)(masked_patches(student_tokens))
         terms = self.loss_terms(
-            teacher_cls, torch.cat(student_cls), teacher_patches, student_patches, block_mask, student_cls_tokens,
-            num_views=len(views), teacher_temp=at_step(self.teacher_temp_schedule, step), mask_index=mask_index,
-        )  # fmt: skip
+            teacher_cls,
+            torch.cat(student_cls),
+            teacher_patches,
+            student_patches,
+            block_mask,
+            student_cls_tokens,
+            num_views=len(views),
+            teacher_temp=at_step(self.teacher_temp_schedule, step),
+            mask_index=mask_index,
+        )
         return {**terms, "embeddings": teacher_tokens[:batch_size, 0].detach()}
 
     def loss_terms(
@@ -256,9 +264,13 @@ class DINOv2(SSLMethod):
         """
         with outside_autocast(teacher_cls.device):
             return self._losses_fp32(
-                *(t.float() for t in (teacher_cls, student_cls, teacher_patches, student_patches)), block_mask,
-                student_cls_tokens.float(), num_views=num_views, teacher_temp=teacher_temp, mask_index=mask_index,
-            )  # fmt: skip
+                *(t.float() for t in (teacher_cls, student_cls, teacher_patches, student_patches)),
+                block_mask,
+                student_cls_tokens.float(),
+                num_views=num_views,
+                teacher_temp=teacher_temp,
+                mask_index=mask_index,
+            )
 
     def _losses_fp32(
         self,
@@ -273,14 +285,16 @@ class DINOv2(SSLMethod):
         teacher_temp: float,
         mask_index: Tensor | None,
     ) -> dict[str, Tensor]:
-        dino = self.dino_loss(list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)),
-                              teacher_temp=teacher_temp)  # fmt: skip
+        dino = self.dino_loss(
+            list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)), teacher_temp=teacher_temp
+        )
         if teacher_patches.shape[0]:
             if mask_index is None:
                 mask_index = block_mask.flatten().nonzero().flatten()
             weights, crops = mask_weights(block_mask, mask_index), len(block_mask)
-            ibot = ibot_patch_loss(self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp,
-                                   self.centering)  # fmt: skip
+            ibot = ibot_patch_loss(
+                self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp, self.centering
+            )
         else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
             ibot_teacher_targets(self.ibot_loss, teacher_patches, teacher_temp, self.centering)  # joins the all-reduces
             ibot = student_patches.sum() * 0.0
@@ -335,7 +349,9 @@ class DINOv2(SSLMethod):
         d = cfg.dinov2
         vit = backbone_from_config(cfg, dynamic_img_size=d.num_local_crops > 0)
         if not is_vit(vit):
-            raise ConfigError(f"config key 'model.backbone': DINOv2 masks patch tokens and needs a timm ViT, got {cfg.model.backbone!r}")  # fmt: skip
+            raise ConfigError(
+                f"config key 'model.backbone': DINOv2 masks patch tokens and needs a timm ViT, got {cfg.model.backbone!r}"
+            )
         check_local_crops(vit, cfg, "dinov2")
         return cls(
             vit,

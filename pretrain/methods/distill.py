@@ -191,15 +191,20 @@ class Distill(SSLMethod):
         for key in ("temperature_global", "temperature_local"):
             need(section[key] > 0, key, "must be above 0")
         size = section.queue_size
-        need(size == AUTO or (isinstance(size, int) and not isinstance(size, bool) and size > 0), "queue_size",
-             "must be 'auto' or a positive whole number")  # fmt: skip
+        need(
+            size == AUTO or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
+            "queue_size",
+            "must be 'auto' or a positive whole number",
+        )
 
     @staticmethod
     def resolve_auto(cfg: DictConfig, dataset_size: int) -> list[str]:
         d = cfg.distill
         if d.queue_size != AUTO:
             if d.loss == "queue_kl" and d.queue_size >= dataset_size:
-                raise ConfigError(f"config key 'distill.queue_size': {d.queue_size} is not below the {dataset_size} images (LightlyTrain's rule: 'auto' keeps it to 25-50 %)")  # fmt: skip
+                raise ConfigError(
+                    f"config key 'distill.queue_size': {d.queue_size} is not below the {dataset_size} images (LightlyTrain's rule: 'auto' keeps it to 25-50 %)"
+                )
             return []
         d.queue_size = next((size for bound, size in QUEUE_BUCKETS if dataset_size < bound), MAX_QUEUE)
         return [f"distill.queue_size={d.queue_size}"]
@@ -235,20 +240,26 @@ class Distill(SSLMethod):
         else:
             queue.copy_(torch.cat([batch, queue[: queue.shape[0] - batch.shape[0]]]))
 
-    def queue_kl(self, student_pooled: Tensor, teacher_pooled: Tensor, student_patches: Tensor,
-                 teacher_patches: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def queue_kl(
+        self, student_pooled: Tensor, teacher_pooled: Tensor, student_patches: Tensor, teacher_patches: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """LightlyTrain's distillationv3 loss on L2-normalised features (pooled (B, D), patches (B, N, D)): KL of
         the softmax over the queue (inter-image) and of each patch's softmax over its image's patches (intra-image),
         both averaged over their rows."""
         with outside_autocast(student_pooled.device):
             queue = self.feature_queue
-            inter = F.kl_div(F.log_softmax(student_pooled @ queue.T / self.temperature_global, dim=-1),
-                             F.softmax(teacher_pooled @ queue.T / self.temperature_global, dim=-1),
-                             reduction="batchmean")  # fmt: skip
+            inter = F.kl_div(
+                F.log_softmax(student_pooled @ queue.T / self.temperature_global, dim=-1),
+                F.softmax(teacher_pooled @ queue.T / self.temperature_global, dim=-1),
+                reduction="batchmean",
+            )
             student_self = (student_patches @ student_patches.transpose(1, 2)).flatten(0, 1)
             teacher_self = (teacher_patches @ teacher_patches.transpose(1, 2)).flatten(0, 1)
-            intra = F.kl_div(F.log_softmax(student_self / self.temperature_local, dim=-1),
-                             F.softmax(teacher_self / self.temperature_local, dim=-1), reduction="batchmean")  # fmt: skip
+            intra = F.kl_div(
+                F.log_softmax(student_self / self.temperature_local, dim=-1),
+                F.softmax(teacher_self / self.temperature_local, dim=-1),
+                reduction="batchmean",
+            )
         return inter, intra
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
@@ -259,20 +270,28 @@ class Distill(SSLMethod):
         pooled = self.student.forward_head(features, pre_logits=True)
         patches = self.patch_projection(feature_map(self.student, features))
         patches = F.interpolate(patches, size=target_patches.shape[-2:], mode="bilinear", align_corners=False)
-        student_pooled, student_patches = self.pooled_projection(pooled).float(), patches.flatten(2).transpose(1, 2).float()  # fmt: skip
+        student_pooled, student_patches = (
+            self.pooled_projection(pooled).float(),
+            patches.flatten(2).transpose(1, 2).float(),
+        )
         target_patches = target_patches.flatten(2).transpose(1, 2)
         if self.loss == "queue_kl":
             normalise = lambda x: F.normalize(x, dim=-1)  # noqa: E731
             target_pooled, target_patches = normalise(target_pooled), normalise(target_patches)
             self.update_queue(target_pooled)
-            pooled_loss, patch_loss = self.queue_kl(normalise(student_pooled), target_pooled,
-                                                    normalise(student_patches), target_patches)  # fmt: skip
+            pooled_loss, patch_loss = self.queue_kl(
+                normalise(student_pooled), target_pooled, normalise(student_patches), target_patches
+            )
         else:
             pooled_loss = self.distance(student_pooled, target_pooled)
             patch_loss = self.distance(student_patches, target_patches)
         loss = self.pooled_weight * pooled_loss + self.patch_weight * patch_loss
-        return {"loss": loss, "pooled_loss": pooled_loss.detach(), "patch_loss": patch_loss.detach(),
-                "embeddings": pooled.detach()}  # fmt: skip
+        return {
+            "loss": loss,
+            "pooled_loss": pooled_loss.detach(),
+            "patch_loss": patch_loss.detach(),
+            "embeddings": pooled.detach(),
+        }
 
     def export_backbone(self) -> nn.Module:
         return self.student
@@ -287,8 +306,9 @@ class Distill(SSLMethod):
             with torch.device("meta"):  # the teacher's width only: nothing read or allocated
                 # Recorded in the run's config: rebuilding the student (export, resume) never needs the teacher.
                 d.teacher_dim = int(TeacherSpec.of(d).build(size, cfg.data.in_chans).num_features)
-        teacher = FrozenTeacher(d.teacher, d.teacher_architecture, size, cfg.data.in_chans, list(cfg.augment.mean),
-                                list(cfg.augment.std))  # fmt: skip
+        teacher = FrozenTeacher(
+            d.teacher, d.teacher_architecture, size, cfg.data.in_chans, list(cfg.augment.mean), list(cfg.augment.std)
+        )
         queue_size = d.queue_size if d.queue_size != AUTO else MAX_QUEUE  # a config not derived (derive sets it)
         return cls(backbone_from_config(cfg), teacher, d.teacher_dim, d.loss, d.pooled_weight, d.patch_weight,
                    mixup=d.mixup, queue_size=queue_size, temperature_global=d.temperature_global,

@@ -248,7 +248,9 @@ class SparK(SSLMethod):
         used = maps[-self.levels :][::-1]  # smallest first
         for i, feature_map in enumerate(used):
             if feature_map.shape[-1] != maps[-1].shape[-1] * 2**i:
-                raise ConfigError(f"SparK: the encoder's feature maps {[m.shape[-1] for m in maps]} do not double at each scale")  # fmt: skip
+                raise ConfigError(
+                    f"SparK: the encoder's feature maps {[m.shape[-1] for m in maps]} do not double at each scale"
+                )
         self.grid = img_size // self.downsample
         self.num_keep = round(self.grid**2 * (1 - mask_ratio))
         if self.num_keep < 1:
@@ -375,14 +377,18 @@ class SparK(SSLMethod):
         masked = torch.where(visible, images, torch.full_like(images, float(images.min())))
         grid = torch.cat([masked, torch.where(visible, images, predicted), images])
         grid = grid.clamp(images.min(), images.max())
-        grid = make_grid(grid, nrow=images.shape[0], normalize=True, value_range=(float(images.min()), float(images.max())))  # fmt: skip
+        grid = make_grid(
+            grid, nrow=images.shape[0], normalize=True, value_range=(float(images.min()), float(images.max()))
+        )
         return {"spark_reconstruction": grid.cpu()}
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> SparK:
         backbone = backbone_from_config(cfg)
         section = cfg.spark
-        return cls(backbone, cfg.data.img_size, section.mask_ratio, section.decoder_width, section.densify_norm, section.levels)  # fmt: skip
+        return cls(
+            backbone, cfg.data.img_size, section.mask_ratio, section.decoder_width, section.densify_norm, section.levels
+        )
 
     @staticmethod
     def build_transform(cfg: DictConfig) -> MultiView:

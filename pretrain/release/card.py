@@ -224,4 +224,6 @@ def _evaluation(results: list[tuple[str, dict[str, Any]]]) -> str:
         cells = [f"{summary[k]:.4f}" if isinstance(summary.get(k), (int, float)) else "-" for k in SUMMARY_KEYS]
         dataset = short_source(str(result["dataset"]))
         lines.append(f"| {name} | {result['protocol']} | `{dataset}` | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", "Test-split metrics; the classifier or fine-tuning checkpoint was chosen on the val split."])  # fmt: skip
+    return "\n".join(
+        [*lines, "", "Test-split metrics; the classifier or fine-tuning checkpoint was chosen on the val split."]
+    )

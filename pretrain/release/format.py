@@ -269,8 +269,10 @@ def write_release(
     check_release_keys(architecture, model_args, state, out_dir / WEIGHTS_NAME)
     bad = ckpt.first_nonfinite(state)
     if bad is not None:
-        raise ExportError(f"{out_dir / WEIGHTS_NAME}: {bad} holds NaN or infinite values: a diverged run is not "
-                          "released; export an earlier checkpoint (--checkpoint)")  # fmt: skip
+        raise ExportError(
+            f"{out_dir / WEIGHTS_NAME}: {bad} holds NaN or infinite values: a diverged run is not "
+            "released; export an earlier checkpoint (--checkpoint)"
+        )
     medfm = config.get("medfm", {})
     metadata = {
         "format": "pt",  # what Hugging Face tooling expects of a PyTorch safetensors file
@@ -300,7 +302,11 @@ def write_release(
         except Exception as err:  # safetensors reports a full disk as a SafetensorError
             if not is_disk_full(err):
                 raise
-            kept = "the release there is intact" if out_dir.is_dir() and any(out_dir.iterdir()) else "nothing was written there"  # fmt: skip
+            kept = (
+                "the release there is intact"
+                if out_dir.is_dir() and any(out_dir.iterdir())
+                else "nothing was written there"
+            )
             raise disk_full(f"the release {out_dir}", kept, "rerun the same command") from err
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -51,17 +51,33 @@ class MockHub:
             return httpx2.Response(200, json={})
         if re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/main", path):
             files = json.loads(body)["files"]
-            return httpx2.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})  # fmt: skip
+            return httpx2.Response(
+                200,
+                json={
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                    ]
+                },
+            )
         if re.fullmatch(r"/api/models/[^/]+/[^/]+/commit/main", path):
             self.commits.append([json.loads(line) for line in body.splitlines() if line.strip()])
             oid = hashlib.sha1(body).hexdigest()
-            return httpx2.Response(200, json={"commitUrl": f"{constants.ENDPOINT}/{'/'.join(path.split('/')[3:5])}/commit/{oid}", "commitOid": oid})  # fmt: skip
+            return httpx2.Response(
+                200,
+                json={
+                    "commitUrl": f"{constants.ENDPOINT}/{'/'.join(path.split('/')[3:5])}/commit/{oid}",
+                    "commitOid": oid,
+                },
+            )
         return httpx2.Response(404, json={"error": f"not mocked: {request.method} {path}"})
 
     def committed_files(self) -> dict[str, bytes]:
-        return {item["value"]["path"]: base64.b64decode(item["value"]["content"])
-                for lines in self.commits for item in lines if item["key"] == "file"}  # fmt: skip
+        return {
+            item["value"]["path"]: base64.b64decode(item["value"]["content"])
+            for lines in self.commits
+            for item in lines
+            if item["key"] == "file"
+        }
 
 
 @pytest.fixture
@@ -92,7 +108,10 @@ def test_the_card_front_matter_is_what_the_hub_reads(run_dir: Path, tmp_path: Pa
 
 def test_base_model_is_the_warm_start_hub_id() -> None:
     assert hub_base_model(None) is None
-    assert hub_base_model({"source": "hf-hub:timm/vit_small_patch14_dinov2.lvd142m@main"}) == "timm/vit_small_patch14_dinov2.lvd142m"  # fmt: skip
+    assert (
+        hub_base_model({"source": "hf-hub:timm/vit_small_patch14_dinov2.lvd142m@main"})
+        == "timm/vit_small_patch14_dinov2.lvd142m"
+    )
     cached = "/root/.cache/huggingface/hub/models--facebook--dinov2-small/snapshots/abc123"
     assert hub_base_model({"source": cached}) == "facebook/dinov2-small"
     assert hub_base_model({"source": "/data/weights/mae_vitb.pth"}) is None

@@ -92,8 +92,14 @@ def test_shard_pretrain_export_evaluate_chain(tmp_path: Path, pneumonia: Path, p
     release = medfm.export(run, tmp_path / "release")
     assert {"model.safetensors", "config.json", "README.md"} <= set(release.files)
     assert release.load_backbone(num_classes=2)(torch.zeros(1, 1, 28, 28)).shape == (1, 2)
-    scores = medfm.evaluate(release, data=f"medmnist:{pneumonia}", out=tmp_path / "eval", protocols=["knn"],
-                            plots=False, **{"backbone.inits": ["release"]})  # fmt: skip
+    scores = medfm.evaluate(
+        release,
+        data=f"medmnist:{pneumonia}",
+        out=tmp_path / "eval",
+        protocols=["knn"],
+        plots=False,
+        **{"backbone.inits": ["release"]},
+    )
     assert isinstance(scores, medfm.EvalResult)
     assert 0.5 < scores.summary["release"]["knn"]["auc"] <= 1.0
     assert "| release | knn |" in scores.table
@@ -102,8 +108,13 @@ def test_shard_pretrain_export_evaluate_chain(tmp_path: Path, pneumonia: Path, p
 def test_pretrain_a_users_own_module_then_load_and_finetune_it(tmp_path: Path, pneumonia: Path) -> None:
     net = SmallNet()
     # bf16 here, then fine-tuning at auto (no): two Accelerators with different settings in one process
-    run = medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=net,
-                         **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}, **{"train.precision": "bf16"}))  # fmt: skip
+    run = medfm.pretrain(
+        out=tmp_path / "run",
+        data=f"medmnist:{pneumonia}",
+        method="simclr",
+        model=net,
+        **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}, **{"train.precision": "bf16"}),
+    )
     assert run.config["model"]["backbone"] == "module:SmallNet"
     config = (run.release_dir / "config.json").read_text()
     assert '"architecture": "module:SmallNet"' in config
@@ -111,21 +122,37 @@ def test_pretrain_a_users_own_module_then_load_and_finetune_it(tmp_path: Path, p
     trained = backbone.model.state_dict()
     assert not torch.equal(trained["body.0.weight"], net.state_dict()["body.0.weight"])  # trained a copy
     assert backbone.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 16)
-    tuned = medfm.finetune(run, data=f"medmnist:{pneumonia}", out=tmp_path / "ft", plots=False,
-                           **{"backbone.inits": ["release"]}, train={"epochs": 1, "max_steps": 2, "batch_size": 16},
-                           overrides=["data.num_workers=0"])  # fmt: skip
+    tuned = medfm.finetune(
+        run,
+        data=f"medmnist:{pneumonia}",
+        out=tmp_path / "ft",
+        plots=False,
+        **{"backbone.inits": ["release"]},
+        train={"epochs": 1, "max_steps": 2, "batch_size": 16},
+        overrides=["data.num_workers=0"],
+    )
     assert set(tuned.summary) == {"release"} and 0.0 <= tuned.summary["release"]["acc"] <= 1.0
 
 
 def test_a_module_release_needs_the_module_registered(tmp_path: Path, pneumonia: Path) -> None:
-    run = medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=SmallNet(),
-                         **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
+    run = medfm.pretrain(
+        out=tmp_path / "run",
+        data=f"medmnist:{pneumonia}",
+        method="simclr",
+        model=SmallNet(),
+        **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}),
+    )
     from medfm.pretrain import backbones
 
     backbones._registered.clear()  # another process: nothing registered
     with pytest.raises(medfm.ConfigError, match="not registered"):
-        medfm.pretrain(out=run.run_dir, data=f"medmnist:{pneumonia}", method="simclr",
-                       model="module:SmallNet", **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
+        medfm.pretrain(
+            out=run.run_dir,
+            data=f"medmnist:{pneumonia}",
+            method="simclr",
+            model="module:SmallNet",
+            **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}),
+        )
     with pytest.raises(ValueError, match="not registered"):
         medfm.load_backbone(run.release_dir)
     medfm.register_module(SmallNet())
@@ -135,8 +162,13 @@ def test_a_module_release_needs_the_module_registered(tmp_path: Path, pneumonia:
 def test_a_module_that_fails_on_the_input_is_a_config_error(tmp_path: Path, pneumonia: Path) -> None:
     rgb_only = nn.Conv2d(3, 4, 3)
     with pytest.raises(medfm.ConfigError, match=r"model.backbone.*fails on a \(2, 1, 28, 28\) batch"):
-        medfm.pretrain(out=tmp_path / "run", data=f"medmnist:{pneumonia}", method="simclr", model=rgb_only,
-                       **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}))  # fmt: skip
+        medfm.pretrain(
+            out=tmp_path / "run",
+            data=f"medmnist:{pneumonia}",
+            method="simclr",
+            model=rgb_only,
+            **tiny_values(simclr={"hidden_dim": 64, "output_dim": 32}),
+        )
 
 
 def test_section_arguments_and_dotted_keys_merge_at_every_depth() -> None:
@@ -145,5 +177,8 @@ def test_section_arguments_and_dotted_keys_merge_at_every_depth() -> None:
 
     assert nested({"a.b.c": 1, "a": {"b": {"d": 2}}}) == {"a": {"b": {"c": 1, "d": 2}}}
     given = _downstream_values({"inits": ["release", "random"]}, {"spec": "medmnist:x.npz", "batch_size": 8}, "o", {})
-    assert given == {"backbone": {"inits": ["release", "random"]},
-                     "data": {"spec": "medmnist:x.npz", "batch_size": 8}, "out_dir": "o"}  # fmt: skip
+    assert given == {
+        "backbone": {"inits": ["release", "random"]},
+        "data": {"spec": "medmnist:x.npz", "batch_size": 8},
+        "out_dir": "o",
+    }

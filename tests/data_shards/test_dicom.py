@@ -177,10 +177,14 @@ def test_planning_header_read_agrees_with_a_full_pydicom_read(series_dir: Path, 
         full = pydicom.dcmread(path, stop_before_pixels=True)
         assert _stack_key(_read_planning_header(path)) == _stack_key(full), path.name
     ds = pydicom.dcmread(paths[0])
-    for keyword, value, stackable in [("InstanceNumber", "", True), ("InstanceNumber", "7\x00", True),
-                                      ("ImagePositionPatient", "0\\0\\2.5\x00", True),  # NUL padding
-                                      ("ImagePositionPatient", "1\\x\\2", False),
-                                      ("ImagePositionPatient", "1\\2", False), ("ImageOrientationPatient", "nan", False)]:  # fmt: skip
+    for keyword, value, stackable in [
+        ("InstanceNumber", "", True),
+        ("InstanceNumber", "7\x00", True),
+        ("ImagePositionPatient", "0\\0\\2.5\x00", True),  # NUL padding
+        ("ImagePositionPatient", "1\\x\\2", False),
+        ("ImagePositionPatient", "1\\2", False),
+        ("ImageOrientationPatient", "nan", False),
+    ]:
         copy, tag, raw = ds.copy(), Tag(keyword), value.encode()
         # a raw element: pydicom refuses to assign a malformed DS value, and writes raw bytes as they are
         copy._dict[tag] = RawDataElement(tag, None, len(raw), raw, 0, ds.original_encoding[0], True)

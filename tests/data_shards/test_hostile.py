@@ -75,8 +75,12 @@ def build_archive(root: Path, fuzzed: int) -> Path:
     huge = _ct()
     huge.NumberOfFrames = 2_000_000_000
     huge.save_as(inputs / "frames_2e9.dcm", enforce_file_format=True)
-    for name, tag in (("position", b"\x20\x00\x32\x00"), ("orientation", b"\x20\x00\x37\x00"),
-                      ("instance", b"\x20\x00\x13\x00"), ("sop_uid", b"\x08\x00\x18\x00")):  # fmt: skip
+    for name, tag in (
+        ("position", b"\x20\x00\x32\x00"),
+        ("orientation", b"\x20\x00\x37\x00"),
+        ("instance", b"\x20\x00\x13\x00"),
+        ("sop_uid", b"\x08\x00\x18\x00"),
+    ):
         bad_vr(ct_path, tag, inputs / f"bad_vr_{name}.dcm")
     planted = _ct()
     planted.BodyPartExamined = PLANTED
@@ -174,7 +178,9 @@ def test_dicom_paths_are_hashed_by_default(tmp_path):
     inputs = tmp_path / "PATIENT_SMITH_JOHN"
     write_series(inputs / "study", slices=2)
     command = [sys.executable, "-m", "medfm.cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "1"]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "stored as salted hashes" in done.stderr
     for path in (tmp_path / "out").rglob("*"):
@@ -206,8 +212,13 @@ def _alive(pid: int) -> bool:
 def test_a_killed_shard_run_leaves_no_reader_process(tmp_path):
     inputs = build_archive(tmp_path, fuzzed=600)
     command = [sys.executable, "-m", "medfm.cli", "shard", str(inputs), "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     workers: list[int] = []
     while time.monotonic() < deadline and len(workers) < 2:

@@ -23,7 +23,9 @@ def sample_hashes(out: Path) -> list[str]:
     hashes = []
     for shard in sorted(out.glob("shard-*.tar")):
         with tarfile.open(shard) as tar:
-            hashes += [json.loads(tar.extractfile(m).read())["sha256"] for m in tar.getmembers() if m.name.endswith(".json")]  # fmt: skip
+            hashes += [
+                json.loads(tar.extractfile(m).read())["sha256"] for m in tar.getmembers() if m.name.endswith(".json")
+            ]
     return hashes
 
 
@@ -56,7 +58,10 @@ def test_parts_are_disjoint_and_merge_to_the_one_machine_result(sources: list[st
     assert sorted(merged) == sorted(single)
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == len(single) and manifest["totals"]["duplicates_across_parts"] > 0
-    assert manifest["totals"]["inputs_read"] == json.loads((tmp_path / "single" / "manifest.json").read_text())["totals"]["inputs_read"]  # fmt: skip
+    assert (
+        manifest["totals"]["inputs_read"]
+        == json.loads((tmp_path / "single" / "manifest.json").read_text())["totals"]["inputs_read"]
+    )
     # deterministic: a part written again is byte-identical
     assert main(["shard", *sources, "--out", str(tmp_path / "again"), "--part", "2/3", *common]) == 0
     for shard in sorted(parts[1].glob("shard-*.tar")):
@@ -65,7 +70,9 @@ def test_parts_are_disjoint_and_merge_to_the_one_machine_result(sources: list[st
 
 def test_merge_refuses_an_incomplete_or_mixed_set_of_parts(sources: list[str], tmp_path: Path, capsys):
     for k in (1, 2):
-        assert main(["shard", *sources[1:2], "--out", str(tmp_path / f"p{k}"), "--part", f"{k}/3", "--workers", "1"]) == 0  # fmt: skip
+        assert (
+            main(["shard", *sources[1:2], "--out", str(tmp_path / f"p{k}"), "--part", f"{k}/3", "--workers", "1"]) == 0
+        )
     assert main(["shard", "merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out", str(tmp_path / "m")]) == 2
     assert "missing [3]" in capsys.readouterr().err
     with pytest.raises(ValueError, match="1 <= K <= N"):
@@ -74,15 +81,27 @@ def test_merge_refuses_an_incomplete_or_mixed_set_of_parts(sources: list[str], t
 
 def test_the_slurm_array_script_shards_and_merges(sources: list[str], tmp_path: Path):
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_CPUS_PER_TASK": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
     script = REPO / "slurm" / "shard_array.sbatch"
     out = tmp_path / "out"
     for k in ("1", "2", "2"):  # the repeated task finds its part finished
-        done = subprocess.run(["bash", str(script), str(out), *sources[:2], "--max-side", "64"], cwd=tmp_path,
-                              env={**env, "SLURM_ARRAY_TASK_ID": k}, capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            ["bash", str(script), str(out), *sources[:2], "--max-side", "64"],
+            cwd=tmp_path,
+            env={**env, "SLURM_ARRAY_TASK_ID": k},
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     assert "already finished" in done.stdout
-    done = subprocess.run(["bash", str(script), "--merge", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(script), "--merge", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "merged" / "manifest.json").read_text())["totals"]["parts"] == 2

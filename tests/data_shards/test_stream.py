@@ -206,8 +206,9 @@ def test_png_shards_open_with_plain_webdataset_and_timm(png_shards: Path):
     pattern = f"shard-{{000000..{count - 1:06d}}}.tar"
     samples = list(wds.WebDataset(str(png_shards / pattern), shardshuffle=False).decode("pil").to_tuple("png", "json"))
     assert len(samples) == 779 and samples[0][0].size == (28, 28) and "label" in samples[0][1]
-    dataset = timm.data.create_dataset("wds/breastmnist", root=str(png_shards), split=f"{pattern}|779",
-                                       target_key="label", input_img_mode="L")  # fmt: skip
+    dataset = timm.data.create_dataset(
+        "wds/breastmnist", root=str(png_shards), split=f"{pattern}|779", target_key="label", input_img_mode="L"
+    )
     image, target = next(iter(dataset))
     assert image.size == (28, 28) and int(target) in (0, 1)
 
@@ -217,6 +218,8 @@ def test_the_manifest_is_found_beside_any_shard_pattern():
 
     assert beside("https://h/set/shard-{000000..000009}.tar", "manifest.json") == "https://h/set/manifest.json"
     assert beside("https://h/set/", "manifest.json") == "https://h/set/manifest.json"
-    assert (beside("pipe:aws s3 cp s3://b/set/shard-{000000..000009}.tar -", "manifest.json")
-            == "pipe:aws s3 cp s3://b/set/manifest.json -")  # fmt: skip
+    assert (
+        beside("pipe:aws s3 cp s3://b/set/shard-{000000..000009}.tar -", "manifest.json")
+        == "pipe:aws s3 cp s3://b/set/manifest.json -"
+    )
     assert is_remote("pipe:cat x") and is_remote("/data/shard-{0..3}.tar") and not is_remote("/data/shards")

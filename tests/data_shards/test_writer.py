@@ -282,7 +282,9 @@ def test_named_window_is_recorded(shared_data: Path, tmp_path: Path, window: str
     assert os.path.getsize(out / "shard-000000.tar") > 0
 
 
-def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(shared_data: Path, tmp_path: Path, monkeypatch, capsys):  # fmt: skip
+def test_resume_reads_the_saved_plan_instead_of_scanning_headers_again(
+    shared_data: Path, tmp_path: Path, monkeypatch, capsys
+):
     import medfm.data_shards.dicom as dicom
     from medfm.data_shards.writer import ShardWriter
 
@@ -351,7 +353,9 @@ def test_the_plan_is_streamed_to_disk_while_the_folder_is_walked(shared_data: Pa
     discover.plan_sources([str(folder)], sink, workers=1)
     plan = sink.close()
     assert plan.units == 5 and on_disk[-1] == 4, on_disk
-    assert [unit.source for _, unit, _ in plan.iter_units()] == [f"archive/study{s}/vs_seg_001_t1_mprage" for s in range(5)]  # fmt: skip
+    assert [unit.source for _, unit, _ in plan.iter_units()] == [
+        f"archive/study{s}/vs_seg_001_t1_mprage" for s in range(5)
+    ]
 
 
 def test_the_walk_does_not_follow_directory_links_and_lists_unreadable_folders(shared_data, tmp_path, monkeypatch):

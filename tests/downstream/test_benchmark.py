@@ -67,9 +67,16 @@ def test_the_benchmark_runs_end_to_end_and_continues_without_redoing_steps(
     for task in ("task", "other"):
         for init in ("release", "random"):
             for protocol in ("knn", "linear"):
-                assert sorted(r["fraction"] for r in rows if (r["task"], r["init"], r["protocol"]) == (task, init, protocol)) == [0.5, 1.0]  # fmt: skip
-    assert {(r["task"], r["init"]) for r in rows if r["protocol"] == "finetune"} == {("task", "release"), ("task", "random")}  # fmt: skip
-    half = next(r for r in rows if (r["task"], r["init"], r["protocol"], r["fraction"]) == ("task", "release", "linear", 0.5))  # fmt: skip
+                assert sorted(
+                    r["fraction"] for r in rows if (r["task"], r["init"], r["protocol"]) == (task, init, protocol)
+                ) == [0.5, 1.0]
+    assert {(r["task"], r["init"]) for r in rows if r["protocol"] == "finetune"} == {
+        ("task", "release"),
+        ("task", "random"),
+    }
+    half = next(
+        r for r in rows if (r["task"], r["init"], r["protocol"], r["fraction"]) == ("task", "release", "linear", 0.5)
+    )
     assert set(half["acc"]) == {"mean", "std"} and 0 <= half["acc"]["mean"] <= 1
     # the pool holds train images only (20 + 20 of the two files' 40 + 40 train, no val / test)
     assert report["pool"]["samples"] == 80
@@ -114,61 +121,113 @@ def test_the_config_names_a_bad_key(tmp_path, pretrain_overrides, binary_npz):
 def test_the_target_check_compares_the_best_linear_probe_and_the_label_budgets(tmp_path):
     cfg = load_quality_config(
         None,
-        [f"out_dir={tmp_path}", "pool.sources=[x]", "recipes=[{name: r, config: pyproject.toml}]", "tasks=[{name: t, spec: x}]",
-         "target.reference=ref", "target.tasks=[t]"],
-    )  # fmt: skip
+        [
+            f"out_dir={tmp_path}",
+            "pool.sources=[x]",
+            "recipes=[{name: r, config: pyproject.toml}]",
+            "tasks=[{name: t, spec: x}]",
+            "target.reference=ref",
+            "target.tasks=[t]",
+        ],
+    )
 
     def row(init: str, protocol: str, fraction: float, acc: float, auc: float) -> dict:
-        return {"task": "t", "recipe": "r", "init": init, "protocol": protocol, "fraction": fraction,
-                "acc": {"mean": acc, "std": 0.0}, "auc": {"mean": auc, "std": 0.0}}  # fmt: skip
+        return {
+            "task": "t",
+            "recipe": "r",
+            "init": init,
+            "protocol": protocol,
+            "fraction": fraction,
+            "acc": {"mean": acc, "std": 0.0},
+            "auc": {"mean": auc, "std": 0.0},
+        }
 
     published = {"t": {"ref": {"acc": 0.85, "auc": 0.94}}}
-    rows = [row("release", "linear", 1.0, 0.86, 0.95), row("release", "finetune", 0.1, 0.80, 0.90),
-            row("random", "finetune", 1.0, 0.79, 0.91)]  # fmt: skip
+    rows = [
+        row("release", "linear", 1.0, 0.86, 0.95),
+        row("release", "finetune", 0.1, 0.80, 0.90),
+        row("random", "finetune", 1.0, 0.79, 0.91),
+    ]
     (check,) = check_target(cfg, rows, published)
     assert check["beats_reference"] is True
     assert check["finetune"][0]["matches"] is False  # AUC 0.90 < 0.91
     rows[0] = row("release", "linear", 1.0, 0.86, 0.93)  # ACC beats, AUC does not
     assert check_target(cfg, rows, published)[0]["beats_reference"] is False
     # a recipe with the higher ACC + AUC that misses one metric does not hide another that beats both
-    rows += [{**row("release", "linear", 1.0, 0.88, 0.939), "recipe": "r2"}, {**row("release", "linear", 1.0, 0.855, 0.945), "recipe": "r3"}]  # fmt: skip
+    rows += [
+        {**row("release", "linear", 1.0, 0.88, 0.939), "recipe": "r2"},
+        {**row("release", "linear", 1.0, 0.855, 0.945), "recipe": "r3"},
+    ]
     (check,) = check_target(cfg, rows, published)
     assert check["beats_reference"] is True and check["linear_probe"]["recipe"] == "r3"
     assert build_report(cfg)["rows"] == []  # nothing run yet
 
 
 def test_an_ablation_is_probed_beside_its_recipe_and_left_out_of_fine_tuning_and_the_target(tmp_path):
-    recipes = "recipes=[{name: r, config: pyproject.toml}, {name: r_before, config: pyproject.toml, overrides: [augment.blur_prob=0.5], ablation_of: r}]"  # fmt: skip
+    recipes = "recipes=[{name: r, config: pyproject.toml}, {name: r_before, config: pyproject.toml, overrides: [augment.blur_prob=0.5], ablation_of: r}]"
     cfg = load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes, "tasks=[{name: t, spec: x}]",
                                      "target.reference=ref", "target.tasks=[t]"])  # fmt: skip
     steps = plan_steps(cfg)
     assert [s.label for s in steps if s.stage == "pretrain"] == ["pretrain r", "pretrain r_before"]
     assert any(s.label.startswith("kNN + linear probe: r_before") for s in steps)
     assert [s.label for s in steps if s.stage == "finetune"] == ["fine-tune: r on t"]
-    named = load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes, "tasks=[{name: t, spec: x}]",
-                                       "finetune.recipes=[r, r_before]"])  # fmt: skip
+    named = load_quality_config(
+        None,
+        [
+            f"out_dir={tmp_path}",
+            "pool.sources=[x]",
+            recipes,
+            "tasks=[{name: t, spec: x}]",
+            "finetune.recipes=[r, r_before]",
+        ],
+    )
     # named in finetune.recipes, an ablation is fine-tuned too (bench/spark.yaml: SparK against SimCLR)
-    assert [s.label for s in plan_steps(named) if s.stage == "finetune"] == ["fine-tune: r on t", "fine-tune: r_before on t"]  # fmt: skip
+    assert [s.label for s in plan_steps(named) if s.stage == "finetune"] == [
+        "fine-tune: r on t",
+        "fine-tune: r_before on t",
+    ]
 
     def row(recipe: str, fraction: float, acc: float, auc: float) -> dict:
-        return {"task": "t", "recipe": recipe, "init": "release", "protocol": "linear", "fraction": fraction,
-                "n_train": 10, "acc": {"mean": acc, "std": 0.0}, "auc": {"mean": auc, "std": 0.0}}  # fmt: skip
+        return {
+            "task": "t",
+            "recipe": recipe,
+            "init": "release",
+            "protocol": "linear",
+            "fraction": fraction,
+            "n_train": 10,
+            "acc": {"mean": acc, "std": 0.0},
+            "auc": {"mean": auc, "std": 0.0},
+        }
 
-    rows = [row("r", 0.1, 0.80, 0.90), row("r_before", 0.1, 0.78, 0.93), row("r", 1.0, 0.86, 0.95),
-            row("r_before", 1.0, 0.90, 0.99)]  # fmt: skip
+    rows = [
+        row("r", 0.1, 0.80, 0.90),
+        row("r_before", 0.1, 0.78, 0.93),
+        row("r", 1.0, 0.86, 0.95),
+        row("r_before", 1.0, 0.90, 0.99),
+    ]
     # the ablation's better probe does not count for the target: it is not the recipe
     (check,) = check_target(cfg, rows, {"t": {"ref": {"acc": 0.85, "auc": 0.94}}})
     assert check["linear_probe"]["recipe"] == "r"
     report = {"config": to_dict(cfg), "rows": rows}
     compared = ablation_rows(report)
-    assert [(c["fraction"], round(c["delta_acc"], 3), round(c["delta_auc"], 3)) for c in compared] == [(0.1, 0.02, -0.03), (1.0, -0.04, -0.04)]  # fmt: skip
+    assert [(c["fraction"], round(c["delta_acc"], 3), round(c["delta_auc"], 3)) for c in compared] == [
+        (0.1, 0.02, -0.03),
+        (1.0, -0.04, -0.04),
+    ]
     text = "\n".join(ablation_section({**report, "ablation": compared}))
     assert "`r` against `r_before` (augment.blur_prob=0.5)" in text
     assert "| t | linear | 10 % (10) | 0.800 / 0.900 | 0.780 / 0.930 | +0.020 / -0.030 |" in text
     assert "higher AUC in 0 of 2 comparisons" in text
     with pytest.raises(ConfigError, match=r"recipes\[1\]\.ablation_of"):
-        load_quality_config(None, [f"out_dir={tmp_path}", "pool.sources=[x]", recipes.replace("ablation_of: r", "ablation_of: nope"),
-                                   "tasks=[{name: t, spec: x}]"])  # fmt: skip
+        load_quality_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                "pool.sources=[x]",
+                recipes.replace("ablation_of: r", "ablation_of: nope"),
+                "tasks=[{name: t, spec: x}]",
+            ],
+        )
 
 
 def test_a_reduced_pool_recipe_pretrains_on_the_reduction_for_the_same_steps(
@@ -179,7 +238,12 @@ def test_a_reduced_pool_recipe_pretrains_on_the_reduction_for_the_same_steps(
     config = write_config(tmp_path, pretrain_overrides, binary_npz, finetune=False)
     data = yaml.safe_load(config.read_text())
     base = data["recipes"][0]
-    reduced = {**base, "name": "tiny_mae_reduced", "reduce": {"model": "tiny_mae", "keep": 0.5}, "ablation_of": "tiny_mae"}  # fmt: skip
+    reduced = {
+        **base,
+        "name": "tiny_mae_reduced",
+        "reduce": {"model": "tiny_mae", "keep": 0.5},
+        "ablation_of": "tiny_mae",
+    }
     random = {**reduced, "name": "tiny_mae_random", "reduce": {"model": "tiny_mae", "keep": 0.5, "method": "random"}}
     recipe_yaml = yaml.safe_load(Path(base["config"]).read_text())
     recipe_yaml["data"].pop("samples_per_epoch", None)  # an epoch is the pool: the reduced runs get its size
@@ -201,4 +265,7 @@ def test_a_reduced_pool_recipe_pretrains_on_the_reduction_for_the_same_steps(
             assert saved["data"]["samples_per_epoch"] == 80  # the whole pool
             assert Manifest.read(out / "pool_reduced" / name).totals["samples"] == 40
     assert len(set(steps.values())) == 1, steps
-    assert {row["ablation"] for row in json.loads((out / "results.json").read_text())["ablation"]} == {"tiny_mae_reduced", "tiny_mae_random"}  # fmt: skip
+    assert {row["ablation"] for row in json.loads((out / "results.json").read_text())["ablation"]} == {
+        "tiny_mae_reduced",
+        "tiny_mae_random",
+    }

@@ -6,9 +6,17 @@ from __future__ import annotations
 import medfm.demo as demo
 from medfm.cli import main as medfm
 
-TINY = ["data.samples_per_epoch=32", "train.batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",
-        "checkpoint.every_steps=2", "logging.every_steps=1", "logging.figure_every_steps=2",
-        "model.backbone_kwargs.depth=2", "logging.progress_bar=false"]  # fmt: skip
+TINY = [
+    "data.samples_per_epoch=32",
+    "train.batch_size=8",
+    "schedule.epochs=1",
+    "schedule.warmup_epochs=0",
+    "checkpoint.every_steps=2",
+    "logging.every_steps=1",
+    "logging.figure_every_steps=2",
+    "model.backbone_kwargs.depth=2",
+    "logging.progress_bar=false",
+]
 
 
 def test_the_demo_runs_the_chain_and_writes_a_report(tmp_path, capsys, binary_npz):
@@ -22,7 +30,14 @@ def test_the_demo_runs_the_chain_and_writes_a_report(tmp_path, capsys, binary_np
         assert f"[{number}/5 " in printed and f"$ medfm {stage}" in printed
     assert "| release |" in printed and "| random |" in printed  # the results table in the terminal
     report = (out / "report" / "report.md").read_text()
-    for section in ("## Results on", "## Sample grid", "## Training curves", "## MAE reconstructions", "## ROC (linear probe, release)", "## Embedding"):  # fmt: skip
+    for section in (
+        "## Results on",
+        "## Sample grid",
+        "## Training curves",
+        "## MAE reconstructions",
+        "## ROC (linear probe, release)",
+        "## Embedding",
+    ):
         assert section in report, section
     for line in report.splitlines():
         if line.startswith("!["):

@@ -143,7 +143,9 @@ def test_a_labeled_shard_set_through_shards_spec(tiny_release, medmnist, tmp_pat
     args = ["shard", f"medmnist:{medmnist('breastmnist')}", "--out", str(shards), "--workers", "1", "--dedup", "none"]
     assert medfm(args) == 0
     results = evaluate(tiny_release, f"shards:{shards}", tmp_path / "eval", "protocols=[knn]", "plots=false")
-    direct = evaluate(tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "direct", "protocols=[knn]", "plots=false")  # fmt: skip
+    direct = evaluate(
+        tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "direct", "protocols=[knn]", "plots=false"
+    )
     result = results["release"]["knn"]
     assert result["n"] == {"train": 546, "val": 78, "test": 156} and result["task"]["kind"] == "binary"
     # the same images in another storage: the same kNN result (sample order does not matter to kNN)
@@ -157,8 +159,15 @@ def test_a_general_purpose_baseline_beside_the_release_and_random_init(
     as a timm hub snapshot folder) is evaluated at the release's input (1 channel, 28 px) by the same protocol."""
     snapshot = general_snapshot
     spec = f"medmnist:{medmnist('breastmnist')}"
-    results = evaluate(tiny_release, spec, tmp_path / "eval", "backbone.inits=[release,random,baseline]",
-                       f"backbone.baseline={snapshot}", "protocols=[knn]", "plots=false")  # fmt: skip
+    results = evaluate(
+        tiny_release,
+        spec,
+        tmp_path / "eval",
+        "backbone.inits=[release,random,baseline]",
+        f"backbone.baseline={snapshot}",
+        "protocols=[knn]",
+        "plots=false",
+    )
     assert list(results) == ["release", "random", "baseline"]
     baseline = results["baseline"]["knn"]
     assert baseline["backbone"]["source"] == str(snapshot) and baseline["backbone"]["init"] == "baseline"

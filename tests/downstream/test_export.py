@@ -129,10 +129,17 @@ def test_data_summary_reads_the_shard_manifest(pretrain_overrides, tmp_path: Pat
     shards.mkdir()
     manifest = {
         "sources": ["nih/images_001", "nih/images_002"],
-        "totals": {"samples": 1000, "shards": 4, "labeled": 0, "by_modality": {"DX": 1000}, "by_split": {},
-                   "duplicates_exact": 3, "duplicates_near": 2},
+        "totals": {
+            "samples": 1000,
+            "shards": 4,
+            "labeled": 0,
+            "by_modality": {"DX": 1000},
+            "by_split": {},
+            "duplicates_exact": 3,
+            "duplicates_near": 2,
+        },
         "classes": {},
-    }  # fmt: skip
+    }
     (shards / "manifest.json").write_text(json.dumps(manifest))
     cfg = load_config(None, pretrain_overrides("mae", f"shards:{shards}", tmp_path / "run"))
     derive(cfg, world_size=1, dataset_size=1000)
@@ -163,18 +170,32 @@ def test_the_card_lists_the_results_summary_files_downstream_writes(tiny_run: Pa
     run_dir.mkdir()
     (run_dir / "last.pt").write_bytes((tiny_run / "last.pt").read_bytes())
     metrics = {"acc": 0.8, "balanced_acc": 0.7, "auc": float("nan"), "f1": 0.6}
-    result = {"protocol": "linear", "dataset": "medmnist:/data/breastmnist.npz",
-              "backbone": {"source": "releases/x", "architecture": "vit_tiny_patch16_224", "init": "release"},
-              "task": {"kind": "binary", "class_names": ["benign", "malignant"]}, "test": {"n": 10, **metrics},
-              "summary": metrics}  # fmt: skip
+    result = {
+        "protocol": "linear",
+        "dataset": "medmnist:/data/breastmnist.npz",
+        "backbone": {"source": "releases/x", "architecture": "vit_tiny_patch16_224", "init": "release"},
+        "task": {"kind": "binary", "class_names": ["benign", "malignant"]},
+        "test": {"n": 10, **metrics},
+        "summary": metrics,
+    }
     write_results(run_dir / "eval" / "breast" / "release" / "linear", result)
     written = json.loads((run_dir / "eval" / "breast" / "release" / "linear" / RESULTS_NAME).read_text())
-    assert written == {"format": "medfm-results/1", "protocol": "linear", "dataset": "medmnist:/data/breastmnist.npz",
-                       "init": "release", "backbone": "releases/x",
-                       "summary": {"acc": 0.8, "balanced_acc": 0.7, "auc": None, "f1": 0.6}}  # fmt: skip
+    assert written == {
+        "format": "medfm-results/1",
+        "protocol": "linear",
+        "dataset": "medmnist:/data/breastmnist.npz",
+        "init": "release",
+        "backbone": "releases/x",
+        "summary": {"acc": 0.8, "balanced_acc": 0.7, "auc": None, "f1": 0.6},
+    }
     elsewhere = tmp_path / "finetunes"
-    write_results_summary(elsewhere / "breast" / "random", protocol="finetune", dataset="medmnist:breastmnist.npz",
-                          init="random", summary={"acc": 0.5, "auc": 0.25})  # fmt: skip
+    write_results_summary(
+        elsewhere / "breast" / "random",
+        protocol="finetune",
+        dataset="medmnist:breastmnist.npz",
+        init="random",
+        summary={"acc": 0.5, "auc": 0.25},
+    )
     card = (export_run(run_dir, tmp_path / "release", results=[elsewhere]) / "README.md").read_text()
     assert "| eval/breast/release/linear | linear | `medmnist:breastmnist.npz` | 0.8000 | 0.7000 | - | 0.6000 |" in card
     assert "| finetunes/breast/random | finetune | `medmnist:breastmnist.npz` | 0.5000 | - | 0.2500 | - |" in card

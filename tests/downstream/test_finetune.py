@@ -23,7 +23,10 @@ def test_layer_wise_lr_decay_scales_by_depth(tiny_release: Path):
     scales = {}
     for group in optimizer_groups(model, weight_decay=0.05, layer_decay=0.5):
         for param in group["params"]:
-            scales[next(n for n, p in model.named_parameters() if p is param)] = (group["lr_scale"], group["weight_decay"])  # fmt: skip
+            scales[next(n for n, p in model.named_parameters() if p is param)] = (
+                group["lr_scale"],
+                group["weight_decay"],
+            )
     assert scales["patch_embed.proj.weight"] == (0.5**3, 0.05)
     assert scales["pos_embed"][0] == 0.5**3
     assert scales["blocks.0.attn.qkv.weight"] == (0.5**2, 0.05)
@@ -62,8 +65,16 @@ def finetune(release: Path, spec: str, out_dir: Path, *overrides: str) -> dict:
 def test_a_few_steps_on_pneumoniamnist_with_llrd_keep_the_best_val_checkpoint(tiny_release, medmnist, tmp_path):
     out = tmp_path / "ft"
     steps = ("train.max_steps=6", "train.eval_every_epochs=0.001", "train.warmup_epochs=0.002", "train.freeze_blocks=1")
-    results = finetune(tiny_release, f"medmnist:{medmnist('pneumoniamnist')}", out, *steps, "train.layer_decay=0.65",
-                       "train.label_smoothing=0.1", "train.class_weights=true", "robustness.corruptions=[gaussian_blur]")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        f"medmnist:{medmnist('pneumoniamnist')}",
+        out,
+        *steps,
+        "train.layer_decay=0.65",
+        "train.label_smoothing=0.1",
+        "train.class_weights=true",
+        "robustness.corruptions=[gaussian_blur]",
+    )
     result = results["release"]
     assert result["task"]["kind"] == "binary" and result["settings"]["total_steps"] == 6
     history = [json.loads(line) for line in (out / "release" / "metrics.jsonl").read_text().splitlines()]
@@ -82,8 +93,15 @@ def test_a_few_steps_on_pneumoniamnist_with_llrd_keep_the_best_val_checkpoint(ti
 
 def test_frozen_blocks_do_not_move_and_random_init_uses_the_same_recipe(tiny_release, medmnist, tmp_path):
     spec = f"medmnist:{medmnist('breastmnist')}"
-    results = finetune(tiny_release, spec, tmp_path / "ft", "train.max_steps=3", "train.freeze_blocks=1",
-                       "backbone.inits=[release,random]", "plots=false")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        spec,
+        tmp_path / "ft",
+        "train.max_steps=3",
+        "train.freeze_blocks=1",
+        "backbone.inits=[release,random]",
+        "plots=false",
+    )
     released = load_backbone(tiny_release)
     tuned = load_file(str(tmp_path / "ft" / "release" / "best.safetensors"))
     assert torch.equal(tuned["blocks.0.attn.qkv.weight"], released.state_dict()["blocks.0.attn.qkv.weight"])
@@ -95,8 +113,15 @@ def test_frozen_blocks_do_not_move_and_random_init_uses_the_same_recipe(tiny_rel
 
 def test_multilabel_finetuning_uses_bce_and_per_label_auc(tiny_release, shapes_csv, tmp_path):
     csv = shapes_csv(tmp_path / "shapes")
-    results = finetune(tiny_release, f"csv:{csv}", tmp_path / "ft", "train.epochs=2", "train.class_weights=true",
-                       "train.lr=1e-2", "train.layer_decay=1.0")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        f"csv:{csv}",
+        tmp_path / "ft",
+        "train.epochs=2",
+        "train.class_weights=true",
+        "train.lr=1e-2",
+        "train.layer_decay=1.0",
+    )
     result = results["release"]
     assert result["task"] == {"kind": "multilabel", "class_names": ["square", "bar", "dot"]}
     assert [row["class"] for row in result["test"]["per_class"]] == ["square", "bar", "dot"]
@@ -106,8 +131,15 @@ def test_multilabel_finetuning_uses_bce_and_per_label_auc(tiny_release, shapes_c
 
 
 def test_label_budgets_over_seeds(tiny_release, medmnist, tmp_path):
-    results = finetune(tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "ft", "train.max_steps=2",
-                       "efficiency.per_class=[5]", "efficiency.seeds=[0,1]", "plots=false")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        f"medmnist:{medmnist('breastmnist')}",
+        tmp_path / "ft",
+        "train.max_steps=2",
+        "efficiency.per_class=[5]",
+        "efficiency.seeds=[0,1]",
+        "plots=false",
+    )
     (row,) = results["release"]["label_efficiency"]
     assert row["budget"] == "5/class" and row["n_train"] == 10 and len(row["runs"]) == 2
     assert row["test"]["auc"]["n"] == 2
@@ -146,8 +178,15 @@ def test_a_killed_finetune_resumes_where_it_was_checkpointed(tiny_release, medmn
 def test_finetuning_the_general_purpose_baseline_with_the_same_recipe(
     tiny_release, medmnist, general_snapshot, tmp_path
 ):
-    results = finetune(tiny_release, f"medmnist:{medmnist('breastmnist')}", tmp_path / "ft", "train.max_steps=2",
-                       "backbone.inits=[release,baseline]", f"backbone.baseline={general_snapshot}", "plots=false")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        f"medmnist:{medmnist('breastmnist')}",
+        tmp_path / "ft",
+        "train.max_steps=2",
+        "backbone.inits=[release,baseline]",
+        f"backbone.baseline={general_snapshot}",
+        "plots=false",
+    )
     assert results["baseline"]["backbone"]["architecture"] == "vit_tiny_patch16_224"
     assert results["baseline"]["backbone"]["input_size"] == results["release"]["backbone"]["input_size"]
     assert results["baseline"]["settings"]["recipe"] == results["release"]["settings"]["recipe"]
@@ -176,9 +215,17 @@ def test_head_from_the_linear_probe_predicts_what_the_probe_predicts(tiny_releas
         scores = model.eval()(images).softmax(dim=1)
     assert torch.allclose(scores, probe.scores(features["val"].features[:32]), atol=1e-4)
 
-    results = finetune(tiny_release, spec, tmp_path / "ft", "train.max_steps=2", "train.head_init=linear_probe",
-                       "efficiency.per_class=[5]", "efficiency.seeds=[0]", "plots=false",
-                       "backbone.inits=[release,random]")  # fmt: skip
+    results = finetune(
+        tiny_release,
+        spec,
+        tmp_path / "ft",
+        "train.max_steps=2",
+        "train.head_init=linear_probe",
+        "efficiency.per_class=[5]",
+        "efficiency.seeds=[0]",
+        "plots=false",
+        "backbone.inits=[release,random]",
+    )
     assert results["release"]["label_efficiency"][0]["n_train"] == 10
     derived = {init: results[init]["settings"]["derived"] for init in ("release", "random")}
     assert derived == {"release": derived["release"], "random": {**derived["release"], "head_init": "new"}}
@@ -193,7 +240,9 @@ def test_the_fine_tuning_blur_sigma_is_given_at_224_px_and_scaled_to_the_input()
     from medfm.downstream.finetune_run import finetune_augment
 
     cfg = load_config(FinetuneConfig, None, ["backbone.path=x", "data.spec=x", "out_dir=x", "augment.blur_prob=1.0"])
-    blurs = {size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]
-             for size in (224, 28)}  # fmt: skip
+    blurs = {
+        size: [op for op in finetune_augment(cfg, size, [0.5], [0.5]).ops.transforms if isinstance(op, v2.RandomApply)]
+        for size in (224, 28)
+    }
     assert blurs[224][0].transforms[0].sigma == pytest.approx([0.1, 2.0])
     assert blurs[28][0].transforms[0].sigma == pytest.approx([0.0125, 0.25])

@@ -56,7 +56,11 @@ def twins_pool(medmnist, path: Path, n: int = 150) -> Path:
 
 def kept_indices(shards: Path) -> list[int]:
     urls, manifest = open_shard_set(str(shards))
-    return [int(sample_record(raw, u)["index"]) for u, e in zip(urls, manifest.shards, strict=True) for raw in read_shard(u, e, whole=False)]  # fmt: skip
+    return [
+        int(sample_record(raw, u)["index"])
+        for u, e in zip(urls, manifest.shards, strict=True)
+        for raw in read_shard(u, e, whole=False)
+    ]
 
 
 def test_reduce_drops_near_copies_and_a_random_subset_does_not(tiny_release, medmnist, tmp_path, capsys):

@@ -52,7 +52,9 @@ def test_the_index_counts_neighbours_as_a_naive_loop_does():
 def test_a_csv_site_column_is_a_site_not_a_label(tmp_path):
     for i in range(8):
         Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
-    rows = ["path,finding,site"] + [f"{i}.png,{'mass' if i % 2 else 'normal'},{'north' if i < 4 else 'south'}" for i in range(8)]  # fmt: skip
+    rows = ["path,finding,site"] + [
+        f"{i}.png,{'mass' if i % 2 else 'normal'},{'north' if i < 4 else 'south'}" for i in range(8)
+    ]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     spec = f"csv:{tmp_path / 'labels.csv'}"
     assert class_names_of(spec) == ["mass", "normal"]  # not a multi-label task of (finding, site)
@@ -85,7 +87,11 @@ def test_dicom_scanners_as_sites_of_a_shard_set(shared_data, tmp_path):
     from medfm.data_shards.stream import open_shard_set, read_shard, sample_record
 
     urls, manifest = open_shard_set(str(shards))
-    records = {raw["__key__"]: sample_record(raw, url) for url, e in zip(urls, manifest.shards, strict=True) for raw in read_shard(url, e, whole=False)}  # fmt: skip
+    records = {
+        raw["__key__"]: sample_record(raw, url)
+        for url, e in zip(urls, manifest.shards, strict=True)
+        for raw in read_shard(url, e, whole=False)
+    }
     keys = [key for key, record in records.items() if "manufacturer" in record]
     makers = sample_sites("meta:manufacturer", f"shards:{shards}", keys)
     assert {"GE MEDICAL SYSTEMS", "Philips", "TOSHIBA_MEC"} <= set(makers)  # CT_small, MR2_UNCR, MR_small
@@ -143,8 +149,14 @@ def test_the_robustness_index_through_import_medfm(tiny_release, brain_mri, tmp_
     import medfm
 
     data = planted_sites(brain_mri, tmp_path / "data", plant=True, per_class=10)
-    result = medfm.evaluate(tiny_release, f"imagefolder:{data}", tmp_path / "eval", protocols=["robustness_index"],
-                            sites={"source": "level:1", "k": [3]}, plots=False)  # fmt: skip
+    result = medfm.evaluate(
+        tiny_release,
+        f"imagefolder:{data}",
+        tmp_path / "eval",
+        protocols=["robustness_index"],
+        sites={"source": "level:1", "k": [3]},
+        plots=False,
+    )
     index = result.results["release"]["robustness_index"]
     assert index["sites"] == {"site_a": 10, "site_b": 10} and index["rows"][0]["k"] == 3
     assert "| release | 3 |" in result.table

@@ -129,8 +129,10 @@ BOMB = "\n".join(
     f"{name}: &{name} [{', '.join([f'*{prev}'] * 9 if prev else ['lol'] * 9)}]"
     for prev, name in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
 )
-BOMB_FLOW = "[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
-    "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]]"  # fmt: skip
+BOMB_FLOW = (
+    "[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+    "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]]"
+)
 
 # Each loader, in a child process (a regression hangs the child, not the suite): prints one line per loader.
 LOADERS = """
@@ -156,16 +158,30 @@ def test_a_yaml_alias_bomb_is_refused_before_the_config_is_built(tmp_path: Path)
     assert len(BOMB) < 500
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     try:
-        cli = subprocess.run([sys.executable, "-m", "medfm.cli", "pretrain", "--config", str(bomb), *REQUIRED],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)  # fmt: skip
-        loaders = subprocess.run([sys.executable, "-c", LOADERS, str(bomb), BOMB_FLOW],
-                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)  # fmt: skip
+        cli = subprocess.run(
+            [sys.executable, "-m", "medfm.cli", "pretrain", "--config", str(bomb), *REQUIRED],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        loaders = subprocess.run(
+            [sys.executable, "-c", LOADERS, str(bomb), BOMB_FLOW],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the alias bomb was expanded (still running after 90 s)")
     assert cli.returncode == 2, cli.stderr
     assert str(bomb) in cli.stderr and "alias" in cli.stderr and "Traceback" not in cli.stderr
     lines = loaders.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [[n, "ConfigError"] for n in ("eval", "finetune", "bench", "override")], loaders.stderr  # fmt: skip
+    assert [line.split()[:2] for line in lines] == [
+        [n, "ConfigError"] for n in ("eval", "finetune", "bench", "override")
+    ], loaders.stderr
     assert all(str(bomb) in line for line in lines[:3]) and "knn.spec" in lines[3]
 
 
@@ -260,14 +276,17 @@ def test_every_shipped_config_is_within_the_ranges() -> None:
         (["pretrain", "--config", "EMPTY", "data.spec=medmnist:missing.npz", "train.run_dir=OUT"], "'train.run_dir'"),
         (["eval", "--backbone", "missing", "--data", "medmnist:missing.npz", "--out", "OUT"], "'out_dir'"),
         (["finetune", "--backbone", "missing", "--data", "medmnist:missing.npz", "--out", "OUT"], "'out_dir'"),
-        (["eval", "--backbone", "missing", "--data", "medmnist:missing.npz", "--out", "x", "cache_dir=OUT"], "'cache_dir'"),
+        (
+            ["eval", "--backbone", "missing", "--data", "medmnist:missing.npz", "--out", "x", "cache_dir=OUT"],
+            "'cache_dir'",
+        ),
         (["bench", "quality", "--config", "BENCH", "--out", "OUT"], "'out_dir'"),
         (["shard", "missing_folder", "--out", "OUT"], "--out"),
         (["shard", "merge", "missing_part", "--out", "OUT"], "--out"),
         (["export", "missing_run", "--out", "OUT"], "--out"),
     ],
     ids=["pretrain", "eval", "finetune", "eval-cache", "bench", "shard", "shard-merge", "export"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("character", ["\n", "\r", "\x1b", "\u2028"], ids=["newline", "return", "escape", "line-sep"])
 def test_a_control_character_in_a_created_path_is_exit_2_naming_it(
     tmp_path: Path, monkeypatch, capsys, argv: list[str], named: str, character: str

@@ -180,8 +180,14 @@ sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--overwrite"]))
 
 def test_sigterm_during_export_leaves_the_old_release_whole(old_release: Path, run: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", SIGTERM_EXPORT, str(run), str(old_release)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_EXPORT, str(run), str(old_release)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]  # it still ends as the signal meant
     assert_old_release_is_whole(old_release, run)
 
@@ -200,8 +206,11 @@ def _full_disk_weights(tensors, filename, metadata=None) -> None:
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize(("target", "full_disk"), [("save_file", _full_disk_weights), ("write_text", _full_disk_text)],
-                         ids=["weights", "config"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("target", "full_disk"),
+    [("save_file", _full_disk_weights), ("write_text", _full_disk_text)],
+    ids=["weights", "config"],
+)
 def test_a_full_disk_during_export_leaves_the_old_release_whole(
     target, full_disk, old_release: Path, run: Path, monkeypatch, capsys
 ):

@@ -131,7 +131,9 @@ def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_a_killed_holder_free
     npz, tmp_path, pretrain_overrides, capsys
 ):
     run = tmp_path / "run"
-    first = pretrain_overrides("mae", f"medmnist:{npz}", run, **{"schedule.epochs": 1000, "checkpoint.every_steps": 10000})  # fmt: skip
+    first = pretrain_overrides(
+        "mae", f"medmnist:{npz}", run, **{"schedule.epochs": 1000, "checkpoint.every_steps": 10000}
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "medfm.cli", "pretrain", "--config", str(RECIPE), *first]
     holder = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -159,8 +161,13 @@ def test_a_second_shard_run_into_a_busy_out_is_refused_and_leaves_the_shards(npz
     shard = ["shard", f"medmnist:{npz}", "--out", str(out), "--workers", "1", "--max-count", "16"]
     assert medfm(shard) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out), "medfm shard"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out), "medfm shard"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
         capsys.readouterr()
@@ -188,7 +195,10 @@ def test_eval_and_shard_merge_into_a_busy_out_are_refused(npz, tmp_path, capsys)
         assert medfm(["shard", "merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out", str(merged)]) == 1
         message = capsys.readouterr().err.strip().splitlines()[-1]
         assert message.startswith(f"medfm shard merge: {merged} is being written by another medfm shard merge (pid ")
-        assert medfm(["eval", "--backbone", str(tmp_path / "p1"), "--data", f"medmnist:{npz}", "--out", str(evaluated)]) == 1  # fmt: skip
+        assert (
+            medfm(["eval", "--backbone", str(tmp_path / "p1"), "--data", f"medmnist:{npz}", "--out", str(evaluated)])
+            == 1
+        )
         message = capsys.readouterr().err.strip().splitlines()[-1]
         assert message.startswith(f"medfm eval: {evaluated} is being written by another medfm eval (pid ")
         assert sorted(p.name for p in evaluated.iterdir()) == [".medfm.lock"]  # nothing written beside the lock

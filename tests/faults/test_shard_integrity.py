@@ -224,8 +224,9 @@ def test_a_damaged_shard_among_many_is_left_out_and_counted_once(copy):
     many = copy("many")
     damage_header(many / "shard-000003.tar", 13)  # the second sample of the 4th shard: 4 of 100 samples lost
     stream = ShardStream(many, samples_per_epoch=400, shuffle_buffer=8)
-    loader = EpochLoader(stream, lambda image: [image], batch_size=4, batches_per_epoch=100, in_chans=1, seed=0,
-                         num_workers=2)  # fmt: skip
+    loader = EpochLoader(
+        stream, lambda image: [image], batch_size=4, batches_per_epoch=100, in_chans=1, seed=0, num_workers=2
+    )
     found = []
     loader.damage.report = found.append
     for epoch in range(2):  # the workers start afresh each epoch and find it again: still counted once
@@ -289,7 +290,9 @@ def test_manifest_values_of_the_wrong_type_or_size_are_refused_naming_the_key(co
     one = copy("one")
     edit, key = MANIFEST_FAULTS[fault]
     edit_manifest(one, edit)
-    with pytest.raises(ManifestError, match=rf"{one}/manifest.json: key '{key}'".replace("[", r"\[").replace("]", r"\]")):  # fmt: skip
+    with pytest.raises(
+        ManifestError, match=rf"{one}/manifest.json: key '{key}'".replace("[", r"\[").replace("]", r"\]")
+    ):
         Manifest.read(one)
 
 

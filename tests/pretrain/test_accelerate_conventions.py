@@ -30,8 +30,16 @@ LAUNCHED_DEEPSPEED = {
 @pytest.fixture
 def clean_env(monkeypatch):
     """No Accelerate launch settings or tracker settings from the machine; every change undone afterwards."""
-    for key in [*LAUNCHED_DEEPSPEED, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "WANDB_MODE", "WANDB_API_KEY",
-                "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY", "WANDB_DIR"]:  # fmt: skip
+    for key in [
+        *LAUNCHED_DEEPSPEED,
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_ALLOW_FILE_STORE",
+        "MLFLOW_DISABLE_TELEMETRY",
+        "WANDB_DIR",
+    ]:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -51,7 +59,10 @@ def test_precision_auto_is_bf16_on_a_gpu_that_supports_it(clean_env, monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
-    assert dist.resolve_precision("auto") == ("bf16", "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)")  # fmt: skip
+    assert dist.resolve_precision("auto") == (
+        "bf16",
+        "precision bf16 (train.precision=auto: no Accelerate setting, a GPU with bf16)",
+    )
     assert dist.resolve_precision("fp32")[0] == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # V100, T4
     assert dist.resolve_precision("auto")[0] == "fp32"
@@ -103,8 +114,9 @@ def test_accelerate_settings_that_contradict_the_config_name_the_key(tiny, tmp_p
 def test_trackers_run_offline_into_the_run_directory(tiny, tmp_path: Path, clean_env) -> None:
     pytest.importorskip("wandb", reason="the dev extra installs wandb")
     pytest.importorskip("mlflow", reason="the dev extra installs mlflow-skinny")
-    overrides = tiny("mae", tmp_path, **{"logging.trackers": "[tensorboard,wandb,mlflow]",
-                                         "logging.figure_every_steps": 4})  # fmt: skip
+    overrides = tiny(
+        "mae", tmp_path, **{"logging.trackers": "[tensorboard,wandb,mlflow]", "logging.figure_every_steps": 4}
+    )
     assert pretrain(None, overrides) == 0
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -130,8 +142,10 @@ def test_accelerate_launch_with_a_config_file_sets_the_precision(tiny, tmp_path:
     import sys
 
     config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
-                      "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")  # fmt: skip
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+        "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n"
+    )
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "medfm.pretrain.main",
                "--config", "configs/pretrain/simclr_resnet18_pneumonia28.yaml",
@@ -162,7 +176,11 @@ def test_accelerate_launch_with_a_deepspeed_config_trains_with_zero2_bf16(tiny, 
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (saved["train"]["precision"], saved["dist"]["backend"], saved["dist"]["zero_stage"]) == ("bf16", "deepspeed", 2)  # fmt: skip
+    assert (saved["train"]["precision"], saved["dist"]["backend"], saved["dist"]["zero_stage"]) == (
+        "bf16",
+        "deepspeed",
+        2,
+    )
     assert saved["derived"]["world_size"] == 2
     assert (run_dir / "release" / "model.safetensors").is_file() and (run_dir / "last").exists()
 
@@ -200,12 +218,18 @@ def test_configs_of_earlier_versions_still_load(tiny, tmp_path: Path) -> None:
 
     cfg = load_config(None, [*tiny("simclr", tmp_path), "logging.tensorboard=false"])
     assert list(cfg.logging.trackers) == []
-    saved = {"method": "simclr", "logging": {"tensorboard": True}, "train": {"run_dir": str(tmp_path)},
-             "data": {"spec": "x"}}  # fmt: skip
+    saved = {
+        "method": "simclr",
+        "logging": {"tensorboard": True},
+        "train": {"run_dir": str(tmp_path)},
+        "data": {"spec": "x"},
+    }
     assert list(run_config(saved, "old/config.yaml").logging.trackers) == ["tensorboard"]
 
 
-@pytest.mark.parametrize("written", ["train.precision=no", "train.precision='no'", "train.precision=NO", "train.precision=fp32"])  # fmt: skip
+@pytest.mark.parametrize(
+    "written", ["train.precision=no", "train.precision='no'", "train.precision=NO", "train.precision=fp32"]
+)
 def test_precision_fp32_and_its_alias_no(written, tiny, tmp_path: Path, clean_env) -> None:
     """``no`` (Accelerate's word; bare, YAML reads it as false) is fp32, and the run's config says fp32."""
     cfg = load_config(None, [*tiny("simclr", tmp_path), written])

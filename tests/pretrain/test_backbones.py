@@ -82,7 +82,9 @@ def test_uniform_drop_path_gives_every_block_the_rate_and_keeps_the_weights(tiny
     ramp = build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2)
     assert not isinstance(ramp.blocks[0].drop_path1, DropPath)  # timm: 0 at the first block ...
     assert ramp.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)  # ... rising to the rate at the last
-    uniform = use_uniform_drop_path(build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2), 0.2)  # fmt: skip
+    uniform = use_uniform_drop_path(
+        build_backbone("vit_tiny_patch16_224", 28, patch_size=7, depth=3, drop_path_rate=0.2), 0.2
+    )
     for block in uniform.blocks:
         assert all(isinstance(m, DropPath) and m.drop_prob == 0.2 for m in (block.drop_path1, block.drop_path2))
     assert uniform.state_dict().keys() == ramp.state_dict().keys()

@@ -69,7 +69,9 @@ def test_batchnorm_becomes_syncbatchnorm_on_several_gpus_only() -> None:
 def test_channels_last_is_chosen_for_convolutional_models_on_cuda_only() -> None:
     resnet, vit = timm.create_model("resnet18", num_classes=0), timm.create_model("vit_tiny_patch16_224", depth=1)
     auto = SimpleNamespace(train=SimpleNamespace(channels_last=None))
-    assert use_channels_last(auto, resnet, torch.device("cuda")) and not use_channels_last(auto, vit, torch.device("cuda"))  # fmt: skip
+    assert use_channels_last(auto, resnet, torch.device("cuda")) and not use_channels_last(
+        auto, vit, torch.device("cuda")
+    )
     assert not use_channels_last(auto, resnet, torch.device("cpu"))
     forced = SimpleNamespace(train=SimpleNamespace(channels_last=True))
     assert use_channels_last(forced, vit, torch.device("cpu"))
@@ -123,8 +125,14 @@ def _records(run_dir: Path) -> list[dict]:
 def _medfm_pretrain(recipe: str, overrides: list[str]) -> None:
     """``medfm pretrain`` in its own process (DeepSpeed keeps process-wide groups: one run per process)."""
     config = str(REPO / "configs" / "pretrain" / recipe)
-    done = subprocess.run([sys.executable, "-m", "medfm.pretrain.main", "--config", config, *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "medfm.pretrain.main", "--config", config, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 

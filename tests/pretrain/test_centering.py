@@ -122,8 +122,9 @@ def test_dinov2s_terms_use_sinkhorn_knopp_targets_in_fp32_under_a_bf16_autocast(
 
 def test_dinov2_and_dino_train_with_sinkhorn_knopp_even_without_masked_patches():
     torch.manual_seed(0)
-    model = DINOv2(tiny_vit(dynamic_img_size=True), [0.99] * 10, [0.04] * 10, 0, 64, 32, 128,
-                   centering=Centering.sinkhorn_knopp)  # fmt: skip
+    model = DINOv2(
+        tiny_vit(dynamic_img_size=True), [0.99] * 10, [0.04] * 10, 0, 64, 32, 128, centering=Centering.sinkhorn_knopp
+    )
     masks = torch.zeros(4, 2, 4, 4, dtype=torch.bool)
     out = model([torch.randn(4, 1, 28, 28)] * 2 + [masks], step=0)
     assert float(out["ibot_loss"]) == 0.0 and torch.isfinite(out["loss"].detach())

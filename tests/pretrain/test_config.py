@@ -88,8 +88,13 @@ def test_cli_overrides_yaml(tmp_path):
 
 
 def test_derive_global_batch_lr_and_steps(tmp_path):
-    overrides = ["train.batch_size=32", "train.grad_accum=4", "optim.base_lr=1e-4", "schedule.epochs=2.5",
-                 "schedule.warmup_epochs=0.5"]  # fmt: skip
+    overrides = [
+        "train.batch_size=32",
+        "train.grad_accum=4",
+        "optim.base_lr=1e-4",
+        "schedule.epochs=2.5",
+        "schedule.warmup_epochs=0.5",
+    ]
     cfg = derive(load_config(None, REQUIRED + overrides), world_size=2, dataset_size=1000)
     d = cfg.derived
     assert d.global_batch == 256 and d.lr == pytest.approx(1e-4)

@@ -57,8 +57,9 @@ def test_each_loss_term_equals_its_reference_on_the_same_tensors():
     mask[0, :2, :2] = mask[3, 1:, 3] = mask[5, 0, :] = True
     teacher_patches, student_patches = torch.randn(int(mask.sum()), k), torch.randn(int(mask.sum()), k)
     cls_tokens = torch.randn(2 * batch, 192)
-    terms = model.loss_terms(teacher_cls, student_cls, teacher_patches, student_patches, mask, cls_tokens,
-                             num_views=views, teacher_temp=0.05)  # fmt: skip
+    terms = model.loss_terms(
+        teacher_cls, student_cls, teacher_patches, student_patches, mask, cls_tokens, num_views=views, teacher_temp=0.05
+    )
     dino = naive_dino(list(teacher_cls.chunk(2)), list(student_cls.chunk(views)), 0.05, 0.1)
     ibot = naive_ibot(teacher_patches, student_patches, mask, 0.05, 0.1)
     koleo = sum(naive_koleo(c) for c in cls_tokens.chunk(2))
@@ -222,7 +223,9 @@ def test_ibot_patch_loss_with_given_weights_is_lightlys():
         loss.center.center.normal_(generator=torch.Generator().manual_seed(2))
     expected = theirs(teacher, student, mask=mask, teacher_temp=0.05)
     weights = mask_weights(mask, mask.flatten().nonzero().flatten())
-    assert float(ibot_patch_loss(ours, teacher, student, weights, len(mask), 0.05)) == pytest.approx(float(expected), rel=1e-6)  # fmt: skip
+    assert float(ibot_patch_loss(ours, teacher, student, weights, len(mask), 0.05)) == pytest.approx(
+        float(expected), rel=1e-6
+    )
     assert torch.equal(ours.center.value, theirs.center.value)
 
 
@@ -252,8 +255,10 @@ def test_koleo_and_the_centres_are_fp32_under_a_bf16_autocast():
     assert terms["koleo_loss"] == pytest.approx(float(koleo), rel=1e-5)
     for name in ("dino_loss", "ibot_loss", "koleo_loss", "loss"):
         assert terms[name].dtype == torch.float32 and terms[name] == pytest.approx(float(expected[name]), rel=1e-6)
-    for centre, fp32_centre in ((model.dino_loss.center, reference.dino_loss.center),
-                                (model.ibot_loss.center.value, reference.ibot_loss.center.value)):  # fmt: skip
+    for centre, fp32_centre in (
+        (model.dino_loss.center, reference.dino_loss.center),
+        (model.ibot_loss.center.value, reference.ibot_loss.center.value),
+    ):
         assert centre.dtype == torch.float32 and torch.equal(centre, fp32_centre)
 
 

@@ -97,8 +97,10 @@ def naive_queue_kl(student, teacher, student_patches, teacher_patches, queue, t_
 
     inter = sum(kl(teacher[i] @ queue.T, student[i] @ queue.T, t_global) for i in range(len(student))) / len(student)
     rows = [(b, m) for b in range(student_patches.shape[0]) for m in range(student_patches.shape[1])]
-    intra = sum(kl(teacher_patches[b] @ teacher_patches[b, m], student_patches[b] @ student_patches[b, m], t_local)
-                for b, m in rows) / len(rows)  # fmt: skip
+    intra = sum(
+        kl(teacher_patches[b] @ teacher_patches[b, m], student_patches[b] @ student_patches[b, m], t_local)
+        for b, m in rows
+    ) / len(rows)
     return inter, intra
 
 

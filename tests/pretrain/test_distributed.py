@@ -52,8 +52,13 @@ def test_shipped_deepspeed_configs_are_the_generated_ones(stage):
 
 
 def test_deepspeed_config_fills_auto_values_from_the_run(tiny, tmp_path):
-    extra = {"dist.backend": "deepspeed", "train.batch_size": 8, "train.grad_accum": 2, "optim.clip_grad": 3.0,
-             "train.precision": "bf16"}  # fmt: skip
+    extra = {
+        "dist.backend": "deepspeed",
+        "train.batch_size": 8,
+        "train.grad_accum": 2,
+        "optim.clip_grad": 3.0,
+        "train.precision": "bf16",
+    }
     cfg = load_config(
         None, tiny("dino", tmp_path, **extra, **{"dist.deepspeed_config": "configs/deepspeed/zero3.json"})
     )
@@ -115,8 +120,9 @@ def rank_env(rank: int, port: int) -> dict[str, str]:
 
 def test_a_rank_that_never_starts_ends_the_run_after_the_timeout(tiny, tmp_path):
     start = time.monotonic()
-    done = subprocess.run(rank_command(tiny, tmp_path), cwd=REPO, env=rank_env(0, free_port()), capture_output=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        rank_command(tiny, tmp_path), cwd=REPO, env=rank_env(0, free_port()), capture_output=True, timeout=120
+    )
     elapsed = time.monotonic() - start
     err = done.stderr.decode()
     assert done.returncode == EXIT_DISTRIBUTED, err[-3000:]
@@ -129,8 +135,10 @@ def test_a_rank_that_never_starts_ends_the_run_after_the_timeout(tiny, tmp_path)
 def test_a_rank_that_dies_or_hangs_mid_run_ends_the_other_with_a_clear_error(tiny, tmp_path, how):
     port, run_dir = free_port(), tmp_path / "run"
     command = rank_command(tiny, run_dir, **{"schedule.epochs": 50, "checkpoint.every_steps": 2})
-    ranks = [subprocess.Popen(command, cwd=REPO, env=rank_env(r, port), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for r in (0, 1)]  # fmt: skip
+    ranks = [
+        subprocess.Popen(command, cwd=REPO, env=rank_env(r, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for r in (0, 1)
+    ]
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "step-0000002.pt").exists():

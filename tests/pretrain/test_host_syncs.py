@@ -200,8 +200,9 @@ def test_an_engine_step_syncs_the_host_once_beyond_the_methods_own(method, pretr
     from medfm.pretrain.engine import build_optimizer, train_step
 
     cfg = derive(load_config(None, pretrain_overrides(method, "medmnist:x.npz", tmp_path)), 1, 16)
-    loader = EpochLoader(RandomImages(), METHODS[method].build_transform(cfg), batch_size=8, batches_per_epoch=2,
-                         in_chans=1, seed=0)  # fmt: skip
+    loader = EpochLoader(
+        RandomImages(), METHODS[method].build_transform(cfg), batch_size=8, batches_per_epoch=2, in_chans=1, seed=0
+    )
     torch.manual_seed(0)
     accelerator = build_accelerator("no")
     backend = backend_for(accelerator, cfg)

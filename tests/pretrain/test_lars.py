@@ -24,8 +24,9 @@ class GradientSnapshot:
         self.model, self.before = model, {}
 
     def before_optimizer_step(self, step: int) -> None:
-        self.before = {n: (p.detach().clone(), p.grad.clone()) for n, p in self.model.named_parameters()
-                       if p.grad is not None}  # fmt: skip
+        self.before = {
+            n: (p.detach().clone(), p.grad.clone()) for n, p in self.model.named_parameters() if p.grad is not None
+        }
 
     def update_momentum(self, step: int) -> None:
         pass

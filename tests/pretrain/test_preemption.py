@@ -34,8 +34,14 @@ def test_signal_checkpoints_exits_75_and_the_next_launch_resumes(tiny, tmp_path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     preempt = signalled_after("medfm.pretrain.checkpoint:TorchStore.save", 1, signum)  # after step 4's checkpoint
-    process = subprocess.run([*preempt, *command(tiny("mae", run, **extra))[3:]], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    process = subprocess.run(
+        [*preempt, *command(tiny("mae", run, **extra))[3:]],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=300,
+    )
     assert process.returncode == EXIT_REQUEUE, process.stderr.decode()[-2000:]
     stopped_at = ckpt.load_checkpoint(run / "last.pt")["step"]
     assert 4 <= stopped_at < 32, "the run finished before the signal"

@@ -36,8 +36,14 @@ def test_simclr_pretraining_beats_random_init_on_knn(pneumonia, tmp_path):
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=3000)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
-    probe = KNNMonitor(MedMNISTDataset(pneumonia, "train"), MedMNISTDataset(pneumonia, "test"),
-                       mean=(0.5,), std=(0.5,), in_chans=1, max_samples=None)  # fmt: skip
+    probe = KNNMonitor(
+        MedMNISTDataset(pneumonia, "train"),
+        MedMNISTDataset(pneumonia, "test"),
+        mean=(0.5,),
+        std=(0.5,),
+        in_chans=1,
+        max_samples=None,
+    )
     torch.manual_seed(0)  # train.seed: the run's backbone starts from exactly these weights
     random_init = build_backbone("resnet18", img_size=28, in_chans=1)
     pretrained = build_backbone("resnet18", img_size=28, in_chans=1)

@@ -139,9 +139,15 @@ def zero_config(tmp_path: Path, stage: int) -> Path:
 )
 def test_deepspeed_zero_on_two_processes(tiny, tmp_path, method, stage):
     run_dir = tmp_path / "run"
-    extra = {"train.batch_size": 8, "train.precision": "bf16", "dist.backend": "deepspeed",
-             "dist.deepspeed_config": str(zero_config(tmp_path, stage)), "logging.every_steps": 1,
-             "schedule.epochs": 0.5, "checkpoint.every_steps": 2}  # fmt: skip
+    extra = {
+        "train.batch_size": 8,
+        "train.precision": "bf16",
+        "dist.backend": "deepspeed",
+        "dist.deepspeed_config": str(zero_config(tmp_path, stage)),
+        "logging.every_steps": 1,
+        "schedule.epochs": 0.5,
+        "checkpoint.every_steps": 2,
+    }
     run(accelerate_launch(2, WORKER, str(tmp_path / "probe"), *tiny(method, run_dir, **extra)))
     ranks = [torch.load(tmp_path / f"probe/rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["exit_code"] for r in ranks] == [0, 0]

@@ -46,8 +46,13 @@ def test_each_objective_scales_its_lr_by_its_reference_rule(batch, world):
     DINO, MoCo v3, SimCLR: ``base_lr x B / 256`` (their papers' linear rule)."""
     global_batch = batch * world
     for method in ("mae", "dino", "moco", "simclr", "dinov2"):
-        overrides = [f"method={method}", "data.spec=medmnist:x.npz", "train.run_dir=runs/x",
-                     f"train.batch_size={batch}", "optim.base_lr=0.004"]  # fmt: skip
+        overrides = [
+            f"method={method}",
+            "data.spec=medmnist:x.npz",
+            "train.run_dir=runs/x",
+            f"train.batch_size={batch}",
+            "optim.base_lr=0.004",
+        ]
         derived = derive(load_config(None, overrides), world_size=world, dataset_size=10**6).derived
         reference = 0.004 * (global_batch / 1024) ** 0.5 if method == "dinov2" else 0.004 * global_batch / 256
         assert derived.lr == pytest.approx(reference, rel=1e-12), method

@@ -32,8 +32,14 @@ class SimulatedCrash(Exception):
 def test_crash_after_checkpoint_then_resume_matches_an_uninterrupted_run(breast_shards, tiny, tmp_path, monkeypatch):
     def overrides(run_dir: Path) -> list[str]:
         # 96 samples per epoch at batch 8: 12 steps; 2 loader workers, each streaming its own shard draw.
-        extra = {"data.spec": f"shards:{breast_shards}", "data.split": "train", "data.samples_per_epoch": 96,
-                 "data.num_workers": 2, "data.shuffle_buffer": 50, "checkpoint.every_steps": 4}  # fmt: skip
+        extra = {
+            "data.spec": f"shards:{breast_shards}",
+            "data.split": "train",
+            "data.samples_per_epoch": 96,
+            "data.num_workers": 2,
+            "data.shuffle_buffer": 50,
+            "checkpoint.every_steps": 4,
+        }
         return tiny("simclr", run_dir, **extra)
 
     assert pretrain(None, overrides(tmp_path / "reference")) == 0

@@ -89,7 +89,10 @@ def test_convnext_trains_with_layernorm_densify_and_its_unreached_head_norm_froz
     out = model([torch.randn(2, 1, 64, 64)], step=0)
     out["loss"].backward()
     assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {"encoder.head.norm.weight", "encoder.head.norm.bias"}  # fmt: skip
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {
+        "encoder.head.norm.weight",
+        "encoder.head.norm.bias",
+    }
 
 
 def test_a_spark_release_loads_into_a_plain_timm_cnn(pretrain_overrides, medmnist, tmp_path):

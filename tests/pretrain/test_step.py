@@ -98,8 +98,13 @@ def test_the_fp16_loss_scale_travels_with_the_checkpoint(tmp_path):
     def store(scale: float) -> TorchStore:
         model = nn.Linear(2, 1)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-        accelerator = SimpleNamespace(is_main_process=True, num_processes=1, scaler=scaler, unwrap_model=lambda m: m,
-                                      wait_for_everyone=lambda: None)  # fmt: skip
+        accelerator = SimpleNamespace(
+            is_main_process=True,
+            num_processes=1,
+            scaler=scaler,
+            unwrap_model=lambda m: m,
+            wait_for_everyone=lambda: None,
+        )
         return TorchStore(accelerator, tmp_path, 1, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
     saved = store(1024.0)

@@ -185,10 +185,19 @@ def test_a_process_left_holding_stderr_does_not_keep_the_supervisor(tmp_path: Pa
 def test_sigusr1_to_the_supervisor_reaches_the_child_once(tmp_path: Path):
     """`medfm pretrain` as Slurm starts it: SIGUSR1 to the task process -> the training process checkpoints, 75."""
     records = tmp_path / "exits"
-    env = environ(tmp_path, MEDFM_SUPERVISE="1", MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} trap",
-                  MEDFM_EXIT_RECORD_DIR=str(records))  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = environ(
+        tmp_path,
+        MEDFM_SUPERVISE="1",
+        MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} trap",
+        MEDFM_EXIT_RECORD_DIR=str(records),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline() == "ready\n", process.stderr.read()
     process.send_signal(signal.SIGUSR1)
     assert process.wait(timeout=30) == EXIT_REQUEUE, process.stderr.read()
@@ -197,18 +206,32 @@ def test_sigusr1_to_the_supervisor_reaches_the_child_once(tmp_path: Path):
 
 
 def test_medfm_pretrain_passes_its_arguments_and_marks_the_child(tmp_path: Path):
-    env = environ(tmp_path, MEDFM_SUPERVISE="1", MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} args",
-                  MEDFM_EXIT_RECORD_DIR=str(tmp_path / "exits"))  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml", "a.b=1"], env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    env = environ(
+        tmp_path,
+        MEDFM_SUPERVISE="1",
+        MEDFM_SUPERVISE_CHILD=f"{sys.executable} -c {shlex.quote(CHILD)} args",
+        MEDFM_EXIT_RECORD_DIR=str(tmp_path / "exits"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "medfm.cli", "pretrain", "--config", "c.yaml", "a.b=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "--config c.yaml a.b=1 1 None\n"  # MEDFM_SUPERVISED=1; the child records nothing itself
 
 
 def test_supervisor_imports_no_torch():
     code = "import sys, medfm.cli, medfm.pretrain.supervise; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout == "False\n"
 
 
@@ -284,8 +307,13 @@ def test_real_nccl_watchdog_abort_on_a_gpu(tmp_path: Path, capfd):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
         pytest.skip("needs a CUDA GPU and NCCL")
-    env = environ(tmp_path, TORCH_NCCL_ASYNC_ERROR_HANDLING="3", TORCH_NCCL_DUMP_ON_TIMEOUT="0",
-                  TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC="1000", WORLD_SIZE="1")  # fmt: skip
+    env = environ(
+        tmp_path,
+        TORCH_NCCL_ASYNC_ERROR_HANDLING="3",
+        TORCH_NCCL_DUMP_ON_TIMEOUT="0",
+        TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC="1000",
+        WORLD_SIZE="1",
+    )
     start = time.monotonic()
     code = supervise(["train.run_dir=" + str(tmp_path / "run")], command=[sys.executable, "-c", NCCL_HANG], environ=env)
     err = capfd.readouterr().err

@@ -49,8 +49,13 @@ def test_each_objective_trains_checkpoints_and_resumes(method, tiny, tmp_path):
 
 
 def test_mae_writes_pictures_tensorboard_and_knn(tiny, tmp_path, pneumonia):
-    extra = {"logging.figure_every_steps": 4, "logging.trackers": "[tensorboard]", "knn.spec": f"medmnist:{pneumonia}",
-             "knn.every_steps": 4, "knn.max_samples": 64}  # fmt: skip
+    extra = {
+        "logging.figure_every_steps": 4,
+        "logging.trackers": "[tensorboard]",
+        "knn.spec": f"medmnist:{pneumonia}",
+        "knn.every_steps": 4,
+        "knn.max_samples": 64,
+    }
     overrides = tiny("mae", tmp_path, **extra)
     assert (
         medfm(["pretrain", "--config", str(REPO / "configs/pretrain/mae_vit_tiny_pneumonia28.yaml"), *overrides]) == 0
@@ -140,13 +145,22 @@ def test_collapse_metrics_on_collapsed_and_healthy_embeddings():
     assert effective_rank(healthy) > 20
 
 
-RECIPES = {"mae": "mae_vit_tiny_pneumonia28.yaml", "dinov2": "mae_vit_tiny_pneumonia28.yaml",
-           "spark": "spark_resnet18_pneumonia32.yaml"}  # fmt: skip
+RECIPES = {
+    "mae": "mae_vit_tiny_pneumonia28.yaml",
+    "dinov2": "mae_vit_tiny_pneumonia28.yaml",
+    "spark": "spark_resnet18_pneumonia32.yaml",
+}
 
 
 def run_command(run_dir: Path, overrides: list[str], method: str = "mae") -> list[str]:
-    return [sys.executable, "-m", "medfm.pretrain.main", "--config", str(REPO / "configs/pretrain" / RECIPES[method]),
-            *overrides]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "medfm.pretrain.main",
+        "--config",
+        str(REPO / "configs/pretrain" / RECIPES[method]),
+        *overrides,
+    ]
 
 
 @pytest.mark.parametrize("method", ["mae", "dinov2", "spark"])
@@ -170,14 +184,25 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path, method, 
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     recipe = str(REPO / "configs/pretrain" / RECIPES[method])
     kill = signalled_after("medfm.pretrain.checkpoint:TorchStore.save", 1, signal.SIGKILL)
-    process = subprocess.run([*kill, "pretrain", "--config", recipe, *tiny(method, killed, **extra)], cwd=REPO,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    process = subprocess.run(
+        [*kill, "pretrain", "--config", recipe, *tiny(method, killed, **extra)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=300,
+    )
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
     killed_at = ckpt.load_checkpoint(killed / "last.pt")["step"]
     assert 4 <= killed_at < 24, "the run finished before it could be killed"
     for run_dir in (killed, reference):
-        done = subprocess.run(run_command(run_dir, tiny(method, run_dir, **extra), method), cwd=REPO, env=env,
-                              capture_output=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            run_command(run_dir, tiny(method, run_dir, **extra), method),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
     resumed = [r for r in records(killed) if r.get("event") == "resume"]
     assert [r["step"] for r in resumed] == [killed_at]

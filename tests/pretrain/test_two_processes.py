@@ -81,8 +81,9 @@ def test_two_process_run_is_one_run_and_resumes(tiny, tmp_path):
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for epochs in (1, 2):
-        done = subprocess.run([*command, *overrides, f"schedule.epochs={epochs}"], cwd=REPO, env=env,
-                              capture_output=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [*command, *overrides, f"schedule.epochs={epochs}"], cwd=REPO, env=env, capture_output=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
     assert state["config"]["derived"]["world_size"] == 2 and state["config"]["derived"]["global_batch"] == 16

@@ -32,8 +32,16 @@ def source(tmp_path_factory) -> Path:
 
 def timm_reference(path: Path) -> torch.nn.Module:
     """timm's own loading of the same file into the run's shape (its checkpoint filter + adapt_input_conv)."""
-    return timm.create_model(ARCH, pretrained=True, num_classes=0, depth=2, in_chans=1, img_size=28, patch_size=7,
-                             pretrained_cfg_overlay={"file": str(path), "custom_load": False}).eval()  # fmt: skip
+    return timm.create_model(
+        ARCH,
+        pretrained=True,
+        num_classes=0,
+        depth=2,
+        in_chans=1,
+        img_size=28,
+        patch_size=7,
+        pretrained_cfg_overlay={"file": str(path), "custom_load": False},
+    ).eval()
 
 
 def run_config(method: str, init: Path, run_dir: Path, tiny) -> object:
@@ -88,8 +96,9 @@ def test_a_local_hub_snapshot_folder_loads(source, tmp_path):
     folder = tmp_path / "snapshot"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(source.read_bytes())
-    (folder / "config.json").write_text(json.dumps({"architecture": ARCH, "num_classes": 0,
-                                                    "pretrained_cfg": {"first_conv": "patch_embed.proj"}}))  # fmt: skip
+    (folder / "config.json").write_text(
+        json.dumps({"architecture": ARCH, "num_classes": 0, "pretrained_cfg": {"first_conv": "patch_embed.proj"}})
+    )
     vit = timm.create_model(ARCH, pretrained=False, num_classes=0, depth=2, in_chans=1, img_size=28, patch_size=7)
     report = load_init(vit, str(folder), ARCH)
     assert report.sha256 == file_sha256(source) and "patch_embed.proj.weight" in report.adapted
@@ -115,8 +124,12 @@ def test_an_original_mae_checkpoint_loads_without_its_decoder(source, tmp_path):
     from safetensors.torch import load_file
 
     encoder = load_file(str(source))
-    mae = {**encoder, "mask_token": torch.zeros(1, 1, 512), "decoder_embed.weight": torch.zeros(512, 192),
-           "decoder_pred.weight": torch.zeros(768, 512)}  # fmt: skip
+    mae = {
+        **encoder,
+        "mask_token": torch.zeros(1, 1, 512),
+        "decoder_embed.weight": torch.zeros(512, 192),
+        "decoder_pred.weight": torch.zeros(768, 512),
+    }
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": mae, "epoch": 799}, path)
     vit = timm.create_model(ARCH, pretrained=False, num_classes=0, depth=2, in_chans=1, img_size=28, patch_size=7)
@@ -131,17 +144,20 @@ def test_an_original_dinov2_checkpoint_with_registers_maps_through_timms_filter(
     """facebookresearch/dinov2 names: ``register_tokens``, a ``mask_token``, position embeddings that include the
     class token; timm's ``vit_small_patch14_reg4_dinov2`` keeps registers apart (its checkpoint filter converts)."""
     torch.manual_seed(0)
-    timm_model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2,
-                                   img_size=56)  # fmt: skip
+    timm_model = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2, img_size=56
+    )
     state = timm_model.state_dict()
     original = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
     cls_pos = torch.randn(1, 1, 384) * 0.02
-    original.update({
-        "register_tokens": state["reg_token"],
-        "cls_token": state["cls_token"] - cls_pos,  # the original adds its class position to the class token
-        "pos_embed": torch.cat([cls_pos, state["pos_embed"]], dim=1),
-        "mask_token": torch.zeros(1, 384),
-    })  # fmt: skip
+    original.update(
+        {
+            "register_tokens": state["reg_token"],
+            "cls_token": state["cls_token"] - cls_pos,  # the original adds its class position to the class token
+            "pos_embed": torch.cat([cls_pos, state["pos_embed"]], dim=1),
+            "mask_token": torch.zeros(1, 384),
+        }
+    )
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(original, path)
     fresh = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2, img_size=56)

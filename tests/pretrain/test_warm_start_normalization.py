@@ -28,8 +28,13 @@ ARCH = "vit_tiny_patch16_224"
 SHAPE = {"depth": 1, "img_size": 32, "patch_size": 8}
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 # The first training view without randomness: a full-image crop at the image's own size, no flip, intensity or blur.
-NO_RANDOMNESS = {"augment.crop_scale": "[1.0,1.0]", "augment.crop_ratio": "[1.0,1.0]", "augment.hflip": 0.0,
-                 "augment.intensity_prob": 0.0, "augment.blur_prob": 0.0}  # fmt: skip
+NO_RANDOMNESS = {
+    "augment.crop_scale": "[1.0,1.0]",
+    "augment.crop_ratio": "[1.0,1.0]",
+    "augment.hflip": 0.0,
+    "augment.intensity_prob": 0.0,
+    "augment.blur_prob": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,14 @@ def hub_folder(tmp_path_factory) -> Path:
     model = timm.create_model(ARCH, pretrained=False, num_classes=0, **SHAPE)
     folder = tmp_path_factory.mktemp("hub")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    pretrained_cfg = {"input_size": [3, 32, 32], "mean": IMAGENET[0], "std": IMAGENET[1], "crop_pct": 1.0,
-                      "interpolation": "bilinear", "first_conv": "patch_embed.proj"}  # fmt: skip
+    pretrained_cfg = {
+        "input_size": [3, 32, 32],
+        "mean": IMAGENET[0],
+        "std": IMAGENET[1],
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "first_conv": "patch_embed.proj",
+    }
     config = {"architecture": ARCH, "num_classes": 0, "model_args": SHAPE, "pretrained_cfg": pretrained_cfg}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -69,7 +80,9 @@ def test_the_first_forward_equals_the_sources_with_its_own_preprocessing(
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     source = source_model(hub_folder)
     with torch.no_grad():
-        expected = source.forward_features(create_transform(**resolve_data_config({}, model=source))(Image.fromarray(pixels))[None])  # fmt: skip
+        expected = source.forward_features(
+            create_transform(**resolve_data_config({}, model=source))(Image.fromarray(pixels))[None]
+        )
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # medfm's images: (C, H, W) in [0, 1]
         model = METHODS[method].from_config(cfg).eval()
         student = getattr(model, student_name)
@@ -77,13 +90,17 @@ def test_the_first_forward_equals_the_sources_with_its_own_preprocessing(
         got = student.forward_features(augment_from_config(cfg)(image)[None])
         assert torch.allclose(got, expected, atol=1e-4)
         # The previous behaviour (medfm's 0.5 / 0.5 whatever the source) feeds the source other inputs.
-        half = run_config(tiny, tmp_path, method, hub_folder, **NO_RANDOMNESS, **{"augment.mean": "[0.5]", "augment.std": "[0.5]"})  # fmt: skip
+        half = run_config(
+            tiny, tmp_path, method, hub_folder, **NO_RANDOMNESS, **{"augment.mean": "[0.5]", "augment.std": "[0.5]"}
+        )
         assert not torch.allclose(student.forward_features(augment_from_config(half)(image)[None]), expected, atol=1e-2)
 
 
 def test_a_gray_run_of_an_rgb_source_takes_the_channel_average(hub_folder, tiny, tmp_path):
     cfg = run_config(tiny, tmp_path, "mae", hub_folder, **{"data.in_chans": 1})
-    assert cfg.augment.mean == pytest.approx([sum(IMAGENET[0]) / 3]) and cfg.augment.std == pytest.approx([sum(IMAGENET[1]) / 3])  # fmt: skip
+    assert cfg.augment.mean == pytest.approx([sum(IMAGENET[0]) / 3]) and cfg.augment.std == pytest.approx(
+        [sum(IMAGENET[1]) / 3]
+    )
     assert "averaged over channels" in cfg.derived.normalization
 
 
@@ -108,8 +125,16 @@ def test_a_normalisation_the_config_sets_is_kept(hub_folder, tiny, tmp_path):
 
 
 def test_the_release_records_the_sources_normalisation_and_a_resume_keeps_it(hub_folder, tiny, tmp_path):
-    overrides = tiny("mae", tmp_path / "run", **{"model.init": str(hub_folder), "data.img_size": 32,
-                                                 "model.backbone_kwargs.patch_size": 8, "model.backbone_kwargs.depth": 1})  # fmt: skip
+    overrides = tiny(
+        "mae",
+        tmp_path / "run",
+        **{
+            "model.init": str(hub_folder),
+            "data.img_size": 32,
+            "model.backbone_kwargs.patch_size": 8,
+            "model.backbone_kwargs.depth": 1,
+        },
+    )
     assert pretrain(None, overrides) == 0
     release = json.loads((tmp_path / "run" / "release" / "config.json").read_text())
     expected_mean = pytest.approx([sum(IMAGENET[0]) / 3])
