@@ -151,7 +151,7 @@ def reference_markdown() -> str:
     lines += schema_markdown(
         "`medfm bench quality`",
         QualityConfig,
-        "Schema: `medfm/benchmark.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.",
+        "Schema: `medfm/benchmark/config.py` (`QualityConfig`). The benchmark: `bench/quality.yaml`.",
     )
     return "\n".join(lines).rstrip() + "\n"
 
