@@ -105,6 +105,14 @@ def dino_loss(centering: Centering | str, output_dim: int, student_temp: float, 
     return loss_class(output_dim=output_dim, student_temp=student_temp, center_momentum=center_momentum)
 
 
+def teacher_student_tiny_config(section: str) -> dict[str, Any]:
+    """A DINO-family method's ``tiny_config``: the tiny ViT, small heads, 2 local crops of 14 px, no frozen last
+    layer."""
+    heads = {"head_hidden_dim": 64, "head_bottleneck_dim": 32, "head_output_dim": 128}
+    crops = {"num_local_crops": 2, "local_crop_size": 14, "freeze_last_layer_epochs": 0}
+    return {**TINY_VIT, **{f"{section}.{key}": value for key, value in {**heads, **crops}.items()}}
+
+
 @dataclass
 class TeacherStudentConfig:
     """The keys DINO and DINOv2 share: projection heads, multi-crop, temperatures, the teacher's momentum and
@@ -152,15 +160,7 @@ class DINO(SSLMethod):
 
     Config = DINOConfig
     description = "DINO self-distillation (Caron et al. 2021); released: the EMA teacher backbone"
-    tiny_config: ClassVar[dict[str, Any]] = {
-        **TINY_VIT,
-        "dino.head_hidden_dim": 64,
-        "dino.head_bottleneck_dim": 32,
-        "dino.head_output_dim": 128,
-        "dino.num_local_crops": 2,
-        "dino.local_crop_size": 14,
-        "dino.freeze_last_layer_epochs": 0,
-    }
+    tiny_config: ClassVar[dict[str, Any]] = teacher_student_tiny_config("dino")
 
     @staticmethod
     def check_config(section, need) -> None:

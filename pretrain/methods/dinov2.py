@@ -43,7 +43,6 @@ from medfm.pretrain.backbones import is_vit
 from medfm.pretrain.errors import ConfigError
 from medfm.pretrain.methods.auto_settings import check_auto_numbers, resolve_teacher_auto
 from medfm.pretrain.methods.base import (
-    TINY_VIT,
     LastLayerFreeze,
     SSLMethod,
     at_step,
@@ -54,11 +53,16 @@ from medfm.pretrain.methods.base import (
     outside_autocast,
     teacher_schedules,
 )
-from medfm.pretrain.methods.dino import Centering, TeacherStudentConfig, dino_loss, sinkhorn_knopp_teacher
+from medfm.pretrain.methods.dino import (
+    NUM_GLOBAL_CROPS,
+    Centering,
+    TeacherStudentConfig,
+    dino_loss,
+    sinkhorn_knopp_teacher,
+    teacher_student_tiny_config,
+)
 from medfm.pretrain.schedules import SQRT_1024
 from medfm.pretrain.transforms import MultiView
-
-NUM_GLOBAL_CROPS = 2
 
 
 @dataclass
@@ -97,13 +101,7 @@ class DINOv2(SSLMethod):
     )
     momentum_modules = ("teacher_backbone", "teacher_head")
     tiny_config: ClassVar[dict[str, Any]] = {
-        **TINY_VIT,
-        "dinov2.head_hidden_dim": 64,
-        "dinov2.head_bottleneck_dim": 32,
-        "dinov2.head_output_dim": 128,
-        "dinov2.num_local_crops": 2,
-        "dinov2.local_crop_size": 14,
-        "dinov2.freeze_last_layer_epochs": 0,
+        **teacher_student_tiny_config("dinov2"),
         "dinov2.warmup_teacher_temp_epochs": 0,
     }
 
@@ -263,50 +261,32 @@ class DINOv2(SSLMethod):
         Computed in fp32 whatever the step's autocast (the centres, KoLeo's nearest neighbours), as DINOv2.
         """
         with outside_autocast(teacher_cls.device):
-            return self._losses_fp32(
-                *(t.float() for t in (teacher_cls, student_cls, teacher_patches, student_patches)),
-                block_mask,
-                student_cls_tokens.float(),
-                num_views=num_views,
-                teacher_temp=teacher_temp,
-                mask_index=mask_index,
+            teacher_cls, student_cls = teacher_cls.float(), student_cls.float()
+            teacher_patches, student_patches = teacher_patches.float(), student_patches.float()
+            student_cls_tokens = student_cls_tokens.float()
+            dino = self.dino_loss(
+                list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)), teacher_temp=teacher_temp
             )
-
-    def _losses_fp32(
-        self,
-        teacher_cls: Tensor,
-        student_cls: Tensor,
-        teacher_patches: Tensor,
-        student_patches: Tensor,
-        block_mask: Tensor,
-        student_cls_tokens: Tensor,
-        *,
-        num_views: int,
-        teacher_temp: float,
-        mask_index: Tensor | None,
-    ) -> dict[str, Tensor]:
-        dino = self.dino_loss(
-            list(teacher_cls.chunk(NUM_GLOBAL_CROPS)), list(student_cls.chunk(num_views)), teacher_temp=teacher_temp
-        )
-        if teacher_patches.shape[0]:
-            if mask_index is None:
-                mask_index = block_mask.flatten().nonzero().flatten()
-            weights, crops = mask_weights(block_mask, mask_index), len(block_mask)
-            ibot = ibot_patch_loss(
-                self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp, self.centering
-            )
-        else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
-            ibot_teacher_targets(self.ibot_loss, teacher_patches, teacher_temp, self.centering)  # joins the all-reduces
-            ibot = student_patches.sum() * 0.0
-        koleo = sum(self.koleo_loss(tokens) for tokens in student_cls_tokens.chunk(NUM_GLOBAL_CROPS))
-        w_dino, w_ibot, w_koleo = self.loss_weights
-        return {
-            "loss": w_dino * dino + w_ibot * ibot + w_koleo * koleo,
-            "dino_loss": dino.detach(),
-            "ibot_loss": ibot.detach(),
-            "koleo_loss": koleo.detach(),
-            "teacher_temp": torch.tensor(teacher_temp),
-        }
+            if teacher_patches.shape[0]:
+                if mask_index is None:
+                    mask_index = block_mask.flatten().nonzero().flatten()
+                weights, crops = mask_weights(block_mask, mask_index), len(block_mask)
+                ibot = ibot_patch_loss(
+                    self.ibot_loss, teacher_patches, student_patches, weights, crops, teacher_temp, self.centering
+                )
+            else:  # no crop of this process's batch is masked (small batches): the mean of nothing would be NaN
+                # the teacher's targets still join the centre's all-reduces of the other processes
+                ibot_teacher_targets(self.ibot_loss, teacher_patches, teacher_temp, self.centering)
+                ibot = student_patches.sum() * 0.0
+            koleo = sum(self.koleo_loss(tokens) for tokens in student_cls_tokens.chunk(NUM_GLOBAL_CROPS))
+            w_dino, w_ibot, w_koleo = self.loss_weights
+            return {
+                "loss": w_dino * dino + w_ibot * ibot + w_koleo * koleo,
+                "dino_loss": dino.detach(),
+                "ibot_loss": ibot.detach(),
+                "koleo_loss": koleo.detach(),
+                "teacher_temp": torch.tensor(teacher_temp),
+            }
 
     def param_groups(self) -> list[dict]:
         """The student's parameters grouped by (``lr_scale``, ``wd_scale``), as the reference's
