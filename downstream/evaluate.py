@@ -109,15 +109,10 @@ def frozen_setups(cfg: DictConfig, release: Release, init: str, baseline: Releas
     return [frozen_setup(cfg, release, init, baseline, img_size=round(side * s)) for s in cfg.features.input_scales]
 
 
-def frozen_setup(
-    cfg: DictConfig, release: Release, init: str, baseline: Release | None = None, img_size: int | None = None
-) -> FrozenSetup:
-    """Load the backbone (strictly) for feature extraction at ``img_size`` (default: ``backbone.img_size``, else
-    the release's) and set up the cache."""
+def frozen_setup(cfg: DictConfig, release: Release, init: str, baseline: Release | None, img_size: int) -> FrozenSetup:
+    """Load the backbone (strictly) for feature extraction at ``img_size`` and set up the cache."""
     torch.manual_seed(cfg.seed)  # random-init baselines are reproducible
-    model, weights = load_for_init(
-        release, init, baseline, img_size=img_size or cfg.backbone.img_size, in_chans=cfg.backbone.in_chans
-    )
+    model, weights = load_for_init(release, init, baseline, img_size=img_size, in_chans=cfg.backbone.in_chans)
     model.eval()
     input_cfg = model.pretrained_cfg
     description = {
@@ -290,10 +285,8 @@ def evaluate_frozen(setups: list[FrozenSetup], cfg: DictConfig, out_dir: Path) -
 
 def best_on_val(values: list[float]) -> int:
     """The index of the highest value, the first on ties; NaN (an undefined metric) ranks last."""
-    return max(
-        range(len(values)),
-        key=lambda i: (not math.isnan(values[i]), values[i] if not math.isnan(values[i]) else 0.0, -i),
-    )
+    ranked = [-math.inf if math.isnan(value) else value for value in values]
+    return ranked.index(max(ranked))
 
 
 def centre_robustness(
